@@ -1,0 +1,36 @@
+# isomesh: the two commands a new user needs are `make demo` and `make test`.
+# Everything else here is a step of those two.
+
+CARGO ?= cargo
+MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
+
+.PHONY: demo test setup module build unit integration lint bench clean-demo
+
+## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
+demo: setup module build
+	./scripts/demo.sh
+
+## Unit tests, then the integration suite against isomesh-broker and again against Mosquitto.
+test: setup module build
+	$(CARGO) test --release --workspace --exclude isomesh-tests
+	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release -p isomesh-tests
+	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release -p isomesh-tests
+
+setup:
+	./scripts/setup.sh
+
+## The classifier module (one .wasm for every tier); simd128 comes from .cargo/config.toml.
+module: setup
+	$(CARGO) build --release -p isomesh-guest --target wasm32-wasip1
+	@ls -l $(MODULE)
+
+build:
+	$(CARGO) build --release --bins
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+## Wasm vs native inference, call overhead, compile/load times; JSON in bench-out/.
+bench: module build
+	./target/release/isomesh bench infer --module $(MODULE) --out bench-out/infer.json ../shared/images/*.jp*g

@@ -1,0 +1,136 @@
+//! The functions a host calls on the module (ABI version 1, documented in
+//! `protos/proto/isomesh.proto`). Buffers cross the boundary as `(ptr << 32) | len`; every
+//! message is protobuf, so neither side hand-writes a layout.
+
+use crate::{classifier, Classifier, Error, MODEL_SHA256, MODULE_NAME, MODULE_VERSION};
+use isomesh_protos::{guest_error::Kind, guest_outcome::Outcome, GuestClassification};
+use isomesh_protos::{GuestError, GuestInfo, GuestOutcome, GuestScore, GUEST_ABI_VERSION};
+use prost::Message;
+use std::alloc::{alloc, dealloc, Layout};
+use std::sync::OnceLock;
+
+static CLASSIFIER: OnceLock<Classifier> = OnceLock::new();
+
+extern "C" {
+    fn __wasm_call_ctors();
+}
+
+/// Runs the constructors (tract registers its ops through them) once. Exporting it stops the
+/// linker from wrapping every other export in a constructor call.
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    // SAFETY: the host calls `_initialize` exactly once, before any other export.
+    unsafe { __wasm_call_ctors() }
+}
+
+#[no_mangle]
+pub extern "C" fn isomesh_abi_version() -> u32 {
+    GUEST_ABI_VERSION
+}
+
+#[no_mangle]
+pub extern "C" fn isomesh_alloc(len: u32) -> *mut u8 {
+    match Layout::array::<u8>(len as usize) {
+        Ok(layout) if len > 0 => unsafe { alloc(layout) },
+        _ => std::ptr::NonNull::dangling().as_ptr(),
+    }
+}
+
+/// # Safety
+/// `ptr` and `len` must come from `isomesh_alloc` or a packed return value of this module.
+#[no_mangle]
+pub unsafe extern "C" fn isomesh_free(ptr: *mut u8, len: u32) {
+    if len > 0 {
+        if let Ok(layout) = Layout::array::<u8>(len as usize) {
+            dealloc(ptr, layout)
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn isomesh_info() -> u64 {
+    let info = GuestInfo {
+        abi_version: GUEST_ABI_VERSION,
+        name: MODULE_NAME.into(),
+        version: MODULE_VERSION.into(),
+        model_sha256: MODEL_SHA256.into(),
+        input_width: crate::preprocess::INPUT_SIDE,
+        input_height: crate::preprocess::INPUT_SIDE,
+        labels: classifier::labels().map(String::from).collect(),
+    };
+    hand_out(info.encode_to_vec())
+}
+
+#[no_mangle]
+pub extern "C" fn isomesh_load() -> u64 {
+    let outcome = match loaded() {
+        Ok(_) => Outcome::Classification(GuestClassification::default()),
+        Err(e) => Outcome::Error(to_guest_error(e)),
+    };
+    hand_out(
+        GuestOutcome {
+            outcome: Some(outcome),
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// # Safety
+/// `ptr`/`len` must be a buffer from `isomesh_alloc`; this call takes ownership of it.
+#[no_mangle]
+pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) -> u64 {
+    let image = if len == 0 {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(ptr, len as usize, len as usize)
+    };
+    let result = loaded().and_then(|c| c.classify(&image, top_k.max(1) as usize));
+    drop(image);
+    let outcome = match result {
+        Ok(answer) => Outcome::Classification(GuestClassification {
+            top: answer
+                .top
+                .into_iter()
+                .map(|(index, prob)| GuestScore { index, prob })
+                .collect(),
+            decode_us: answer.decode_us,
+            infer_us: answer.infer_us,
+        }),
+        Err(e) => Outcome::Error(to_guest_error(e)),
+    };
+    hand_out(
+        GuestOutcome {
+            outcome: Some(outcome),
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn loaded() -> Result<&'static Classifier, Error> {
+    if let Some(classifier) = CLASSIFIER.get() {
+        return Ok(classifier);
+    }
+    let classifier = Classifier::load()?;
+    Ok(CLASSIFIER.get_or_init(|| classifier))
+}
+
+fn to_guest_error(error: Error) -> GuestError {
+    let kind = match error {
+        Error::EmptyInput => Kind::EmptyInput,
+        Error::BadImage(_) => Kind::BadImage,
+        Error::ImageTooLarge(_) => Kind::ImageTooLarge,
+        Error::Model(_) => Kind::Model,
+    };
+    GuestError {
+        kind: kind as i32,
+        message: error.to_string(),
+    }
+}
+
+/// Leaks `bytes` to the host as `(ptr << 32) | len`; the host returns it with `isomesh_free`.
+fn hand_out(bytes: Vec<u8>) -> u64 {
+    let bytes = bytes.into_boxed_slice();
+    let len = bytes.len() as u64;
+    let ptr = Box::into_raw(bytes) as *mut u8 as usize as u64;
+    (ptr << 32) | len
+}

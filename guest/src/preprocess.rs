@@ -1,0 +1,175 @@
+//! Turns encoded image bytes into MobileNetV2's input: the standard ImageNet preprocessing of
+//! `models/README.md` (resize the shorter side to 256 bilinearly, centre-crop 224x224, scale to
+//! [0,1], normalise by the ImageNet mean and std, channels first).
+//!
+//! Decoding happens here, inside the sandbox, so a hostile image can at worst trap the guest. The
+//! decoder limits reject a decompression bomb (a tiny PNG declaring 30000x30000 pixels) from its
+//! header, before anything is allocated.
+
+use crate::Error;
+use image::{imageops::FilterType, ImageError, ImageFormat, ImageReader, Limits};
+use std::io::Cursor;
+
+/// Side of the square the model sees.
+pub const INPUT_SIDE: u32 = 224;
+/// Shorter side after the first resize.
+const RESIZE_SIDE: u32 = 256;
+/// Largest width or height accepted (a 64-megapixel image).
+pub const MAX_SIDE: u32 = 8192;
+/// Largest allocation the decoder may make, in bytes.
+const MAX_DECODE_BYTES: u64 = 256 << 20;
+/// Longest-to-shortest side ratio accepted; past it the resized image would be huge.
+const MAX_ASPECT: u32 = 16;
+
+const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Decodes `bytes` and returns the `[1, 3, 224, 224]` input, flattened channels first.
+pub fn image_to_input(bytes: &[u8]) -> Result<Vec<f32>, Error> {
+    if bytes.is_empty() {
+        return Err(Error::EmptyInput);
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::BadImage(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(Error::BadImage(
+            "unrecognised header, not a JPEG or PNG file".into(),
+        ));
+    }
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        check_jpeg_complete(bytes)?;
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| match e {
+        ImageError::Limits(limit) => Error::ImageTooLarge(format!(
+            "{limit} (at most {MAX_SIDE}x{MAX_SIDE} pixels are accepted)"
+        )),
+        other => Error::BadImage(other.to_string()),
+    })?;
+    let rgb = image.into_rgb8();
+    let (width, height) = rgb.dimensions();
+    if width == 0 || height == 0 {
+        return Err(Error::BadImage(format!("image is {width}x{height} pixels")));
+    }
+    let (short, long) = (width.min(height), width.max(height));
+    if long > short.saturating_mul(MAX_ASPECT) {
+        return Err(Error::ImageTooLarge(format!(
+            "{width}x{height} has an aspect ratio over {MAX_ASPECT}:1"
+        )));
+    }
+    // torchvision's Resize(256): the shorter side becomes 256, the other is truncated.
+    let (new_w, new_h) = if width <= height {
+        (
+            RESIZE_SIDE,
+            (height as u64 * RESIZE_SIDE as u64 / width as u64) as u32,
+        )
+    } else {
+        (
+            (width as u64 * RESIZE_SIDE as u64 / height as u64) as u32,
+            RESIZE_SIDE,
+        )
+    };
+    let resized = image::imageops::resize(&rgb, new_w, new_h, FilterType::Triangle);
+    // torchvision's CenterCrop rounds the offset.
+    let left = ((new_w - INPUT_SIDE) as f32 / 2.0).round() as u32;
+    let top = ((new_h - INPUT_SIDE) as f32 / 2.0).round() as u32;
+
+    let plane = (INPUT_SIDE * INPUT_SIDE) as usize;
+    let mut input = vec![0f32; 3 * plane];
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
+    let bias: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
+    for y in 0..INPUT_SIDE {
+        for x in 0..INPUT_SIDE {
+            let pixel = resized.get_pixel(left + x, top + y).0;
+            let at = (y * INPUT_SIDE + x) as usize;
+            for c in 0..3 {
+                input[c * plane + at] = pixel[c] as f32 * scale[c] + bias[c];
+            }
+        }
+    }
+    Ok(input)
+}
+
+/// The JPEG decoder fills a truncated scan with grey and answers anyway, so a cut-off upload
+/// would be classified as a different picture. A complete file has an end-of-image marker
+/// (FF D9) after the start of its last scan (FF DA); neither can occur inside entropy-coded
+/// data, where FF is always followed by 00 or a restart marker.
+fn check_jpeg_complete(bytes: &[u8]) -> Result<(), Error> {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xff, marker]);
+    match (last(0xda), last(0xd9)) {
+        (Some(scan), Some(end)) if end > scan => Ok(()),
+        (None, _) => Err(Error::BadImage("JPEG has no image scan".into())),
+        _ => Err(Error::BadImage(
+            "truncated JPEG: the file ends before its end-of-image marker".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png_header_declaring(width: u32, height: u32) -> Vec<u8> {
+        // A valid PNG signature and IHDR chunk, then nothing: a decompression bomb's header.
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend_from_slice(&(ihdr.len() as u32).to_be_bytes());
+        let mut chunk = b"IHDR".to_vec();
+        chunk.extend_from_slice(&ihdr);
+        png.extend_from_slice(&chunk);
+        png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+        png
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &byte in data {
+            crc ^= byte as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn empty_and_random_bytes_are_rejected() {
+        assert_eq!(image_to_input(&[]), Err(Error::EmptyInput));
+        assert!(matches!(
+            image_to_input(&[7u8; 1000]),
+            Err(Error::BadImage(_))
+        ));
+    }
+
+    #[test]
+    fn decompression_bomb_is_rejected_from_its_header() {
+        let bomb = png_header_declaring(30_000, 30_000);
+        assert!(matches!(
+            image_to_input(&bomb),
+            Err(Error::ImageTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_jpeg_is_rejected() {
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/images/banana.jpg"
+        ))
+        .expect("../shared/images/banana.jpg");
+        let result = image_to_input(&bytes[..bytes.len() / 3]);
+        assert!(matches!(result, Err(Error::BadImage(_))), "{result:?}");
+    }
+}

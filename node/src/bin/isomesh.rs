@@ -1,0 +1,60 @@
+//! `isomesh`: the operator's tool. Exit codes: 0 success, 1 some job failed or got no answer,
+//! 2 the command itself failed (bad flags, broker unreachable, unreadable file).
+
+use clap::{Parser, Subcommand};
+use isomesh_node::cli;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "isomesh",
+    version,
+    about = "Use an isomesh mesh: classify, status, bench"
+)]
+struct Flags {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Classify images on a node or a tier and print the answers.
+    Classify(cli::classify::ClassifyArgs),
+    /// Show every node's status.
+    Status(cli::status::StatusArgs),
+    /// Measure the sandbox and the model.
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let flags = Flags::parse();
+    let result = match flags.command {
+        Command::Bench(command) => cli::bench::run(command).map(|()| true),
+        Command::Classify(args) => on_runtime(cli::classify::run(args)),
+        Command::Status(args) => on_runtime(async { cli::status::run(args).await.map(|()| true) }),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("isomesh: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs an async subcommand on a fresh tokio runtime.
+fn on_runtime(
+    command: impl std::future::Future<Output = anyhow::Result<bool>>,
+) -> anyhow::Result<bool> {
+    tokio::runtime::Runtime::new()?.block_on(command)
+}

@@ -1,0 +1,210 @@
+//! `isomesh bench infer`: what the sandbox costs. In one run, on the same images: MobileNetV2
+//! latency inside Wasm and natively (the same guest crate linked into this binary), the cost of an
+//! empty call into the module, compile time, cached load time and resident memory. Writes JSON.
+
+use crate::sandbox::{Sandbox, SandboxConfig};
+use anyhow::Context;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Inference latency in Wasm vs native, call overhead, compile and load times, memory.
+    Infer(InferArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InferArgs {
+    /// The classifier module.
+    #[arg(long)]
+    pub module: PathBuf,
+    /// Images to classify (each is run --iterations times).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Timed runs per image and runtime.
+    #[arg(long, default_value_t = 20)]
+    pub iterations: usize,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-out/infer.json")]
+    pub out: PathBuf,
+}
+
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Infer(args) => infer(args),
+    }
+}
+
+fn infer(args: InferArgs) -> anyhow::Result<()> {
+    let images: Vec<Vec<u8>> = args
+        .images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<_, _>>()?;
+    let cache = tempdir()?;
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: Some(cache.clone()),
+        ..SandboxConfig::default()
+    })?;
+
+    eprintln!("compiling {} (cold cache)...", args.module.display());
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    let module = sandbox.load_file(&args.module)?;
+    let cold_load = started.elapsed();
+    let compile = module.compiled.elapsed;
+    let rss_after_compile = peak_rss_kib();
+    let started = Instant::now();
+    let cached = sandbox.load_file(&args.module)?;
+    let warm_load = started.elapsed();
+    anyhow::ensure!(
+        cached.compiled.from_cache,
+        "the second load did not come from the cache"
+    );
+    let cached_load = cached.compiled.elapsed;
+
+    let started = Instant::now();
+    let mut instance = sandbox.instantiate(&module).map_err(anyhow::Error::msg)?;
+    let instantiate = started.elapsed();
+    let calls = 100_000;
+    let started = Instant::now();
+    for _ in 0..calls {
+        instance.ping().map_err(anyhow::Error::msg)?;
+    }
+    let empty_call_ns = started.elapsed().as_nanos() as f64 / calls as f64;
+
+    let mut wasm = Vec::new();
+    let mut native = Vec::new();
+    let native_classifier = native_baseline()?;
+    for image in &images {
+        // One untimed run each to warm caches, then alternate so drift hits both alike.
+        instance.classify(image, 5).map_err(anyhow::Error::msg)?;
+        native_classifier(image)?;
+        for _ in 0..args.iterations {
+            let t = Instant::now();
+            let answer = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
+            let _ = t.elapsed();
+            wasm.push(answer.infer_us as f64 / 1000.0);
+            native.push(native_classifier(image)?);
+        }
+    }
+    let rss_end = rss_kib();
+    let (w, n) = (stats(&mut wasm), stats(&mut native));
+    let ratio = w.median / n.median;
+    let report = json!({
+        "machine": machine(),
+        "module": {"path": args.module.display().to_string(), "sha256": module.sha256, "bytes": std::fs::metadata(&args.module)?.len()},
+        "images": args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "iterations_per_image": args.iterations,
+        "infer_ms": {"wasm": w.to_json(), "native": n.to_json(), "wasm_over_native_median": ratio},
+        "empty_call_ns": empty_call_ns,
+        "compile_ms": ms(compile),
+        "first_load_with_selftest_ms": ms(cold_load),
+        "cached_load_ms": ms(cached_load),
+        "cached_load_with_selftest_ms": ms(warm_load),
+        "instantiate_with_model_plan_ms": ms(instantiate),
+        "rss_kib": {"before": rss_before, "peak_after_compile": rss_after_compile, "end": rss_end},
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!(
+        "MobileNetV2 inference, {} images x {} runs",
+        images.len(),
+        args.iterations
+    );
+    println!("  wasm   median {:.1} ms  p95 {:.1} ms", w.median, w.p95);
+    println!("  native median {:.1} ms  p95 {:.1} ms", n.median, n.p95);
+    println!("  wasm / native (median): {ratio:.2}x");
+    println!("  empty call into the module: {empty_call_ns:.0} ns");
+    println!(
+        "  compile {:.0} ms, cached load {:.1} ms, instantiate + model plan {:.0} ms",
+        ms(compile),
+        ms(cached_load),
+        ms(instantiate)
+    );
+    println!("  peak RSS {} MiB", rss_after_compile.unwrap_or(0) / 1024);
+    println!("report: {}", args.out.display());
+    let _ = std::fs::remove_dir_all(&cache);
+    Ok(())
+}
+
+#[cfg(feature = "native-baseline")]
+fn native_baseline() -> anyhow::Result<impl Fn(&[u8]) -> anyhow::Result<f64>> {
+    let classifier = isomesh_guest::Classifier::load()?;
+    Ok(move |image: &[u8]| {
+        let answer = classifier.classify(image, 5)?;
+        Ok(answer.infer_us as f64 / 1000.0)
+    })
+}
+
+#[cfg(not(feature = "native-baseline"))]
+fn native_baseline() -> anyhow::Result<fn(&[u8]) -> anyhow::Result<f64>> {
+    anyhow::bail!(
+        "this isomesh was built without the native-baseline feature; rebuild with it to compare"
+    )
+}
+
+struct Stats {
+    median: f64,
+    p95: f64,
+    min: f64,
+    mean: f64,
+    n: usize,
+}
+
+impl Stats {
+    fn to_json(&self) -> serde_json::Value {
+        json!({"median": self.median, "p95": self.p95, "min": self.min, "mean": self.mean, "n": self.n})
+    }
+}
+
+fn stats(samples: &mut [f64]) -> Stats {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    Stats {
+        median: at(0.5),
+        p95: at(0.95),
+        min: samples[0],
+        mean: samples.iter().sum::<f64>() / samples.len() as f64,
+        n: samples.len(),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn status_field(name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(name))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn rss_kib() -> Option<u64> {
+    status_field("VmRSS:")
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    status_field("VmHWM:")
+}
+
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    json!({"cpu": model, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)})
+}
+
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(super::client_id("bench"));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

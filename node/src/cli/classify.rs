@@ -1,0 +1,175 @@
+//! `isomesh classify IMAGE...`: sends each image as a protobuf `Job` to a node or a tier and
+//! prints the answers as a table or JSON lines.
+
+use crate::config::parse_tier;
+use crate::report;
+use crate::topics::Topics;
+use anyhow::Context;
+use isomesh_protos::{Job, JobResult, Tier};
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::Event;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Classify images on the mesh.
+#[derive(Debug, clap::Args)]
+pub struct ClassifyArgs {
+    /// JPEG or PNG files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Broker URL.
+    #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+    /// Send to this node.
+    #[arg(long, conflicts_with = "tier")]
+    pub node: Option<String>,
+    /// Send to any node of this tier (device, edge, cloud).
+    #[arg(long, value_parser = parse_tier)]
+    pub tier: Option<Tier>,
+    /// Latency budget of each job, ms (0 = the node's default).
+    #[arg(long, default_value_t = 0)]
+    pub budget_ms: u32,
+    /// Classes to return per image.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: u32,
+    /// Print one JSON result per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up on answers after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
+    /// Topic prefix of the mesh.
+    #[arg(long, env = "ISOMESH_PREFIX", default_value = "isomesh")]
+    pub prefix: String,
+}
+
+/// Runs the command; `Ok(false)` when some image got an error or no answer.
+pub async fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
+    let topics = Topics::new(args.prefix.clone());
+    let target = match (&args.node, args.tier) {
+        (Some(node), _) => topics.jobs(node),
+        (None, Some(tier)) => topics.tier_jobs(tier),
+        (None, None) => {
+            anyhow::bail!("name where to classify: --node ID or --tier device|edge|cloud")
+        }
+    };
+    let id = super::client_id("classify");
+    let reply_to = topics.replies(&id);
+    let (client, mut eventloop) = super::connect(&args.broker, &id).await?;
+    client.subscribe(reply_to.clone(), QoS::AtLeastOnce).await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
+            break;
+        }
+    }
+
+    let mut pending: HashMap<String, (PathBuf, Instant)> = HashMap::new();
+    let mut all_ok = true;
+    if !args.json {
+        println!(
+            "{:<22} {:<28} {:>6} {:<8} {:<12} {:>8}",
+            "FILE", "LABEL", "PROB", "NODE", "PATH", "MS"
+        );
+    }
+    for (n, path) in args.images.iter().enumerate() {
+        let image = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let job = Job {
+            job_id: format!("{id}-{n}"),
+            image,
+            reply_to: reply_to.clone(),
+            budget_ms: args.budget_ms,
+            top_k: args.top_k,
+            ..Default::default()
+        };
+        pending.insert(job.job_id.clone(), (path.clone(), Instant::now()));
+        client
+            .publish(target.clone(), QoS::AtLeastOnce, false, job.encode_to_vec())
+            .await?;
+    }
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
+    while !pending.is_empty() {
+        let event = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(event) => event.context("lost the broker connection while waiting for answers")?,
+            Err(_) => break,
+        };
+        let Event::Incoming(Packet::Publish(publish)) = event else {
+            continue;
+        };
+        let Ok(result) = JobResult::decode(publish.payload.as_ref()) else {
+            eprintln!("isomesh: ignoring an unreadable reply on {reply_to}");
+            continue;
+        };
+        // Results are deduplicated by job id: the first answer counts.
+        let Some((path, sent)) = pending.remove(&result.job_id) else {
+            continue;
+        };
+        all_ok &= result.error.is_empty();
+        print_result(&args, &path, &result, sent.elapsed());
+    }
+    for (job_id, (path, _)) in pending {
+        all_ok = false;
+        let message = format!("no answer within {} s", args.timeout_s);
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"job_id": job_id, "file": path.display().to_string(), "error": message})
+            );
+        } else {
+            println!("{:<22} error: {message}", file_name(&path));
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(all_ok)
+}
+
+fn print_result(
+    args: &ClassifyArgs,
+    path: &std::path::Path,
+    result: &JobResult,
+    round_trip: Duration,
+) {
+    if args.json {
+        let mut value = report::to_json(result);
+        value["file"] = serde_json::Value::String(path.display().to_string());
+        println!("{value}");
+        return;
+    }
+    if !result.error.is_empty() {
+        println!(
+            "{:<22} error from {}: {}",
+            file_name(path),
+            result.node,
+            result.error
+        );
+        return;
+    }
+    let (label, prob) = result
+        .top
+        .first()
+        .map(|c| {
+            (
+                c.label.split(',').next().unwrap_or_default().to_string(),
+                c.prob,
+            )
+        })
+        .unwrap_or_default();
+    println!(
+        "{:<22} {:<28} {:>6.3} {:<8} {:<12} {:>8.1}",
+        file_name(path),
+        label,
+        prob,
+        result.node,
+        result.path.join(">"),
+        round_trip.as_secs_f64() * 1000.0
+    );
+}
+
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}

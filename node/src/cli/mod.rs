@@ -1,0 +1,45 @@
+//! The subcommands of the `isomesh` tool. Each speaks to the mesh through the broker only, like
+//! any other MQTT client would.
+
+pub mod bench;
+pub mod classify;
+pub mod status;
+
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use std::time::Duration;
+
+/// A unique client id for one run of the tool.
+pub fn client_id(command: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("isomesh-{command}-{}-{nanos:x}", std::process::id())
+}
+
+/// Connects a clean-session MQTT 5 client and waits for the broker's CONNACK.
+pub async fn connect(broker: &str, id: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let (host, port) = crate::topics::parse_broker_url(broker).map_err(anyhow::Error::msg)?;
+    let mut options = MqttOptions::new(id, host.clone(), port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(Some(256 << 20));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let connected = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), connected).await {
+        Ok(Ok(())) => Ok((client, eventloop)),
+        Ok(Err(e)) => anyhow::bail!(
+            "cannot connect to the broker at {broker}: {e}\nIs it running? Start one with `isomesh-broker --listen {host}:{port}`."
+        ),
+        Err(_) => anyhow::bail!("no answer from the broker at {broker} within 10 s"),
+    }
+}

@@ -1,0 +1,105 @@
+//! `isomesh status`: the retained status of every node, as a table (`--watch` keeps it live).
+
+use crate::topics::Topics;
+use isomesh_protos::{NodeStatus, Tier};
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::Event;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Show the nodes of the mesh.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Broker URL.
+    #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+    /// Keep the table live, redrawing every 2 s.
+    #[arg(long)]
+    pub watch: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Topic prefix of the mesh.
+    #[arg(long, env = "ISOMESH_PREFIX", default_value = "isomesh")]
+    pub prefix: String,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let topics = Topics::new(args.prefix.clone());
+    let (client, mut eventloop) = super::connect(&args.broker, &super::client_id("status")).await?;
+    client
+        .subscribe(topics.all_status(), QoS::AtLeastOnce)
+        .await?;
+    let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
+    let mut redraw = tokio::time::interval(Duration::from_secs(2));
+    redraw.tick().await;
+    loop {
+        tokio::select! {
+            event = eventloop.poll() => {
+                if let Event::Incoming(Packet::Publish(publish)) = event? {
+                    match NodeStatus::decode(publish.payload.as_ref()) {
+                        Ok(status) => { nodes.insert(status.node_id.clone(), status); }
+                        Err(e) => eprintln!("isomesh: unreadable status on {}: {e}", String::from_utf8_lossy(&publish.topic)),
+                    }
+                }
+            }
+            _ = redraw.tick() => {
+                if args.watch {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print_nodes(&nodes, args.json);
+                if !args.watch {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(())
+}
+
+fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
+    if json {
+        for s in nodes.values() {
+            let module = s.module.clone().unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "node": s.node_id, "tier": tier_name(s.tier), "online": s.online,
+                    "module": {"name": module.name, "version": module.version, "sha256": module.sha256},
+                    "queue": s.queue_len, "ewma_ms": s.ewma_ms, "done": s.jobs_done,
+                    "failed": s.jobs_failed, "uptime_s": s.uptime_s,
+                })
+            );
+        }
+        return;
+    }
+    println!(
+        "{:<10} {:<7} {:<8} {:<24} {:>5} {:>9} {:>7} {:>7}",
+        "NODE", "TIER", "STATE", "MODULE", "QUEUE", "EWMA_MS", "DONE", "FAILED"
+    );
+    for s in nodes.values() {
+        let module = s
+            .module
+            .as_ref()
+            .map(|m| format!("{}@{}", m.name, m.version))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<10} {:<7} {:<8} {:<24} {:>5} {:>9.1} {:>7} {:>7}",
+            s.node_id,
+            tier_name(s.tier),
+            if s.online { "online" } else { "offline" },
+            module,
+            s.queue_len,
+            s.ewma_ms,
+            s.jobs_done,
+            s.jobs_failed
+        );
+    }
+}
+
+fn tier_name(tier: i32) -> &'static str {
+    Tier::try_from(tier).unwrap_or(Tier::Unspecified).name()
+}

@@ -1,0 +1,146 @@
+//! `isomesh-node`'s settings: flags, `ISOMESH_*` environment variables and an optional TOML file.
+//!
+//! Precedence: flag > environment variable > config file > default. The file is applied by
+//! [`apply_config_file`] before the flags are parsed: each of its keys (`broker = "..."`,
+//! `budget-ms = 200`, ...) becomes the matching `ISOMESH_*` variable unless that is already set,
+//! so every setting has exactly one parser.
+
+use isomesh_protos::Tier;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of one node.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeConfig {
+    /// Node id: names its topics (`isomesh/images/{id}`) and appears in results.
+    #[arg(long, env = "ISOMESH_ID")]
+    pub id: String,
+
+    /// Tier of this node: device, edge or cloud.
+    #[arg(long, env = "ISOMESH_TIER", value_parser = parse_tier)]
+    pub tier: Tier,
+
+    /// Broker URL, mqtt://HOST:PORT.
+    #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+
+    /// Directory of classifier modules (.wasm); the newest good one is served.
+    #[arg(long, env = "ISOMESH_MODULES")]
+    pub modules: PathBuf,
+
+    /// Default latency budget of a job in ms, when the job names none (0 = none).
+    #[arg(long, env = "ISOMESH_BUDGET_MS", default_value_t = 0)]
+    pub budget_ms: u32,
+
+    /// Worker threads, each with its own Wasm instance.
+    #[arg(long, env = "ISOMESH_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+
+    /// Compiled-module cache shared by the nodes of a host [default: MODULES/.cache].
+    #[arg(long, env = "ISOMESH_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Topic prefix.
+    #[arg(long, env = "ISOMESH_PREFIX", default_value = "isomesh")]
+    pub prefix: String,
+
+    /// Memory limit of one Wasm instance, MiB.
+    #[arg(long, env = "ISOMESH_MEMORY_LIMIT_MB", default_value_t = 768)]
+    pub memory_limit_mb: usize,
+
+    /// Deadline of one guest call, ms; a call past it is interrupted and fails its job.
+    #[arg(long, env = "ISOMESH_CALL_TIMEOUT_MS", default_value_t = 10_000)]
+    pub call_timeout_ms: u64,
+
+    /// Largest image accepted, bytes; larger payloads get an error answer.
+    #[arg(long, env = "ISOMESH_MAX_PAYLOAD_BYTES", default_value_t = 16 << 20)]
+    pub max_payload_bytes: usize,
+
+    /// Seconds between status reports.
+    #[arg(long, env = "ISOMESH_STATUS_INTERVAL_S", default_value_t = 5)]
+    pub status_interval_s: u64,
+
+    /// How long the broker keeps this node's session (and its unanswered jobs) while it is away, s.
+    #[arg(long, env = "ISOMESH_SESSION_EXPIRY_S", default_value_t = 3600)]
+    pub session_expiry_s: u32,
+}
+
+impl NodeConfig {
+    /// Where compiled modules are cached.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.modules.join(".cache"))
+    }
+
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+}
+
+/// Parses a tier name, naming the valid ones on error.
+pub fn parse_tier(name: &str) -> Result<Tier, String> {
+    Tier::from_name(name).ok_or_else(|| format!("unknown tier {name:?}: use device, edge or cloud"))
+}
+
+/// Errors reading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config file {path}: key {key:?} must be a string, number or boolean")]
+    Value { path: PathBuf, key: String },
+}
+
+/// Exports each `key = value` of a TOML file as `ISOMESH_KEY` unless that variable is set.
+/// Call before parsing flags, while the process is still single-threaded.
+pub fn apply_config_file(path: &std::path::Path) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let table: toml::Table = text.parse().map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    for (key, value) in table {
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(ConfigError::Value {
+                    path: path.to_owned(),
+                    key,
+                })
+            }
+        };
+        let var = format!("ISOMESH_{}", key.to_uppercase().replace('-', "_"));
+        if std::env::var_os(&var).is_none() {
+            // SAFETY: called before any thread is spawned (see the doc comment).
+            unsafe { std::env::set_var(var, text) };
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_tiers_are_named_in_the_error() {
+        assert_eq!(parse_tier("cloud"), Ok(Tier::Cloud));
+        let err = parse_tier("fog").unwrap_err();
+        assert!(err.contains("fog") && err.contains("device, edge or cloud"));
+    }
+}

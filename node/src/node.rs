@@ -1,0 +1,427 @@
+//! A running node: wires the sandbox, module manager and scheduler to the broker.
+//!
+//! [`run`] owns the MQTT event loop (as rumqttc's `EventLoop` owns connection state): incoming
+//! publishes become requests, each request becomes a task that waits for the scheduler's outcome,
+//! publishes the one answer, and only then acknowledges the MQTT message. A node that dies
+//! before answering therefore leaves the job unacknowledged in its persistent session, and the
+//! broker hands it over again when the node is back.
+//!
+//! Shutdown (SIGTERM, Ctrl-C, or the caller's future): stop subscribing, answer every job already
+//! accepted, publish an offline status, disconnect.
+
+use crate::config::NodeConfig;
+use crate::modules::{self, ModuleSlot};
+use crate::report::{self, Responder};
+use crate::request::{self, JobIds, ReplyRoute, Request};
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::scheduler::{JobFailure, Scheduler};
+use crate::topics::{parse_broker_url, Topics};
+use isomesh_protos::{JobResult, ModuleRef, NodeStatus};
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+/// Largest MQTT packet this node accepts; bigger images get an error answer, not silence.
+const MQTT_PACKET_LIMIT: u32 = 256 << 20;
+
+/// Job ids remembered to drop redelivered duplicates.
+const RECENT_JOB_IDS: usize = 4096;
+
+/// Why a node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::LoadError),
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
+    #[error("module directory {path} is not usable: {source}")]
+    ModuleDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What every request task needs.
+struct Shared {
+    responder: Responder,
+    topics: Topics,
+    client: AsyncClient,
+    scheduler: Scheduler,
+    config: NodeConfig,
+}
+
+/// Runs a node until `shutdown` completes, then drains and returns.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    let (host, port) = parse_broker_url(&config.broker).map_err(NodeError::Config)?;
+    std::fs::create_dir_all(&config.modules).map_err(|source| NodeError::ModuleDir {
+        path: config.modules.clone(),
+        source,
+    })?;
+    let sandbox = Arc::new(Sandbox::new(SandboxConfig {
+        memory_limit_bytes: config.memory_limit_mb << 20,
+        call_timeout: config.call_timeout(),
+        cache_dir: Some(config.cache_dir()),
+    })?);
+    let slot = Arc::new(ModuleSlot::default());
+    let loading = {
+        let (sandbox, dir) = (sandbox.clone(), config.modules.clone());
+        tokio::task::spawn_blocking(move || modules::load_newest(&sandbox, &dir))
+    };
+    match loading.await {
+        Ok(Some(module)) => slot.install(module),
+        _ => tracing::warn!(
+            dir = %config.modules.display(),
+            "no usable classifier module yet; jobs get an error answer until one is installed"
+        ),
+    }
+    let scheduler = Scheduler::start(config.workers, sandbox.clone(), slot.clone())
+        .map_err(NodeError::Workers)?;
+    let topics = Topics::new(config.prefix.clone());
+    let responder = Responder {
+        node: config.id.clone(),
+        tier: config.tier,
+    };
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, &topics, &host, port), 256);
+    let shared = Arc::new(Shared {
+        responder,
+        topics,
+        client,
+        scheduler,
+        config,
+    });
+    let status = StatusReporter {
+        shared: shared.clone(),
+        slot,
+        started: Instant::now(),
+    };
+    event_loop(shared.clone(), status, eventloop, shutdown).await;
+    let scheduler_done = {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || shared.scheduler.shutdown())
+    };
+    let _ = scheduler_done.await;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+fn mqtt_options(config: &NodeConfig, topics: &Topics, host: &str, port: u16) -> MqttOptions {
+    let mut options = MqttOptions::new(format!("isomesh-node-{}", config.id), host, port);
+    options
+        .set_keep_alive(Duration::from_secs(15))
+        // A persistent session: jobs not yet acknowledged survive a crash of this node.
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(config.session_expiry_s))
+        .set_manual_acks(true)
+        // Far above --max-payload-bytes: an MQTT 5 broker silently drops what exceeds the
+        // client's packet limit, and an oversized image must get an error answer instead.
+        .set_max_packet_size(Some(MQTT_PACKET_LIMIT))
+        .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            topics.status(&config.id),
+            NodeStatus {
+                node_id: config.id.clone(),
+                tier: config.tier as i32,
+                online: false,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+    options
+}
+
+async fn event_loop(
+    shared: Arc<Shared>,
+    status: StatusReporter,
+    mut eventloop: EventLoop,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let ids = JobIds::new(&shared.responder.node);
+    let mut recent = RecentIds::default();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut status_tick =
+        tokio::time::interval(Duration::from_secs(shared.config.status_interval_s.max(1)));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown, if !draining => {
+                draining = true;
+                tracing::info!(pending = tasks.len(), "shutting down: answering accepted jobs first");
+                for filter in subscriptions(&shared) {
+                    let _ = shared.client.try_unsubscribe(filter);
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = status_tick.tick() => status.publish(true),
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    tracing::info!(broker = %shared.config.broker, session_present = ack.session_present, "connected");
+                    if !draining {
+                        for filter in subscriptions(&shared) {
+                            if let Err(e) = shared.client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                                tracing::error!(%filter, error = %e, "cannot subscribe");
+                            }
+                        }
+                    }
+                    status.publish(true);
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if draining {
+                        // Not acknowledged: the broker keeps it for this node's next session.
+                        continue;
+                    }
+                    if let Some(request) = accept(&shared, &ids, &mut recent, &publish) {
+                        tasks.spawn(serve(shared.clone(), request, publish));
+                    } else {
+                        let _ = shared.client.try_ack(&publish);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(broker = %shared.config.broker, error = %e, "broker connection lost; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        if draining && tasks.is_empty() {
+            break;
+        }
+    }
+    status.publish(false);
+    let _ = shared.client.try_disconnect();
+    // Keep polling so the offline status and DISCONNECT reach the broker.
+    let flush = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), flush).await;
+}
+
+fn subscriptions(shared: &Shared) -> Vec<String> {
+    let node = &shared.responder.node;
+    vec![
+        shared.topics.images(node),
+        shared.topics.jobs(node),
+        shared.topics.shared_tier_jobs(shared.responder.tier),
+    ]
+}
+
+/// Turns a publish into a request, or answers it at once when it cannot be one. `None` means
+/// nothing is left to do but acknowledge it.
+fn accept(
+    shared: &Arc<Shared>,
+    ids: &JobIds,
+    recent: &mut RecentIds,
+    publish: &Publish,
+) -> Option<Request> {
+    let topic = String::from_utf8_lossy(&publish.topic);
+    let node = &shared.responder.node;
+    let props = publish.properties.as_ref();
+    let request = if topic == shared.topics.images(node) {
+        request::from_image(
+            publish.payload.clone(),
+            props.and_then(|p| p.response_topic.clone()),
+            props.and_then(|p| p.correlation_data.clone()),
+            ids,
+            &shared.topics,
+            node,
+        )
+    } else {
+        match request::from_job(&publish.payload, ids, &shared.topics, node) {
+            Ok(request) => request,
+            Err(unreadable) => {
+                tracing::warn!(%topic, error = %unreadable.message, "unreadable job");
+                let result =
+                    report::rejection(&shared.responder, &unreadable.job, unreadable.message);
+                send_reply(&shared.client, &unreadable.reply, &result);
+                return None;
+            }
+        }
+    };
+    if !recent.insert(&request.job.job_id) {
+        tracing::info!(job_id = %request.job.job_id, "duplicate delivery of a job already taken; ignored");
+        return None;
+    }
+    if request.job.image.len() > shared.config.max_payload_bytes {
+        let message = format!(
+            "image of {} bytes exceeds this node's limit of {} bytes (--max-payload-bytes)",
+            request.job.image.len(),
+            shared.config.max_payload_bytes
+        );
+        send_reply(
+            &shared.client,
+            &request.reply,
+            &report::rejection(&shared.responder, &request.job, message),
+        );
+        return None;
+    }
+    Some(request)
+}
+
+/// Runs one request to its single answer, then acknowledges the message that carried it.
+async fn serve(shared: Arc<Shared>, mut request: Request, publish: Publish) {
+    let accepted = Instant::now();
+    if request.job.budget_ms == 0 {
+        request.job.budget_ms = shared.config.budget_ms;
+    }
+    let image = std::mem::take(&mut request.job.image);
+    let outcome = shared
+        .scheduler
+        .submit(image, request.job.top_k)
+        .await
+        .unwrap_or_else(|_| {
+            Err(JobFailure {
+                message: "the worker running this job stopped before answering".into(),
+                module: None,
+            })
+        });
+    let result = report::job_result(
+        &shared.responder,
+        &request.job,
+        &outcome,
+        accepted.elapsed(),
+    );
+    match &outcome {
+        Ok(_) => tracing::info!(
+            job_id = %result.job_id,
+            top1 = %result.top.first().map(|c| c.label.as_str()).unwrap_or(""),
+            ms = result.timing.map(|t| t.total_ms).unwrap_or_default(),
+            "classified"
+        ),
+        Err(failure) => {
+            tracing::warn!(job_id = %result.job_id, error = %failure.message, "job failed")
+        }
+    }
+    publish_reply(&shared.client, &request.reply, &result).await;
+    if let Err(e) = shared.client.ack(&publish).await {
+        tracing::warn!(error = %e, "cannot acknowledge a job message");
+    }
+}
+
+fn encode_reply(route: &ReplyRoute, result: &JobResult) -> (Vec<u8>, Option<PublishProperties>) {
+    match route {
+        ReplyRoute::Json { .. } => {
+            let props = (!result.correlation.is_empty()).then(|| PublishProperties {
+                correlation_data: Some(result.correlation.clone().into()),
+                content_type: Some("application/json".into()),
+                ..Default::default()
+            });
+            (report::to_json(result).to_string().into_bytes(), props)
+        }
+        ReplyRoute::Proto { .. } => (result.encode_to_vec(), None),
+    }
+}
+
+async fn publish_reply(client: &AsyncClient, route: &ReplyRoute, result: &JobResult) {
+    let (payload, props) = encode_reply(route, result);
+    let sent = match props {
+        Some(props) => {
+            client
+                .publish_with_properties(route.topic(), QoS::AtLeastOnce, false, payload, props)
+                .await
+        }
+        None => {
+            client
+                .publish(route.topic(), QoS::AtLeastOnce, false, payload)
+                .await
+        }
+    };
+    if let Err(e) = sent {
+        tracing::error!(topic = route.topic(), error = %e, "cannot publish a result");
+    }
+}
+
+/// Like [`publish_reply`] but from the event loop itself, which must never wait on its own queue.
+fn send_reply(client: &AsyncClient, route: &ReplyRoute, result: &JobResult) {
+    let (payload, props) = encode_reply(route, result);
+    let sent = match props {
+        Some(props) => client.try_publish_with_properties(
+            route.topic(),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+            props,
+        ),
+        None => client.try_publish(route.topic(), QoS::AtLeastOnce, false, payload),
+    };
+    if let Err(e) = sent {
+        tracing::error!(topic = route.topic(), error = %e, "cannot publish an error result");
+    }
+}
+
+/// Publishes this node's retained status.
+struct StatusReporter {
+    shared: Arc<Shared>,
+    slot: Arc<ModuleSlot>,
+    started: Instant,
+}
+
+impl StatusReporter {
+    fn publish(&self, online: bool) {
+        let load = self.shared.scheduler.load();
+        let module = self.slot.current().map(|m| ModuleRef {
+            name: m.info.name.clone(),
+            version: m.info.version.clone(),
+            sha256: m.sha256.clone(),
+        });
+        let status = NodeStatus {
+            node_id: self.shared.responder.node.clone(),
+            tier: self.shared.responder.tier as i32,
+            online,
+            module,
+            queue_len: load.in_system() as u32,
+            ewma_ms: load.ewma_ms(),
+            jobs_done: load.done(),
+            jobs_failed: load.failed(),
+            uptime_s: self.started.elapsed().as_secs(),
+            budget_ms: self.shared.config.budget_ms,
+            workers: self.shared.config.workers as u32,
+        };
+        let topic = self.shared.topics.status(&self.shared.responder.node);
+        if let Err(e) =
+            self.shared
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, status.encode_to_vec())
+        {
+            tracing::debug!(error = %e, "status not published");
+        }
+    }
+}
+
+/// The last [`RECENT_JOB_IDS`] job ids taken, to recognise redeliveries.
+#[derive(Default)]
+struct RecentIds {
+    order: VecDeque<String>,
+    seen: HashSet<String>,
+}
+
+impl RecentIds {
+    /// `false` if `id` was already taken.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        self.seen.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        if self.order.len() > RECENT_JOB_IDS {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}

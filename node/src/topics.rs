@@ -1,0 +1,116 @@
+//! The MQTT topic layout of the public contract (DESIGN.md), in one place.
+//!
+//! Every topic starts with a configurable prefix (`isomesh` by default) so several meshes can
+//! share one broker.
+
+use isomesh_protos::Tier;
+
+/// Builds the topics of one mesh.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    pub fn new(prefix: impl Into<String>) -> Topics {
+        Topics {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// Raw JPEG/PNG bytes for one node; JSON result.
+    pub fn images(&self, node: &str) -> String {
+        format!("{}/images/{node}", self.prefix)
+    }
+
+    /// Protobuf `Job` for one node; protobuf `JobResult` to `reply_to`.
+    pub fn jobs(&self, node: &str) -> String {
+        format!("{}/jobs/{node}", self.prefix)
+    }
+
+    /// Protobuf `Job` for any node of a tier.
+    pub fn tier_jobs(&self, tier: Tier) -> String {
+        format!("{}/jobs/tier/{}", self.prefix, tier.name())
+    }
+
+    /// The shared subscription through which the nodes of a tier split its jobs.
+    pub fn shared_tier_jobs(&self, tier: Tier) -> String {
+        format!("$share/{}/{}", tier.name(), self.tier_jobs(tier))
+    }
+
+    /// Where results go when the request named no reply topic.
+    pub fn results(&self, node: &str) -> String {
+        format!("{}/results/{node}", self.prefix)
+    }
+
+    /// Retained `NodeStatus` of one node.
+    pub fn status(&self, node: &str) -> String {
+        format!("{}/status/{node}", self.prefix)
+    }
+
+    /// Every node's status.
+    pub fn all_status(&self) -> String {
+        format!("{}/status/+", self.prefix)
+    }
+
+    /// A private topic for the replies of one client (the CLI).
+    pub fn replies(&self, client: &str) -> String {
+        format!("{}/replies/{client}", self.prefix)
+    }
+}
+
+/// Host and port of an `mqtt://HOST:PORT` (or `tcp://`, or bare `HOST:PORT`) broker URL.
+pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .unwrap_or(url);
+    if rest.contains("://") {
+        return Err(format!(
+            "unsupported broker URL {url:?}: use mqtt://HOST:PORT"
+        ));
+    }
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("bad port in broker URL {url:?}: use mqtt://HOST:PORT"))?;
+            (host, port)
+        }
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "no host in broker URL {url:?}: use mqtt://HOST:PORT"
+        ));
+    }
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_follow_the_contract() {
+        let t = Topics::new("isomesh");
+        assert_eq!(t.images("d1"), "isomesh/images/d1");
+        assert_eq!(
+            t.shared_tier_jobs(Tier::Edge),
+            "$share/edge/isomesh/jobs/tier/edge"
+        );
+        assert_eq!(t.status("c1"), "isomesh/status/c1");
+    }
+
+    #[test]
+    fn broker_urls_parse_or_explain() {
+        assert_eq!(
+            parse_broker_url("mqtt://10.0.0.2:1884"),
+            Ok(("10.0.0.2".into(), 1884))
+        );
+        assert_eq!(parse_broker_url("broker"), Ok(("broker".into(), 1883)));
+        assert!(parse_broker_url("http://x:1").is_err());
+        assert!(parse_broker_url("mqtt://x:notaport").is_err());
+    }
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The isomesh demo: the embedded broker, one node per tier (device d1, edge e1, cloud c1) all
+# serving the same .wasm module, then every shared photo classified on each tier, once with the
+# `isomesh` CLI (protobuf jobs) and once with plain `mosquitto_pub -f` (raw bytes, JSON answer).
+#
+# Run through `make demo`, which builds everything first. Logs: target/demo/*.log.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bin=target/release
+module=target/wasm32-wasip1/release/isomesh_guest.wasm
+images="${ISOMESH_IMAGES:-../shared/images}"
+port="${ISOMESH_DEMO_PORT:-18830}"
+broker="mqtt://127.0.0.1:$port"
+work=target/demo
+pids=()
+
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+[ -f "$module" ] || { echo "demo: $module is missing; run 'make demo'" >&2; exit 1; }
+ls "$images"/*.jp*g >/dev/null 2>&1 || { echo "demo: no photos in $images; set ISOMESH_IMAGES" >&2; exit 1; }
+mkdir -p "$work/cache"
+
+echo "== starting isomesh-broker on 127.0.0.1:$port"
+"$bin/isomesh-broker" --listen "127.0.0.1:$port" >"$work/broker.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do "$bin/isomesh-broker" health --broker "$broker" >/dev/null 2>&1 && break; sleep 0.2; done
+
+for spec in d1:device e1:edge c1:cloud; do
+  id="${spec%%:*}"; tier="${spec##*:}"
+  mkdir -p "$work/$id/modules"
+  cp "$module" "$work/$id/modules/mobilenet_v2.wasm"
+  echo "== starting $tier node $id"
+  "$bin/isomesh-node" --id "$id" --tier "$tier" --broker "$broker" \
+    --modules "$work/$id/modules" --cache-dir "$work/cache" >"$work/$id.log" 2>&1 &
+  pids+=($!)
+done
+
+echo "== waiting for the nodes (the first start compiles the module once, ~15-30 s; later starts load it from the cache)"
+started=$(date +%s)
+ready() {
+  "$bin/isomesh" status --broker "$broker" --json 2>/dev/null | grep '"online":true' | grep -c '"version":"[^"]'
+}
+until [ "$(ready)" -ge 3 ]; do
+  if [ $(( $(date +%s) - started )) -gt 300 ]; then
+    echo "demo: nodes not ready after 300 s; see $work/*.log" >&2
+    exit 1
+  fi
+  sleep 1
+done
+echo "   ready after $(( $(date +%s) - started )) s"
+"$bin/isomesh" status --broker "$broker"
+
+for node in d1 e1 c1; do
+  echo
+  echo "== isomesh classify --node $node (MS = round trip seen by the client)"
+  "$bin/isomesh" classify --broker "$broker" --node "$node" "$images"/*.jp*g
+done
+
+if command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null; then
+  echo
+  echo "== plain MQTT: mosquitto_pub -f $images/cat_720p.jpg -t isomesh/images/e1"
+  mosquitto_sub -h 127.0.0.1 -p "$port" -t isomesh/results/e1 -C 1 -W 60 &
+  sub=$!
+  sleep 0.5
+  mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t isomesh/images/e1 -f "$images/cat_720p.jpg"
+  wait "$sub"
+fi
+
+echo
+echo "== status after the run"
+"$bin/isomesh" status --broker "$broker"

@@ -1,0 +1,7 @@
+//! The one integration-test binary. Each module drives real processes: `isomesh-broker` (or
+//! Mosquitto, with `ISOMESH_TEST_BROKER=mosquitto`), `isomesh-node`, `isomesh`, `mosquitto_pub`.
+
+mod bad_input;
+mod broker;
+mod classify;
+mod module_faults;

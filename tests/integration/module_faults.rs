@@ -1,0 +1,187 @@
+//! Faulty modules never take a node down: a file that is not Wasm or a module that fails its
+//! self-test is rejected and the last good module serves; a module that traps or loops on one
+//! job fails that job with a clear error, its instance is recycled, and the next job is answered.
+
+use isomesh_protos::{guest_outcome::Outcome, GuestClassification, GuestInfo, GuestOutcome};
+use isomesh_protos::{GuestScore, NodeStatus};
+use isomesh_tests::broker::TestBroker;
+use isomesh_tests::mqtt::Client;
+use isomesh_tests::node::{NodeSpec, TestNode};
+use prost::Message;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+const ANSWER_WITHIN: Duration = Duration::from_secs(120);
+
+/// A tiny module that speaks the guest ABI. Its classify answers five fixed classes, except
+/// that an input starting with 0xFF traps and one starting with 0xFE loops forever. With
+/// `always_loop` every classify loops, so the module cannot pass its self-test.
+fn fault_module(always_loop: bool) -> Vec<u8> {
+    let info = GuestInfo {
+        abi_version: 1,
+        name: "faulty".into(),
+        version: "t1".into(),
+        labels: ["a", "b", "c", "d", "e"].map(String::from).to_vec(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let answer = GuestOutcome {
+        outcome: Some(Outcome::Classification(GuestClassification {
+            top: (0..5)
+                .map(|index| GuestScore { index, prob: 0.2 })
+                .collect(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    let loaded = GuestOutcome {
+        outcome: Some(Outcome::Classification(GuestClassification::default())),
+    }
+    .encode_to_vec();
+    let escape = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .map(|b| format!("\\{b:02x}"))
+            .collect::<String>()
+    };
+    let classify_body = if always_loop {
+        "(loop $forever (br $forever)) unreachable".to_string()
+    } else {
+        format!(
+            "(if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 0xff)) (then unreachable))
+             (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 0xfe)) (then (loop $forever (br $forever))))
+             (i64.or (i64.shl (i64.const 2048) (i64.const 32)) (i64.const {}))",
+            answer.len()
+        )
+    };
+    let text = format!(
+        r#"(module
+          (memory (export "memory") 17)
+          (data (i32.const 1024) "{info}")
+          (data (i32.const 2048) "{answer}")
+          (data (i32.const 3072) "{loaded}")
+          (func (export "_initialize"))
+          (func (export "isomesh_abi_version") (result i32) (i32.const 1))
+          (func (export "isomesh_alloc") (param $len i32) (result i32)
+            (if (result i32) (i32.gt_u (local.get $len) (i32.const 1048576))
+              (then (i32.const 0)) (else (i32.const 65536))))
+          (func (export "isomesh_free") (param i32 i32))
+          (func (export "isomesh_info") (result i64)
+            (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.const {info_len})))
+          (func (export "isomesh_load") (result i64)
+            (i64.or (i64.shl (i64.const 3072) (i64.const 32)) (i64.const {loaded_len})))
+          (func (export "isomesh_classify") (param $ptr i32) (param $len i32) (param $k i32) (result i64)
+            {classify_body}))"#,
+        info = escape(&info),
+        answer = escape(&answer),
+        loaded = escape(&loaded),
+        info_len = info.len(),
+        loaded_len = loaded.len(),
+    );
+    wat::parse_str(text).expect("valid WAT")
+}
+
+async fn status_of(port: u16, node: &str) -> NodeStatus {
+    let mut watcher = Client::connect(port, &format!("status-{node}")).await;
+    watcher.subscribe(&format!("isomesh/status/{node}")).await;
+    let publish = watcher
+        .next(Duration::from_secs(30))
+        .await
+        .expect("retained status");
+    NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_that_is_not_wasm_is_rejected_and_the_good_module_serves() {
+    let broker = TestBroker::start().await;
+    let good = std::fs::read(isomesh_tests::guest_module()).unwrap();
+    let mut spec = NodeSpec::with_guest("m1", "edge", broker.port());
+    // Newer than the good module, so it is tried first.
+    spec.modules.push((
+        "zz-newer.wasm".into(),
+        b"MZ\x90\x00 this is not wasm".to_vec(),
+    ));
+    let node = TestNode::start(spec).await;
+    let status = status_of(broker.port(), "m1").await;
+    let module = status.module.expect("a module is served");
+    assert_eq!(module.sha256, format!("{:x}", Sha256::digest(&good)));
+    let log = node.log();
+    assert!(
+        log.contains("is not a WebAssembly module"),
+        "the rejection is logged:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_that_loops_in_its_self_test_is_rejected() {
+    let broker = TestBroker::start().await;
+    let good = std::fs::read(isomesh_tests::guest_module()).unwrap();
+    let mut spec = NodeSpec::with_guest("m2", "edge", broker.port());
+    spec.modules
+        .push(("zz-loops.wasm".into(), fault_module(true)));
+    spec.extra_args = vec!["--call-timeout-ms".into(), "1500".into()];
+    let node = TestNode::start(spec).await;
+    let status = status_of(broker.port(), "m2").await;
+    assert_eq!(
+        status.module.expect("module").sha256,
+        format!("{:x}", Sha256::digest(&good))
+    );
+    let log = node.log();
+    assert!(
+        log.contains("failed its self-test") && log.contains("deadline"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traps_and_endless_loops_fail_one_job_and_the_node_keeps_serving() {
+    let broker = TestBroker::start().await;
+    let spec = NodeSpec {
+        id: "m3",
+        tier: "device",
+        broker_port: broker.port(),
+        modules: vec![("faulty.wasm".into(), fault_module(false))],
+        extra_args: vec!["--call-timeout-ms".into(), "1500".into()],
+    };
+    let _node = TestNode::start(spec).await;
+    let mut client = Client::connect(broker.port(), "faults").await;
+    client.subscribe("test/faults").await;
+    let steps: [(&[u8], Option<&str>); 5] = [
+        (b"\x01ok", None),
+        (b"\xfftrap", Some("trapped")),
+        (b"\x01ok", None),
+        (b"\xfeloop", Some("deadline")),
+        (b"\x01ok", None),
+    ];
+    for (n, (payload, expected_error)) in steps.iter().enumerate() {
+        client
+            .publish_with_response_topic(
+                "isomesh/images/m3",
+                payload.to_vec(),
+                "test/faults",
+                n.to_string().as_bytes(),
+            )
+            .await;
+        let reply = client
+            .next(ANSWER_WITHIN)
+            .await
+            .unwrap_or_else(|| panic!("no answer to step {n}"));
+        let result: Value = serde_json::from_slice(&reply.payload).unwrap();
+        match expected_error {
+            Some(expected) => {
+                let error = result["error"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("step {n}: {result}"));
+                assert!(
+                    error.contains(expected),
+                    "step {n}: {error:?} should mention {expected:?}"
+                );
+            }
+            None => {
+                assert_eq!(result["top"][0]["label"], "a", "step {n}: {result}");
+                assert_eq!(result["module"]["name"], "faulty");
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Small MQTT helpers for tests: connect, subscribe, and collect messages with a timeout.
+
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// A connected MQTT 5 client whose incoming publishes arrive on a channel.
+pub struct Client {
+    pub client: AsyncClient,
+    pub incoming: mpsc::UnboundedReceiver<Publish>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Connects with a clean session and waits for CONNACK.
+    pub async fn connect(port: u16, id: &str) -> Client {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(Some(64 << 20));
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (tx, incoming) = mpsc::unbounded_channel();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(20), ready)
+            .await
+            .expect("CONNACK within 20 s")
+            .expect("event loop alive");
+        Client {
+            client,
+            incoming,
+            task,
+        }
+    }
+
+    /// Subscribes at QoS 1 and gives the broker a moment to install the subscription.
+    pub async fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+
+    pub async fn publish_with_response_topic(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        response: &str,
+        correlation: &[u8],
+    ) {
+        let props = PublishProperties {
+            response_topic: Some(response.to_string()),
+            correlation_data: Some(correlation.to_vec().into()),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.into(), props)
+            .await
+            .expect("publish");
+    }
+
+    /// The next message, or `None` after `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<Publish> {
+        tokio::time::timeout(within, self.incoming.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Exactly `n` messages (panics if fewer arrive within `within`).
+    pub async fn collect(&mut self, n: usize, within: Duration) -> Vec<Publish> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut got = Vec::new();
+        while got.len() < n {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Ok(Some(p)) => got.push(p),
+                _ => panic!("expected {n} messages within {within:?}, got {}", got.len()),
+            }
+        }
+        got
+    }
+}
