@@ -4,4 +4,5 @@
 mod bad_input;
 mod broker;
 mod classify;
+mod lifecycle;
 mod module_faults;

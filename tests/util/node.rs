@@ -139,6 +139,12 @@ impl TestNode {
         false
     }
 
+    /// SIGKILL: the node gets no chance to say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -1,0 +1,84 @@
+//! A node's life: its status is retained while it runs, SIGTERM answers every accepted job before
+//! it exits, a killed node is marked offline by its Last Will, and a restart serves the module from
+//! the compiled-module cache instead of compiling it again.
+
+use isomesh_protos::NodeStatus;
+use isomesh_tests::broker::TestBroker;
+use isomesh_tests::mqtt::Client;
+use isomesh_tests::node::{NodeSpec, TestNode};
+use isomesh_tests::photos;
+use prost::Message;
+use std::time::Duration;
+
+async fn next_status(watcher: &mut Client, within: Duration) -> NodeStatus {
+    let publish = watcher.next(within).await.expect("a status message");
+    NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_answers_every_accepted_job_then_reports_offline() {
+    let broker = TestBroker::start().await;
+    let mut node = TestNode::start(NodeSpec::with_guest("l1", "edge", broker.port())).await;
+    let mut client = Client::connect(broker.port(), "sigterm").await;
+    client.subscribe("test/sigterm").await;
+    let photos = photos();
+    let jobs = 12;
+    for n in 0..jobs {
+        let photo = &photos[n % photos.len()];
+        client
+            .publish_with_response_topic("isomesh/images/l1", photo.bytes(), "test/sigterm", n.to_string().as_bytes())
+            .await;
+    }
+    // Wait for the first answer so the node has accepted the burst, then stop it mid-queue.
+    let first = client.next(Duration::from_secs(240)).await.expect("a first answer");
+    let exited_cleanly = tokio::task::spawn_blocking(move || {
+        let clean = node.terminate();
+        (clean, node)
+    });
+    let mut answered = vec![first];
+    while let Some(reply) = client.next(Duration::from_secs(20)).await {
+        answered.push(reply);
+    }
+    let (clean, node) = exited_cleanly.await.unwrap();
+    assert!(clean, "isomesh-node did not exit 0 on SIGTERM:\n{}", node.log());
+    assert_eq!(answered.len(), jobs, "every accepted job is answered before exit:\n{}", node.log());
+    for reply in &answered {
+        let result: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert!(result["top"][0]["index"].is_u64(), "{result}");
+    }
+    let mut watcher = Client::connect(broker.port(), "sigterm-status").await;
+    watcher.subscribe("isomesh/status/l1").await;
+    let status = next_status(&mut watcher, Duration::from_secs(10)).await;
+    assert!(!status.online, "retained status after shutdown should be offline: {status:?}");
+    assert_eq!(status.node_id, "l1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_node_is_marked_offline_by_its_last_will() {
+    let broker = TestBroker::start().await;
+    let mut node = TestNode::start(NodeSpec::with_guest("l2", "cloud", broker.port())).await;
+    let mut watcher = Client::connect(broker.port(), "will-watch").await;
+    watcher.subscribe("isomesh/status/l2").await;
+    let status = next_status(&mut watcher, Duration::from_secs(10)).await;
+    assert!(status.online && status.module.is_some(), "{status:?}");
+    assert_eq!(status.tier, isomesh_protos::Tier::Cloud as i32);
+    node.kill();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let status = next_status(&mut watcher, left).await;
+        if !status.online {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_node_loads_the_module_from_the_cache() {
+    let broker = TestBroker::start().await;
+    let first = TestNode::start(NodeSpec::with_guest("l3", "device", broker.port())).await;
+    drop(first);
+    let second = TestNode::start(NodeSpec::with_guest("l3", "device", broker.port())).await;
+    let log = second.log();
+    assert!(log.contains("module loaded") && log.contains("from_cache=true"), "{log}");
+}
