@@ -1,1 +1,34 @@
+//! `isomesh-broker`: the embedded MQTT broker of an isomesh mesh, a thin layer over [rmqtt].
+//!
+//! What the mesh needs from a broker: MQTT 3.1.1 and 5 on one port (as Mosquitto does, so
+//! `mosquitto_pub` works as is), retained messages of module chunks and manifests that never
+//! expire, Last Will for node status, shared subscriptions for tier job queues, and packets large
+//! enough for photos and 256 KiB module chunks.
+//!
+//! Why rmqtt and not rumqttd: rumqttd 0.20.0 was measured to fail this mesh. A v5 PUBLISH with
+//! any property delivered to a 3.1.1 subscriber panics the connection and poisons a lock after
+//! which no 3.1.1 client may connect; v4 and v5 need separate listeners; a QoS 1 wildcard
+//! subscription received 100 of 150 retained messages; it refuses keepalive 0. rmqtt 0.24 passes
+//! our broker tests once its retainer and shared-subscription plugins are registered (without
+//! them `$share/...` and retained messages silently do nothing) and its 1 MB packet and retained
+//! payload limits are raised: [`run`] does both.
+//!
+//! [`config`] holds the settings; [`health`] is the check a container's HEALTHCHECK runs.
 
+pub mod config;
+pub mod health;
+mod server;
+
+pub use config::BrokerConfig;
+pub use server::run;
+
+/// Why the broker could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {reason} (is another broker already using the port?)")]
+    Listen { addr: std::net::SocketAddr, reason: String },
+    #[error("cannot register the {plugin} plugin: {reason}")]
+    Plugin { plugin: &'static str, reason: String },
+    #[error("the broker stopped: {0}")]
+    Serve(String),
+}

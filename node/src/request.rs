@@ -106,21 +106,21 @@ pub fn from_job(
     ids: &JobIds,
     topics: &Topics,
     node: &str,
-) -> Result<Request, Unreadable> {
+) -> Result<Request, Box<Unreadable>> {
     let fallback = ReplyRoute::Proto {
         topic: topics.results(node),
     };
     let mut job = match Job::decode(payload) {
         Ok(job) => job,
         Err(e) => {
-            return Err(Unreadable {
+            return Err(Box::new(Unreadable {
                 job: Job::default(),
                 reply: fallback,
                 message: format!(
                     "payload of {} bytes is not a protobuf isomesh.v1.Job: {e}",
                     payload.len()
                 ),
-            })
+            }))
         }
     };
     let reply = if job.reply_to.is_empty() {
@@ -134,13 +134,13 @@ pub fn from_job(
         job.job_id = ids.next();
     }
     if job.reply_to.contains(['+', '#']) {
-        return Err(Unreadable {
+        return Err(Box::new(Unreadable {
             message: format!("reply_to {:?} is a topic filter, not a topic", job.reply_to),
             reply: ReplyRoute::Proto {
                 topic: topics.results(node),
             },
             job,
-        });
+        }));
     }
     job.top_k = match job.top_k {
         0 => DEFAULT_TOP_K,

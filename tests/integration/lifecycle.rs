@@ -26,11 +26,19 @@ async fn sigterm_answers_every_accepted_job_then_reports_offline() {
     for n in 0..jobs {
         let photo = &photos[n % photos.len()];
         client
-            .publish_with_response_topic("isomesh/images/l1", photo.bytes(), "test/sigterm", n.to_string().as_bytes())
+            .publish_with_response_topic(
+                "isomesh/images/l1",
+                photo.bytes(),
+                "test/sigterm",
+                n.to_string().as_bytes(),
+            )
             .await;
     }
     // Wait for the first answer so the node has accepted the burst, then stop it mid-queue.
-    let first = client.next(Duration::from_secs(240)).await.expect("a first answer");
+    let first = client
+        .next(Duration::from_secs(240))
+        .await
+        .expect("a first answer");
     let exited_cleanly = tokio::task::spawn_blocking(move || {
         let clean = node.terminate();
         (clean, node)
@@ -40,8 +48,17 @@ async fn sigterm_answers_every_accepted_job_then_reports_offline() {
         answered.push(reply);
     }
     let (clean, node) = exited_cleanly.await.unwrap();
-    assert!(clean, "isomesh-node did not exit 0 on SIGTERM:\n{}", node.log());
-    assert_eq!(answered.len(), jobs, "every accepted job is answered before exit:\n{}", node.log());
+    assert!(
+        clean,
+        "isomesh-node did not exit 0 on SIGTERM:\n{}",
+        node.log()
+    );
+    assert_eq!(
+        answered.len(),
+        jobs,
+        "every accepted job is answered before exit:\n{}",
+        node.log()
+    );
     for reply in &answered {
         let result: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
         assert!(result["top"][0]["index"].is_u64(), "{result}");
@@ -49,7 +66,10 @@ async fn sigterm_answers_every_accepted_job_then_reports_offline() {
     let mut watcher = Client::connect(broker.port(), "sigterm-status").await;
     watcher.subscribe("isomesh/status/l1").await;
     let status = next_status(&mut watcher, Duration::from_secs(10)).await;
-    assert!(!status.online, "retained status after shutdown should be offline: {status:?}");
+    assert!(
+        !status.online,
+        "retained status after shutdown should be offline: {status:?}"
+    );
     assert_eq!(status.node_id, "l1");
 }
 
@@ -80,5 +100,8 @@ async fn a_restarted_node_loads_the_module_from_the_cache() {
     drop(first);
     let second = TestNode::start(NodeSpec::with_guest("l3", "device", broker.port())).await;
     let log = second.log();
-    assert!(log.contains("module loaded") && log.contains("from_cache=true"), "{log}");
+    assert!(
+        log.contains("module loaded") && log.contains("from_cache=true"),
+        "{log}"
+    );
 }

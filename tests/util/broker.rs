@@ -68,12 +68,14 @@ impl TestBroker {
                     .expect("spawn mosquitto")
             }
         };
+        let mut child = child;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{kind:?} broker did not listen on {port}"
-            );
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
+                panic!("{kind:?} broker did not listen on {port} ({exited:?}); its log:\n{log}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         TestBroker {

@@ -1,0 +1,35 @@
+//! Broker settings, from flags or `ISOMESH_*` environment variables.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Settings of one broker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerConfig {
+    /// Address to accept MQTT 3.1.1 and 5 clients on.
+    #[arg(long, env = "ISOMESH_LISTEN", default_value = "0.0.0.0:1883")]
+    pub listen: SocketAddr,
+
+    /// Largest MQTT packet (and retained payload) accepted, bytes. Default 16 MiB: photos and
+    /// 256 KiB module chunks fit with room to spare.
+    #[arg(long, env = "ISOMESH_MAX_PACKET_BYTES", default_value_t = 16 << 20)]
+    pub max_packet_bytes: u32,
+
+    /// Unacknowledged QoS 1/2 messages in flight per client.
+    #[arg(long, env = "ISOMESH_MAX_INFLIGHT", default_value_t = 128)]
+    pub max_inflight: u16,
+
+    /// Messages queued per client (offline persistent sessions included) before new ones are dropped.
+    #[arg(long, env = "ISOMESH_MAX_QUEUE", default_value_t = 100_000)]
+    pub max_queue: usize,
+
+    /// How long an undelivered message waits in a persistent session, seconds.
+    #[arg(long, env = "ISOMESH_MESSAGE_EXPIRY_S", default_value_t = 24 * 3600)]
+    pub message_expiry_s: u64,
+}
+
+impl BrokerConfig {
+    pub fn message_expiry(&self) -> Duration {
+        Duration::from_secs(self.message_expiry_s)
+    }
+}

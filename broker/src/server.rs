@@ -1,0 +1,66 @@
+//! Builds and runs the rmqtt server with the plugins and limits the mesh needs.
+
+use crate::{BrokerConfig, BrokerError};
+use rmqtt::context::ServerContext;
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use std::future::Future;
+use std::num::NonZeroU16;
+
+const RETAINER: &str = "rmqtt-retainer";
+const SHARED_SUBSCRIPTION: &str = "rmqtt-shared-subscription";
+
+/// Serves MQTT on `config.listen` until `shutdown` completes.
+pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
+    // Retained module chunks and manifests must outlive any TTL: they are the rollout's state.
+    let retainer_config = format!(
+        "max_retained_messages = 0\nmax_payload_size = \"{}B\"\nretained_message_ttl = \"0s\"\n",
+        config.max_packet_bytes
+    );
+    let scx = ServerContext::new()
+        .plugins_config_map_add(RETAINER, retainer_config)
+        .plugins_config_map_add(SHARED_SUBSCRIPTION, "")
+        .build()
+        .await;
+    rmqtt_plugins::retainer::register(&scx, true, false)
+        .await
+        .map_err(|e| BrokerError::Plugin {
+            plugin: RETAINER,
+            reason: e.to_string(),
+        })?;
+    rmqtt_plugins::shared_subscription::register(&scx, true, false)
+        .await
+        .map_err(|e| BrokerError::Plugin {
+            plugin: SHARED_SUBSCRIPTION,
+            reason: e.to_string(),
+        })?;
+    let listen_error = |reason: String| BrokerError::Listen {
+        addr: config.listen,
+        reason,
+    };
+    let listener = Builder::new()
+        .name("mqtt/tcp")
+        .laddr(config.listen)
+        .max_packet_size(config.max_packet_bytes)
+        .max_inflight(NonZeroU16::new(config.max_inflight.max(1)).unwrap_or(NonZeroU16::MIN))
+        .max_mqueue_len(config.max_queue)
+        .message_expiry_interval(config.message_expiry())
+        .allow_zero_keepalive(true)
+        .bind()
+        .map_err(|e| listen_error(e.to_string()))?
+        .tcp()
+        .map_err(|e| listen_error(e.to_string()))?;
+    tracing::info!(
+        listen = %config.listen,
+        max_packet_bytes = config.max_packet_bytes,
+        "isomesh-broker serving MQTT 3.1.1 and 5"
+    );
+    let server = MqttServer::new(scx).listener(listener).build();
+    tokio::select! {
+        served = server.run() => served.map_err(|e| BrokerError::Serve(e.to_string())),
+        _ = shutdown => {
+            tracing::info!("isomesh-broker stopping");
+            Ok(())
+        }
+    }
+}
