@@ -11,10 +11,10 @@ demo: setup module build
 	./scripts/demo.sh
 
 ## Unit tests, then the integration suite against isomesh-broker and again against Mosquitto.
+# Every cargo command selects the whole workspace so features resolve once and target/ is reused.
 test: setup module build
-	$(CARGO) test --release --workspace --exclude isomesh-tests
-	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release -p isomesh-tests
-	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release -p isomesh-tests
+	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release --workspace
+	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release --workspace --test integration
 
 setup:
 	./scripts/setup.sh
@@ -25,7 +25,7 @@ module: setup
 	@ls -l $(MODULE)
 
 build:
-	$(CARGO) build --release --bins
+	$(CARGO) build --release --workspace --bins
 
 lint:
 	$(CARGO) fmt --all -- --check

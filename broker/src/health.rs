@@ -15,7 +15,9 @@ pub async fn check(host: &str, port: u16, timeout: Duration) -> Result<(), Strin
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
                 Ok(_) => {}
-                Err(ConnectionError::Io(e)) => return Err(format!("cannot reach {host}:{port}: {e}")),
+                Err(ConnectionError::Io(e)) => {
+                    return Err(format!("cannot reach {host}:{port}: {e}"))
+                }
                 Err(e) => return Err(format!("{host}:{port} refused the MQTT connection: {e}")),
             }
         }

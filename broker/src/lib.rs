@@ -26,9 +26,15 @@ pub use server::run;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen on {addr}: {reason} (is another broker already using the port?)")]
-    Listen { addr: std::net::SocketAddr, reason: String },
+    Listen {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
     #[error("cannot register the {plugin} plugin: {reason}")]
-    Plugin { plugin: &'static str, reason: String },
+    Plugin {
+        plugin: &'static str,
+        reason: String,
+    },
     #[error("the broker stopped: {0}")]
     Serve(String),
 }

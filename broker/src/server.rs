@@ -11,7 +11,10 @@ const RETAINER: &str = "rmqtt-retainer";
 const SHARED_SUBSCRIPTION: &str = "rmqtt-shared-subscription";
 
 /// Serves MQTT on `config.listen` until `shutdown` completes.
-pub async fn run(config: BrokerConfig, shutdown: impl Future<Output = ()>) -> Result<(), BrokerError> {
+pub async fn run(
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
     // Retained module chunks and manifests must outlive any TTL: they are the rollout's state.
     let retainer_config = format!(
         "max_retained_messages = 0\nmax_payload_size = \"{}B\"\nretained_message_ttl = \"0s\"\n",

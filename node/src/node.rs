@@ -101,6 +101,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         shared: shared.clone(),
         slot,
         started: Instant::now(),
+        published: std::cell::Cell::new(Instant::now()),
     };
     event_loop(shared.clone(), status, eventloop, shutdown).await;
     let scheduler_done = {
@@ -161,7 +162,12 @@ async fn event_loop(
                     let _ = shared.client.try_unsubscribe(filter);
                 }
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                // Keep the retained load figures fresh while jobs flow, at most once a second.
+                if status.last_published().elapsed() >= Duration::from_secs(1) {
+                    status.publish(true);
+                }
+            }
             _ = status_tick.tick() => status.publish(true),
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -368,10 +374,17 @@ struct StatusReporter {
     shared: Arc<Shared>,
     slot: Arc<ModuleSlot>,
     started: Instant,
+    /// When the last status went out.
+    published: std::cell::Cell<Instant>,
 }
 
 impl StatusReporter {
+    fn last_published(&self) -> Instant {
+        self.published.get()
+    }
+
     fn publish(&self, online: bool) {
+        self.published.set(Instant::now());
         let load = self.shared.scheduler.load();
         let module = self.slot.current().map(|m| ModuleRef {
             name: m.info.name.clone(),

@@ -67,7 +67,10 @@ impl Client311 {
     }
 
     async fn next(&mut self, within: Duration) -> Option<rumqttc::Publish> {
-        tokio::time::timeout(within, self.incoming.recv()).await.ok().flatten()
+        tokio::time::timeout(within, self.incoming.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Drops the TCP connection without DISCONNECT, like a crashed process.
@@ -83,7 +86,9 @@ impl Drop for Client311 {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,7 +96,20 @@ async fn a_311_subscriber_gets_v5_publishes_with_properties_and_311_clients_stil
     let broker = TestBroker::start().await;
     let port = broker.port().to_string();
     let sub = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-q", "1", "-C", "1", "-W", "60"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv311",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-W",
+            "60",
+        ])
         .args(["-t", "props/topic"])
         .stdout(Stdio::piped())
         .spawn()
@@ -106,7 +124,13 @@ async fn a_311_subscriber_gets_v5_publishes_with_properties_and_311_clients_stil
         ..Default::default()
     };
     v5.client
-        .publish_with_properties("props/topic", QoS5::AtLeastOnce, false, b"with props".to_vec(), props)
+        .publish_with_properties(
+            "props/topic",
+            QoS5::AtLeastOnce,
+            false,
+            b"with props".to_vec(),
+            props,
+        )
         .await
         .unwrap();
     let out = sub.wait_with_output().await.unwrap();
@@ -115,11 +139,25 @@ async fn a_311_subscriber_gets_v5_publishes_with_properties_and_311_clients_stil
     // New 3.1.1 clients are still welcome.
     for n in 0..3 {
         let status = tokio::process::Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-t", "after", "-m", &n.to_string()])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                "mqttv311",
+                "-t",
+                "after",
+                "-m",
+                &n.to_string(),
+            ])
             .status()
             .await
             .unwrap();
-        assert!(status.success(), "a 3.1.1 client was refused after a v5 publish with properties");
+        assert!(
+            status.success(),
+            "a 3.1.1 client was refused after a v5 publish with properties"
+        );
     }
 }
 
@@ -131,7 +169,12 @@ async fn mqtt_311_and_5_clients_exchange_messages_both_ways_on_one_port() {
     old.subscribe("both/to311").await;
     new.subscribe("both/to5").await;
     old.client
-        .publish("both/to5", rumqttc::QoS::AtLeastOnce, false, b"from 3.1.1".to_vec())
+        .publish(
+            "both/to5",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"from 3.1.1".to_vec(),
+        )
         .await
         .unwrap();
     new.publish("both/to311", b"from 5".to_vec()).await;
@@ -149,7 +192,12 @@ async fn all_150_retained_256k_messages_reach_a_qos1_wildcard_subscriber() {
     for n in 0..count {
         publisher
             .client
-            .publish(format!("retained150/{n}"), QoS5::AtLeastOnce, true, pattern(256 << 10, n as u8))
+            .publish(
+                format!("retained150/{n}"),
+                QoS5::AtLeastOnce,
+                true,
+                pattern(256 << 10, n as u8),
+            )
             .await
             .unwrap();
     }
@@ -157,11 +205,16 @@ async fn all_150_retained_256k_messages_reach_a_qos1_wildcard_subscriber() {
     let mut marker = Client::connect(broker.port(), "retain-marker").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        marker.subscribe(&format!("retained150/{}", count - 1)).await;
+        marker
+            .subscribe(&format!("retained150/{}", count - 1))
+            .await;
         if marker.next(Duration::from_secs(2)).await.is_some() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the last retained message never landed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last retained message never landed"
+        );
     }
     let mut subscriber = Client::connect(broker.port(), "retain-sub").await;
     subscriber.subscribe("retained150/+").await;
@@ -175,7 +228,11 @@ async fn all_150_retained_256k_messages_reach_a_qos1_wildcard_subscriber() {
         let topic = String::from_utf8_lossy(&message.topic).into_owned();
         let n: usize = topic.rsplit('/').next().unwrap().parse().unwrap();
         assert_eq!(message.payload.len(), 256 << 10, "{topic}");
-        assert_eq!(&message.payload[..], &pattern(256 << 10, n as u8)[..], "{topic} corrupted");
+        assert_eq!(
+            &message.payload[..],
+            &pattern(256 << 10, n as u8)[..],
+            "{topic} corrupted"
+        );
         topics.insert(topic);
     }
 }
@@ -193,10 +250,16 @@ async fn a_5_mb_payload_passes_both_ways() {
         .await
         .unwrap();
     let got = new.next(WITHIN).await.expect("5 MB from 3.1.1 to 5");
-    assert!(got.payload[..] == payload[..], "5 MB payload corrupted (3.1.1 -> 5)");
+    assert!(
+        got.payload[..] == payload[..],
+        "5 MB payload corrupted (3.1.1 -> 5)"
+    );
     new.publish("big/to311", payload.clone()).await;
     let got = old.next(WITHIN).await.expect("5 MB from 5 to 3.1.1");
-    assert!(got.payload[..] == payload[..], "5 MB payload corrupted (5 -> 3.1.1)");
+    assert!(
+        got.payload[..] == payload[..],
+        "5 MB payload corrupted (5 -> 3.1.1)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -205,13 +268,30 @@ async fn the_will_of_a_killed_client_is_published() {
     let mut watcher = Client::connect(broker.port(), "will-watcher").await;
     watcher.subscribe("wills/dying").await;
     let mut doomed = tokio::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string(), "-t", "wills/unused"])
-        .args(["--will-topic", "wills/dying", "--will-payload", "gone", "--will-qos", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-t",
+            "wills/unused",
+        ])
+        .args([
+            "--will-topic",
+            "wills/dying",
+            "--will-payload",
+            "gone",
+            "--will-qos",
+            "1",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("mosquitto_sub runs");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(watcher.next(Duration::from_millis(500)).await.is_none(), "will published too early");
+    assert!(
+        watcher.next(Duration::from_millis(500)).await.is_none(),
+        "will published too early"
+    );
     doomed.kill().await.unwrap();
     let will = watcher.next(WITHIN).await.expect("the will is published");
     assert_eq!(&will.payload[..], b"gone");
@@ -239,8 +319,17 @@ async fn a_shared_subscription_splits_work_and_survives_a_killed_member() {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
-    assert!(!to_a.is_empty() && !to_b.is_empty(), "work not split: a {} b {}", to_a.len(), to_b.len());
-    assert_eq!(to_a.union(&to_b).count(), first, "every item reaches one member");
+    assert!(
+        !to_a.is_empty() && !to_b.is_empty(),
+        "work not split: a {} b {}",
+        to_a.len(),
+        to_b.len()
+    );
+    assert_eq!(
+        to_a.union(&to_b).count(),
+        first,
+        "every item reaches one member"
+    );
 
     a.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -249,7 +338,10 @@ async fn a_shared_subscription_splits_work_and_survives_a_killed_member() {
     }
     let mut later = HashSet::new();
     while later.len() < 10 {
-        let p = b.next(WITHIN).await.expect("the surviving member gets the new work");
+        let p = b
+            .next(WITHIN)
+            .await
+            .expect("the surviving member gets the new work");
         let item = String::from_utf8_lossy(&p.payload).into_owned();
         let n: usize = item.trim_start_matches("item-").parse().unwrap();
         if n >= first {
@@ -260,7 +352,10 @@ async fn a_shared_subscription_splits_work_and_survives_a_killed_member() {
     let mut fresh = Client::connect(broker.port(), "share-fresh").await;
     fresh.subscribe("after/kill").await;
     publisher.publish("after/kill", b"alive".to_vec()).await;
-    assert!(fresh.next(WITHIN).await.is_some(), "broker stopped serving after a member died");
+    assert!(
+        fresh.next(WITHIN).await.is_some(),
+        "broker stopped serving after a member died"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -271,14 +366,27 @@ async fn the_health_check_tells_a_live_broker_from_a_closed_port() {
         .output()
         .await
         .unwrap();
-    assert!(healthy.status.success(), "{}", String::from_utf8_lossy(&healthy.stderr));
+    assert!(
+        healthy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
     let closed = isomesh_tests::free_port();
     let sick = tokio::process::Command::new(bin_path("isomesh-broker"))
-        .args(["health", "--timeout-s", "3", "--broker", &format!("mqtt://127.0.0.1:{closed}")])
+        .args([
+            "health",
+            "--timeout-s",
+            "3",
+            "--broker",
+            &format!("mqtt://127.0.0.1:{closed}"),
+        ])
         .output()
         .await
         .unwrap();
     assert_eq!(sick.status.code(), Some(1));
     let said = String::from_utf8_lossy(&sick.stderr);
-    assert!(said.contains(&closed.to_string()), "the error names the address: {said}");
+    assert!(
+        said.contains(&closed.to_string()),
+        "the error names the address: {said}"
+    );
 }

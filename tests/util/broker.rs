@@ -73,7 +73,8 @@ impl TestBroker {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             let exited = child.try_wait().ok().flatten();
             if exited.is_some() || std::time::Instant::now() > deadline {
-                let log = std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
                 panic!("{kind:?} broker did not listen on {port} ({exited:?}); its log:\n{log}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
