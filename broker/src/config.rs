@@ -1,4 +1,5 @@
-//! Broker settings, from flags or `ISOMESH_*` environment variables.
+//! Broker settings, from flags or `ISOMESH_*` environment variables (flags win). `main` flattens
+//! [`BrokerConfig`] into its clap parser; embedders (tests, other binaries) may build it directly.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 /// Settings of one broker.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerConfig {
-    /// Address to accept MQTT 3.1.1 and 5 clients on.
+    /// Address to accept MQTT 3.1.1 and 5 clients on. Default `0.0.0.0:1883`.
     #[arg(long, env = "ISOMESH_LISTEN", default_value = "0.0.0.0:1883")]
     pub listen: SocketAddr,
 
@@ -15,20 +16,23 @@ pub struct BrokerConfig {
     #[arg(long, env = "ISOMESH_MAX_PACKET_BYTES", default_value_t = 16 << 20)]
     pub max_packet_bytes: u32,
 
-    /// Unacknowledged QoS 1/2 messages in flight per client.
+    /// Unacknowledged QoS 1/2 messages in flight per client. Default 128.
     #[arg(long, env = "ISOMESH_MAX_INFLIGHT", default_value_t = 128)]
     pub max_inflight: u16,
 
-    /// Messages queued per client (offline persistent sessions included) before new ones are dropped.
+    /// Messages queued per client (offline persistent sessions included) before new ones are
+    /// dropped. Default 100 000.
     #[arg(long, env = "ISOMESH_MAX_QUEUE", default_value_t = 100_000)]
     pub max_queue: usize,
 
-    /// How long an undelivered message waits in a persistent session, seconds.
+    /// How long an undelivered message waits in a persistent session, seconds. Default one day.
+    /// Retained messages never expire, whatever this says.
     #[arg(long, env = "ISOMESH_MESSAGE_EXPIRY_S", default_value_t = 24 * 3600)]
     pub message_expiry_s: u64,
 }
 
 impl BrokerConfig {
+    /// [`BrokerConfig::message_expiry_s`] as a duration.
     pub fn message_expiry(&self) -> Duration {
         Duration::from_secs(self.message_expiry_s)
     }

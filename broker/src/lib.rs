@@ -13,7 +13,10 @@
 //! them `$share/...` and retained messages silently do nothing) and its 1 MB packet and retained
 //! payload limits are raised: [`run`] does both.
 //!
-//! [`config`] holds the settings; [`health`] is the check a container's HEALTHCHECK runs.
+//! Parts: [`config`] holds the settings (flags and `ISOMESH_*` variables); [`run`] (in `server`)
+//! builds the rmqtt context, registers the plugins, binds the one listener and serves until the
+//! caller's shutdown future completes; [`health`] is the CONNECT + PING check a container's
+//! HEALTHCHECK runs. The binary in `main.rs` only parses flags and calls these.
 
 pub mod config;
 pub mod health;

@@ -1,6 +1,10 @@
 //! `isomesh-broker`: parses flags and runs the broker until SIGTERM or Ctrl-C;
-//! `isomesh-broker health` checks a running one (exit 0 healthy, 1 not).
+//! `isomesh-broker health` checks a running one.
+//!
+//! Exit codes: 0 success (broker stopped cleanly, or healthy), 1 error (cannot listen, or
+//! unhealthy: the reason goes to stderr), 2 bad flags (from clap).
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use isomesh_broker::BrokerConfig;
 use std::process::ExitCode;
@@ -18,84 +22,74 @@ struct Flags {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Check that a broker accepts MQTT connections (exit 0) or not (exit 1).
+    /// Check that a broker accepts an MQTT session and answers a ping (exit 0) or not (exit 1).
+    /// For container HEALTHCHECKs: `isomesh-broker health --broker mqtt://127.0.0.1:1883`.
     Health {
         /// Broker to check, mqtt://HOST:PORT.
         #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
         broker: String,
-        /// Seconds to wait for the broker's CONNACK.
-        #[arg(long, default_value_t = 5)]
+        /// Seconds to wait for each step (TCP connect, CONNACK, PINGRESP).
+        #[arg(long, env = "ISOMESH_HEALTH_TIMEOUT_S", default_value_t = 5)]
         timeout_s: u64,
     },
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
+            // rmqtt logs every connection error at info; the mesh cares about its own events.
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new("info,rmqtt=warn,rmqtt_net=warn")
             }),
         )
         .init();
     let flags = Flags::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("isomesh-broker: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+    let result = match flags.command {
+        Some(Command::Health { broker, timeout_s }) => {
+            health(&broker, Duration::from_secs(timeout_s)).await
         }
+        None => isomesh_broker::run(flags.broker, shutdown_signal())
+            .await
+            .context("isomesh-broker"),
     };
-    match flags.command {
-        Some(Command::Health { broker, timeout_s }) => runtime.block_on(health(&broker, timeout_s)),
-        None => match runtime.block_on(isomesh_broker::run(flags.broker, shutdown_signal())) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("isomesh-broker: {e}");
-                ExitCode::FAILURE
-            }
-        },
-    }
-}
-
-async fn health(broker: &str, timeout_s: u64) -> ExitCode {
-    let address = broker
-        .strip_prefix("mqtt://")
-        .or_else(|| broker.strip_prefix("tcp://"))
-        .unwrap_or(broker);
-    let (host, port) = match address.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
-        Some((host, Ok(port))) if !host.is_empty() => (host, port),
-        _ => {
-            eprintln!("isomesh-broker health: bad broker URL {broker:?}: use mqtt://HOST:PORT");
-            return ExitCode::FAILURE;
-        }
-    };
-    match isomesh_broker::health::check(host, port, Duration::from_secs(timeout_s)).await {
-        Ok(()) => {
-            println!("ok: {broker} accepts MQTT connections");
-            ExitCode::SUCCESS
-        }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("isomesh-broker health: {e}");
+            eprintln!("{e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
+async fn health(broker: &str, timeout: Duration) -> anyhow::Result<()> {
+    let addr = isomesh_broker::health::check(broker, timeout)
+        .await
+        .context("isomesh-broker health: unhealthy")?;
+    println!("ok: {addr} accepts MQTT sessions and answers pings");
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM (what `docker stop` sends).
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+                return;
             }
-            return;
+            Err(e) => tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only"),
         }
     }
-    let _ = ctrl_c.await;
+    if let Err(e) = ctrl_c.await {
+        tracing::warn!(error = %e, "cannot watch Ctrl-C; running until killed");
+        std::future::pending::<()>().await;
+    }
 }

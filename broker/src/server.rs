@@ -1,4 +1,8 @@
 //! Builds and runs the rmqtt server with the plugins and limits the mesh needs.
+//!
+//! One rmqtt TCP listener serves both protocol versions: rmqtt reads the CONNECT's protocol
+//! level and hands the connection to its v3 (3.1/3.1.1) or v5 session code, so 3.1.1 and 5
+//! clients share the port and each other's messages, as with Mosquitto.
 
 use crate::{BrokerConfig, BrokerError};
 use rmqtt::context::ServerContext;
@@ -9,6 +13,9 @@ use std::num::NonZeroU16;
 
 const RETAINER: &str = "rmqtt-retainer";
 const SHARED_SUBSCRIPTION: &str = "rmqtt-shared-subscription";
+/// Tier job queues: hand each job to the next member in turn (rmqtt's default, said aloud so
+/// the plugin does not warn about a missing config).
+const SHARED_SUBSCRIPTION_CONFIG: &str = "strategy = \"round_robin\"\n";
 
 /// Serves MQTT on `config.listen` until `shutdown` completes.
 pub async fn run(
@@ -22,7 +29,7 @@ pub async fn run(
     );
     let scx = ServerContext::new()
         .plugins_config_map_add(RETAINER, retainer_config)
-        .plugins_config_map_add(SHARED_SUBSCRIPTION, "")
+        .plugins_config_map_add(SHARED_SUBSCRIPTION, SHARED_SUBSCRIPTION_CONFIG)
         .build()
         .await;
     rmqtt_plugins::retainer::register(&scx, true, false)
@@ -49,6 +56,8 @@ pub async fn run(
         .max_mqueue_len(config.max_queue)
         .message_expiry_interval(config.message_expiry())
         .allow_zero_keepalive(true)
+        // Replies and job hand-offs are small packets: do not let Nagle hold them back.
+        .nodelay(true)
         .bind()
         .map_err(|e| listen_error(e.to_string()))?
         .tcp()
@@ -62,7 +71,8 @@ pub async fn run(
     tokio::select! {
         served = server.run() => served.map_err(|e| BrokerError::Serve(e.to_string())),
         _ = shutdown => {
-            tracing::info!("isomesh-broker stopping");
+            // Dropping the server closes the listener; sessions end when the runtime stops.
+            tracing::info!("isomesh-broker stopping on request");
             Ok(())
         }
     }

@@ -475,6 +475,13 @@ impl Instance {
     /// Copies a guest-owned `(ptr << 32) | len` buffer out and frees it in the guest.
     fn take_buffer(&mut self, packed: u64) -> Result<Vec<u8>, String> {
         let (ptr, len) = ((packed >> 32) as u32, packed as u32);
+        // Check before allocating: a hostile module must not make the host allocate 4 GiB.
+        let memory_size = self.memory.data_size(&self.store);
+        if ptr as usize + len as usize > memory_size {
+            return Err(format!(
+                "the module returned a buffer ({len} bytes at {ptr}) outside its {memory_size}-byte memory"
+            ));
+        }
         let mut bytes = vec![0u8; len as usize];
         self.memory
             .read(&self.store, ptr as usize, &mut bytes)

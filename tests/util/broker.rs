@@ -1,31 +1,47 @@
-//! A broker for one test: `isomesh-broker` or Mosquitto, as a child process on a free port.
+//! A broker for one test: `isomesh-broker` or Mosquitto, as a real child process on a free port.
+//!
+//! `ISOMESH_TEST_BROKER` picks which (`isomesh`, the default, or `mosquitto`), so the same suite
+//! proves that the mesh works on our broker and on a standard one. The broker is killed when the
+//! [`TestBroker`] is dropped; its log stays in a temp dir until then and is printed if it fails
+//! to start.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to accept connections on a loaded 2-core machine.
+const START_WITHIN: Duration = Duration::from_secs(30);
 
 /// Which broker the suite runs against (`ISOMESH_TEST_BROKER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
+    /// `isomesh-broker` from `target/<profile>/` (or `ISOMESH_BIN_DIR`).
     Isomesh,
+    /// Mosquitto 2 (Debian package `mosquitto`), with a generated config.
     Mosquitto,
 }
 
 impl BrokerKind {
+    /// The broker named by `ISOMESH_TEST_BROKER`; `isomesh` when unset.
     pub fn from_env() -> BrokerKind {
         match std::env::var("ISOMESH_TEST_BROKER").as_deref() {
             Ok("mosquitto") => BrokerKind::Mosquitto,
-            Ok("isomesh") | Err(_) => BrokerKind::Isomesh,
+            Ok("isomesh") | Ok("") | Err(_) => BrokerKind::Isomesh,
             Ok(other) => panic!("ISOMESH_TEST_BROKER={other:?}: use isomesh or mosquitto"),
         }
     }
 }
 
-/// A running broker, killed on drop.
+/// A running broker on `127.0.0.1`, killed on drop.
 pub struct TestBroker {
+    /// Which broker this is, for tests that only make sense on one of them.
     pub kind: BrokerKind,
+    /// The port it listens on, found by binding `127.0.0.1:0`.
     port: u16,
+    /// The broker process.
     child: Child,
-    _dir: tempfile::TempDir,
+    /// Holds Mosquitto's config and the broker's log; removed on drop.
+    dir: tempfile::TempDir,
 }
 
 impl TestBroker {
@@ -34,48 +50,43 @@ impl TestBroker {
         TestBroker::start_kind(BrokerKind::from_env()).await
     }
 
+    /// Starts a broker of the given kind and waits until it accepts connections.
     pub async fn start_kind(kind: BrokerKind) -> TestBroker {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().expect("a temp dir for the broker");
+        let log_path = dir.path().join("broker.log");
         let port = crate::free_port();
-        let log = std::fs::File::create(dir.path().join("broker.log")).expect("log");
-        let child = match kind {
-            BrokerKind::Isomesh => Command::new(crate::bin_path("isomesh-broker"))
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn isomesh-broker"),
+        let log = std::fs::File::create(&log_path).expect("the broker log file");
+        let mut command = match kind {
+            BrokerKind::Isomesh => {
+                let mut command = Command::new(isomesh_broker_path());
+                command.args(["--listen", &format!("127.0.0.1:{port}")]);
+                command
+            }
             BrokerKind::Mosquitto => {
                 let conf = dir.path().join("mosquitto.conf");
-                std::fs::write(
-                    &conf,
-                    format!(
-                        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                         max_keepalive 65535\nlog_dest stderr\n"
-                    ),
-                )
-                .expect("mosquitto.conf");
-                let exe = ["/usr/sbin/mosquitto", "mosquitto"]
-                    .into_iter()
-                    .find(|p| Command::new(p).arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok())
-                    .expect("mosquitto is installed (Debian package mosquitto; `make test` installs it)");
-                Command::new(exe)
-                    .arg("-c")
-                    .arg(&conf)
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn mosquitto")
+                std::fs::write(&conf, mosquitto_config(port)).expect("write mosquitto.conf");
+                let mut command = Command::new(mosquitto_path());
+                command.arg("-c").arg(&conf);
+                command
             }
         };
-        let mut child = child;
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {kind:?} broker: {e}"));
+        let deadline = Instant::now() + START_WITHIN;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             let exited = child.try_wait().ok().flatten();
-            if exited.is_some() || std::time::Instant::now() > deadline {
-                let log =
-                    std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
-                panic!("{kind:?} broker did not listen on {port} ({exited:?}); its log:\n{log}");
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!(
+                    "the {kind:?} broker did not listen on 127.0.0.1:{port} within \
+                     {START_WITHIN:?} (exit: {exited:?}); its log:\n{log}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -83,7 +94,7 @@ impl TestBroker {
             kind,
             port,
             child,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -95,8 +106,14 @@ impl TestBroker {
         "127.0.0.1"
     }
 
+    /// `mqtt://127.0.0.1:PORT`, the form `--broker` flags take.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// What the broker has logged so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
 }
 
@@ -105,4 +122,65 @@ impl Drop for TestBroker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The built `isomesh-broker`: `$ISOMESH_BIN_DIR/isomesh-broker`, else the one cargo put in
+/// `target/<profile>/` next to this test executable (`target/<profile>/deps/integration-*`).
+pub fn isomesh_broker_path() -> PathBuf {
+    let name = "isomesh-broker";
+    let candidates: Vec<PathBuf> = match std::env::var_os("ISOMESH_BIN_DIR") {
+        Some(dir) => vec![PathBuf::from(dir).join(name)],
+        None => std::env::current_exe()
+            .ok()
+            .iter()
+            .flat_map(|exe| exe.ancestors().skip(1).take(3))
+            .map(|dir| dir.join(name))
+            .collect(),
+    };
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found (looked at {candidates:?}): run \
+                 `cargo build --release --bins` first, or set ISOMESH_BIN_DIR"
+            )
+        })
+}
+
+/// Mosquitto's executable: Debian installs it in /usr/sbin, often not on a user's PATH.
+fn mosquitto_path() -> PathBuf {
+    let sbin = Path::new("/usr/sbin/mosquitto");
+    if sbin.is_file() {
+        return sbin.to_path_buf();
+    }
+    let found = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("mosquitto"))
+        .find(|path| path.is_file());
+    found.unwrap_or_else(|| {
+        panic!("mosquitto is not installed: `apt-get install mosquitto mosquitto-clients`")
+    })
+}
+
+/// A Mosquitto 2 config as close as it gets to isomesh-broker's behaviour: anonymous clients,
+/// no persistence, no payload limit (`message_size_limit 0` = every valid MQTT message; its
+/// `max_packet_size` is unlimited by default and refuses 0), keepalive 0 allowed, and queues
+/// deep enough for 150 retained chunks. Shared subscriptions are on by default in Mosquitto 2.
+fn mosquitto_config(port: u16) -> String {
+    format!(
+        "listener {port} 127.0.0.1\n\
+         allow_anonymous true\n\
+         persistence false\n\
+         message_size_limit 0\n\
+         max_queued_messages 10000\n\
+         max_inflight_messages 128\n\
+         max_keepalive 65535\n\
+         log_dest stderr\n\
+         log_type error\n\
+         log_type warning\n\
+         log_type notice\n"
+    )
 }
