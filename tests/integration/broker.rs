@@ -2,7 +2,8 @@
 //! `mosquitto_sub`/`mosquitto_pub`), against `isomesh-broker` and Mosquitto alike
 //! (`ISOMESH_TEST_BROKER=mosquitto`). Every wait is generous and bounded; nothing asserts speed.
 
-use isomesh_tests::broker::{isomesh_broker_path, BrokerKind, TestBroker};
+use isomesh_tests::bin_path;
+use isomesh_tests::broker::{BrokerKind, TestBroker};
 use isomesh_tests::mqtt::Client;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
@@ -419,7 +420,7 @@ async fn the_health_check_tells_a_live_broker_from_a_closed_port() {
         eprintln!("skipped: the health check is a subcommand of isomesh-broker");
         return;
     }
-    let healthy = tokio::process::Command::new(isomesh_broker_path())
+    let healthy = tokio::process::Command::new(bin_path("isomesh-broker"))
         .args(["health", "--broker", &broker.url()])
         .output()
         .await
@@ -430,7 +431,7 @@ async fn the_health_check_tells_a_live_broker_from_a_closed_port() {
         String::from_utf8_lossy(&healthy.stderr)
     );
     let closed = isomesh_tests::free_port();
-    let sick = tokio::process::Command::new(isomesh_broker_path())
+    let sick = tokio::process::Command::new(bin_path("isomesh-broker"))
         .args([
             "health",
             "--timeout-s",

@@ -58,7 +58,7 @@ impl TestBroker {
         let log = std::fs::File::create(&log_path).expect("the broker log file");
         let mut command = match kind {
             BrokerKind::Isomesh => {
-                let mut command = Command::new(isomesh_broker_path());
+                let mut command = Command::new(crate::bin_path("isomesh-broker"));
                 command.args(["--listen", &format!("127.0.0.1:{port}")]);
                 command
             }
@@ -122,31 +122,6 @@ impl Drop for TestBroker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The built `isomesh-broker`: `$ISOMESH_BIN_DIR/isomesh-broker`, else the one cargo put in
-/// `target/<profile>/` next to this test executable (`target/<profile>/deps/integration-*`).
-pub fn isomesh_broker_path() -> PathBuf {
-    let name = "isomesh-broker";
-    let candidates: Vec<PathBuf> = match std::env::var_os("ISOMESH_BIN_DIR") {
-        Some(dir) => vec![PathBuf::from(dir).join(name)],
-        None => std::env::current_exe()
-            .ok()
-            .iter()
-            .flat_map(|exe| exe.ancestors().skip(1).take(3))
-            .map(|dir| dir.join(name))
-            .collect(),
-    };
-    candidates
-        .iter()
-        .find(|path| path.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} not found (looked at {candidates:?}): run \
-                 `cargo build --release --bins` first, or set ISOMESH_BIN_DIR"
-            )
-        })
 }
 
 /// Mosquitto's executable: Debian installs it in /usr/sbin, often not on a user's PATH.
