@@ -3,6 +3,7 @@
 
 CARGO ?= cargo
 MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
+MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 
 .PHONY: demo test setup module build unit integration lint bench clean-demo
 
@@ -20,9 +21,16 @@ setup:
 	./scripts/setup.sh
 
 ## The classifier module (one .wasm for every tier); simd128 comes from .cargo/config.toml.
-module: setup
+# Also the same classifier at version 0.2.0, the module that tests, the demo and the benchmark
+# roll out. It is built first (only when the guest changed), so target/ ends on version 0.1.0.
+module: setup $(MODULE_V2)
 	$(CARGO) build --release -p isomesh-guest --target wasm32-wasip1
-	@ls -l $(MODULE)
+	@ls -l $(MODULE) $(MODULE_V2)
+
+$(MODULE_V2): $(shell find guest -type f -not -path '*/target/*') models/MANIFEST.tsv
+	ISOMESH_MODULE_VERSION=0.2.0 $(CARGO) build --release -p isomesh-guest --target wasm32-wasip1
+	mkdir -p target/modules
+	cp $(MODULE) $@
 
 build:
 	$(CARGO) build --release --workspace --bins

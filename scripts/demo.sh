@@ -2,6 +2,8 @@
 # The isomesh demo: the embedded broker, one node per tier (device d1, edge e1, cloud c1) all
 # serving the same .wasm module, then every shared photo classified on each tier, once with the
 # `isomesh` CLI (protobuf jobs) and once with plain `mosquitto_pub -f` (raw bytes, JSON answer).
+# Then a signed rollout of version 0.2.0 of the module to every node, hot-swapped while they run,
+# and one more classification to show every tier answering with the new version.
 #
 # Run through `make demo`, which builds everything first. Logs: target/demo/*.log.
 set -euo pipefail
@@ -9,6 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bin=target/release
 module=target/wasm32-wasip1/release/isomesh_guest.wasm
+module_v2=target/modules/mobilenet_v2-0.2.0.wasm
 images="${ISOMESH_IMAGES:-../shared/images}"
 port="${ISOMESH_DEMO_PORT:-18830}"
 broker="mqtt://127.0.0.1:$port"
@@ -23,7 +26,10 @@ trap cleanup EXIT
 
 [ -f "$module" ] || { echo "demo: $module is missing; run 'make demo'" >&2; exit 1; }
 ls "$images"/*.jp*g >/dev/null 2>&1 || { echo "demo: no photos in $images; set ISOMESH_IMAGES" >&2; exit 1; }
+rm -rf "$work"
 mkdir -p "$work/cache"
+echo "== isomesh keygen: the key that signs rollouts; every node trusts its public half"
+"$bin/isomesh" keygen --out "$work/rollout.key"
 
 echo "== starting isomesh-broker on 127.0.0.1:$port"
 "$bin/isomesh-broker" --listen "127.0.0.1:$port" >"$work/broker.log" 2>&1 &
@@ -36,7 +42,8 @@ for spec in d1:device e1:edge c1:cloud; do
   cp "$module" "$work/$id/modules/mobilenet_v2.wasm"
   echo "== starting $tier node $id"
   "$bin/isomesh-node" --id "$id" --tier "$tier" --broker "$broker" \
-    --modules "$work/$id/modules" --cache-dir "$work/cache" >"$work/$id.log" 2>&1 &
+    --modules "$work/$id/modules" --cache-dir "$work/cache" \
+    --trusted-key "$work/rollout.key.pub" >"$work/$id.log" 2>&1 &
   pids+=($!)
 done
 
@@ -70,6 +77,17 @@ if command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null; t
   mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t isomesh/images/e1 -f "$images/cat_720p.jpg"
   wait "$sub"
 fi
+
+echo
+echo "== isomesh rollout $module_v2 --version 0.2.0 --wait (signed, retained, hot-swapped: no node restarts)"
+"$bin/isomesh" rollout "$module_v2" --name mobilenet_v2 --version 0.2.0 \
+  --key "$work/rollout.key" --broker "$broker" --wait --timeout-s 300
+
+echo
+echo "== isomesh classify on every tier after the rollout (MODULE: the version that answered)"
+for node in d1 e1 c1; do
+  "$bin/isomesh" classify --broker "$broker" --node "$node" "$images/cat_720p.jpg"
+done
 
 echo
 echo "== status after the run"

@@ -58,6 +58,8 @@ pub async fn run(
         .allow_zero_keepalive(true)
         // Replies and job hand-offs are small packets: do not let Nagle hold them back.
         .nodelay(true)
+        // A restarted broker must get its port back while the old connections sit in TIME_WAIT.
+        .reuseaddr(Some(true))
         .bind()
         .map_err(|e| listen_error(e.to_string()))?
         .tcp()

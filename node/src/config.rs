@@ -60,6 +60,23 @@ pub struct NodeConfig {
     #[arg(long, env = "ISOMESH_STATUS_INTERVAL_S", default_value_t = 5)]
     pub status_interval_s: u64,
 
+    /// Public key file (from `isomesh keygen`) whose signed rollouts this node installs; repeat
+    /// the flag or separate files with commas. With none, the node ignores rollouts.
+    #[arg(
+        long = "trusted-key",
+        env = "ISOMESH_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    pub trusted_keys: Vec<PathBuf>,
+
+    /// A rollout whose chunks stop arriving for this long is abandoned and reported, s.
+    #[arg(long, env = "ISOMESH_FETCH_TIMEOUT_S", default_value_t = 60)]
+    pub fetch_timeout_s: u64,
+
+    /// Module files kept in the module directory; older ones are deleted after a swap.
+    #[arg(long, env = "ISOMESH_KEEP_MODULES", default_value_t = 3)]
+    pub keep_modules: usize,
+
     /// How long the broker keeps this node's session (and its unanswered jobs) while it is away, s.
     #[arg(long, env = "ISOMESH_SESSION_EXPIRY_S", default_value_t = 3600)]
     pub session_expiry_s: u32,

@@ -6,16 +6,27 @@
 //! 3. the worker calls the guest through the [`sandbox`] (wasmtime, deadline, memory cap);
 //! 4. [`report`] turns the outcome into the one answer, published to the request's reply route.
 //!
+//! A module's path onto a node (a rollout):
+//! 1. `isomesh rollout` cuts the module into chunks and signs a manifest ([`package`], [`signing`]);
+//! 2. the node's [`rollout`] agent checks the manifest, [`fetch`]es the chunks and writes the file;
+//! 3. the [`watcher`] (or the agent directly) hands the file to the [`modules`] manager, which
+//!    compiles, self-tests and swaps it in without stopping any job.
+//!
 //! [`topics`] holds the MQTT topic layout, [`config`] the node's settings, [`selftest`] the check a
 //! module must pass before serving, and [`cli`] the subcommands of `isomesh`.
 
 pub mod cli;
 pub mod config;
+pub mod fetch;
 pub mod modules;
 pub mod node;
+pub mod package;
 pub mod report;
 pub mod request;
+pub mod rollout;
 pub mod sandbox;
 pub mod scheduler;
 pub mod selftest;
+pub mod signing;
 pub mod topics;
+pub mod watcher;

@@ -10,11 +10,14 @@
 //! accepted, publish an offline status, disconnect.
 
 use crate::config::NodeConfig;
-use crate::modules::{self, ModuleSlot};
+use crate::modules::{self, Considered, ModuleManager, ModuleSlot, RolloutBoard};
+use crate::package;
 use crate::report::{self, Responder};
 use crate::request::{self, JobIds, ReplyRoute, Request};
+use crate::rollout::{self, Action, AgentConfig, Reseed, RolloutAgent};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::scheduler::{JobFailure, Scheduler};
+use crate::signing::TrustedKeys;
 use crate::topics::{parse_broker_url, Topics};
 use isomesh_protos::{JobResult, ModuleRef, NodeStatus};
 use prost::Message;
@@ -47,6 +50,13 @@ pub enum NodeError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    TrustedKey(#[from] crate::signing::SigningError),
+    #[error("cannot watch the module directory {path}: {source}")]
+    Watch {
+        path: std::path::PathBuf,
+        source: notify::Error,
+    },
 }
 
 /// What every request task needs.
@@ -65,6 +75,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         path: config.modules.clone(),
         source,
     })?;
+    let trusted = TrustedKeys::read(&config.trusted_keys)?;
+    if trusted.is_empty() {
+        tracing::warn!("no --trusted-key given: this node installs no rollouts (modules copied into its directory still load)");
+    }
     let sandbox = Arc::new(Sandbox::new(SandboxConfig {
         memory_limit_bytes: config.memory_limit_mb << 20,
         call_timeout: config.call_timeout(),
@@ -84,7 +98,47 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
     let scheduler = Scheduler::start(config.workers, sandbox.clone(), slot.clone())
         .map_err(NodeError::Workers)?;
+    let board = Arc::new(RolloutBoard::default());
+    // Files found by the directory watcher (or written by a rollout) go to the manager thread.
+    let (found_tx, found_rx) = std::sync::mpsc::channel();
+    let (considered_tx, considered_rx) = tokio::sync::mpsc::unbounded_channel();
+    ModuleManager {
+        sandbox: sandbox.clone(),
+        slot: slot.clone(),
+        board: board.clone(),
+        dir: config.modules.clone(),
+        workers: config.workers,
+        keep: config.keep_modules,
+    }
+    .spawn(found_rx, considered_tx)
+    .map_err(NodeError::Workers)?;
+    let _watch = crate::watcher::watch(&config.modules, found_tx.clone()).map_err(|source| {
+        NodeError::Watch {
+            path: config.modules.clone(),
+            source,
+        }
+    })?;
     let topics = Topics::new(config.prefix.clone());
+    let agent = RolloutAgent::new(
+        AgentConfig {
+            node: config.id.clone(),
+            tier: config.tier,
+            topics: topics.clone(),
+            trusted,
+            dir: config.modules.clone(),
+            give_up_after: Duration::from_secs(config.fetch_timeout_s.max(1)),
+        },
+        sandbox.clone(),
+        slot.clone(),
+        board.clone(),
+    );
+    let rollouts = Rollouts {
+        agent,
+        sandbox: sandbox.clone(),
+        found: found_tx,
+        considered: considered_rx,
+        finished: tokio::sync::mpsc::unbounded_channel(),
+    };
     let responder = Responder {
         node: config.id.clone(),
         tier: config.tier,
@@ -100,10 +154,11 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let status = StatusReporter {
         shared: shared.clone(),
         slot,
+        board,
         started: Instant::now(),
         published: std::cell::Cell::new(Instant::now()),
     };
-    event_loop(shared.clone(), status, eventloop, shutdown).await;
+    event_loop(shared.clone(), status, rollouts, eventloop, shutdown).await;
     let scheduler_done = {
         let shared = shared.clone();
         tokio::task::spawn_blocking(move || shared.scheduler.shutdown())
@@ -140,9 +195,119 @@ fn mqtt_options(config: &NodeConfig, topics: &Topics, host: &str, port: u16) -> 
     options
 }
 
+/// The rollout side of the event loop: the agent and the channels of its background work.
+struct Rollouts {
+    agent: RolloutAgent,
+    sandbox: Arc<Sandbox>,
+    /// To the module manager: a module file to consider.
+    found: std::sync::mpsc::Sender<std::path::PathBuf>,
+    /// From the module manager: a file was served or rejected.
+    considered: tokio::sync::mpsc::UnboundedReceiver<Considered>,
+    /// From install tasks: a fetched module could not be written.
+    finished: (
+        tokio::sync::mpsc::UnboundedSender<InstallFailure>,
+        tokio::sync::mpsc::UnboundedReceiver<InstallFailure>,
+    ),
+}
+
+/// A fetched module that could not be installed, and why.
+type InstallFailure = (ModuleRef, String);
+
+impl Rollouts {
+    /// Carries out what the agent asked for.
+    fn apply(&self, shared: &Arc<Shared>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Subscribe(topic) => {
+                    if let Err(e) = shared.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                        tracing::warn!(%topic, error = %e, "cannot subscribe to a module chunk");
+                    }
+                }
+                Action::Unsubscribe(topic) => {
+                    let _ = shared.client.try_unsubscribe(topic);
+                }
+                Action::Install(fetch) => {
+                    let module = rollout::module_ref(&fetch.manifest);
+                    let (sandbox, dir) = (self.sandbox.clone(), shared.config.modules.clone());
+                    let (found, finished) = (self.found.clone(), self.finished.0.clone());
+                    tokio::task::spawn_blocking(move || {
+                        match rollout::install(*fetch, &dir, &sandbox) {
+                            // Straight to the manager: no need to wait for the watcher's event.
+                            Ok(path) => {
+                                let _ = found.send(path);
+                            }
+                            Err(reason) => {
+                                let _ = finished.send((module, reason));
+                            }
+                        }
+                    });
+                }
+                Action::Reseed(reseed) => {
+                    tokio::spawn(reseed_module(shared.clone(), *reseed));
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a module's chunks (and its precompiled artifact's), then its manifest, retained.
+async fn reseed_module(shared: Arc<Shared>, reseed: Reseed) {
+    let manifest = reseed.manifest;
+    let read = |path: std::path::PathBuf| tokio::fs::read(path);
+    let module = match read(reseed.module.clone()).await {
+        Ok(bytes) if package::sha256_hex(&bytes) == manifest.sha256 => bytes,
+        _ => {
+            tracing::warn!(file = %reseed.module.display(), "module file changed; not re-seeding it");
+            return;
+        }
+    };
+    let mut blobs = vec![module];
+    if let Some((artifact, path)) = reseed.artifact {
+        // The cache may hold code compiled here rather than the published artifact: only the
+        // published bytes match the manifest.
+        if let Ok(code) = read(path).await {
+            if package::sha256_hex(&code) == artifact.sha256 {
+                blobs.push(code);
+            }
+        }
+    }
+    let started = Instant::now();
+    let mut chunks = 0;
+    for blob in &blobs {
+        let (_, pieces) = package::cut(blob, manifest.chunk_size);
+        for chunk in pieces {
+            let topic = shared.topics.chunk(&chunk.sha256, chunk.index);
+            chunks += 1;
+            if let Err(e) = shared
+                .client
+                .publish(topic, QoS::AtLeastOnce, true, chunk.encode_to_vec())
+                .await
+            {
+                tracing::error!(error = %e, "re-seeding stopped: cannot publish a chunk");
+                return;
+            }
+        }
+    }
+    let topic = shared.topics.manifest(&manifest.name);
+    match shared
+        .client
+        .publish(topic, QoS::AtLeastOnce, true, manifest.encode_to_vec())
+        .await
+    {
+        Ok(()) => tracing::info!(
+            module = %format!("{}@{}", manifest.name, manifest.version),
+            chunks,
+            ms = started.elapsed().as_millis() as u64,
+            "module re-seeded on the broker"
+        ),
+        Err(e) => tracing::error!(error = %e, "re-seeding stopped: cannot publish the manifest"),
+    }
+}
+
 async fn event_loop(
     shared: Arc<Shared>,
     status: StatusReporter,
+    mut rollouts: Rollouts,
     mut eventloop: EventLoop,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -152,6 +317,7 @@ async fn event_loop(
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut status_tick =
         tokio::time::interval(Duration::from_secs(shared.config.status_interval_s.max(1)));
+    let mut rollout_tick = tokio::time::interval(Duration::from_millis(250));
     let mut draining = false;
     loop {
         tokio::select! {
@@ -169,6 +335,22 @@ async fn event_loop(
                 }
             }
             _ = status_tick.tick() => status.publish(true),
+            _ = status.board.changed.notified() => status.publish(!draining),
+            _ = rollout_tick.tick(), if !draining => {
+                let actions = rollouts.agent.on_tick();
+                rollouts.apply(&shared, actions);
+            }
+            Some(considered) = rollouts.considered.recv() => match considered {
+                Considered::Served(module) => rollouts.agent.install_finished(
+                    ModuleRef { name: module.info.name.clone(), version: module.info.version.clone(), sha256: module.sha256.clone() },
+                    None,
+                ),
+                Considered::Rejected { module, .. } => rollouts.agent.install_finished(module, None),
+                Considered::Skipped => {}
+            },
+            Some((module, reason)) = rollouts.finished.1.recv() => {
+                rollouts.agent.install_finished(module, Some(reason));
+            }
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     tracing::info!(broker = %shared.config.broker, session_present = ack.session_present, "connected");
@@ -178,12 +360,22 @@ async fn event_loop(
                                 tracing::error!(%filter, error = %e, "cannot subscribe");
                             }
                         }
+                        let actions = rollouts.agent.on_connected();
+                        rollouts.apply(&shared, actions);
                     }
                     status.publish(true);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if draining {
                         // Not acknowledged: the broker keeps it for this node's next session.
+                        continue;
+                    }
+                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    if shared.topics.is_module_topic(&topic) {
+                        // Retained: nothing is lost by acknowledging before handling.
+                        let _ = shared.client.try_ack(&publish);
+                        let actions = rollouts.agent.on_publish(&topic, &publish.payload);
+                        rollouts.apply(&shared, actions);
                         continue;
                     }
                     if let Some(request) = accept(&shared, &ids, &mut recent, &publish) {
@@ -223,6 +415,7 @@ fn subscriptions(shared: &Shared) -> Vec<String> {
         shared.topics.images(node),
         shared.topics.jobs(node),
         shared.topics.shared_tier_jobs(shared.responder.tier),
+        shared.topics.all_manifests(),
     ]
 }
 
@@ -287,7 +480,7 @@ async fn serve(shared: Arc<Shared>, mut request: Request, publish: Publish) {
     let image = std::mem::take(&mut request.job.image);
     let outcome = shared
         .scheduler
-        .submit(image, request.job.top_k)
+        .submit(image, request.job.top_k, request.job.module_version.clone())
         .await
         .unwrap_or_else(|_| {
             Err(JobFailure {
@@ -373,6 +566,7 @@ fn send_reply(client: &AsyncClient, route: &ReplyRoute, result: &JobResult) {
 struct StatusReporter {
     shared: Arc<Shared>,
     slot: Arc<ModuleSlot>,
+    board: Arc<RolloutBoard>,
     started: Instant,
     /// When the last status went out.
     published: std::cell::Cell<Instant>,
@@ -403,6 +597,7 @@ impl StatusReporter {
             uptime_s: self.started.elapsed().as_secs(),
             budget_ms: self.shared.config.budget_ms,
             workers: self.shared.config.workers as u32,
+            rollout: self.board.get(),
         };
         let topic = self.shared.topics.status(&self.shared.responder.node);
         if let Err(e) =

@@ -38,7 +38,8 @@ pub struct SandboxConfig {
     pub memory_limit_bytes: usize,
     /// Longest a single guest call may run before it is interrupted. Default 10 s.
     pub call_timeout: Duration,
-    /// Where compiled modules are cached; `None` disables the cache.
+    /// Where compiled modules are cached, with Cranelift's per-function incremental cache in its
+    /// `incremental/` folder; `None` disables both.
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -110,6 +111,33 @@ pub struct LoadedModule {
     /// Whether compiled code came from the on-disk cache, and how long getting it took.
     pub compiled: CompileReport,
     module: Module,
+    /// Instances built ahead of time (the self-test's among them), handed to workers on a swap
+    /// so the first jobs on a new module do not wait for an instance to be built.
+    warm: std::sync::Mutex<Vec<Instance>>,
+}
+
+impl LoadedModule {
+    /// A ready instance built ahead of time, if one is left.
+    pub fn take_warm(&self) -> Option<Instance> {
+        self.warm.lock().ok().and_then(|mut warm| warm.pop())
+    }
+
+    /// Instances built ahead of time and not yet taken.
+    pub fn warm_count(&self) -> usize {
+        self.warm.lock().map(|warm| warm.len()).unwrap_or(0)
+    }
+
+    /// Whether a job pinned to `pin` may run on this module: `pin` is `name@version`, a bare
+    /// version, or the module's sha256 (a prefix of 12 or more hex digits will do).
+    pub fn matches(&self, pin: &str) -> bool {
+        if pin.is_empty() {
+            return true;
+        }
+        if let Some((name, version)) = pin.split_once('@') {
+            return name == self.info.name && version == self.info.version;
+        }
+        pin == self.info.version || (pin.len() >= 12 && self.sha256.starts_with(pin))
+    }
 }
 
 /// How a module's machine code was obtained.
@@ -174,6 +202,14 @@ impl Sandbox {
             .cranelift_opt_level(wasmtime::OptLevel::Speed)
             .wasm_simd(true)
             .wasm_relaxed_simd(true);
+        if let Some(dir) = &config.cache_dir {
+            // A new version that changes only weights or a little code reuses the machine code
+            // of every unchanged function instead of compiling all of them again.
+            wasm.enable_incremental_compilation(Arc::new(FunctionCache {
+                dir: dir.join("incremental"),
+            }))
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        }
         let engine = Engine::new(&wasm).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut HostState| &mut state.wasi)
@@ -251,7 +287,72 @@ impl Sandbox {
             path: path.to_owned(),
             compiled,
             module,
+            warm: std::sync::Mutex::new(vec![probe]),
         }))
+    }
+
+    /// Builds instances of `module` until `count` are waiting for workers.
+    pub fn prewarm(&self, module: &LoadedModule, count: usize) -> Result<(), CallError> {
+        while module.warm_count() < count {
+            let instance = self.instantiate(module)?;
+            if let Ok(mut warm) = module.warm.lock() {
+                warm.push(instance);
+            }
+        }
+        Ok(())
+    }
+
+    /// Names this engine's machine-code format: a precompiled artifact is usable exactly by
+    /// engines with the same id (same wasmtime, target CPU features and settings).
+    pub fn engine_id(&self) -> String {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
+
+    /// Compiles a module ahead of time and reads its self-description: what `isomesh rollout`
+    /// publishes beside the `.wasm` for nodes with this engine.
+    pub fn precompile(&self, bytes: &[u8]) -> Result<(GuestInfo, Vec<u8>), LoadError> {
+        let path = PathBuf::from("<module>");
+        if !bytes.starts_with(b"\0asm") {
+            return Err(LoadError::NotWasm { path });
+        }
+        let compile_error = |e: wasmtime::Error| LoadError::Compile {
+            path: path.clone(),
+            reason: format!("{e:#}"),
+        };
+        let module = Module::new(&self.engine, bytes).map_err(compile_error)?;
+        let code = module.serialize().map_err(compile_error)?;
+        let abi_error = |reason: String| LoadError::Abi {
+            path: path.clone(),
+            reason,
+        };
+        let info = Instance::new(self, &module)
+            .and_then(|mut probe| probe.info())
+            .map_err(abi_error)?;
+        Ok((info, code))
+    }
+
+    /// Stores a precompiled artifact for the module with digest `module_sha256` where
+    /// [`Sandbox::load_file`] looks for compiled code. Only for artifacts whose digest was checked
+    /// against a signed manifest: loading one runs its machine code.
+    pub fn store_precompiled(&self, module_sha256: &str, code: &[u8]) -> std::io::Result<()> {
+        let Some(dir) = &self.config.cache_dir else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir)?;
+        let stem = format!("{module_sha256}-{}", self.engine_id());
+        let tmp = dir.join(format!(".{stem}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, code)?;
+        std::fs::rename(&tmp, dir.join(format!("{stem}.cwasm")))
+    }
+
+    /// Where the compiled code of the module with digest `module_sha256` is cached, if caching.
+    pub fn cached_code_path(&self, module_sha256: &str) -> Option<PathBuf> {
+        let dir = self.config.cache_dir.as_ref()?;
+        Some(dir.join(format!("{module_sha256}-{}.cwasm", self.engine_id())))
     }
 
     /// A fresh instance of `module`, with the model plan built and ready to classify.
@@ -276,11 +377,7 @@ impl Sandbox {
         let Some(dir) = &self.config.cache_dir else {
             return Ok((compile()?, false));
         };
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut hasher);
-        let stem = format!("{sha256}-{:016x}", hasher.finish());
+        let stem = format!("{sha256}-{}", self.engine_id());
         let cached = dir.join(format!("{stem}.cwasm"));
         // The lock makes a second node on this host wait for the first one's compilation
         // instead of compiling the same module again.
@@ -312,6 +409,44 @@ impl Sandbox {
             Err(e) => tracing::warn!(error = %e, "cannot serialize compiled module"),
         }
         Ok((module, false))
+    }
+}
+
+/// Cranelift's incremental compilation cache on disk: one file per compiled function, named by
+/// the digest of its key (the function's body and the compiler's settings).
+#[derive(Debug)]
+struct FunctionCache {
+    dir: PathBuf,
+}
+
+impl FunctionCache {
+    fn path(&self, key: &[u8]) -> PathBuf {
+        let digest = sha256_hex(key);
+        self.dir.join(&digest[..2]).join(&digest[2..])
+    }
+}
+
+impl wasmtime::CacheStore for FunctionCache {
+    fn get(&self, key: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+        std::fs::read(self.path(key)).ok().map(Into::into)
+    }
+
+    fn insert(&self, key: &[u8], value: Vec<u8>) -> bool {
+        let path = self.path(key);
+        let Some(dir) = path.parent() else {
+            return false;
+        };
+        // Unique temporary names: compilation runs on several threads, maybe several processes.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&tmp, value))
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .is_ok()
     }
 }
 

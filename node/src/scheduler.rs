@@ -86,6 +86,8 @@ impl Load {
 struct Task {
     image: Vec<u8>,
     top_k: u32,
+    /// The module the job must run on (`name@version`, version or sha256); empty = any.
+    pin: String,
     submitted: Instant,
     /// The MQTT loop's task awaiting this job holds the other end.
     done: oneshot::Sender<Outcome>,
@@ -135,13 +137,15 @@ impl Scheduler {
         self.load.clone()
     }
 
-    /// Queues a job; the returned receiver yields its one outcome.
-    pub fn submit(&self, image: Vec<u8>, top_k: u32) -> oneshot::Receiver<Outcome> {
+    /// Queues a job, to run on a module matching `pin` (empty: any); the returned receiver yields
+    /// its one outcome.
+    pub fn submit(&self, image: Vec<u8>, top_k: u32, pin: String) -> oneshot::Receiver<Outcome> {
         let (done, outcome) = oneshot::channel();
         self.load.in_system.fetch_add(1, Ordering::Relaxed);
         let task = Task {
             image,
             top_k,
+            pin,
             submitted: Instant::now(),
             done,
         };
@@ -193,7 +197,7 @@ impl Worker {
         }
         while let Ok(task) = tasks.recv() {
             let queued = task.submitted.elapsed();
-            let outcome = self.run_one(&task.image, task.top_k, queued);
+            let outcome = self.run_one(&task, queued);
             match &outcome {
                 Ok(answer) => {
                     self.load.record(answer.service);
@@ -209,7 +213,7 @@ impl Worker {
         }
     }
 
-    fn run_one(&mut self, image: &[u8], top_k: u32, queued: Duration) -> Outcome {
+    fn run_one(&mut self, task: &Task, queued: Duration) -> Outcome {
         let Some(module) = self.slot.current() else {
             return Err(JobFailure {
                 message: "no classifier module is installed on this node yet: roll one out with \
@@ -222,9 +226,21 @@ impl Worker {
             message,
             module: Some(module.clone()),
         };
+        if !module.matches(&task.pin) {
+            return Err(fail(
+                format!(
+                    "the job is pinned to module {:?}; this node serves {}@{} (sha256 {})",
+                    task.pin,
+                    module.info.name,
+                    module.info.version,
+                    &module.sha256[..12.min(module.sha256.len())]
+                ),
+                &module,
+            ));
+        }
         let instance = self.instance_for(&module).map_err(|e| fail(e, &module))?;
         let started = Instant::now();
-        let result = instance.classify(image, top_k);
+        let result = instance.classify(&task.image, task.top_k);
         let service = started.elapsed();
         match result {
             Ok(classification) => Ok(Answer {
@@ -249,10 +265,14 @@ impl Worker {
         if stale {
             self.instance = None;
             let started = Instant::now();
-            let instance = self
-                .sandbox
-                .instantiate(module)
-                .map_err(|e: CallError| format!("cannot start the module: {e}"))?;
+            // After a swap the manager has built one instance per worker ahead of time.
+            let instance = match module.take_warm() {
+                Some(instance) => instance,
+                None => self
+                    .sandbox
+                    .instantiate(module)
+                    .map_err(|e: CallError| format!("cannot start the module: {e}"))?,
+            };
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "instance ready");
             self.instance = Some((module.clone(), instance));
         }

@@ -53,6 +53,28 @@ impl Topics {
         format!("{}/status/+", self.prefix)
     }
 
+    /// Retained, signed `ModuleManifest` of the module called `name`.
+    pub fn manifest(&self, name: &str) -> String {
+        format!("{}/modules/{name}/manifest", self.prefix)
+    }
+
+    /// Every module's manifest.
+    pub fn all_manifests(&self) -> String {
+        format!("{}/modules/+/manifest", self.prefix)
+    }
+
+    /// Retained `ModuleChunk` number `index` of the blob with digest `sha256`.
+    pub fn chunk(&self, sha256: &str, index: u32) -> String {
+        format!("{}/modules/blobs/{sha256}/{index}", self.prefix)
+    }
+
+    /// Whether `topic` is one of the module topics (manifests and chunks).
+    pub fn is_module_topic(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.starts_with("/modules/"))
+    }
+
     /// A private topic for the replies of one client (the CLI).
     pub fn replies(&self, client: &str) -> String {
         format!("{}/replies/{client}", self.prefix)

@@ -6,3 +6,4 @@ mod broker;
 mod classify;
 mod lifecycle;
 mod module_faults;
+mod rollout;

@@ -2,9 +2,9 @@
 //! self-test is rejected and the last good module serves; a module that traps or loops on one
 //! job fails that job with a clear error, its instance is recycled, and the next job is answered.
 
-use isomesh_protos::{guest_outcome::Outcome, GuestClassification, GuestInfo, GuestOutcome};
-use isomesh_protos::{GuestScore, NodeStatus};
+use isomesh_protos::NodeStatus;
 use isomesh_tests::broker::TestBroker;
+use isomesh_tests::faults::{fault_module, Fault};
 use isomesh_tests::mqtt::Client;
 use isomesh_tests::node::{NodeSpec, TestNode};
 use prost::Message;
@@ -13,74 +13,6 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 const ANSWER_WITHIN: Duration = Duration::from_secs(120);
-
-/// A tiny module that speaks the guest ABI. Its classify answers five fixed classes, except
-/// that an input starting with 0xFF traps and one starting with 0xFE loops forever. With
-/// `always_loop` every classify loops, so the module cannot pass its self-test.
-fn fault_module(always_loop: bool) -> Vec<u8> {
-    let info = GuestInfo {
-        abi_version: 1,
-        name: "faulty".into(),
-        version: "t1".into(),
-        labels: ["a", "b", "c", "d", "e"].map(String::from).to_vec(),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let answer = GuestOutcome {
-        outcome: Some(Outcome::Classification(GuestClassification {
-            top: (0..5)
-                .map(|index| GuestScore { index, prob: 0.2 })
-                .collect(),
-            ..Default::default()
-        })),
-    }
-    .encode_to_vec();
-    let loaded = GuestOutcome {
-        outcome: Some(Outcome::Classification(GuestClassification::default())),
-    }
-    .encode_to_vec();
-    let escape = |bytes: &[u8]| {
-        bytes
-            .iter()
-            .map(|b| format!("\\{b:02x}"))
-            .collect::<String>()
-    };
-    let classify_body = if always_loop {
-        "(loop $forever (br $forever)) unreachable".to_string()
-    } else {
-        format!(
-            "(if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 0xff)) (then unreachable))
-             (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 0xfe)) (then (loop $forever (br $forever))))
-             (i64.or (i64.shl (i64.const 2048) (i64.const 32)) (i64.const {}))",
-            answer.len()
-        )
-    };
-    let text = format!(
-        r#"(module
-          (memory (export "memory") 17)
-          (data (i32.const 1024) "{info}")
-          (data (i32.const 2048) "{answer}")
-          (data (i32.const 3072) "{loaded}")
-          (func (export "_initialize"))
-          (func (export "isomesh_abi_version") (result i32) (i32.const 1))
-          (func (export "isomesh_alloc") (param $len i32) (result i32)
-            (if (result i32) (i32.gt_u (local.get $len) (i32.const 1048576))
-              (then (i32.const 0)) (else (i32.const 65536))))
-          (func (export "isomesh_free") (param i32 i32))
-          (func (export "isomesh_info") (result i64)
-            (i64.or (i64.shl (i64.const 1024) (i64.const 32)) (i64.const {info_len})))
-          (func (export "isomesh_load") (result i64)
-            (i64.or (i64.shl (i64.const 3072) (i64.const 32)) (i64.const {loaded_len})))
-          (func (export "isomesh_classify") (param $ptr i32) (param $len i32) (param $k i32) (result i64)
-            {classify_body}))"#,
-        info = escape(&info),
-        answer = escape(&answer),
-        loaded = escape(&loaded),
-        info_len = info.len(),
-        loaded_len = loaded.len(),
-    );
-    wat::parse_str(text).expect("valid WAT")
-}
 
 async fn status_of(port: u16, node: &str) -> NodeStatus {
     let mut watcher = Client::connect(port, &format!("status-{node}")).await;
@@ -119,7 +51,7 @@ async fn a_module_that_loops_in_its_self_test_is_rejected() {
     let good = std::fs::read(isomesh_tests::guest_module()).unwrap();
     let mut spec = NodeSpec::with_guest("m2", "edge", broker.port());
     spec.modules
-        .push(("zz-loops.wasm".into(), fault_module(true)));
+        .push(("zz-loops.wasm".into(), fault_module(Fault::AlwaysLoop)));
     spec.extra_args = vec!["--call-timeout-ms".into(), "1500".into()];
     let node = TestNode::start(spec).await;
     let status = status_of(broker.port(), "m2").await;
@@ -141,7 +73,7 @@ async fn traps_and_endless_loops_fail_one_job_and_the_node_keeps_serving() {
         id: "m3",
         tier: "device",
         broker_port: broker.port(),
-        modules: vec![("faulty.wasm".into(), fault_module(false))],
+        modules: vec![("faulty.wasm".into(), fault_module(Fault::OnMarkedInput))],
         extra_args: vec!["--call-timeout-ms".into(), "1500".into()],
     };
     let _node = TestNode::start(spec).await;

@@ -53,49 +53,22 @@ impl TestBroker {
     /// Starts a broker of the given kind and waits until it accepts connections.
     pub async fn start_kind(kind: BrokerKind) -> TestBroker {
         let dir = tempfile::tempdir().expect("a temp dir for the broker");
-        let log_path = dir.path().join("broker.log");
         let port = crate::free_port();
-        let log = std::fs::File::create(&log_path).expect("the broker log file");
-        let mut command = match kind {
-            BrokerKind::Isomesh => {
-                let mut command = Command::new(crate::bin_path("isomesh-broker"));
-                command.args(["--listen", &format!("127.0.0.1:{port}")]);
-                command
-            }
-            BrokerKind::Mosquitto => {
-                let conf = dir.path().join("mosquitto.conf");
-                std::fs::write(&conf, mosquitto_config(port)).expect("write mosquitto.conf");
-                let mut command = Command::new(mosquitto_path());
-                command.arg("-c").arg(&conf);
-                command
-            }
-        };
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the {kind:?} broker: {e}"));
-        let deadline = Instant::now() + START_WITHIN;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            let exited = child.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                panic!(
-                    "the {kind:?} broker did not listen on 127.0.0.1:{port} within \
-                     {START_WITHIN:?} (exit: {exited:?}); its log:\n{log}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let child = spawn_listening(kind, port, dir.path()).await;
         TestBroker {
             kind,
             port,
             child,
             dir,
         }
+    }
+
+    /// Kills the broker and starts a new one on the same port: a crash and restart that loses
+    /// everything the broker held in memory (sessions, retained messages).
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_listening(self.kind, self.port, self.dir.path()).await;
     }
 
     pub fn port(&self) -> u16 {
@@ -122,6 +95,51 @@ impl Drop for TestBroker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts a broker on `port`, logging into `dir/broker.log`, and waits until it listens.
+async fn spawn_listening(kind: BrokerKind, port: u16, dir: &std::path::Path) -> Child {
+    let log_path = dir.join("broker.log");
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .expect("the broker log file");
+    let mut command = match kind {
+        BrokerKind::Isomesh => {
+            let mut command = Command::new(crate::bin_path("isomesh-broker"));
+            command.args(["--listen", &format!("127.0.0.1:{port}")]);
+            command
+        }
+        BrokerKind::Mosquitto => {
+            let conf = dir.join("mosquitto.conf");
+            std::fs::write(&conf, mosquitto_config(port)).expect("write mosquitto.conf");
+            let mut command = Command::new(mosquitto_path());
+            command.arg("-c").arg(&conf);
+            command
+        }
+    };
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the {kind:?} broker: {e}"));
+    let deadline = Instant::now() + START_WITHIN;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!(
+                "the {kind:?} broker did not listen on 127.0.0.1:{port} within \
+                 {START_WITHIN:?} (exit: {exited:?}); its log:\n{log}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
 }
 
 /// Mosquitto's executable: Debian installs it in /usr/sbin, often not on a user's PATH.

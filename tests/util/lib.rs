@@ -4,13 +4,17 @@
 //!   default, or `mosquitto`), so one suite proves both.
 //! - [`node`]: `isomesh-node` processes with their own module directories.
 //! - [`mqtt`]: small MQTT clients for tests (rumqttc v5 and v4).
+//! - [`rollout`]: signing keys, the second module version, and hand-made (also tampered) rollouts.
+//! - [`faults`]: tiny hand-written modules that trap, loop or lie.
 //!
 //! Binaries are the ones `cargo build --release --bins` put next to the test executable; the
 //! module is `target/wasm32-wasip1/release/isomesh_guest.wasm`; `make test` builds both.
 
 pub mod broker;
+pub mod faults;
 pub mod mqtt;
 pub mod node;
+pub mod rollout;
 
 use std::path::PathBuf;
 

@@ -73,6 +73,14 @@ impl Client {
             .expect("publish");
     }
 
+    /// Publishes a retained message at QoS 1.
+    pub async fn publish_retained(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.into())
+            .await
+            .expect("publish");
+    }
+
     pub async fn publish_with_response_topic(
         &self,
         topic: &str,

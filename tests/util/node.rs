@@ -12,6 +12,8 @@ pub struct TestNode {
     pub id: String,
     child: Child,
     dir: tempfile::TempDir,
+    /// The command line, to start the node again on the same directory.
+    args: Vec<std::ffi::OsString>,
 }
 
 /// How to start a node.
@@ -62,27 +64,32 @@ impl TestNode {
                 .expect("open module");
             file.set_modified(when).expect("set mtime");
         }
-        let log = std::fs::File::create(dir.path().join("node.log")).expect("log file");
-        let child = Command::new(crate::bin_path("isomesh-node"))
-            .args(["--id", spec.id, "--tier", spec.tier])
-            .arg("--broker")
-            .arg(format!("mqtt://127.0.0.1:{}", spec.broker_port))
-            .arg("--modules")
-            .arg(&modules)
-            .arg("--cache-dir")
-            .arg(crate::shared_cache_dir())
-            .args(["--status-interval-s", "1"])
-            .args(&spec.extra_args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn isomesh-node");
+        let mut args: Vec<std::ffi::OsString> = ["--id", spec.id, "--tier", spec.tier]
+            .iter()
+            .map(Into::into)
+            .collect();
+        args.push("--broker".into());
+        args.push(format!("mqtt://127.0.0.1:{}", spec.broker_port).into());
+        args.push("--modules".into());
+        args.push(modules.into());
+        args.push("--cache-dir".into());
+        args.push(crate::shared_cache_dir().into());
+        args.push("--status-interval-s".into());
+        args.push("1".into());
+        args.extend(spec.extra_args.iter().map(Into::into));
+        let child = start_process(dir.path(), &args);
         TestNode {
             id: spec.id.to_string(),
             child,
             dir,
+            args,
         }
+    }
+
+    /// Stops the node (SIGTERM) and starts it again on the same module directory.
+    pub fn restart(&mut self) {
+        self.terminate();
+        self.child = start_process(self.dir.path(), &self.args);
     }
 
     /// Waits for a retained status with `online` and a module.
@@ -148,6 +155,22 @@ impl TestNode {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Starts `isomesh-node` with `args`, appending its log to `dir/node.log`.
+fn start_process(dir: &Path, args: &[std::ffi::OsString]) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("node.log"))
+        .expect("log file");
+    Command::new(crate::bin_path("isomesh-node"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn isomesh-node")
 }
 
 impl Drop for TestNode {

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 #[command(
     name = "isomesh",
     version,
-    about = "Use an isomesh mesh: classify, status, bench"
+    about = "Use an isomesh mesh: classify, roll out modules, status, bench"
 )]
 struct Flags {
     #[command(subcommand)]
@@ -20,6 +20,10 @@ struct Flags {
 enum Command {
     /// Classify images on a node or a tier and print the answers.
     Classify(cli::classify::ClassifyArgs),
+    /// Publish a signed module to the mesh; nodes swap it in without restarting.
+    Rollout(cli::rollout::RolloutArgs),
+    /// Make an ed25519 key pair for signing rollouts.
+    Keygen(cli::rollout::KeygenArgs),
     /// Show every node's status.
     Status(cli::status::StatusArgs),
     /// Measure the sandbox and the model.
@@ -40,6 +44,8 @@ fn main() -> ExitCode {
     let result = match flags.command {
         Command::Bench(command) => cli::bench::run(command).map(|()| true),
         Command::Classify(args) => on_runtime(cli::classify::run(args)),
+        Command::Rollout(args) => on_runtime(cli::rollout::rollout(args)),
+        Command::Keygen(args) => cli::rollout::keygen(args).map(|()| true),
         Command::Status(args) => on_runtime(async { cli::status::run(args).await.map(|()| true) }),
     };
     match result {

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 pub enum BenchCommand {
     /// Inference latency in Wasm vs native, call overhead, compile and load times, memory.
     Infer(InferArgs),
+    /// A rollout under load vs restarting a node on the new module.
+    Swap(super::bench_swap::SwapArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -34,6 +36,9 @@ pub struct InferArgs {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Infer(args) => infer(args),
+        BenchCommand::Swap(args) => {
+            tokio::runtime::Runtime::new()?.block_on(super::bench_swap::swap(args))
+        }
     }
 }
 
@@ -148,33 +153,50 @@ fn native_baseline() -> anyhow::Result<fn(&[u8]) -> anyhow::Result<f64>> {
     )
 }
 
-struct Stats {
-    median: f64,
-    p95: f64,
-    min: f64,
-    mean: f64,
-    n: usize,
+pub(super) struct Stats {
+    pub median: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub n: usize,
 }
 
 impl Stats {
-    fn to_json(&self) -> serde_json::Value {
-        json!({"median": self.median, "p95": self.p95, "min": self.min, "mean": self.mean, "n": self.n})
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({"median": self.median, "p95": self.p95, "p99": self.p99, "min": self.min,
+               "max": self.max, "mean": self.mean, "n": self.n})
     }
 }
 
-fn stats(samples: &mut [f64]) -> Stats {
+/// Order statistics of `samples` (all NaN when there are none).
+pub(super) fn stats(samples: &mut [f64]) -> Stats {
     samples.sort_by(f64::total_cmp);
+    if samples.is_empty() {
+        return Stats {
+            median: f64::NAN,
+            p95: f64::NAN,
+            p99: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+            mean: f64::NAN,
+            n: 0,
+        };
+    }
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     Stats {
         median: at(0.5),
         p95: at(0.95),
+        p99: at(0.99),
         min: samples[0],
+        max: samples[samples.len() - 1],
         mean: samples.iter().sum::<f64>() / samples.len() as f64,
         n: samples.len(),
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -192,7 +214,7 @@ fn peak_rss_kib() -> Option<u64> {
     status_field("VmHWM:")
 }
 
-fn machine() -> serde_json::Value {
+pub(super) fn machine() -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -203,7 +225,7 @@ fn machine() -> serde_json::Value {
     json!({"cpu": model, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)})
 }
 
-fn tempdir() -> anyhow::Result<PathBuf> {
+pub(super) fn tempdir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(super::client_id("bench"));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

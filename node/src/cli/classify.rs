@@ -35,6 +35,9 @@ pub struct ClassifyArgs {
     /// Classes to return per image.
     #[arg(long, default_value_t = 5)]
     pub top_k: u32,
+    /// Run only on this module: `name@version`, a version, or a sha256 (prefix of 12+ digits).
+    #[arg(long)]
+    pub module: Option<String>,
     /// Print one JSON result per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -70,8 +73,8 @@ pub async fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
     let mut all_ok = true;
     if !args.json {
         println!(
-            "{:<22} {:<28} {:>6} {:<8} {:<12} {:>8}",
-            "FILE", "LABEL", "PROB", "NODE", "PATH", "MS"
+            "{:<22} {:<28} {:>6} {:<8} {:<12} {:>8} {:<10}",
+            "FILE", "LABEL", "PROB", "NODE", "PATH", "MS", "MODULE"
         );
     }
     for (n, path) in args.images.iter().enumerate() {
@@ -82,6 +85,7 @@ pub async fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
             reply_to: reply_to.clone(),
             budget_ms: args.budget_ms,
             top_k: args.top_k,
+            module_version: args.module.clone().unwrap_or_default(),
             ..Default::default()
         };
         pending.insert(job.job_id.clone(), (path.clone(), Instant::now()));
@@ -157,14 +161,20 @@ fn print_result(
             )
         })
         .unwrap_or_default();
+    let module = result
+        .module
+        .as_ref()
+        .map(|m| m.version.clone())
+        .unwrap_or_default();
     println!(
-        "{:<22} {:<28} {:>6.3} {:<8} {:<12} {:>8.1}",
+        "{:<22} {:<28} {:>6.3} {:<8} {:<12} {:>8.1} {:<10}",
         file_name(path),
         label,
         prob,
         result.node,
         result.path.join(">"),
-        round_trip.as_secs_f64() * 1000.0
+        round_trip.as_secs_f64() * 1000.0,
+        module
     );
 }
 

@@ -2,7 +2,9 @@
 //! any other MQTT client would.
 
 pub mod bench;
+pub mod bench_swap;
 pub mod classify;
+pub mod rollout;
 pub mod status;
 
 use rumqttc::v5::mqttbytes::v5::Packet;

@@ -1,7 +1,8 @@
 //! `isomesh status`: the retained status of every node, as a table (`--watch` keeps it live).
 
 use crate::topics::Topics;
-use isomesh_protos::{NodeStatus, Tier};
+use isomesh_protos::rollout_state::Phase;
+use isomesh_protos::{NodeStatus, RolloutState, Tier};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -71,13 +72,18 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
                     "module": {"name": module.name, "version": module.version, "sha256": module.sha256},
                     "queue": s.queue_len, "ewma_ms": s.ewma_ms, "done": s.jobs_done,
                     "failed": s.jobs_failed, "uptime_s": s.uptime_s,
+                    "rollout": s.rollout.as_ref().map(|r| serde_json::json!({
+                        "module": r.module.as_ref().map(|m| serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256})),
+                        "phase": phase_name(r.phase), "chunks_done": r.chunks_done,
+                        "chunk_count": r.chunk_count, "reason": r.reason,
+                    })),
                 })
             );
         }
         return;
     }
     println!(
-        "{:<10} {:<7} {:<8} {:<24} {:>5} {:>9} {:>7} {:>7}",
+        "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9} {:>7} {:>7}  ROLLOUT",
         "NODE", "TIER", "STATE", "MODULE", "QUEUE", "EWMA_MS", "DONE", "FAILED"
     );
     for s in nodes.values() {
@@ -87,7 +93,7 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
             .map(|m| format!("{}@{}", m.name, m.version))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<10} {:<7} {:<8} {:<24} {:>5} {:>9.1} {:>7} {:>7}",
+            "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {}",
             s.node_id,
             tier_name(s.tier),
             if s.online { "online" } else { "offline" },
@@ -95,8 +101,43 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
             s.queue_len,
             s.ewma_ms,
             s.jobs_done,
-            s.jobs_failed
+            s.jobs_failed,
+            s.rollout.as_ref().map(describe_rollout).unwrap_or_default()
         );
+    }
+}
+
+/// One line on a node's latest rollout: `fetching m@2 (12/130)`, `rejected m@2: reason`.
+pub fn describe_rollout(state: &RolloutState) -> String {
+    let module = state
+        .module
+        .as_ref()
+        .map(|m| {
+            if m.name.is_empty() {
+                m.sha256.chars().take(12).collect()
+            } else {
+                format!("{}@{}", m.name, m.version)
+            }
+        })
+        .unwrap_or_default();
+    match Phase::try_from(state.phase).unwrap_or(Phase::Unspecified) {
+        Phase::Fetching => format!(
+            "fetching {module} ({}/{})",
+            state.chunks_done, state.chunk_count
+        ),
+        Phase::Rejected => format!("rejected {module}: {}", state.reason),
+        phase => format!("{} {module}", phase_name(phase as i32)),
+    }
+}
+
+/// Lower-case name of a rollout phase.
+pub fn phase_name(phase: i32) -> &'static str {
+    match Phase::try_from(phase).unwrap_or(Phase::Unspecified) {
+        Phase::Unspecified => "-",
+        Phase::Fetching => "fetching",
+        Phase::Loading => "loading",
+        Phase::Serving => "serving",
+        Phase::Rejected => "rejected",
     }
 }
 

@@ -1,0 +1,517 @@
+//! `isomesh bench swap`: a rollout under load, against the restart it replaces.
+//!
+//! In one run on this machine: an `isomesh-broker` and N nodes (device, edge, cloud, ...) serving
+//! version A, a steady stream of photos to the first node, then a signed rollout of version B.
+//! Measured: (a) time from the rollout's start to each node serving B, split into compile (at the
+//! publisher), publish and node phases; (b) jobs failed or lost; (c) round-trip latency before and
+//! during the swap. Then the baseline the paper compares against: stop the first node, start it
+//! on B, and time until it answers a job sent while it was down (cold: compiling B; warm: from the
+//! compiled-module cache). Writes JSON.
+
+use super::bench::{machine, ms, stats, tempdir};
+use crate::package::{Package, PackageSpec, DEFAULT_CHUNK_SIZE};
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::signing::SecretKey;
+use crate::topics::Topics;
+use anyhow::Context;
+use isomesh_protos::{NodeStatus, Tier};
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::Event;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub struct SwapArgs {
+    /// The module the nodes start with.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The module rolled out (another version of the same classifier).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Photos sent as load.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Nodes in the mesh (tiers cycle device, edge, cloud).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Jobs per second sent to the first node.
+    #[arg(long, default_value_t = 5.0)]
+    pub rate: f64,
+    /// Seconds of load before the rollout.
+    #[arg(long, default_value_t = 10)]
+    pub before_s: u64,
+    /// Publish no precompiled code: every node compiles the new module itself.
+    #[arg(long)]
+    pub no_precompile: bool,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-out/swap.json")]
+    pub out: PathBuf,
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// SIGTERM, then wait for the exit.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: run `make build`",
+        path.display()
+    );
+    Ok(path)
+}
+
+struct NodeSetup {
+    id: String,
+    tier: Tier,
+    modules: PathBuf,
+    cache: PathBuf,
+    log: PathBuf,
+}
+
+fn start_node(node: &NodeSetup, port: u16, trusted: &Path) -> anyhow::Result<Proc> {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&node.log)?;
+    let child = Command::new(sibling("isomesh-node")?)
+        .args(["--id", &node.id, "--tier", node.tier.name()])
+        .arg("--broker")
+        .arg(format!("mqtt://127.0.0.1:{port}"))
+        .arg("--modules")
+        .arg(&node.modules)
+        .arg("--cache-dir")
+        .arg(&node.cache)
+        .arg("--trusted-key")
+        .arg(trusted)
+        .args(["--status-interval-s", "1"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok(Proc(child))
+}
+
+/// One job sent as load.
+struct Sent {
+    at: Instant,
+    answer: Option<(Instant, String, bool)>,
+}
+
+pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
+    let images: Vec<Vec<u8>> = args
+        .images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<_, _>>()?;
+    let (from, to) = (std::fs::read(&args.from)?, std::fs::read(&args.to)?);
+    let work = tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let _broker = Proc(
+        Command::new(sibling("isomesh-broker")?)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let key = SecretKey::generate()?;
+    let (secret, trusted) = (work.join("rollout.key"), work.join("rollout.pub"));
+    key.write(&secret)?;
+    key.public().write(&trusted)?;
+
+    // Each node its own module dir and compiled-module cache, as on separate machines; the
+    // starting module is compiled once and copied into every cache so setup stays short.
+    // The publisher's compiler cache: it compiled the starting version, as an operator's
+    // machine that rolled it out would have.
+    let publisher_cache = work.join("publisher-cache");
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: Some(publisher_cache.clone()),
+        ..SandboxConfig::default()
+    })?;
+    eprintln!("compiling the starting module once for all nodes...");
+    let (_, from_code) = sandbox.precompile(&from)?;
+    let to_info = Sandbox::new(SandboxConfig::default())?.precompile(&to)?.0;
+    let tiers = [Tier::Device, Tier::Edge, Tier::Cloud];
+    let mut setups = Vec::new();
+    for n in 0..args.nodes.max(1) {
+        let dir = work.join(format!("n{n}"));
+        let setup = NodeSetup {
+            id: format!("bench-n{n}"),
+            tier: tiers[n % 3],
+            modules: dir.join("modules"),
+            cache: dir.join("cache"),
+            log: dir.join("node.log"),
+        };
+        std::fs::create_dir_all(&setup.modules)?;
+        std::fs::write(setup.modules.join("from.wasm"), &from)?;
+        let node_sandbox = Sandbox::new(SandboxConfig {
+            cache_dir: Some(setup.cache.clone()),
+            ..SandboxConfig::default()
+        })?;
+        node_sandbox.store_precompiled(&crate::package::sha256_hex(&from), &from_code)?;
+        setups.push(setup);
+    }
+    let mut nodes = Vec::new();
+    for setup in &setups {
+        nodes.push(start_node(setup, port, &trusted)?);
+    }
+
+    let topics = Topics::new("isomesh");
+    let broker_url = format!("mqtt://127.0.0.1:{port}");
+    let (client, mut eventloop) =
+        super::connect(&broker_url, &super::client_id("bench-swap")).await?;
+    let replies = topics.replies("bench-swap");
+    client.subscribe(replies.clone(), QoS::AtLeastOnce).await?;
+    client
+        .subscribe(topics.all_status(), QoS::AtLeastOnce)
+        .await?;
+    let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                if event_tx.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+
+    let from_sha = crate::package::sha256_hex(&from);
+    let to_sha = crate::package::sha256_hex(&to);
+    let mut statuses: HashMap<String, NodeStatus> = HashMap::new();
+    let mut serving_to: HashMap<String, Duration> = HashMap::new();
+    let mut sent: Vec<Sent> = Vec::new();
+    let target = topics.images(&setups[0].id);
+    let period = Duration::from_secs_f64(1.0 / args.rate.max(0.1));
+
+    // Wait until every node is up on the starting module.
+    eprintln!("starting {} nodes...", setups.len());
+    let up_by = Instant::now() + Duration::from_secs(300);
+    while !setups.iter().all(|s| {
+        statuses
+            .get(&s.id)
+            .is_some_and(|st| st.online && st.module.as_ref().is_some_and(|m| m.sha256 == from_sha))
+    }) {
+        anyhow::ensure!(
+            Instant::now() < up_by,
+            "nodes not ready within 300 s (logs in {})",
+            work.display()
+        );
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
+                statuses.insert(status.node_id.clone(), status);
+            }
+        }
+    }
+
+    // The run: load before, the rollout, load until every node serves the new module, a tail.
+    let mut rollout_started: Option<Instant> = None;
+    let mut phases = json!({});
+    let mut all_serving_at: Option<Instant> = None;
+    let run_started = Instant::now();
+    let mut next_send = Instant::now();
+    let mut rollout_task: Option<tokio::task::JoinHandle<anyhow::Result<serde_json::Value>>> = None;
+    loop {
+        let now = Instant::now();
+        if rollout_started.is_none() && now >= run_started + Duration::from_secs(args.before_s) {
+            rollout_started = Some(now);
+            eprintln!("rolling out...");
+            let (client, to, precompile) = (client.clone(), to.clone(), !args.no_precompile);
+            let publisher_cache = publisher_cache.clone();
+            let (key, name, version) = (
+                SecretKey::read(&secret)?,
+                to_info.name.clone(),
+                to_info.version.clone(),
+            );
+            rollout_task = Some(tokio::spawn(async move {
+                publish_rollout(
+                    &client,
+                    &to,
+                    (&name, &version),
+                    &key,
+                    precompile.then_some(publisher_cache),
+                )
+                .await
+            }));
+        }
+        if let Some(at) = all_serving_at {
+            if now >= at + Duration::from_secs(5) {
+                break;
+            }
+        }
+        if now >= run_started + Duration::from_secs(args.before_s + 600) {
+            anyhow::bail!(
+                "the rollout did not finish within 600 s (logs in {})",
+                work.display()
+            );
+        }
+        if now >= next_send {
+            let job_id = sent.len().to_string();
+            let props = PublishProperties {
+                response_topic: Some(replies.clone()),
+                correlation_data: Some(job_id.into_bytes().into()),
+                ..Default::default()
+            };
+            let image = images[sent.len() % images.len()].clone();
+            client
+                .publish_with_properties(target.clone(), QoS::AtLeastOnce, false, image, props)
+                .await?;
+            sent.push(Sent {
+                at: Instant::now(),
+                answer: None,
+            });
+            next_send += period;
+        }
+        let wait = next_send.saturating_duration_since(Instant::now());
+        if let Ok(Some(p)) = tokio::time::timeout(wait, events.recv()).await {
+            take_event(&p, &mut sent, &mut statuses);
+        }
+        if let Some(task) = &rollout_task {
+            if task.is_finished() {
+                if let Some(task) = rollout_task.take() {
+                    phases = task.await??;
+                }
+            }
+        }
+        if let Some(started) = rollout_started {
+            for (id, status) in &statuses {
+                if status.module.as_ref().is_some_and(|m| m.sha256 == to_sha) {
+                    serving_to
+                        .entry(id.clone())
+                        .or_insert_with(|| started.elapsed());
+                }
+            }
+            if all_serving_at.is_none() && serving_to.len() == setups.len() {
+                all_serving_at = Some(Instant::now());
+            }
+        }
+    }
+    // Drain: every job must get its answer.
+    let drain_by = Instant::now() + Duration::from_secs(60);
+    while sent.iter().any(|s| s.answer.is_none()) && Instant::now() < drain_by {
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            take_event(&p, &mut sent, &mut statuses);
+        }
+    }
+    let rollout_started = rollout_started.unwrap_or(run_started);
+    let swapped_at = all_serving_at.unwrap_or_else(Instant::now);
+    let window = |from: Instant, to: Instant| -> Vec<f64> {
+        sent.iter()
+            .filter(|s| s.at >= from && s.at < to)
+            .filter_map(|s| {
+                s.answer
+                    .as_ref()
+                    .map(|(at, _, _)| ms(at.duration_since(s.at)))
+            })
+            .collect()
+    };
+    let mut before = window(run_started, rollout_started);
+    let mut during = window(rollout_started, swapped_at);
+    let (b, d) = (stats(&mut before), stats(&mut during));
+    let failed = sent
+        .iter()
+        .filter(|s| s.answer.as_ref().is_some_and(|(_, _, ok)| !ok))
+        .count();
+    let lost = sent.iter().filter(|s| s.answer.is_none()).count();
+    let answered_by_new = sent
+        .iter()
+        .filter(|s| s.answer.as_ref().is_some_and(|(_, v, _)| *v == to_sha))
+        .count();
+
+    // The baseline: stop the first node, start it on the new module, time the first answer to a
+    // job sent while it was down. Cold: a fresh cache, so it compiles; warm: from its cache.
+    let mut restarts = json!({});
+    for (label, fresh_cache) in [("cold_cache", true), ("warm_cache", false)] {
+        let setup = &setups[0];
+        let stopped = Instant::now();
+        nodes[0].stop();
+        let _ = std::fs::remove_file(setup.modules.join("from.wasm"));
+        std::fs::write(setup.modules.join("to.wasm"), &to)?;
+        if fresh_cache {
+            let _ = std::fs::remove_dir_all(&setup.cache);
+        }
+        let job_id = format!("restart-{label}");
+        let props = PublishProperties {
+            response_topic: Some(replies.clone()),
+            correlation_data: Some(job_id.clone().into_bytes().into()),
+            ..Default::default()
+        };
+        client
+            .publish_with_properties(
+                target.clone(),
+                QoS::AtLeastOnce,
+                false,
+                images[0].clone(),
+                props,
+            )
+            .await?;
+        nodes[0] = start_node(setup, port, &trusted)?;
+        let answered = loop {
+            let left = Duration::from_secs(300).saturating_sub(stopped.elapsed());
+            match tokio::time::timeout(left, events.recv()).await {
+                Ok(Some(p)) => {
+                    let correlation = p
+                        .properties
+                        .as_ref()
+                        .and_then(|pr| pr.correlation_data.clone());
+                    if correlation.as_deref() == Some(job_id.as_bytes()) {
+                        break stopped.elapsed();
+                    }
+                }
+                _ => anyhow::bail!("the restarted node did not answer within 300 s"),
+            }
+        };
+        restarts[label] = json!(ms(answered));
+    }
+    drop(nodes);
+
+    let swap_ms: Vec<f64> = setups
+        .iter()
+        .map(|s| serving_to.get(&s.id).map(|d| ms(*d)).unwrap_or(f64::NAN))
+        .collect();
+    let slowest = swap_ms.iter().cloned().fold(0.0, f64::max);
+    let report = json!({
+        "machine": machine(),
+        "nodes": setups.iter().map(|s| json!({"id": s.id, "tier": s.tier.name()})).collect::<Vec<_>>(),
+        "precompiled_artifact": !args.no_precompile,
+        "rollout_phases_ms": phases,
+        "rollout_to_serving_ms": swap_ms,
+        "rollout_to_all_serving_ms": slowest,
+        "jobs": {"sent": sent.len(), "failed": failed, "lost": lost, "answered_by_new_module": answered_by_new, "rate_per_s": args.rate},
+        "latency_ms": {"before": b.to_json(), "during_swap": d.to_json(),
+                        "p99_during_over_before": d.p99 / b.p99},
+        "restart_baseline_ms": restarts,
+        "restart_cold_over_swap": restarts["cold_cache"].as_f64().unwrap_or(0.0) / slowest,
+        "restart_warm_over_swap": restarts["warm_cache"].as_f64().unwrap_or(0.0) / slowest,
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn take_event(
+    p: &rumqttc::v5::mqttbytes::v5::Publish,
+    sent: &mut [Sent],
+    statuses: &mut HashMap<String, NodeStatus>,
+) {
+    if p.topic.starts_with(b"isomesh/status/") {
+        if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
+            statuses.insert(status.node_id.clone(), status);
+        }
+        return;
+    }
+    let Some(index) = p
+        .properties
+        .as_ref()
+        .and_then(|pr| pr.correlation_data.as_ref())
+        .and_then(|c| std::str::from_utf8(c).ok())
+        .and_then(|c| c.parse::<usize>().ok())
+    else {
+        return;
+    };
+    let Ok(result) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+        return;
+    };
+    if let Some(job) = sent.get_mut(index) {
+        let sha = result["module"]["sha256"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let ok = result.get("error").is_none();
+        job.answer.get_or_insert((Instant::now(), sha, ok));
+    }
+}
+
+/// Compiles (unless told not to), packages, signs and publishes; returns the phase timings.
+async fn publish_rollout(
+    client: &rumqttc::v5::AsyncClient,
+    module: &[u8],
+    (name, version): (&str, &str),
+    key: &SecretKey,
+    precompile_with: Option<PathBuf>,
+) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    let artifacts = if let Some(cache_dir) = precompile_with {
+        let bytes = module.to_vec();
+        let (engine, code) = tokio::task::spawn_blocking(move || {
+            let sandbox = Sandbox::new(SandboxConfig {
+                cache_dir: Some(cache_dir),
+                ..SandboxConfig::default()
+            })?;
+            let (_, code) = sandbox.precompile(&bytes)?;
+            anyhow::Ok((sandbox.engine_id(), code))
+        })
+        .await??;
+        vec![(engine, code)]
+    } else {
+        Vec::new()
+    };
+    let compiled = started.elapsed();
+    let mut package = Package::new(
+        &PackageSpec {
+            name,
+            version,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            target_tiers: vec![],
+            target_nodes: vec![],
+            force: false,
+        },
+        module,
+        &artifacts,
+    );
+    key.sign(&mut package.manifest);
+    let topics = Topics::new("isomesh");
+    for chunk in &package.chunks {
+        client
+            .publish(
+                topics.chunk(&chunk.sha256, chunk.index),
+                QoS::AtLeastOnce,
+                true,
+                chunk.encode_to_vec(),
+            )
+            .await?;
+    }
+    client
+        .publish(
+            topics.manifest(&package.manifest.name),
+            QoS::AtLeastOnce,
+            true,
+            package.manifest.encode_to_vec(),
+        )
+        .await?;
+    Ok(json!({
+        "precompile_ms": ms(compiled),
+        "queued_for_publish_ms": ms(started.elapsed() - compiled),
+        "bytes": package.chunks.iter().map(|c| c.data.len()).sum::<usize>(),
+        "chunks": package.chunks.len(),
+    }))
+}

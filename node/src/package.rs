@@ -1,0 +1,263 @@
+//! What a rollout publishes: a module cut into retained chunks, and the manifest that names it.
+//!
+//! `isomesh rollout` builds a [`Package`] and publishes it; nodes check incoming manifests with
+//! [`check_manifest`] and [`is_target`] before fetching anything. Chunks are addressed by the
+//! sha256 of the blob they belong to (`isomesh/modules/blobs/{sha256}/{index}`), so two rollouts of
+//! the same bytes share them and a chunk can never be mistaken for a piece of another module.
+
+use isomesh_protos::{ModuleChunk, ModuleManifest, PrecompiledArtifact, Tier};
+use sha2::{Digest, Sha256};
+use std::cmp::Ordering;
+
+/// Default chunk size: fits every common broker's message limit.
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
+/// Largest module a node accepts, bytes.
+pub const MAX_MODULE_SIZE: u64 = 1 << 30;
+
+/// A module (and optional precompiled artifacts) ready to publish.
+pub struct Package {
+    /// Unsigned until [`crate::signing::SecretKey::sign`] is applied.
+    pub manifest: ModuleManifest,
+    /// Chunks of the module, then of each artifact.
+    pub chunks: Vec<ModuleChunk>,
+}
+
+/// What a rollout says about its module.
+pub struct PackageSpec<'a> {
+    pub name: &'a str,
+    pub version: &'a str,
+    pub chunk_size: u32,
+    pub target_tiers: Vec<Tier>,
+    pub target_nodes: Vec<String>,
+    pub force: bool,
+}
+
+impl Package {
+    /// Cuts `module` (and each `(engine, code)` artifact) into chunks and describes them.
+    pub fn new(spec: &PackageSpec<'_>, module: &[u8], artifacts: &[(String, Vec<u8>)]) -> Package {
+        let chunk_size = spec.chunk_size.max(1);
+        let (sha256, mut chunks) = cut(module, chunk_size);
+        let mut described = Vec::new();
+        for (engine, code) in artifacts {
+            let (artifact_sha, artifact_chunks) = cut(code, chunk_size);
+            described.push(PrecompiledArtifact {
+                engine: engine.clone(),
+                sha256: artifact_sha,
+                size: code.len() as u64,
+                chunk_count: artifact_chunks.len() as u32,
+            });
+            chunks.extend(artifact_chunks);
+        }
+        let manifest = ModuleManifest {
+            name: spec.name.to_string(),
+            version: spec.version.to_string(),
+            sha256,
+            size: module.len() as u64,
+            chunk_size,
+            chunk_count: chunk_count(module.len() as u64, chunk_size),
+            target_tiers: spec.target_tiers.iter().map(|t| *t as i32).collect(),
+            target_nodes: spec.target_nodes.clone(),
+            key_id: String::new(),
+            signature: Vec::new(),
+            published_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+            force: spec.force,
+            artifacts: described,
+        };
+        Package { manifest, chunks }
+    }
+}
+
+/// Cuts `blob` into chunks of `chunk_size` bytes; returns its hex sha256 and the chunks.
+pub fn cut(blob: &[u8], chunk_size: u32) -> (String, Vec<ModuleChunk>) {
+    let sha256 = sha256_hex(blob);
+    let count = chunk_count(blob.len() as u64, chunk_size);
+    let chunks = blob
+        .chunks(chunk_size as usize)
+        .enumerate()
+        .map(|(index, data)| ModuleChunk {
+            sha256: sha256.clone(),
+            index: index as u32,
+            count,
+            data: data.to_vec(),
+        })
+        .collect();
+    (sha256, chunks)
+}
+
+/// Chunks needed for `size` bytes.
+pub fn chunk_count(size: u64, chunk_size: u32) -> u32 {
+    size.div_ceil(u64::from(chunk_size.max(1))) as u32
+}
+
+/// Expected length of chunk `index` of a blob of `size` bytes.
+pub fn chunk_len(size: u64, chunk_size: u32, index: u32) -> u64 {
+    let start = u64::from(index) * u64::from(chunk_size);
+    size.saturating_sub(start).min(u64::from(chunk_size))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    crate::signing::hex(&Sha256::digest(bytes))
+}
+
+/// Whether a manifest is meant for the node `node` of tier `tier`.
+pub fn is_target(manifest: &ModuleManifest, tier: Tier, node: &str) -> bool {
+    let tier_ok =
+        manifest.target_tiers.is_empty() || manifest.target_tiers.contains(&(tier as i32));
+    let node_ok =
+        manifest.target_nodes.is_empty() || manifest.target_nodes.iter().any(|n| n == node);
+    tier_ok && node_ok
+}
+
+/// Describes the targets of a manifest for logs and errors.
+pub fn describe_targets(manifest: &ModuleManifest) -> String {
+    let tiers: Vec<&str> = manifest
+        .target_tiers
+        .iter()
+        .map(|t| Tier::try_from(*t).map(|t| t.name()).unwrap_or("unknown"))
+        .collect();
+    match (tiers.is_empty(), manifest.target_nodes.is_empty()) {
+        (true, true) => "every node".into(),
+        (false, true) => format!("tier {}", tiers.join(",")),
+        (true, false) => format!("node {}", manifest.target_nodes.join(",")),
+        (false, false) => format!(
+            "node {} of tier {}",
+            manifest.target_nodes.join(","),
+            tiers.join(",")
+        ),
+    }
+}
+
+/// Checks that a manifest describes something a node can fetch and name a file after.
+pub fn check_manifest(manifest: &ModuleManifest) -> Result<(), String> {
+    check_name("name", &manifest.name)?;
+    check_name("version", &manifest.version)?;
+    check_digest(&manifest.sha256)?;
+    if manifest.size == 0 || manifest.size > MAX_MODULE_SIZE {
+        return Err(format!(
+            "module size {} is outside 1..={MAX_MODULE_SIZE} bytes",
+            manifest.size
+        ));
+    }
+    if manifest.chunk_size == 0 {
+        return Err("chunk size is 0".into());
+    }
+    let expected = chunk_count(manifest.size, manifest.chunk_size);
+    if manifest.chunk_count != expected {
+        return Err(format!(
+            "{} chunks announced, but {} bytes in chunks of {} make {expected}",
+            manifest.chunk_count, manifest.size, manifest.chunk_size
+        ));
+    }
+    for artifact in &manifest.artifacts {
+        check_digest(&artifact.sha256)?;
+        if artifact.size > MAX_MODULE_SIZE
+            || artifact.chunk_count != chunk_count(artifact.size, manifest.chunk_size)
+        {
+            return Err(format!(
+                "precompiled artifact {} has an inconsistent size or chunk count",
+                artifact.sha256
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Names and versions become file names and topic levels: keep them to a safe alphabet.
+fn check_name(what: &str, value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && !value.starts_with('.')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {value:?} must be 1-64 characters of A-Z a-z 0-9 . _ - + (not starting with .)"
+        ))
+    }
+}
+
+fn check_digest(digest: &str) -> Result<(), String> {
+    if digest.len() == 64
+        && digest
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
+        Ok(())
+    } else {
+        Err(format!("{digest:?} is not a lower-case hex sha256"))
+    }
+}
+
+/// Orders versions part by part (`0.10.0` > `0.9.1`): numeric parts as numbers, others as text.
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    let parts = |v: &str| -> Vec<String> {
+        v.split(['.', '-', '+'])
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let order = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => x.cmp(y),
+        };
+        if order != Ordering::Equal {
+            return order;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert_eq!(compare_versions("0.10.0", "0.9.1"), Ordering::Greater);
+        assert_eq!(compare_versions("1.2.0", "1.2.0"), Ordering::Equal);
+        assert_eq!(compare_versions("1.2", "1.2.1"), Ordering::Less);
+        assert_eq!(compare_versions("2.0.0-rc1", "2.0.0-rc2"), Ordering::Less);
+    }
+
+    #[test]
+    fn chunks_cover_the_blob_exactly() {
+        let blob: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let (sha, chunks) = cut(&blob, 300);
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(chunk_count(1000, 300), 4);
+        assert_eq!(chunk_len(1000, 300, 3), 100);
+        let joined: Vec<u8> = chunks.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(joined, blob);
+        assert!(chunks.iter().all(|c| c.sha256 == sha && c.count == 4));
+    }
+
+    #[test]
+    fn manifests_with_unsafe_names_or_wrong_counts_are_refused() {
+        let spec = PackageSpec {
+            name: "mobilenet",
+            version: "1.0.0",
+            chunk_size: 300,
+            target_tiers: vec![Tier::Edge],
+            target_nodes: vec![],
+            force: false,
+        };
+        let package = Package::new(&spec, &[0u8; 1000], &[]);
+        check_manifest(&package.manifest).unwrap();
+        assert!(is_target(&package.manifest, Tier::Edge, "e1"));
+        assert!(!is_target(&package.manifest, Tier::Device, "d1"));
+
+        let mut bad = package.manifest.clone();
+        bad.name = "../etc".into();
+        assert!(check_manifest(&bad).unwrap_err().contains("name"));
+        let mut bad = package.manifest.clone();
+        bad.chunk_count = 3;
+        assert!(check_manifest(&bad).unwrap_err().contains("chunks"));
+    }
+}

@@ -1,0 +1,657 @@
+//! Rollouts: `isomesh rollout` reaches every targeted node over retained topics and each swaps the
+//! new module in while jobs flow, losing none; nodes that join later or restart converge; a broker
+//! that forgets its retained messages is re-seeded by the nodes; and every bad rollout (forged,
+//! foreign, corrupt, incomplete, not Wasm, failing its self-test, a downgrade) is rejected with a
+//! reason while the old module keeps serving.
+
+use isomesh_node::signing::SecretKey;
+use isomesh_protos::rollout_state::Phase;
+use isomesh_protos::{NodeStatus, Tier};
+use isomesh_tests::broker::TestBroker;
+use isomesh_tests::faults::{fault_module, Fault};
+use isomesh_tests::mqtt::Client;
+use isomesh_tests::node::{NodeSpec, TestNode};
+use isomesh_tests::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_1, VERSION_2};
+use isomesh_tests::{bin_path, photos};
+use prost::Message;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Generous: a cold compile of the classifier takes ~15 s, more with both cores busy.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(240);
+
+fn node_with_keys<'a>(id: &'a str, tier: &'a str, port: u16, keys: &Keys) -> NodeSpec<'a> {
+    let mut spec = NodeSpec::with_guest(id, tier, port);
+    spec.extra_args = keys.node_args();
+    spec
+}
+
+/// Waits until `node`'s retained status satisfies `done`; returns that status.
+async fn wait_status(
+    port: u16,
+    node: &str,
+    within: Duration,
+    done: impl Fn(&NodeStatus) -> bool,
+) -> NodeStatus {
+    let mut watcher = Client::connect(port, &format!("wait-{node}-{}", rand_suffix())).await;
+    watcher.subscribe(&format!("isomesh/status/{node}")).await;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last = None;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match watcher.next(left).await {
+            Some(publish) => {
+                let status = NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus");
+                if done(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+            None => {
+                panic!("node {node}: condition not met within {within:?}; last status: {last:?}")
+            }
+        }
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default()
+}
+
+fn serves(status: &NodeStatus, version: &str) -> bool {
+    status.online && status.module.as_ref().is_some_and(|m| m.version == version)
+}
+
+fn rejected(status: &NodeStatus) -> Option<String> {
+    status
+        .rollout
+        .as_ref()
+        .filter(|r| r.phase == Phase::Rejected as i32)
+        .map(|r| r.reason.clone())
+}
+
+/// Classifies one photo on `node` and checks the answer against the reference.
+async fn classify_ok(port: u16, node: &str) -> Value {
+    let mut client = Client::connect(port, &format!("check-{node}-{}", rand_suffix())).await;
+    client.subscribe("test/check").await;
+    let photo = &photos()[0];
+    client
+        .publish_with_response_topic(
+            &format!("isomesh/images/{node}"),
+            photo.bytes(),
+            "test/check",
+            b"c",
+        )
+        .await;
+    let reply = client
+        .next(Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|| panic!("{node} did not answer"));
+    let result: Value = serde_json::from_slice(&reply.payload).expect("JSON result");
+    let top1 = result["top"][0]["index"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{result}"));
+    assert!(photo.accepts(top1 as u32), "{}: {result}", photo.file);
+    result
+}
+
+/// Runs `isomesh` with `args`; returns (exit code, stdout + stderr).
+async fn isomesh(args: Vec<String>) -> (i32, String) {
+    let output = tokio::process::Command::new(bin_path("isomesh"))
+        .args(&args)
+        .output()
+        .await
+        .expect("run isomesh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+fn rollout_args(
+    broker: &TestBroker,
+    keys: &Keys,
+    module: &std::path::Path,
+    version: &str,
+) -> Vec<String> {
+    vec![
+        "rollout".into(),
+        module.display().to_string(),
+        "--name".into(),
+        MODULE_NAME.into(),
+        "--version".into(),
+        version.into(),
+        "--key".into(),
+        keys.secret_path.display().to_string(),
+        "--broker".into(),
+        broker.url(),
+        "--wait".into(),
+        "--timeout-s".into(),
+        CONVERGE_WITHIN.as_secs().to_string(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_reaches_every_node_while_jobs_flow_and_loses_none() {
+    let broker = TestBroker::start().await;
+    let keys = Keys::new();
+    let mut d1 = TestNode::start(node_with_keys("r1d", "device", broker.port(), &keys)).await;
+    let _e1 = TestNode::start(node_with_keys("r1e", "edge", broker.port(), &keys)).await;
+
+    // A steady stream of photos to the device node while the rollout runs.
+    let mut client = Client::connect(broker.port(), "r1-load").await;
+    client.subscribe("test/r1").await;
+    let photos = photos();
+    let rollout_done = std::sync::Arc::new(tokio::sync::Notify::new());
+    let load = {
+        let client = client.client.clone();
+        let photos = photos.clone();
+        let rollout_done = rollout_done.clone();
+        tokio::spawn(async move {
+            let mut sent = 0usize;
+            // Until the rollout has finished, then a few more for the new module.
+            let mut after = None;
+            while after.is_none_or(|left| left > 0) {
+                let photo = &photos[sent % photos.len()];
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    response_topic: Some("test/r1".into()),
+                    correlation_data: Some(sent.to_string().into_bytes().into()),
+                    ..Default::default()
+                };
+                client
+                    .publish_with_properties(
+                        "isomesh/images/r1d",
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        false,
+                        photo.bytes(),
+                        props,
+                    )
+                    .await
+                    .expect("publish");
+                sent += 1;
+                after = after.map(|left: usize| left - 1);
+                tokio::select! {
+                    _ = rollout_done.notified(), if after.is_none() => after = Some(8),
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            sent
+        })
+    };
+    let (code, output) = isomesh(rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2)).await;
+    rollout_done.notify_one();
+    assert_eq!(
+        code,
+        0,
+        "rollout --wait failed:\n{output}\nnode log:\n{}",
+        d1.log()
+    );
+    assert!(
+        output.contains("r1d") && output.contains("r1e") && output.contains("serving"),
+        "{output}"
+    );
+    let sent = load.await.expect("load generator");
+    let replies = client.collect(sent, Duration::from_secs(240)).await;
+    // Exactly one answer per job, none an error, and the later ones from the new module.
+    let mut by_job: HashMap<String, Value> = HashMap::new();
+    for reply in replies {
+        let correlation = String::from_utf8_lossy(
+            reply
+                .properties
+                .as_ref()
+                .and_then(|p| p.correlation_data.as_ref())
+                .expect("correlation"),
+        )
+        .into_owned();
+        let result: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+        assert!(
+            result.get("error").is_none(),
+            "job {correlation} failed: {result}"
+        );
+        let n: usize = correlation.parse().expect("job number");
+        let top1 = result["top"][0]["index"].as_u64().expect("top-1") as u32;
+        assert!(photos[n % photos.len()].accepts(top1), "job {n}: {result}");
+        assert!(
+            by_job.insert(correlation, result).is_none(),
+            "a job was answered twice"
+        );
+    }
+    assert_eq!(by_job.len(), sent);
+    assert!(
+        client.next(Duration::from_secs(2)).await.is_none(),
+        "no extra answers"
+    );
+    let versions: Vec<&str> = (0..sent)
+        .map(|n| {
+            by_job[&n.to_string()]["module"]["version"]
+                .as_str()
+                .unwrap_or("")
+        })
+        .collect();
+    assert_eq!(versions.first(), Some(&VERSION_1), "{versions:?}");
+    assert_eq!(versions.last(), Some(&VERSION_2), "{versions:?}");
+    // Once swapped, never back.
+    let first_v2 = versions
+        .iter()
+        .position(|v| *v == VERSION_2)
+        .unwrap_or(sent);
+    assert!(
+        versions[first_v2..].iter().all(|v| *v == VERSION_2),
+        "{versions:?}"
+    );
+
+    // A node that joins later, with an empty module directory, gets the module from the retained topics.
+    let mut late = NodeSpec::with_guest("r1late", "cloud", broker.port());
+    late.modules.clear();
+    late.extra_args = keys.node_args();
+    let late = TestNode::spawn(&late);
+    let status = wait_status(broker.port(), "r1late", CONVERGE_WITHIN, |s| {
+        serves(s, VERSION_2)
+    })
+    .await;
+    assert_eq!(
+        status.module.expect("module").name,
+        MODULE_NAME,
+        "{}",
+        late.log()
+    );
+    classify_ok(broker.port(), "r1late").await;
+
+    // A restart serves the newest good module from disk.
+    d1.restart();
+    wait_status(broker.port(), "r1d", CONVERGE_WITHIN, |s| {
+        serves(s, VERSION_2)
+    })
+    .await;
+    let result = classify_ok(broker.port(), "r1d").await;
+    assert_eq!(result["module"]["version"], VERSION_2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_for_one_tier_leaves_the_other_tiers_alone() {
+    let broker = TestBroker::start().await;
+    let keys = Keys::new();
+    let device = TestNode::start(node_with_keys("r2d", "device", broker.port(), &keys)).await;
+    let _edge = TestNode::start(node_with_keys("r2e", "edge", broker.port(), &keys)).await;
+    let mut args = rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2);
+    // Without precompiled code: the edge node compiles the module itself.
+    args.extend(["--tier".into(), "edge".into(), "--no-precompile".into()]);
+    let (code, output) = isomesh(args).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("r2e") && !output.contains("r2d"),
+        "{output}"
+    );
+    wait_status(broker.port(), "r2e", Duration::from_secs(10), |s| {
+        serves(s, VERSION_2)
+    })
+    .await;
+    let device_status =
+        wait_status(broker.port(), "r2d", Duration::from_secs(10), |s| s.online).await;
+    assert!(serves(&device_status, VERSION_1), "{device_status:?}");
+    assert!(
+        device.log().contains("manifest is not for this node"),
+        "{}",
+        device.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_copied_in_by_hand_is_swapped_in_once_complete() {
+    let broker = TestBroker::start().await;
+    let node = TestNode::start(NodeSpec::with_guest("r3", "edge", broker.port())).await;
+    let v2 = std::fs::read(guest_module_v2()).unwrap();
+    // Written in two halves with a pause, as a slow copy would: the half must never be loaded.
+    let path = node.modules_dir().join("copied.wasm");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&v2[..v2.len() / 2]).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        file.write_all(&v2[v2.len() / 2..]).unwrap();
+    }
+    wait_status(broker.port(), "r3", CONVERGE_WITHIN, |s| {
+        serves(s, VERSION_2)
+    })
+    .await;
+    let log = node.log();
+    assert!(
+        !log.contains("rejected"),
+        "a half-written file was loaded:\n{log}"
+    );
+    assert!(log.contains("module swapped in"), "{log}");
+    classify_ok(broker.port(), "r3").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_pinned_to_a_module_the_node_lacks_get_a_clear_error() {
+    let broker = TestBroker::start().await;
+    let _node = TestNode::start(NodeSpec::with_guest("r4", "edge", broker.port())).await;
+    let image = photos()[0].path.display().to_string();
+    let classify = |pin: &str| {
+        vec![
+            "classify".to_string(),
+            image.clone(),
+            "--node".into(),
+            "r4".into(),
+            "--module".into(),
+            pin.into(),
+            "--json".into(),
+            "--broker".into(),
+            broker.url(),
+        ]
+    };
+    let (code, output) = isomesh(classify(&format!("{MODULE_NAME}@9.9.9"))).await;
+    assert_eq!(code, 1, "{output}");
+    assert!(
+        output.contains("pinned") && output.contains(VERSION_1),
+        "{output}"
+    );
+    let (code, output) = isomesh(classify(&format!("{MODULE_NAME}@{VERSION_1}"))).await;
+    assert_eq!(code, 0, "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_re_seed_a_broker_that_lost_its_retained_messages() {
+    let mut broker = TestBroker::start().await;
+    let keys = Keys::new();
+    let node = TestNode::start(node_with_keys("r5", "edge", broker.port(), &keys)).await;
+    let (code, output) = isomesh(rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2)).await;
+    assert_eq!(code, 0, "{output}");
+    broker.restart().await;
+    // The restarted broker knows nothing; the node notices and publishes the module again.
+    let mut late = NodeSpec::with_guest("r5late", "device", broker.port());
+    late.modules.clear();
+    late.extra_args = keys.node_args();
+    let late = TestNode::spawn(&late);
+    wait_status(broker.port(), "r5late", CONVERGE_WITHIN, |s| {
+        serves(s, VERSION_2)
+    })
+    .await;
+    assert!(
+        node.log().contains("module re-seeded on the broker"),
+        "{}",
+        node.log()
+    );
+    classify_ok(broker.port(), "r5late").await;
+    drop(late);
+}
+
+/// One bad rollout against a node serving version 1: it must be rejected with a reason that
+/// contains `expected`, and the node must keep serving version 1 correctly.
+async fn assert_rejected(
+    id: &str,
+    make: impl FnOnce(&Keys) -> isomesh_node::package::Package,
+    expected: &str,
+    extra_args: &[&str],
+) {
+    let broker = TestBroker::start().await;
+    let keys = Keys::new();
+    let mut spec = node_with_keys(id, "edge", broker.port(), &keys);
+    spec.extra_args
+        .extend(extra_args.iter().map(|a| a.to_string()));
+    let node = TestNode::start(spec).await;
+    let package = make(&keys);
+    let client = Client::connect(broker.port(), &format!("{id}-publisher")).await;
+    rollout::publish(&client, &package).await;
+    let status = wait_status(broker.port(), id, CONVERGE_WITHIN, |s| {
+        rejected(s).is_some()
+    })
+    .await;
+    let reason = rejected(&status).unwrap_or_default();
+    assert!(
+        reason.contains(expected),
+        "rejection reason {reason:?} should mention {expected:?}; log:\n{}",
+        node.log()
+    );
+    assert!(serves(&status, VERSION_1), "{status:?}");
+    let result = classify_ok(broker.port(), id).await;
+    assert_eq!(result["module"]["version"], VERSION_1);
+}
+
+fn v2_bytes() -> Vec<u8> {
+    std::fs::read(guest_module_v2()).expect("v2 module")
+}
+
+fn signed(
+    keys: &Keys,
+    mut package: isomesh_node::package::Package,
+) -> isomesh_node::package::Package {
+    keys.secret.sign(&mut package.manifest);
+    package
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_altered_after_signing_is_rejected() {
+    assert_rejected(
+        "b1",
+        |keys| {
+            let mut package = signed(
+                keys,
+                rollout::package(&v2_bytes(), MODULE_NAME, VERSION_2, &[]),
+            );
+            package.manifest.target_nodes = vec!["b1".into()];
+            package
+        },
+        "signature does not match",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_signed_by_an_unknown_key_is_rejected() {
+    assert_rejected(
+        "b2",
+        |_| {
+            let stranger = SecretKey::generate().unwrap();
+            let mut package = rollout::package(&v2_bytes(), MODULE_NAME, VERSION_2, &[]);
+            stranger.sign(&mut package.manifest);
+            package
+        },
+        "does not trust",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_that_do_not_hash_to_the_manifest_are_rejected() {
+    assert_rejected(
+        "b3",
+        |keys| {
+            // The manifest names other bytes of the same size than the chunks carry.
+            let v2 = v2_bytes();
+            let mut other = v2.clone();
+            other[100] ^= 0xff;
+            let mut package = rollout::package(&v2, MODULE_NAME, VERSION_2, &[]);
+            let forged = rollout::package(&other, MODULE_NAME, VERSION_2, &[]);
+            package.manifest.sha256 = forged.manifest.sha256.clone();
+            for chunk in &mut package.chunks {
+                chunk.sha256 = forged.manifest.sha256.clone();
+            }
+            signed(keys, package)
+        },
+        "sha256 mismatch",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_with_a_missing_chunk_is_abandoned_with_the_chunk_named() {
+    assert_rejected(
+        "b4",
+        |keys| {
+            let mut package = signed(
+                keys,
+                rollout::package(&v2_bytes(), MODULE_NAME, VERSION_2, &[]),
+            );
+            package.chunks.remove(7);
+            package
+        },
+        "chunks 7",
+        &["--fetch-timeout-s", "4"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncated_module_is_rejected() {
+    assert_rejected(
+        "b5",
+        |keys| {
+            let v2 = v2_bytes();
+            signed(
+                keys,
+                rollout::package(&v2[..v2.len() / 3], MODULE_NAME, VERSION_2, &[]),
+            )
+        },
+        "does not compile",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_that_is_not_wasm_is_rejected() {
+    assert_rejected(
+        "b6",
+        |keys| {
+            signed(
+                keys,
+                rollout::package(b"#!/bin/sh\nrm -rf /\n", MODULE_NAME, VERSION_2, &[]),
+            )
+        },
+        "not a WebAssembly module",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wasm_module_without_the_classifier_exports_is_rejected() {
+    assert_rejected(
+        "b7",
+        |keys| {
+            let empty = wat::parse_str("(module (memory (export \"memory\") 1))").unwrap();
+            signed(keys, rollout::package(&empty, MODULE_NAME, VERSION_2, &[]))
+        },
+        "does not fit the isomesh guest ABI",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_whose_self_test_traps_is_rejected() {
+    assert_rejected(
+        "b8",
+        |keys| {
+            signed(
+                keys,
+                rollout::package(&fault_module(Fault::AlwaysTrap), "faulty", "t1", &[]),
+            )
+        },
+        "failed its self-test",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_whose_self_test_loops_is_rejected() {
+    assert_rejected(
+        "b9",
+        |keys| {
+            signed(
+                keys,
+                rollout::package(&fault_module(Fault::AlwaysLoop), "faulty", "t1", &[]),
+            )
+        },
+        "deadline",
+        &["--call-timeout-ms", "1500"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_whose_name_does_not_match_the_module_is_rejected() {
+    assert_rejected(
+        "b10",
+        |keys| {
+            signed(
+                keys,
+                rollout::package(&v2_bytes(), MODULE_NAME, "7.0.0", &[]),
+            )
+        },
+        "says it is",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_for_another_tier_is_ignored() {
+    let broker = TestBroker::start().await;
+    let keys = Keys::new();
+    let node = TestNode::start(node_with_keys("b11", "edge", broker.port(), &keys)).await;
+    let client = Client::connect(broker.port(), "b11-publisher").await;
+    let package = signed(
+        &keys,
+        rollout::package(&v2_bytes(), MODULE_NAME, VERSION_2, &[Tier::Cloud]),
+    );
+    rollout::publish(&client, &package).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = wait_status(broker.port(), "b11", Duration::from_secs(10), |s| s.online).await;
+    assert!(
+        serves(&status, VERSION_1) && status.rollout.is_none(),
+        "{status:?}"
+    );
+    assert!(
+        node.log().contains("manifest is not for this node"),
+        "{}",
+        node.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_version_is_refused_unless_forced() {
+    let broker = TestBroker::start().await;
+    let keys = Keys::new();
+    // The node serves version 2; a replayed manifest of version 1 arrives.
+    let mut spec = node_with_keys("b12", "edge", broker.port(), &keys);
+    spec.modules = vec![("mobilenet_v2-0.2.0.wasm".into(), v2_bytes())];
+    let _node = TestNode::start(spec).await;
+    let v1 = std::fs::read(isomesh_tests::guest_module()).unwrap();
+    let client = Client::connect(broker.port(), "b12-publisher").await;
+    let old = signed(&keys, rollout::package(&v1, MODULE_NAME, VERSION_1, &[]));
+    rollout::publish(&client, &old).await;
+    let status = wait_status(broker.port(), "b12", CONVERGE_WITHIN, |s| {
+        rejected(s).is_some()
+    })
+    .await;
+    assert!(
+        rejected(&status)
+            .unwrap_or_default()
+            .contains("downgrade refused"),
+        "{status:?}"
+    );
+    assert!(serves(&status, VERSION_2), "{status:?}");
+    // The same module, deliberately forced.
+    let mut forced = rollout::package(&v1, MODULE_NAME, VERSION_1, &[]);
+    forced.manifest.force = true;
+    let forced = signed(&keys, forced);
+    rollout::publish(&client, &forced).await;
+    wait_status(broker.port(), "b12", CONVERGE_WITHIN, |s| {
+        serves(s, VERSION_1)
+    })
+    .await;
+}
