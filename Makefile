@@ -39,6 +39,9 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-## Wasm vs native inference, call overhead, compile/load times; JSON in bench-out/.
+## Wasm vs native inference, call overhead, compile/load times; a rollout under load vs a
+## restart (with precompiled code, then with every node compiling); JSON in bench-out/.
 bench: module build
 	./target/release/isomesh bench infer --module $(MODULE) --out bench-out/infer.json ../shared/images/*.jp*g
+	./target/release/isomesh bench swap --before-s 20 --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap.json ../shared/images/*.jp*g
+	./target/release/isomesh bench swap --before-s 20 --no-precompile --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap-compile.json ../shared/images/*.jp*g

@@ -8,7 +8,7 @@
 //! window also bounds how much arrives before it is stored. Chunks still missing after a quiet
 //! spell are asked for again.
 
-use crate::package::{chunk_len, sha256_hex};
+use crate::package::{chunk_len, decode, sha256_hex, stored_size};
 use isomesh_protos::{ModuleChunk, ModuleManifest, PrecompiledArtifact};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -20,8 +20,12 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// One blob being collected: the module itself or a precompiled artifact.
 struct Blob {
+    /// Digest and size of the decoded blob.
     sha256: String,
     size: u64,
+    /// Size as stored in the chunks, and how it is encoded there.
+    stored: u64,
+    encoding: String,
     chunks: Vec<Option<Vec<u8>>>,
     received: u32,
     /// The last malformed chunk seen, for the error if the blob never completes.
@@ -29,10 +33,12 @@ struct Blob {
 }
 
 impl Blob {
-    fn new(sha256: &str, size: u64, count: u32) -> Blob {
+    fn new(sha256: &str, size: u64, stored: u64, encoding: &str, count: u32) -> Blob {
         Blob {
             sha256: sha256.to_string(),
             size,
+            stored: stored_size(size, stored),
+            encoding: encoding.to_string(),
             chunks: vec![None; count as usize],
             received: 0,
             last_problem: None,
@@ -44,10 +50,11 @@ impl Blob {
     }
 
     fn assemble(&self) -> Result<Vec<u8>, String> {
-        let mut bytes = Vec::with_capacity(self.size as usize);
+        let mut stored = Vec::with_capacity(self.stored as usize);
         for chunk in self.chunks.iter().flatten() {
-            bytes.extend_from_slice(chunk);
+            stored.extend_from_slice(chunk);
         }
+        let bytes = decode(stored, &self.encoding, self.size)?;
         if bytes.len() as u64 != self.size {
             return Err(format!(
                 "reassembled {} bytes, the manifest says {}",
@@ -104,9 +111,16 @@ pub struct Fetch {
 impl Fetch {
     /// Starts collecting `manifest`'s module, and `artifact` if this node's engine can use it.
     pub fn new(manifest: ModuleManifest, artifact: Option<PrecompiledArtifact>) -> Fetch {
-        let module = Blob::new(&manifest.sha256, manifest.size, manifest.chunk_count);
+        let encoding = manifest.encoding.clone();
+        let module = Blob::new(
+            &manifest.sha256,
+            manifest.size,
+            manifest.stored_size,
+            &encoding,
+            manifest.chunk_count,
+        );
         let artifact = artifact.map(|a| {
-            let blob = Blob::new(&a.sha256, a.size, a.chunk_count);
+            let blob = Blob::new(&a.sha256, a.size, a.stored_size, &encoding, a.chunk_count);
             (a, blob)
         });
         let now = Instant::now();
@@ -180,7 +194,7 @@ impl Fetch {
                 chunk.index
             ))
         } else {
-            let expected = chunk_len(blob.size, manifest_chunk_size, chunk.index);
+            let expected = chunk_len(blob.stored, manifest_chunk_size, chunk.index);
             (chunk.data.len() as u64 != expected).then(|| {
                 format!(
                     "chunk {} holds {} bytes, {expected} expected",
@@ -315,7 +329,8 @@ mod tests {
     use super::*;
     use crate::package::{Package, PackageSpec};
 
-    fn package(size: usize) -> Package {
+    /// A package of `size` pseudo-random (incompressible) bytes in 100-byte chunks.
+    fn package(size: usize, compress: bool) -> Package {
         let spec = PackageSpec {
             name: "m",
             version: "1",
@@ -323,30 +338,41 @@ mod tests {
             target_tiers: vec![],
             target_nodes: vec![],
             force: false,
+            compress,
         };
-        let blob: Vec<u8> = (0..size).map(|i| (i * 7) as u8).collect();
+        let mut state = 12345u32;
+        let blob: Vec<u8> = (0..size)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (state >> 16) as u8
+            })
+            .collect();
         Package::new(&spec, &blob, &[])
     }
 
     #[test]
     fn chunks_in_any_order_with_duplicates_reassemble_in_windows() {
-        let package = package(2050);
+        let package = package(2050, true);
         let mut fetch = Fetch::new(package.manifest.clone(), None);
-        assert_eq!(fetch.next_requests().len(), WINDOW);
+        assert_eq!(
+            fetch.next_requests().len(),
+            WINDOW.min(package.chunks.len())
+        );
         // Reversed, so most arrive outside the window asked for: they still count.
         for chunk in package.chunks.iter().rev() {
             assert_eq!(fetch.take(chunk.clone()), Taken::Stored);
         }
         assert_eq!(fetch.take(package.chunks[3].clone()), Taken::Duplicate);
         assert!(fetch.is_complete());
-        assert_eq!(fetch.progress(), (21, 21));
+        let all = package.chunks.len() as u32;
+        assert_eq!(fetch.progress(), (all, all));
         let fetched = fetch.finish().unwrap();
         assert_eq!(fetched.module.len(), 2050);
     }
 
     #[test]
     fn malformed_chunks_stay_missing_and_are_named() {
-        let package = package(250);
+        let package = package(250, false);
         let mut fetch = Fetch::new(package.manifest.clone(), None);
         let mut short = package.chunks[1].clone();
         short.data.truncate(10);
@@ -362,7 +388,7 @@ mod tests {
 
     #[test]
     fn a_blob_with_the_wrong_bytes_fails_its_sha256() {
-        let package = package(250);
+        let package = package(250, false);
         let mut forged = package.manifest.clone();
         forged.sha256 = crate::package::sha256_hex(b"something else");
         let mut fetch = Fetch::new(forged.clone(), None);

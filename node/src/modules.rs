@@ -152,6 +152,14 @@ pub fn mark_rejected(dir: &Path, sha256: &str, reason: &str) {
     }
 }
 
+/// Lowers the calling thread's CPU priority (nice 10): compiling, inflating and checking a new
+/// module must not slow the jobs the current module is serving meanwhile.
+pub fn background_priority() {
+    // SAFETY: setpriority has no memory-safety preconditions; on Linux PRIO_PROCESS with id 0
+    // applies to the calling thread only. Failure just leaves the priority as it was.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}
+
 /// Swaps modules in as the directory watcher finds them.
 pub struct ModuleManager {
     pub sandbox: Arc<Sandbox>,
@@ -186,7 +194,18 @@ impl ModuleManager {
         std::thread::Builder::new()
             .name("module-manager".into())
             .spawn(move || {
+                background_priority();
+                // A file is often reported twice (by the rollout agent and by the watcher): an
+                // unchanged file (same path, size and time) is not read and hashed again.
+                let mut last_seen = None;
                 while let Ok(path) = found.recv() {
+                    let stamp = std::fs::metadata(&path)
+                        .ok()
+                        .map(|m| (path.clone(), m.len(), m.modified().ok()));
+                    if stamp.is_some() && stamp == last_seen {
+                        continue;
+                    }
+                    last_seen = stamp;
                     let outcome = self.consider(&path);
                     if !matches!(outcome, Considered::Skipped) && done.send(outcome).is_err() {
                         return;
@@ -201,7 +220,6 @@ impl ModuleManager {
             return Considered::Skipped; // gone again
         };
         let sha256 = crate::package::sha256_hex(&bytes);
-        drop(bytes);
         if self.slot.current().is_some_and(|m| m.sha256 == sha256) {
             return Considered::Skipped;
         }
@@ -224,7 +242,7 @@ impl ModuleManager {
         self.board
             .set(module_ref.clone(), Phase::Loading, (0, 0), String::new());
         let started = Instant::now();
-        let module = match self.sandbox.load_file(path) {
+        let module = match self.sandbox.load_bytes(path, &bytes, sha256.clone()) {
             Ok(module) => module,
             Err(e) => {
                 // The module itself is bad: remember it so it is never compiled again.

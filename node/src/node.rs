@@ -6,8 +6,9 @@
 //! before answering therefore leaves the job unacknowledged in its persistent session, and the
 //! broker hands it over again when the node is back.
 //!
-//! Shutdown (SIGTERM, Ctrl-C, or the caller's future): stop subscribing, answer every job already
-//! accepted, publish an offline status, disconnect.
+//! Shutdown (SIGTERM, Ctrl-C, or the caller's future): leave the tier's shared subscription, answer
+//! every job already accepted, publish an offline status, disconnect. Jobs addressed to the node
+//! itself wait in its persistent session for its return.
 
 use crate::config::NodeConfig;
 use crate::modules::{self, Considered, ModuleManager, ModuleSlot, RolloutBoard};
@@ -228,19 +229,28 @@ impl Rollouts {
                 }
                 Action::Install(fetch) => {
                     let module = rollout::module_ref(&fetch.manifest);
+                    let failed_module = module.clone();
                     let (sandbox, dir) = (self.sandbox.clone(), shared.config.modules.clone());
                     let (found, finished) = (self.found.clone(), self.finished.0.clone());
-                    tokio::task::spawn_blocking(move || {
-                        match rollout::install(*fetch, &dir, &sandbox) {
-                            // Straight to the manager: no need to wait for the watcher's event.
-                            Ok(path) => {
-                                let _ = found.send(path);
+                    // A thread of its own: it runs at background priority.
+                    let spawned = std::thread::Builder::new()
+                        .name("module-install".into())
+                        .spawn(move || {
+                            modules::background_priority();
+                            match rollout::install(*fetch, &dir, &sandbox) {
+                                // Straight to the manager: no need to wait for the watcher's event.
+                                Ok(path) => {
+                                    let _ = found.send(path);
+                                }
+                                Err(reason) => {
+                                    let _ = finished.send((module, reason));
+                                }
                             }
-                            Err(reason) => {
-                                let _ = finished.send((module, reason));
-                            }
-                        }
-                    });
+                        });
+                    if let Err(e) = spawned {
+                        let reason = format!("cannot start a thread to install the module: {e}");
+                        let _ = self.finished.0.send((failed_module, reason));
+                    }
                 }
                 Action::Reseed(reseed) => {
                     tokio::spawn(reseed_module(shared.clone(), *reseed));
@@ -274,7 +284,7 @@ async fn reseed_module(shared: Arc<Shared>, reseed: Reseed) {
     let started = Instant::now();
     let mut chunks = 0;
     for blob in &blobs {
-        let (_, pieces) = package::cut(blob, manifest.chunk_size);
+        let (_, pieces) = package::cut(blob, manifest.chunk_size, &manifest.encoding);
         for chunk in pieces {
             let topic = shared.topics.chunk(&chunk.sha256, chunk.index);
             chunks += 1;
@@ -324,9 +334,13 @@ async fn event_loop(
             _ = &mut shutdown, if !draining => {
                 draining = true;
                 tracing::info!(pending = tasks.len(), "shutting down: answering accepted jobs first");
-                for filter in subscriptions(&shared) {
-                    let _ = shared.client.try_unsubscribe(filter);
-                }
+                // The tier's other nodes take its shared jobs from now on. Jobs addressed to this
+                // node stay subscribed: the broker keeps them in this node's session until it is
+                // back (a restart, an update), and messages that arrive now are left unacknowledged
+                // for the same reason.
+                let _ = shared
+                    .client
+                    .try_unsubscribe(shared.topics.shared_tier_jobs(shared.responder.tier));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {
                 // Keep the retained load figures fresh while jobs flow, at most once a second.

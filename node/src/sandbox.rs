@@ -201,7 +201,10 @@ impl Sandbox {
         wasm.epoch_interruption(true)
             .cranelift_opt_level(wasmtime::OptLevel::Speed)
             .wasm_simd(true)
-            .wasm_relaxed_simd(true);
+            .wasm_relaxed_simd(true)
+            // Maps from machine code back to Wasm offsets only serve backtraces, which trap
+            // reports do not use; without them compiled code is ~6 MB (10%) smaller to ship.
+            .generate_address_map(false);
         if let Some(dir) = &config.cache_dir {
             // A new version that changes only weights or a little code reuses the machine code
             // of every unchanged function instead of compiling all of them again.
@@ -246,14 +249,24 @@ impl Sandbox {
             path: path.to_owned(),
             source,
         })?;
+        let sha256 = sha256_hex(&bytes);
+        self.load_bytes(path, &bytes, sha256)
+    }
+
+    /// [`Sandbox::load_file`] for a file already read, whose digest is `sha256`.
+    pub fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        sha256: String,
+    ) -> Result<Arc<LoadedModule>, LoadError> {
         if !bytes.starts_with(b"\0asm") {
             return Err(LoadError::NotWasm {
                 path: path.to_owned(),
             });
         }
-        let sha256 = sha256_hex(&bytes);
         let started = Instant::now();
-        let (module, from_cache) = self.compile_cached(path, &bytes, &sha256)?;
+        let (module, from_cache) = self.compile_cached(path, bytes, &sha256)?;
         let compiled = CompileReport {
             from_cache,
             elapsed: started.elapsed(),

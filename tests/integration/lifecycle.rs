@@ -105,3 +105,57 @@ async fn a_restarted_node_loads_the_module_from_the_cache() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_sent_while_a_node_restarts_are_answered_when_it_is_back() {
+    let broker = TestBroker::start().await;
+    let mut node = TestNode::start(NodeSpec::with_guest("l4", "edge", broker.port())).await;
+    let mut client = Client::connect(broker.port(), "restart-jobs").await;
+    client.subscribe("test/restart").await;
+    assert!(node.terminate(), "clean exit:\n{}", node.log());
+    // Sent once the broker has parked the session: rmqtt 0.24 was seen to drop QoS 1 messages
+    // published within milliseconds of the DISCONNECT, while the session goes offline (0 to 2 of
+    // these 3 were lost; Mosquitto kept all). The README lists it under known limits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The node is down: its persistent session holds these for it.
+    let photos = photos();
+    for (n, photo) in photos.iter().enumerate().take(3) {
+        client
+            .publish_with_response_topic(
+                "isomesh/images/l4",
+                photo.bytes(),
+                "test/restart",
+                n.to_string().as_bytes(),
+            )
+            .await;
+    }
+    node.start_again();
+    let mut replies = Vec::new();
+    while replies.len() < 3 {
+        match client.next(Duration::from_secs(120)).await {
+            Some(reply) => replies.push(reply),
+            None => panic!(
+                "{} of 3 jobs answered; node log:\n{}\nbroker log:\n{}",
+                replies.len(),
+                node.log(),
+                broker.log()
+            ),
+        }
+    }
+    for reply in replies {
+        let result: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        let n: usize = String::from_utf8_lossy(
+            reply
+                .properties
+                .as_ref()
+                .and_then(|p| p.correlation_data.as_ref())
+                .expect("correlation data"),
+        )
+        .parse()
+        .unwrap();
+        let top1 = result["top"][0]["index"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{result}"));
+        assert!(photos[n].accepts(top1 as u32), "{result}");
+    }
+}

@@ -89,6 +89,11 @@ impl TestNode {
     /// Stops the node (SIGTERM) and starts it again on the same module directory.
     pub fn restart(&mut self) {
         self.terminate();
+        self.start_again();
+    }
+
+    /// Starts the (stopped) node again with the same command line and module directory.
+    pub fn start_again(&mut self) {
         self.child = start_process(self.dir.path(), &self.args);
     }
 

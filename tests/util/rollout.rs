@@ -79,6 +79,7 @@ pub fn package(module: &[u8], name: &str, version: &str, tiers: &[Tier]) -> Pack
             target_tiers: tiers.to_vec(),
             target_nodes: vec![],
             force: false,
+            compress: true,
         },
         module,
         &[],

@@ -5,11 +5,10 @@
 //! Measured: (a) time from the rollout's start to each node serving B, split into compile (at the
 //! publisher), publish and node phases; (b) jobs failed or lost; (c) round-trip latency before and
 //! during the swap. Then the baseline the paper compares against: stop the first node, start it
-//! on B, and time until it answers a job sent while it was down (cold: compiling B; warm: from the
+//! on B, and time until it answers its first job (cold: compiling B; warm: from the
 //! compiled-module cache). Writes JSON.
 
 use super::bench::{machine, ms, stats, tempdir};
-use crate::package::{Package, PackageSpec, DEFAULT_CHUNK_SIZE};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::signing::SecretKey;
 use crate::topics::Topics;
@@ -51,6 +50,9 @@ pub struct SwapArgs {
     /// Where to write the JSON report.
     #[arg(long, default_value = "bench-out/swap.json")]
     pub out: PathBuf,
+    /// Keep the working directory (node logs, module dirs) instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// A child process killed when dropped.
@@ -231,32 +233,40 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
 
     // The run: load before, the rollout, load until every node serves the new module, a tail.
     let mut rollout_started: Option<Instant> = None;
-    let mut phases = json!({});
     let mut all_serving_at: Option<Instant> = None;
     let run_started = Instant::now();
     let mut next_send = Instant::now();
-    let mut rollout_task: Option<tokio::task::JoinHandle<anyhow::Result<serde_json::Value>>> = None;
+    let mut rollout_task: Option<tokio::task::JoinHandle<anyhow::Result<(Instant, String)>>> = None;
+    let mut published: Option<(Instant, String)> = None;
     loop {
         let now = Instant::now();
         if rollout_started.is_none() && now >= run_started + Duration::from_secs(args.before_s) {
             rollout_started = Some(now);
             eprintln!("rolling out...");
-            let (client, to, precompile) = (client.clone(), to.clone(), !args.no_precompile);
-            let publisher_cache = publisher_cache.clone();
-            let (key, name, version) = (
-                SecretKey::read(&secret)?,
-                to_info.name.clone(),
-                to_info.version.clone(),
-            );
+            // The real command, on its own connection, as an operator would run it.
+            let mut command = tokio::process::Command::new(sibling("isomesh")?);
+            command
+                .arg("rollout")
+                .arg(&args.to)
+                .args(["--name", &to_info.name, "--version", &to_info.version])
+                .arg("--key")
+                .arg(&secret)
+                .arg("--broker")
+                .arg(&broker_url)
+                .arg("--compile-cache")
+                .arg(&publisher_cache)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if args.no_precompile {
+                command.arg("--no-precompile");
+            }
+            let child = command.spawn()?;
             rollout_task = Some(tokio::spawn(async move {
-                publish_rollout(
-                    &client,
-                    &to,
-                    (&name, &version),
-                    &key,
-                    precompile.then_some(publisher_cache),
-                )
-                .await
+                let output = child.wait_with_output().await?;
+                let published = Instant::now();
+                let said = String::from_utf8_lossy(&output.stderr).into_owned();
+                anyhow::ensure!(output.status.success(), "isomesh rollout failed: {said}");
+                Ok((published, said))
             }));
         }
         if let Some(at) = all_serving_at {
@@ -294,7 +304,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         if let Some(task) = &rollout_task {
             if task.is_finished() {
                 if let Some(task) = rollout_task.take() {
-                    phases = task.await??;
+                    published = Some(task.await??);
                 }
             }
         }
@@ -337,14 +347,17 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|s| s.answer.as_ref().is_some_and(|(_, _, ok)| !ok))
         .count();
-    let lost = sent.iter().filter(|s| s.answer.is_none()).count();
+    let lost: Vec<usize> = (0..sent.len())
+        .filter(|&n| sent[n].answer.is_none())
+        .collect();
     let answered_by_new = sent
         .iter()
         .filter(|s| s.answer.as_ref().is_some_and(|(_, v, _)| *v == to_sha))
         .count();
 
-    // The baseline: stop the first node, start it on the new module, time the first answer to a
-    // job sent while it was down. Cold: a fresh cache, so it compiles; warm: from its cache.
+    // The baseline: stop the first node, start it on the new module, and time from the stop to
+    // the answer to its first job, sent once it reports ready. Cold: a fresh cache, so it
+    // compiles; warm: from its cache.
     let mut restarts = json!({});
     for (label, fresh_cache) in [("cold_cache", true), ("warm_cache", false)] {
         let setup = &setups[0];
@@ -354,6 +367,24 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         std::fs::write(setup.modules.join("to.wasm"), &to)?;
         if fresh_cache {
             let _ = std::fs::remove_dir_all(&setup.cache);
+        }
+        nodes[0] = start_node(setup, port, &trusted)?;
+        // Ready when its status says so; then the first job, answered by the new module.
+        loop {
+            anyhow::ensure!(
+                stopped.elapsed() < Duration::from_secs(300),
+                "the restarted node was not ready within 300 s"
+            );
+            if let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+                if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
+                    let ready = status.node_id == setup.id
+                        && status.online
+                        && status.module.as_ref().is_some_and(|m| m.sha256 == to_sha);
+                    if ready {
+                        break;
+                    }
+                }
+            }
         }
         let job_id = format!("restart-{label}");
         let props = PublishProperties {
@@ -370,7 +401,6 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                 props,
             )
             .await?;
-        nodes[0] = start_node(setup, port, &trusted)?;
         let answered = loop {
             let left = Duration::from_secs(300).saturating_sub(stopped.elapsed());
             match tokio::time::timeout(left, events.recv()).await {
@@ -395,14 +425,23 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         .map(|s| serving_to.get(&s.id).map(|d| ms(*d)).unwrap_or(f64::NAN))
         .collect();
     let slowest = swap_ms.iter().cloned().fold(0.0, f64::max);
+    let published_ms = published
+        .as_ref()
+        .map(|(at, _)| ms(at.duration_since(rollout_started)));
+    let node_side_ms: Vec<f64> = swap_ms
+        .iter()
+        .map(|total| total - published_ms.unwrap_or(f64::NAN))
+        .collect();
     let report = json!({
         "machine": machine(),
         "nodes": setups.iter().map(|s| json!({"id": s.id, "tier": s.tier.name()})).collect::<Vec<_>>(),
         "precompiled_artifact": !args.no_precompile,
-        "rollout_phases_ms": phases,
+        "rollout_output": published.as_ref().map(|(_, said)| said.trim().to_string()),
         "rollout_to_serving_ms": swap_ms,
+        "rollout_to_published_ms": published_ms,
+        "published_to_serving_ms": node_side_ms,
         "rollout_to_all_serving_ms": slowest,
-        "jobs": {"sent": sent.len(), "failed": failed, "lost": lost, "answered_by_new_module": answered_by_new, "rate_per_s": args.rate},
+        "jobs": {"sent": sent.len(), "failed": failed, "lost": lost.len(), "lost_jobs": lost, "answered_by_new_module": answered_by_new, "rate_per_s": args.rate},
         "latency_ms": {"before": b.to_json(), "during_swap": d.to_json(),
                         "p99_during_over_before": d.p99 / b.p99},
         "restart_baseline_ms": restarts,
@@ -414,7 +453,11 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
-    let _ = std::fs::remove_dir_all(&work);
+    if args.keep {
+        eprintln!("logs and module directories kept in {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     Ok(())
 }
 
@@ -449,69 +492,4 @@ fn take_event(
         let ok = result.get("error").is_none();
         job.answer.get_or_insert((Instant::now(), sha, ok));
     }
-}
-
-/// Compiles (unless told not to), packages, signs and publishes; returns the phase timings.
-async fn publish_rollout(
-    client: &rumqttc::v5::AsyncClient,
-    module: &[u8],
-    (name, version): (&str, &str),
-    key: &SecretKey,
-    precompile_with: Option<PathBuf>,
-) -> anyhow::Result<serde_json::Value> {
-    let started = Instant::now();
-    let artifacts = if let Some(cache_dir) = precompile_with {
-        let bytes = module.to_vec();
-        let (engine, code) = tokio::task::spawn_blocking(move || {
-            let sandbox = Sandbox::new(SandboxConfig {
-                cache_dir: Some(cache_dir),
-                ..SandboxConfig::default()
-            })?;
-            let (_, code) = sandbox.precompile(&bytes)?;
-            anyhow::Ok((sandbox.engine_id(), code))
-        })
-        .await??;
-        vec![(engine, code)]
-    } else {
-        Vec::new()
-    };
-    let compiled = started.elapsed();
-    let mut package = Package::new(
-        &PackageSpec {
-            name,
-            version,
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            target_tiers: vec![],
-            target_nodes: vec![],
-            force: false,
-        },
-        module,
-        &artifacts,
-    );
-    key.sign(&mut package.manifest);
-    let topics = Topics::new("isomesh");
-    for chunk in &package.chunks {
-        client
-            .publish(
-                topics.chunk(&chunk.sha256, chunk.index),
-                QoS::AtLeastOnce,
-                true,
-                chunk.encode_to_vec(),
-            )
-            .await?;
-    }
-    client
-        .publish(
-            topics.manifest(&package.manifest.name),
-            QoS::AtLeastOnce,
-            true,
-            package.manifest.encode_to_vec(),
-        )
-        .await?;
-    Ok(json!({
-        "precompile_ms": ms(compiled),
-        "queued_for_publish_ms": ms(started.elapsed() - compiled),
-        "bytes": package.chunks.iter().map(|c| c.data.len()).sum::<usize>(),
-        "chunks": package.chunks.len(),
-    }))
 }

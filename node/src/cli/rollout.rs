@@ -81,6 +81,9 @@ pub struct RolloutArgs {
     /// Chunk size in bytes; keep it under the broker's message limit.
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
     pub chunk_size: u32,
+    /// Publish chunks uncompressed: about 3x the bytes on the wire, no inflating on the nodes.
+    #[arg(long)]
+    pub no_compress: bool,
     /// Do not publish code compiled here (nodes then compile the module themselves).
     #[arg(long)]
     pub no_precompile: bool,
@@ -163,6 +166,7 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
         target_tiers: args.tier.clone(),
         target_nodes: args.node.clone(),
         force: args.force,
+        compress: !args.no_compress,
     };
     let mut package = Package::new(&spec, &module, &artifacts);
     crate::package::check_manifest(&package.manifest).map_err(anyhow::Error::msg)?;
@@ -203,6 +207,7 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
     }
 
     let total = package.chunks.len() as u64 + 1;
+    let raw: u64 = manifest.size + manifest.artifacts.iter().map(|a| a.size).sum::<u64>();
     let bar = indicatif::ProgressBar::new(total).with_style(
         indicatif::ProgressStyle::with_template(
             "publishing {bar:40} {pos}/{len} chunks {bytes_per_sec} {elapsed}",
@@ -236,9 +241,10 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
     wait_acked(&acked, &acked_signal, total, &bar, &poller).await?;
     bar.finish_and_clear();
     eprintln!(
-        "published {}@{} ({} MiB in {} chunks, {} precompiled artifact(s)) in {:.2} s, signed by key {}; targets: {}",
+        "published {}@{} ({} MiB stored as {} MiB in {} chunks, {} precompiled artifact(s)) in {:.2} s, signed by key {}; targets: {}",
         manifest.name,
         manifest.version,
+        raw >> 20,
         bytes >> 20,
         package.chunks.len(),
         manifest.artifacts.len(),
