@@ -294,6 +294,12 @@ impl Sandbox {
             .classify(&crate::selftest::IMAGE, 5)
             .map_err(|e| self_test_error(e.to_string()))?;
         crate::selftest::check(&answer, info.labels.len()).map_err(self_test_error)?;
+        if crate::selftest::knows_photo(&info.labels) {
+            let answer = probe
+                .classify(crate::selftest::PHOTO, 1)
+                .map_err(|e| self_test_error(e.to_string()))?;
+            crate::selftest::check_photo(&answer, &info.labels).map_err(self_test_error)?;
+        }
         Ok(Arc::new(LoadedModule {
             sha256,
             info,

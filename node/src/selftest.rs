@@ -1,8 +1,11 @@
-//! The self-test every module passes before it may serve: classify a known image and check the
-//! answer is well formed (k classes, valid indices, probabilities in [0, 1] that sum to at most 1).
+//! The self-test every module passes before it may serve: classify known images and check the
+//! answers.
 //!
-//! The image is a 32x32 PNG drawn here (a colour gradient, stored without compression), so
-//! the check needs no file and exercises the module's own decoder, preprocessing and model.
+//! First a 32x32 PNG drawn here (a colour gradient, stored without compression): the answer must be
+//! well formed (k classes, valid indices, probabilities in [0, 1] that sum to at most 1). Then, for
+//! a module whose labels are ImageNet's (it has a "pelican" class), a real photo embedded in the
+//! node (`assets/pelican.jpeg`, CC BY 2.0, see `assets/README.md`) must come out as "pelican": a
+//! module with scrambled weights or a broken preprocessing passes the first check, not this one.
 
 use isomesh_protos::GuestClassification;
 
@@ -10,6 +13,32 @@ const SIDE: u32 = 32;
 
 /// The known image, built once.
 pub static IMAGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(gradient_png);
+
+/// A real photo and the label an ImageNet classifier must give it.
+pub const PHOTO: &[u8] = include_bytes!("../assets/pelican.jpeg");
+pub const PHOTO_LABEL: &str = "pelican";
+
+/// Whether a module with these labels must recognise [`PHOTO`].
+pub fn knows_photo(labels: &[String]) -> bool {
+    labels.iter().any(|l| l == PHOTO_LABEL)
+}
+
+/// Checks the answer to [`PHOTO`]: its top-1 must be [`PHOTO_LABEL`].
+pub fn check_photo(answer: &GuestClassification, labels: &[String]) -> Result<(), String> {
+    let top = answer.top.first().ok_or("no class for the known photo")?;
+    let label = labels
+        .get(top.index as usize)
+        .map(String::as_str)
+        .unwrap_or("?");
+    if label == PHOTO_LABEL {
+        Ok(())
+    } else {
+        Err(format!(
+            "the known photo of a {PHOTO_LABEL} came out as {label:?} (p={:.3})",
+            top.prob
+        ))
+    }
+}
 
 /// Checks that `answer` is a well-formed top-5 over `label_count` classes.
 pub fn check(answer: &GuestClassification, label_count: usize) -> Result<(), String> {

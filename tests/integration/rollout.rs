@@ -583,6 +583,20 @@ async fn a_module_whose_self_test_loops_is_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_module_that_misreads_the_known_photo_is_rejected() {
+    assert_rejected(
+        "b13",
+        |keys| {
+            let module = fault_module(Fault::MissesThePhoto);
+            signed(keys, rollout::package(&module, "faulty", "t1", &[]))
+        },
+        "known photo of a pelican came out as \"a\"",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_manifest_whose_name_does_not_match_the_module_is_rejected() {
     assert_rejected(
         "b10",

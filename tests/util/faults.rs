@@ -15,6 +15,9 @@ pub enum Fault {
     AlwaysLoop,
     /// Every call traps: the module cannot pass its self-test.
     AlwaysTrap,
+    /// Claims a "pelican" class but answers the same five classes to everything: it passes the
+    /// self-test's structural check and fails its photo.
+    MissesThePhoto,
 }
 
 /// A tiny module that speaks the guest ABI (name `faulty`, version `t1`), misbehaving as `fault` says.
@@ -23,7 +26,12 @@ pub fn fault_module(fault: Fault) -> Vec<u8> {
         abi_version: 1,
         name: "faulty".into(),
         version: "t1".into(),
-        labels: ["a", "b", "c", "d", "e"].map(String::from).to_vec(),
+        labels: match fault {
+            Fault::MissesThePhoto => ["a", "pelican", "c", "d", "e"],
+            _ => ["a", "b", "c", "d", "e"],
+        }
+        .map(String::from)
+        .to_vec(),
         ..Default::default()
     }
     .encode_to_vec();
@@ -49,6 +57,11 @@ pub fn fault_module(fault: Fault) -> Vec<u8> {
     let classify_body = match fault {
         Fault::AlwaysLoop => "(loop $forever (br $forever)) unreachable".to_string(),
         Fault::AlwaysTrap => "unreachable".to_string(),
+        // Answers every input, a JPEG (starting with 0xFF) included.
+        Fault::MissesThePhoto => format!(
+            "(i64.or (i64.shl (i64.const 2048) (i64.const 32)) (i64.const {}))",
+            answer.len()
+        ),
         Fault::OnMarkedInput => format!(
             "(if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 0xff)) (then unreachable))
              (if (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 0xfe)) (then (loop $forever (br $forever))))
