@@ -343,8 +343,9 @@ async fn event_loop(
                     .try_unsubscribe(shared.topics.shared_tier_jobs(shared.responder.tier));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {
-                // Keep the retained load figures fresh while jobs flow, at most once a second.
-                if status.last_published().elapsed() >= Duration::from_secs(1) {
+                // Keep the retained load figures fresh while jobs flow, at most once a second,
+                // and always when the last job is done so an idle node does not show a queue.
+                if tasks.is_empty() || status.last_published().elapsed() >= Duration::from_secs(1) {
                     status.publish(true);
                 }
             }
