@@ -8,7 +8,8 @@
 //! window also bounds how much arrives before it is stored. Chunks still missing after a quiet
 //! spell are asked for again.
 
-use crate::package::{chunk_len, decode, sha256_hex, stored_size};
+use crate::package::{chunk_len, decode, stored_size};
+use crate::sandbox::sha256_hex;
 use isomesh_protos::{ModuleChunk, ModuleManifest, PrecompiledArtifact};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -390,7 +391,7 @@ mod tests {
     fn a_blob_with_the_wrong_bytes_fails_its_sha256() {
         let package = package(250, false);
         let mut forged = package.manifest.clone();
-        forged.sha256 = crate::package::sha256_hex(b"something else");
+        forged.sha256 = crate::sandbox::sha256_hex(b"something else");
         let mut fetch = Fetch::new(forged.clone(), None);
         for mut chunk in package.chunks.clone() {
             chunk.sha256 = forged.sha256.clone();

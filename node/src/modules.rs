@@ -102,14 +102,19 @@ pub fn load_newest(sandbox: &Sandbox, dir: &Path) -> Option<Arc<LoadedModule>> {
         }
     };
     for path in files {
-        if let Some(reason) = std::fs::read(&path)
-            .ok()
-            .and_then(|bytes| rejected_before(dir, &crate::package::sha256_hex(&bytes)))
-        {
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read a module file");
+                continue;
+            }
+        };
+        let sha256 = crate::sandbox::sha256_hex(&bytes);
+        if let Some(reason) = rejected_before(dir, &sha256) {
             tracing::info!(file = %path.display(), %reason, "skipping a module rejected before");
             continue;
         }
-        match sandbox.load_file(&path) {
+        match sandbox.load_bytes(&path, &bytes, sha256) {
             Ok(module) => {
                 tracing::info!(
                     file = %path.display(),
@@ -219,7 +224,7 @@ impl ModuleManager {
         let Ok(bytes) = std::fs::read(path) else {
             return Considered::Skipped; // gone again
         };
-        let sha256 = crate::package::sha256_hex(&bytes);
+        let sha256 = crate::sandbox::sha256_hex(&bytes);
         if self.slot.current().is_some_and(|m| m.sha256 == sha256) {
             return Considered::Skipped;
         }

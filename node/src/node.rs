@@ -265,7 +265,7 @@ async fn reseed_module(shared: Arc<Shared>, reseed: Reseed) {
     let manifest = reseed.manifest;
     let read = |path: std::path::PathBuf| tokio::fs::read(path);
     let module = match read(reseed.module.clone()).await {
-        Ok(bytes) if package::sha256_hex(&bytes) == manifest.sha256 => bytes,
+        Ok(bytes) if crate::sandbox::sha256_hex(&bytes) == manifest.sha256 => bytes,
         _ => {
             tracing::warn!(file = %reseed.module.display(), "module file changed; not re-seeding it");
             return;
@@ -276,7 +276,7 @@ async fn reseed_module(shared: Arc<Shared>, reseed: Reseed) {
         // The cache may hold code compiled here rather than the published artifact: only the
         // published bytes match the manifest.
         if let Ok(code) = read(path).await {
-            if package::sha256_hex(&code) == artifact.sha256 {
+            if crate::sandbox::sha256_hex(&code) == artifact.sha256 {
                 blobs.push(code);
             }
         }

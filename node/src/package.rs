@@ -10,8 +10,8 @@
 //! waits for during a rollout. Digests and sizes in the manifest describe the decoded bytes, so
 //! the signature vouches for what runs, and decoding stops at the announced size.
 
+use crate::sandbox::sha256_hex;
 use isomesh_protos::{ModuleChunk, ModuleManifest, PrecompiledArtifact, Tier};
-use sha2::{Digest, Sha256};
 use std::cmp::Ordering;
 
 /// Default chunk size: fits every common broker's message limit.
@@ -159,10 +159,6 @@ pub fn chunk_count(size: u64, chunk_size: u32) -> u32 {
 pub fn chunk_len(size: u64, chunk_size: u32, index: u32) -> u64 {
     let start = u64::from(index) * u64::from(chunk_size);
     size.saturating_sub(start).min(u64::from(chunk_size))
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    crate::signing::hex(&Sha256::digest(bytes))
 }
 
 /// Whether a manifest is meant for the node `node` of tier `tier`.

@@ -682,11 +682,7 @@ impl Instance {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Hex sha256 of `bytes`, as used for module identities.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    crate::signing::hex(&Sha256::digest(bytes))
 }

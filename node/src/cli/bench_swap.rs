@@ -175,7 +175,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
             cache_dir: Some(setup.cache.clone()),
             ..SandboxConfig::default()
         })?;
-        node_sandbox.store_precompiled(&crate::package::sha256_hex(&from), &from_code)?;
+        node_sandbox.store_precompiled(&crate::sandbox::sha256_hex(&from), &from_code)?;
         setups.push(setup);
     }
     let mut nodes = Vec::new();
@@ -203,8 +203,8 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         }
     });
 
-    let from_sha = crate::package::sha256_hex(&from);
-    let to_sha = crate::package::sha256_hex(&to);
+    let from_sha = crate::sandbox::sha256_hex(&from);
+    let to_sha = crate::sandbox::sha256_hex(&to);
     let mut statuses: HashMap<String, NodeStatus> = HashMap::new();
     let mut serving_to: HashMap<String, Duration> = HashMap::new();
     let mut sent: Vec<Sent> = Vec::new();
