@@ -5,7 +5,7 @@ CARGO ?= cargo
 MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
 MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 
-.PHONY: demo test setup module build unit integration lint bench clean-demo
+.PHONY: demo test setup module build unit integration lint bench plots clean-demo
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
@@ -40,8 +40,17 @@ lint:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 ## Wasm vs native inference, call overhead, compile/load times; a rollout under load vs a
-## restart (with precompiled code, then with every node compiling); JSON in bench-out/.
+## restart (with precompiled code, then with every node compiling); the offload policies under
+## Poisson load (needs root for CPU quotas); JSON in bench-out/, plots in docs/.
 bench: module build
 	./target/release/isomesh bench infer --module $(MODULE) --out bench-out/infer.json ../shared/images/*.jp*g
 	./target/release/isomesh bench swap --before-s 20 --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap.json ../shared/images/*.jp*g
 	./target/release/isomesh bench swap --before-s 20 --no-precompile --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap-compile.json ../shared/images/*.jp*g
+	./target/release/isomesh bench offload --module $(MODULE) --out bench-out/offload.json ../shared/images/*.jp*g
+	$(MAKE) plots
+
+## PNG plots of the benchmark JSON (matplotlib, from PyPI when missing).
+plots:
+	python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
+	mkdir -p docs
+	python3 scripts/plot_offload.py bench-out/offload.json docs/offload.png

@@ -2,6 +2,8 @@
 # The isomesh demo: the embedded broker, one node per tier (device d1, edge e1, cloud c1) all
 # serving the same .wasm module, then every shared photo classified on each tier, once with the
 # `isomesh` CLI (protobuf jobs) and once with plain `mosquitto_pub -f` (raw bytes, JSON answer).
+# A burst at the device with a tight budget shows offload: jobs the device would finish late go
+# up to the edge and the cloud.
 # Then a signed rollout of version 0.2.0 of the module to every node, hot-swapped while they run,
 # and one more classification to show every tier answering with the new version.
 #
@@ -77,6 +79,14 @@ if command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null; t
   mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t isomesh/images/e1 -f "$images/cat_720p.jpg"
   wait "$sub"
 fi
+
+echo
+echo "== offload: a burst of 24 photos at the device, 300 ms budget each. One worker at ~40 ms a"
+echo "   photo cannot finish them all in time, so it sends jobs up; NODE and PATH say where each ran"
+burst=()
+for _ in 1 2 3 4; do burst+=("$images"/*.jp*g); done
+"$bin/isomesh" classify --broker "$broker" --node d1 --budget-ms 300 "${burst[@]:0:24}"
+echo "   forwarded by d1: $(grep -c 'forwarding the job up' "$work/d1.log" || true) jobs, by e1: $(grep -c 'forwarding the job up' "$work/e1.log" || true)"
 
 echo
 echo "== isomesh rollout $module_v2 --version 0.2.0 --wait (signed, retained, hot-swapped: no node restarts)"

@@ -5,6 +5,7 @@
 //! `budget-ms = 200`, ...) becomes the matching `ISOMESH_*` variable unless that is already set,
 //! so every setting has exactly one parser.
 
+use crate::offload::Policy;
 use isomesh_protos::Tier;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +32,33 @@ pub struct NodeConfig {
     /// Default latency budget of a job in ms, when the job names none (0 = none).
     #[arg(long, env = "ISOMESH_BUDGET_MS", default_value_t = 0)]
     pub budget_ms: u32,
+
+    /// Where jobs run: `budget` forwards a job up when this node would miss its budget and the
+    /// tier above would not; `local-only` never forwards; `always-up` forwards every job while a
+    /// tier above is online. Jobs pinned to a module this node lacks go up under every policy.
+    #[arg(long, env = "ISOMESH_OFFLOAD", value_enum, default_value_t = Policy::Budget)]
+    pub offload: Policy,
+
+    /// Most times a job may be forwarded; a job that has made this many hops runs where it is.
+    #[arg(long, env = "ISOMESH_MAX_HOPS", default_value_t = 3)]
+    pub max_hops: u32,
+
+    /// How long past its remaining budget a forwarded job may take before this node stops
+    /// waiting and runs it itself, ms.
+    #[arg(long, env = "ISOMESH_OFFLOAD_GRACE_MS", default_value_t = 2000)]
+    pub offload_grace_ms: u64,
+
+    /// Jobs (QoS 1 messages) the broker may hand this node before it has answered earlier ones:
+    /// the MQTT 5 Receive Maximum. Beyond it the broker holds jobs back (back-pressure), and a
+    /// tier's shared jobs go to its other nodes.
+    #[arg(long, env = "ISOMESH_RECEIVE_MAXIMUM", default_value_t = 64)]
+    pub receive_maximum: u16,
+
+    /// Jobs waiting or running here at most. QoS 1 jobs are held back by the broker (see
+    /// --receive-maximum); this bounds what QoS 0 senders can pile up: past it a job that would
+    /// run here gets an "overloaded" error answer.
+    #[arg(long, env = "ISOMESH_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
 
     /// Worker threads, each with its own Wasm instance.
     #[arg(long, env = "ISOMESH_WORKERS", default_value_t = 1)]
@@ -92,6 +120,10 @@ impl NodeConfig {
 
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
+    }
+
+    pub fn offload_grace(&self) -> Duration {
+        Duration::from_millis(self.offload_grace_ms)
     }
 }
 

@@ -6,6 +6,10 @@
 //! 3. the worker calls the guest through the [`sandbox`] (wasmtime, deadline, memory cap);
 //! 4. [`report`] turns the outcome into the one answer, published to the request's reply route.
 //!
+//! Or the job goes up a tier: the [`offload`] policy weighs the job's budget against this node's
+//! load and the tier above's (from [`peers`]' statuses); a forwarded job stays owned by this node
+//! in the [`relay`] until its answer comes back, or it runs here after all.
+//!
 //! A module's path onto a node (a rollout):
 //! 1. `isomesh rollout` cuts the module into chunks and signs a manifest ([`package`], [`signing`]);
 //! 2. the node's [`rollout`] agent checks the manifest, [`fetch`]es the chunks and writes the file;
@@ -20,7 +24,10 @@ pub mod config;
 pub mod fetch;
 pub mod modules;
 pub mod node;
+pub mod offload;
 pub mod package;
+pub mod peers;
+pub mod relay;
 pub mod report;
 pub mod request;
 pub mod rollout;

@@ -12,15 +12,18 @@
 
 use crate::config::NodeConfig;
 use crate::modules::{self, Considered, ModuleManager, ModuleSlot, RolloutBoard};
+use crate::offload::{self, Decision, Situation};
 use crate::package;
+use crate::peers::Peers;
+use crate::relay::{Delivery, Relay};
 use crate::report::{self, Responder};
 use crate::request::{self, JobIds, ReplyRoute, Request};
 use crate::rollout::{self, Action, AgentConfig, Reseed, RolloutAgent};
 use crate::sandbox::{Sandbox, SandboxConfig};
-use crate::scheduler::{JobFailure, Scheduler};
+use crate::scheduler::{JobFailure, Outcome, Scheduler};
 use crate::signing::TrustedKeys;
 use crate::topics::{parse_broker_url, Topics};
-use isomesh_protos::{JobResult, ModuleRef, NodeStatus};
+use isomesh_protos::{hop, Job, JobResult, ModuleRef, NodeStatus, Tier};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -29,6 +32,7 @@ use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 /// Largest MQTT packet this node accepts; bigger images get an error answer, not silence.
@@ -66,6 +70,9 @@ struct Shared {
     topics: Topics,
     client: AsyncClient,
     scheduler: Scheduler,
+    slot: Arc<ModuleSlot>,
+    /// Forwarded jobs waiting for their answer from above.
+    relay: Arc<Relay>,
     config: NodeConfig,
 }
 
@@ -150,11 +157,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         topics,
         client,
         scheduler,
+        slot,
+        relay: Arc::new(Relay::default()),
         config,
     });
     let status = StatusReporter {
         shared: shared.clone(),
-        slot,
         board,
         started: Instant::now(),
         published: std::cell::Cell::new(Instant::now()),
@@ -177,6 +185,8 @@ fn mqtt_options(config: &NodeConfig, topics: &Topics, host: &str, port: u16) -> 
         .set_clean_start(false)
         .set_session_expiry_interval(Some(config.session_expiry_s))
         .set_manual_acks(true)
+        // Back-pressure: the broker holds further jobs until earlier ones are answered.
+        .set_receive_maximum(Some(config.receive_maximum.max(1)))
         // Far above --max-payload-bytes: an MQTT 5 broker silently drops what exceeds the
         // client's packet limit, and an oversized image must get an error answer instead.
         .set_max_packet_size(Some(MQTT_PACKET_LIMIT))
@@ -324,6 +334,10 @@ async fn event_loop(
     tokio::pin!(shutdown);
     let ids = JobIds::new(&shared.responder.node);
     let mut recent = RecentIds::default();
+    let mut peers = Peers::new(Duration::from_secs(
+        (3 * shared.config.status_interval_s).max(15),
+    ));
+    let relay_topic = shared.topics.relay(&shared.responder.node);
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut status_tick =
         tokio::time::interval(Duration::from_secs(shared.config.status_interval_s.max(1)));
@@ -370,8 +384,8 @@ async fn event_loop(
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     tracing::info!(broker = %shared.config.broker, session_present = ack.session_present, "connected");
                     if !draining {
-                        for filter in subscriptions(&shared) {
-                            if let Err(e) = shared.client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                        for (filter, qos) in subscriptions(&shared) {
+                            if let Err(e) = shared.client.try_subscribe(filter.clone(), qos) {
                                 tracing::error!(%filter, error = %e, "cannot subscribe");
                             }
                         }
@@ -381,11 +395,21 @@ async fn event_loop(
                     status.publish(true);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    // Answers from above and the mesh's statuses count while draining too: jobs
+                    // forwarded before the shutdown are still waiting for them.
+                    if topic == relay_topic {
+                        take_relayed(&shared, &publish.payload);
+                        continue;
+                    }
+                    if let Some(node) = shared.topics.status_of(&topic) {
+                        peers.heard(node, read_status(node, &publish.payload));
+                        continue;
+                    }
                     if draining {
                         // Not acknowledged: the broker keeps it for this node's next session.
                         continue;
                     }
-                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
                     if shared.topics.is_module_topic(&topic) {
                         // Retained: nothing is lost by acknowledging before handling.
                         let _ = shared.client.try_ack(&publish);
@@ -393,8 +417,8 @@ async fn event_loop(
                         rollouts.apply(&shared, actions);
                         continue;
                     }
-                    if let Some(request) = accept(&shared, &ids, &mut recent, &publish) {
-                        tasks.spawn(serve(shared.clone(), request, publish));
+                    if let Some(accepted) = accept(&shared, &ids, &mut recent, &peers, &publish) {
+                        tasks.spawn(serve(shared.clone(), accepted, publish));
                     } else {
                         let _ = shared.client.try_ack(&publish);
                     }
@@ -424,14 +448,87 @@ async fn event_loop(
     let _ = tokio::time::timeout(Duration::from_secs(3), flush).await;
 }
 
-fn subscriptions(shared: &Shared) -> Vec<String> {
+fn subscriptions(shared: &Shared) -> Vec<(String, QoS)> {
     let node = &shared.responder.node;
     vec![
-        shared.topics.images(node),
-        shared.topics.jobs(node),
-        shared.topics.shared_tier_jobs(shared.responder.tier),
-        shared.topics.all_manifests(),
+        (shared.topics.images(node), QoS::AtLeastOnce),
+        (shared.topics.jobs(node), QoS::AtLeastOnce),
+        (
+            shared.topics.shared_tier_jobs(shared.responder.tier),
+            QoS::AtLeastOnce,
+        ),
+        (shared.topics.all_manifests(), QoS::AtLeastOnce),
+        // QoS 0 on purpose. Results from above must not wait behind the jobs that occupy this
+        // node's Receive Maximum (those jobs wait for these very results); and one lost result
+        // costs a run here after the grace period, never the job.
+        (shared.topics.relay(node), QoS::AtMostOnce),
+        (shared.topics.all_status(), QoS::AtMostOnce),
     ]
+}
+
+/// Hands a result from the tier above to the forwarded job waiting for it.
+fn take_relayed(shared: &Shared, payload: &[u8]) {
+    match JobResult::decode(payload) {
+        Ok(result) => {
+            let (job_id, node) = (result.job_id.clone(), result.node.clone());
+            if shared.relay.deliver(result) == Delivery::Unclaimed {
+                tracing::info!(%job_id, from = %node, "answer from above for a job already answered; dropped");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "unreadable result on the relay topic; dropped"),
+    }
+}
+
+/// A node's status, or `None` for a cleared (or unreadable) one.
+fn read_status(node: &str, payload: &[u8]) -> Option<NodeStatus> {
+    if payload.is_empty() {
+        return None;
+    }
+    NodeStatus::decode(payload)
+        .map_err(
+            |e| tracing::warn!(%node, error = %e, "unreadable node status; ignoring that node"),
+        )
+        .ok()
+}
+
+/// A request and how it will be served, decided as it arrived.
+struct Accepted {
+    request: Request,
+    plan: Plan,
+    at: Instant,
+}
+
+enum Plan {
+    /// Queued here; the receiver yields the outcome.
+    Run(oneshot::Receiver<Outcome>),
+    /// To be published to this tier's shared job topic.
+    Forward(Tier),
+}
+
+/// What the offload policy needs to know about `job` here and now.
+fn situation(shared: &Shared, peers: &Peers, job: &Job) -> Situation {
+    let load = shared.scheduler.load();
+    let module = shared.slot.current();
+    // Until a job has run here, the self-test's timing stands in for the service time.
+    let ewma_ms = match load.ewma_ms() {
+        ewma if ewma > 0.0 => ewma,
+        _ => module
+            .as_ref()
+            .map(|m| m.self_test_service.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0),
+    };
+    Situation {
+        budget_ms: job.budget_ms,
+        hops: job.hops,
+        max_hops: shared.config.max_hops,
+        local: offload::Load {
+            in_system: load.in_system(),
+            workers: shared.config.workers,
+            ewma_ms,
+        },
+        parent: peers.parent(shared.responder.tier, shared.relay.outstanding()),
+        cannot_serve: module.is_none_or(|m| !m.matches(&job.module_version)),
+    }
 }
 
 /// Turns a publish into a request, or answers it at once when it cannot be one. `None` means
@@ -440,12 +537,14 @@ fn accept(
     shared: &Arc<Shared>,
     ids: &JobIds,
     recent: &mut RecentIds,
+    peers: &Peers,
     publish: &Publish,
-) -> Option<Request> {
+) -> Option<Accepted> {
+    let at = Instant::now();
     let topic = String::from_utf8_lossy(&publish.topic);
     let node = &shared.responder.node;
     let props = publish.properties.as_ref();
-    let request = if topic == shared.topics.images(node) {
+    let mut request = if topic == shared.topics.images(node) {
         request::from_image(
             publish.payload.clone(),
             props.and_then(|p| p.response_topic.clone()),
@@ -483,47 +582,176 @@ fn accept(
         );
         return None;
     }
-    Some(request)
-}
-
-/// Runs one request to its single answer, then acknowledges the message that carried it.
-async fn serve(shared: Arc<Shared>, mut request: Request, publish: Publish) {
-    let accepted = Instant::now();
     if request.job.budget_ms == 0 {
         request.job.budget_ms = shared.config.budget_ms;
     }
-    let image = std::mem::take(&mut request.job.image);
-    let outcome = shared
-        .scheduler
-        .submit(image, request.job.top_k, request.job.module_version.clone())
-        .await
-        .unwrap_or_else(|_| {
-            Err(JobFailure {
-                message: "the worker running this job stopped before answering".into(),
-                module: None,
-            })
-        });
-    let result = report::job_result(
-        &shared.responder,
-        &request.job,
-        &outcome,
-        accepted.elapsed(),
-    );
-    match &outcome {
-        Ok(_) => tracing::info!(
+    let situation = situation(shared, peers, &request.job);
+    let plan = match offload::decide(shared.config.offload, &situation) {
+        Decision::Run(_) if situation.local.in_system >= shared.config.max_queue => {
+            let message = format!(
+                "node {node} is overloaded: {} jobs are queued (--max-queue); send the job again \
+                 later or to its tier",
+                situation.local.in_system
+            );
+            send_reply(
+                &shared.client,
+                &request.reply,
+                &report::rejection(&shared.responder, &request.job, message),
+            );
+            return None;
+        }
+        Decision::Run(reason) => {
+            tracing::debug!(job_id = %request.job.job_id, reason = reason.describe(), "running the job here");
+            // Queued now, not in the task, so the next job's decision sees this one in the queue.
+            let job = &mut request.job;
+            let image = std::mem::take(&mut job.image);
+            Plan::Run(
+                shared
+                    .scheduler
+                    .submit(image, job.top_k, job.module_version.clone()),
+            )
+        }
+        Decision::Forward(tier, reason) => {
+            tracing::info!(
+                job_id = %request.job.job_id,
+                to = tier.name(),
+                reason = reason.describe(),
+                budget_ms = request.job.budget_ms,
+                estimate_ms = situation.local.estimate_ms().unwrap_or_default(),
+                "forwarding the job up"
+            );
+            Plan::Forward(tier)
+        }
+    };
+    Some(Accepted { request, plan, at })
+}
+
+/// Runs one request to its single answer, here or above, then acknowledges the message that
+/// carried it.
+async fn serve(shared: Arc<Shared>, accepted: Accepted, publish: Publish) {
+    let Accepted { request, plan, at } = accepted;
+    let result = match plan {
+        Plan::Run(outcome) => run_here(&shared, &request.job, outcome, at, hop::Action::Ran).await,
+        Plan::Forward(tier) => forward(&shared, &request.job, tier, at).await,
+    };
+    if result.error.is_empty() {
+        tracing::info!(
             job_id = %result.job_id,
+            ran_on = %result.node,
             top1 = %result.top.first().map(|c| c.label.as_str()).unwrap_or(""),
             ms = result.timing.map(|t| t.total_ms).unwrap_or_default(),
+            deadline_met = result.deadline_met,
             "classified"
-        ),
-        Err(failure) => {
-            tracing::warn!(job_id = %result.job_id, error = %failure.message, "job failed")
-        }
+        );
+    } else {
+        tracing::warn!(job_id = %result.job_id, node = %result.node, error = %result.error, "job failed");
     }
     publish_reply(&shared.client, &request.reply, &result).await;
     if let Err(e) = shared.client.ack(&publish).await {
         tracing::warn!(error = %e, "cannot acknowledge a job message");
     }
+}
+
+/// Waits for a job queued here and makes its answer.
+async fn run_here(
+    shared: &Shared,
+    job: &Job,
+    outcome: oneshot::Receiver<Outcome>,
+    accepted: Instant,
+    action: hop::Action,
+) -> JobResult {
+    let outcome = outcome.await.unwrap_or_else(|_| {
+        Err(JobFailure {
+            message: "the worker running this job stopped before answering".into(),
+            module: None,
+        })
+    });
+    let total = accepted.elapsed();
+    let mut result = report::job_result(&shared.responder, job, &outcome, total);
+    result.hops.push(report::hop(
+        &shared.responder,
+        action,
+        total,
+        total,
+        job.budget_ms,
+    ));
+    result
+}
+
+/// Publishes `job` to `tier` and waits for its answer; runs it here if none comes within its
+/// remaining budget plus `--offload-grace-ms`, and then takes whichever answer is first.
+async fn forward(shared: &Shared, job: &Job, tier: Tier, accepted: Instant) -> JobResult {
+    let me = &shared.responder.node;
+    let mut up = job.clone();
+    up.hops += 1;
+    up.path.push(me.clone());
+    up.reply_to = shared.topics.relay(me);
+    up.budget_ms = remaining_budget(job.budget_ms, accepted.elapsed());
+    let mut awaited = shared.relay.expect(&job.job_id);
+    let sent = shared
+        .client
+        .publish(
+            shared.topics.tier_jobs(tier),
+            QoS::AtLeastOnce,
+            false,
+            up.encode_to_vec(),
+        )
+        .await;
+    let held = accepted.elapsed();
+    let mut above_open = true;
+    match sent {
+        Ok(()) => {
+            let patience =
+                Duration::from_millis(up.budget_ms.into()) + shared.config.offload_grace();
+            match tokio::time::timeout(patience, &mut awaited.result).await {
+                Ok(Ok(result)) => {
+                    let this = report::hop(
+                        &shared.responder,
+                        hop::Action::Forwarded,
+                        held,
+                        accepted.elapsed(),
+                        job.budget_ms,
+                    );
+                    return report::relayed(result, this);
+                }
+                Ok(Err(_)) => above_open = false,
+                Err(_) => {}
+            }
+            tracing::warn!(
+                job_id = %job.job_id,
+                tier = tier.name(),
+                waited_ms = patience.as_millis() as u64,
+                "no answer from the tier above in time; running the job here"
+            );
+        }
+        Err(e) => {
+            above_open = false;
+            tracing::warn!(job_id = %job.job_id, error = %e, "cannot forward the job; running it here");
+        }
+    }
+    let outcome = shared
+        .scheduler
+        .submit(job.image.clone(), job.top_k, job.module_version.clone());
+    let here = run_here(shared, job, outcome, accepted, hop::Action::Fallback);
+    tokio::pin!(here);
+    // A late answer from above still counts if it beats the run here.
+    tokio::select! {
+        Ok(result) = &mut awaited.result, if above_open => {
+            let this = report::hop(&shared.responder, hop::Action::Forwarded, held, accepted.elapsed(), job.budget_ms);
+            report::relayed(result, this)
+        }
+        result = &mut here => result,
+    }
+}
+
+/// What is left of a budget after `spent` here; a job with a budget keeps one (1 ms at least),
+/// so it is still judged against a deadline above.
+fn remaining_budget(budget_ms: u32, spent: Duration) -> u32 {
+    if budget_ms == 0 {
+        return 0;
+    }
+    let spent = u32::try_from(spent.as_millis()).unwrap_or(u32::MAX);
+    budget_ms.saturating_sub(spent).max(1)
 }
 
 fn encode_reply(route: &ReplyRoute, result: &JobResult) -> (Vec<u8>, Option<PublishProperties>) {
@@ -580,7 +808,6 @@ fn send_reply(client: &AsyncClient, route: &ReplyRoute, result: &JobResult) {
 /// Publishes this node's retained status.
 struct StatusReporter {
     shared: Arc<Shared>,
-    slot: Arc<ModuleSlot>,
     board: Arc<RolloutBoard>,
     started: Instant,
     /// When the last status went out.
@@ -595,7 +822,7 @@ impl StatusReporter {
     fn publish(&self, online: bool) {
         self.published.set(Instant::now());
         let load = self.shared.scheduler.load();
-        let module = self.slot.current().map(|m| ModuleRef {
+        let module = self.shared.slot.current().map(|m| ModuleRef {
             name: m.info.name.clone(),
             version: m.info.version.clone(),
             sha256: m.sha256.clone(),

@@ -2,7 +2,7 @@
 //! (the contract of DESIGN.md) for replies to raw images and for `isomesh classify --json`.
 
 use crate::scheduler::Outcome;
-use isomesh_protos::{ClassScore, Job, JobResult, ModuleRef, Tier, Timing};
+use isomesh_protos::{hop, ClassScore, Hop, Job, JobResult, ModuleRef, Tier, Timing};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -73,6 +73,39 @@ pub fn job_result(
     result
 }
 
+/// This node's part in a job: `held` is how long the job spent here before it ran to its end or
+/// went up, `total` from acceptance to the answer, `budget_ms` what the job arrived with.
+pub fn hop(
+    responder: &Responder,
+    action: hop::Action,
+    held: Duration,
+    total: Duration,
+    budget_ms: u32,
+) -> Hop {
+    Hop {
+        node: responder.node.clone(),
+        tier: responder.tier as i32,
+        action: action as i32,
+        ms: ms(held),
+        total_ms: ms(total),
+        budget_ms,
+    }
+}
+
+/// Makes the answer that came back from the tier above this node's own: its hop goes first,
+/// and the total time and the deadline verdict are measured against this node's clock and the
+/// budget the job had here.
+pub fn relayed(mut result: JobResult, this: Hop) -> JobResult {
+    if result.error.is_empty() {
+        if let Some(timing) = result.timing.as_mut() {
+            timing.total_ms = this.total_ms;
+        }
+        result.deadline_met = this.budget_ms == 0 || this.total_ms <= this.budget_ms as f64;
+    }
+    result.hops.insert(0, this);
+    result
+}
+
 /// An error answer for a request that never reached the scheduler.
 pub fn rejection(responder: &Responder, job: &Job, message: String) -> JobResult {
     let mut path = job.path.clone();
@@ -117,6 +150,24 @@ pub fn to_json(result: &JobResult) -> Value {
         },
         "path": result.path,
         "deadline_met": result.deadline_met,
+        "hops": result.hops.iter().map(hop_json).collect::<Vec<_>>(),
+    })
+}
+
+fn hop_json(hop: &Hop) -> Value {
+    let action = match hop::Action::try_from(hop.action) {
+        Ok(hop::Action::Ran) => "ran",
+        Ok(hop::Action::Forwarded) => "forwarded",
+        Ok(hop::Action::Fallback) => "fallback",
+        _ => "unknown",
+    };
+    json!({
+        "node": hop.node,
+        "tier": Tier::try_from(hop.tier).unwrap_or(Tier::Unspecified).name(),
+        "action": action,
+        "ms": round(hop.ms, 2),
+        "total_ms": round(hop.total_ms, 2),
+        "budget_ms": hop.budget_ms,
     })
 }
 

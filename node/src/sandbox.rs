@@ -110,6 +110,9 @@ pub struct LoadedModule {
     pub path: PathBuf,
     /// Whether compiled code came from the on-disk cache, and how long getting it took.
     pub compiled: CompileReport,
+    /// How long the self-test's last classification took: the service-time estimate a node
+    /// uses for offload decisions before it has run a job of its own.
+    pub self_test_service: Duration,
     module: Module,
     /// Instances built ahead of time (the self-test's among them), handed to workers on a swap
     /// so the first jobs on a new module do not wait for an instance to be built.
@@ -290,14 +293,18 @@ impl Sandbox {
         probe
             .load_model()
             .map_err(|e| self_test_error(e.to_string()))?;
+        let mut timed = Instant::now();
         let answer = probe
             .classify(&crate::selftest::IMAGE, 5)
             .map_err(|e| self_test_error(e.to_string()))?;
+        let mut self_test_service = timed.elapsed();
         crate::selftest::check(&answer, info.labels.len()).map_err(self_test_error)?;
         if crate::selftest::knows_photo(&info.labels) {
+            timed = Instant::now();
             let answer = probe
                 .classify(crate::selftest::PHOTO, 1)
                 .map_err(|e| self_test_error(e.to_string()))?;
+            self_test_service = timed.elapsed();
             crate::selftest::check_photo(&answer, &info.labels).map_err(self_test_error)?;
         }
         Ok(Arc::new(LoadedModule {
@@ -305,6 +312,7 @@ impl Sandbox {
             info,
             path: path.to_owned(),
             compiled,
+            self_test_service,
             module,
             warm: std::sync::Mutex::new(vec![probe]),
         }))

@@ -53,6 +53,19 @@ impl Topics {
         format!("{}/status/+", self.prefix)
     }
 
+    /// The node whose status `topic` carries, if it is a status topic.
+    pub fn status_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/status/")
+            .filter(|node| !node.is_empty() && !node.contains('/'))
+    }
+
+    /// Where the tier above sends the results of jobs this node forwarded.
+    pub fn relay(&self, node: &str) -> String {
+        format!("{}/relay/{node}", self.prefix)
+    }
+
     /// Retained, signed `ModuleManifest` of the module called `name`.
     pub fn manifest(&self, name: &str) -> String {
         format!("{}/modules/{name}/manifest", self.prefix)
@@ -123,6 +136,10 @@ mod tests {
             "$share/edge/isomesh/jobs/tier/edge"
         );
         assert_eq!(t.status("c1"), "isomesh/status/c1");
+        assert_eq!(t.status_of("isomesh/status/c1"), Some("c1"));
+        assert_eq!(t.status_of("isomesh/status/c1/x"), None);
+        assert_eq!(t.status_of("other/status/c1"), None);
+        assert_eq!(t.relay("d1"), "isomesh/relay/d1");
     }
 
     #[test]

@@ -6,4 +6,5 @@ mod broker;
 mod classify;
 mod lifecycle;
 mod module_faults;
+mod offload;
 mod rollout;

@@ -15,6 +15,8 @@ pub enum BenchCommand {
     Infer(InferArgs),
     /// A rollout under load vs restarting a node on the new module.
     Swap(super::bench_swap::SwapArgs),
+    /// Deadline hits and latency of the offload policies under Poisson load, device to cloud.
+    Offload(super::bench_offload::OffloadArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -38,6 +40,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Infer(args) => infer(args),
         BenchCommand::Swap(args) => {
             tokio::runtime::Runtime::new()?.block_on(super::bench_swap::swap(args))
+        }
+        BenchCommand::Offload(args) => {
+            tokio::runtime::Runtime::new()?.block_on(super::bench_offload::offload(args))
         }
     }
 }

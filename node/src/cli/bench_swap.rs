@@ -9,6 +9,7 @@
 //! compiled-module cache). Writes JSON.
 
 use super::bench::{machine, ms, stats, tempdir};
+use super::mesh::{free_port, sibling, start_broker, start_node, NodeSetup};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::signing::SecretKey;
 use crate::topics::Topics;
@@ -20,8 +21,8 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
 use serde_json::json;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -55,68 +56,6 @@ pub struct SwapArgs {
     pub keep: bool,
 }
 
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    /// SIGTERM, then wait for the exit.
-    fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    anyhow::ensure!(
-        path.is_file(),
-        "{} is missing: run `make build`",
-        path.display()
-    );
-    Ok(path)
-}
-
-struct NodeSetup {
-    id: String,
-    tier: Tier,
-    modules: PathBuf,
-    cache: PathBuf,
-    log: PathBuf,
-}
-
-fn start_node(node: &NodeSetup, port: u16, trusted: &Path) -> anyhow::Result<Proc> {
-    let log = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&node.log)?;
-    let child = Command::new(sibling("isomesh-node")?)
-        .args(["--id", &node.id, "--tier", node.tier.name()])
-        .arg("--broker")
-        .arg(format!("mqtt://127.0.0.1:{port}"))
-        .arg("--modules")
-        .arg(&node.modules)
-        .arg("--cache-dir")
-        .arg(&node.cache)
-        .arg("--trusted-key")
-        .arg(trusted)
-        .args(["--status-interval-s", "1"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    Ok(Proc(child))
-}
-
 /// One job sent as load.
 struct Sent {
     at: Instant,
@@ -131,20 +70,13 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let (from, to) = (std::fs::read(&args.from)?, std::fs::read(&args.to)?);
     let work = tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let _broker = Proc(
-        Command::new(sibling("isomesh-broker")?)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let port = free_port()?;
+    let _broker = start_broker(port)?;
     let key = SecretKey::generate()?;
     let (secret, trusted) = (work.join("rollout.key"), work.join("rollout.pub"));
     key.write(&secret)?;
     key.public().write(&trusted)?;
+    let trusted_flag = vec!["--trusted-key".to_string(), trusted.display().to_string()];
 
     // Each node its own module dir and compiled-module cache, as on separate machines; the
     // starting module is compiled once and copied into every cache so setup stays short.
@@ -180,7 +112,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     }
     let mut nodes = Vec::new();
     for setup in &setups {
-        nodes.push(start_node(setup, port, &trusted)?);
+        nodes.push(start_node(setup, port, &trusted_flag)?);
     }
 
     let topics = Topics::new("isomesh");
@@ -368,7 +300,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         if fresh_cache {
             let _ = std::fs::remove_dir_all(&setup.cache);
         }
-        nodes[0] = start_node(setup, port, &trusted)?;
+        nodes[0] = start_node(setup, port, &trusted_flag)?;
         // Ready when its status says so; then the first job, answered by the new module.
         loop {
             anyhow::ensure!(

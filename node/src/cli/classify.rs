@@ -73,8 +73,8 @@ pub async fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
     let mut all_ok = true;
     if !args.json {
         println!(
-            "{:<22} {:<28} {:>6} {:<8} {:<12} {:>8} {:<10}",
-            "FILE", "LABEL", "PROB", "NODE", "PATH", "MS", "MODULE"
+            "{:<22} {:<28} {:>6} {:<8} {:<12} {:>8} {:<8} {:<10}",
+            "FILE", "LABEL", "PROB", "NODE", "PATH", "MS", "IN TIME", "MODULE"
         );
     }
     for (n, path) in args.images.iter().enumerate() {
@@ -166,14 +166,26 @@ fn print_result(
         .as_ref()
         .map(|m| m.version.clone())
         .unwrap_or_default();
+    // Judged by the node that took the job, against the budget the job had there (this
+    // command's --budget-ms, or the node's default).
+    let budget = result
+        .hops
+        .first()
+        .map_or(args.budget_ms, |hop| hop.budget_ms);
+    let in_time = match (budget, result.deadline_met) {
+        (0, _) => "-",
+        (_, true) => "yes",
+        (_, false) => "LATE",
+    };
     println!(
-        "{:<22} {:<28} {:>6.3} {:<8} {:<12} {:>8.1} {:<10}",
+        "{:<22} {:<28} {:>6.3} {:<8} {:<12} {:>8.1} {:<8} {:<10}",
         file_name(path),
         label,
         prob,
         result.node,
         result.path.join(">"),
         round_trip.as_secs_f64() * 1000.0,
+        in_time,
         module
     );
 }

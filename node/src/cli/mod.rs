@@ -2,8 +2,10 @@
 //! any other MQTT client would.
 
 pub mod bench;
+pub mod bench_offload;
 pub mod bench_swap;
 pub mod classify;
+pub mod mesh;
 pub mod rollout;
 pub mod status;
 

@@ -1,0 +1,395 @@
+//! Tiered offload end to end: a device, edge and cloud nodes on one real broker, real photos.
+//! Jobs go up when the device would miss their budget, edge nodes share the tier's jobs, a dead
+//! tier is skipped, a node killed while holding jobs costs no job, and every job gets exactly one
+//! answer, also when it is late everywhere.
+
+use isomesh_protos::{hop, Job, JobResult};
+use isomesh_tests::broker::TestBroker;
+use isomesh_tests::mqtt::Client;
+use isomesh_tests::node::{NodeSpec, TestNode};
+use isomesh_tests::photos;
+use isomesh_tests::rollout::guest_module_v2;
+use prost::Message;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const ANSWERS_WITHIN: Duration = Duration::from_secs(180);
+const REPLIES: &str = "test/offload/replies";
+
+fn node<'a>(id: &'a str, tier: &'a str, port: u16, args: &[&str]) -> NodeSpec<'a> {
+    let mut spec = NodeSpec::with_guest(id, tier, port);
+    spec.extra_args = args.iter().map(|a| a.to_string()).collect();
+    spec
+}
+
+/// Starts the nodes together (they share one compile cache) and waits until each is ready.
+async fn start_all(port: u16, specs: Vec<NodeSpec<'_>>) -> Vec<TestNode> {
+    let nodes: Vec<TestNode> = specs.iter().map(TestNode::spawn).collect();
+    for node in &nodes {
+        node.wait_ready(port).await;
+    }
+    // Every node has now published its status; give the device a moment to hear them all.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes
+}
+
+/// A protobuf job for photo `n` of the shared set (cycling), with a budget.
+fn job(n: usize, id: &str, budget_ms: u32) -> Vec<u8> {
+    let photos = photos();
+    Job {
+        job_id: id.into(),
+        image: photos[n % photos.len()].bytes(),
+        reply_to: REPLIES.into(),
+        budget_ms,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Collects `n` results by job id; panics on a second answer to any job, and checks that no
+/// further answer comes for a while after the last one.
+async fn exactly_one_answer_each(client: &mut Client, n: usize) -> HashMap<String, JobResult> {
+    let mut results = HashMap::new();
+    for reply in client.collect(n, ANSWERS_WITHIN).await {
+        let result = JobResult::decode(reply.payload.as_ref()).expect("a JobResult");
+        let job_id = result.job_id.clone();
+        if let Some(first) = results.insert(job_id.clone(), result) {
+            panic!("job {job_id} answered twice; first answer: {first:?}");
+        }
+    }
+    if let Some(extra) = client.next(Duration::from_secs(3)).await {
+        let extra = JobResult::decode(extra.payload.as_ref());
+        panic!("an extra answer arrived: {extra:?}");
+    }
+    results
+}
+
+/// Checks that job `n`'s answer is the reference label for its photo.
+fn assert_correct(job_id: &str, n: usize, result: &JobResult) {
+    let photos = photos();
+    let photo = &photos[n % photos.len()];
+    assert!(result.error.is_empty(), "{job_id}: {}", result.error);
+    let top1 = result.top.first().map(|c| c.index).unwrap_or(u32::MAX);
+    assert!(
+        photo.accepts(top1),
+        "{job_id} ({}): got class {top1}, expected {}",
+        photo.file,
+        photo.expected
+    );
+}
+
+fn actions(result: &JobResult) -> Vec<(String, hop::Action)> {
+    result
+        .hops
+        .iter()
+        .map(|h| {
+            let action = hop::Action::try_from(h.action).unwrap_or(hop::Action::Unspecified);
+            (h.node.clone(), action)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_on_a_slow_device_goes_up_and_meets_its_deadlines() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let nodes = start_all(
+        port,
+        vec![
+            node("o1d", "device", port, &[]),
+            node("o1e1", "edge", port, &[]),
+            node("o1e2", "edge", port, &[]),
+            node("o1c", "cloud", port, &[]),
+        ],
+    )
+    .await;
+    let mut client = Client::connect(port, "offload-burst").await;
+    client.subscribe(REPLIES).await;
+    // One worker at ~40 ms a photo: the device alone would finish the 24th after about a
+    // second, past the 600 ms budget.
+    const JOBS: usize = 24;
+    for n in 0..JOBS {
+        client
+            .publish("isomesh/jobs/o1d", job(n, &format!("burst-{n}"), 600))
+            .await;
+    }
+    let results = exactly_one_answer_each(&mut client, JOBS).await;
+    let mut ran_on: HashMap<String, usize> = HashMap::new();
+    let mut met = 0;
+    for n in 0..JOBS {
+        let id = format!("burst-{n}");
+        let result = &results[&id];
+        assert_correct(&id, n, result);
+        *ran_on.entry(result.node.clone()).or_default() += 1;
+        met += usize::from(result.deadline_met);
+        let total = result.timing.map(|t| t.total_ms).unwrap_or_default();
+        assert_eq!(result.deadline_met, total <= 600.0, "{id}: {result:?}");
+        assert_eq!(result.path.first().map(String::as_str), Some("o1d"), "{id}");
+        assert_eq!(result.path.last(), Some(&result.node), "{id}");
+        let hops = actions(result);
+        if result.node == "o1d" {
+            assert_eq!(hops, vec![("o1d".into(), hop::Action::Ran)], "{id}");
+        } else {
+            assert_eq!(
+                hops.first(),
+                Some(&("o1d".into(), hop::Action::Forwarded)),
+                "{id}"
+            );
+            assert_eq!(
+                hops.last(),
+                Some(&(result.node.clone(), hop::Action::Ran)),
+                "{id}"
+            );
+        }
+    }
+    eprintln!("ran on: {ran_on:?}; deadline met: {met}/{JOBS}");
+    let device = ran_on.get("o1d").copied().unwrap_or(0);
+    assert!(device > 0, "the device ran nothing itself: {ran_on:?}");
+    assert!(
+        device < JOBS,
+        "nothing went up: {ran_on:?}\n{}",
+        nodes[0].log()
+    );
+    assert!(
+        met * 2 >= JOBS,
+        "only {met} of {JOBS} met the budget: {ran_on:?}"
+    );
+    assert!(nodes[0].log().contains("forwarding the job up"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edge_nodes_share_the_tier_s_jobs() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let _nodes = start_all(
+        port,
+        vec![
+            node("o2e1", "edge", port, &[]),
+            node("o2e2", "edge", port, &[]),
+        ],
+    )
+    .await;
+    let mut client = Client::connect(port, "offload-share").await;
+    client.subscribe(REPLIES).await;
+    const JOBS: usize = 16;
+    for n in 0..JOBS {
+        client
+            .publish("isomesh/jobs/tier/edge", job(n, &format!("share-{n}"), 0))
+            .await;
+    }
+    let results = exactly_one_answer_each(&mut client, JOBS).await;
+    let mut ran_on: HashMap<String, usize> = HashMap::new();
+    for n in 0..JOBS {
+        let id = format!("share-{n}");
+        assert_correct(&id, n, &results[&id]);
+        *ran_on.entry(results[&id].node.clone()).or_default() += 1;
+    }
+    assert_eq!(ran_on.len(), 2, "one edge node took every job: {ran_on:?}");
+}
+
+/// Sends three photos to the device and checks each answer took `path`.
+async fn send_and_check(client: &mut Client, round: &str, path: &[&str]) {
+    for n in 0..3 {
+        client
+            .publish("isomesh/jobs/o3d", job(n, &format!("{round}-{n}"), 0))
+            .await;
+    }
+    let results = exactly_one_answer_each(client, 3).await;
+    for n in 0..3 {
+        let id = format!("{round}-{n}");
+        assert_correct(&id, n, &results[&id]);
+        assert_eq!(results[&id].path, path, "{id}: {:?}", results[&id]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_skip_a_dead_tier_and_run_here_when_every_tier_above_is_gone() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let mut nodes = start_all(
+        port,
+        vec![
+            node("o3d", "device", port, &["--offload", "always-up"]),
+            node("o3e", "edge", port, &["--offload", "always-up"]),
+            node("o3c", "cloud", port, &[]),
+        ],
+    )
+    .await;
+    let mut client = Client::connect(port, "offload-dead-tier").await;
+    client.subscribe(REPLIES).await;
+    send_and_check(&mut client, "all-up", &["o3d", "o3e", "o3c"]).await;
+    // kill -9: the broker publishes the edge node's Last Will (offline) as its socket closes.
+    nodes[1].kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send_and_check(&mut client, "no-edge", &["o3d", "o3c"]).await;
+    nodes[2].terminate();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send_and_check(&mut client, "alone", &["o3d"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_node_killed_while_holding_jobs_costs_no_job() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let grace = ["--offload", "always-up", "--offload-grace-ms", "1500"];
+    let mut nodes = start_all(
+        port,
+        vec![
+            node("o4d", "device", port, &grace),
+            node("o4e1", "edge", port, &[]),
+            node("o4e2", "edge", port, &[]),
+        ],
+    )
+    .await;
+    let mut client = Client::connect(port, "offload-kill").await;
+    client.subscribe(REPLIES).await;
+    const JOBS: usize = 30;
+    for n in 0..JOBS {
+        client
+            .publish("isomesh/jobs/o4d", job(n, &format!("kill-{n}"), 500))
+            .await;
+    }
+    // Kill the first edge node as soon as it has answered one job: it still holds others.
+    let mut results: HashMap<String, JobResult> = HashMap::new();
+    loop {
+        let reply = client
+            .next(ANSWERS_WITHIN)
+            .await
+            .expect("answers keep coming");
+        let result = JobResult::decode(reply.payload.as_ref()).expect("a JobResult");
+        let from_e1 = result.node == "o4e1";
+        assert!(results.insert(result.job_id.clone(), result).is_none());
+        if from_e1 {
+            nodes[1].kill();
+            break;
+        }
+    }
+    for (job_id, result) in exactly_one_answer_each(&mut client, JOBS - results.len()).await {
+        assert!(
+            results.insert(job_id.clone(), result).is_none(),
+            "job {job_id} answered twice"
+        );
+    }
+    let mut after_the_kill = 0;
+    for n in 0..JOBS {
+        let id = format!("kill-{n}");
+        let result = &results[&id];
+        assert_correct(&id, n, result);
+        after_the_kill += usize::from(result.node != "o4e1");
+    }
+    assert!(after_the_kill > 0);
+    let device_log = nodes[0].log();
+    eprintln!(
+        "fallbacks on the device: {}",
+        device_log
+            .matches("no answer from the tier above in time")
+            .count()
+    );
+    // The killed node comes back with the unacknowledged jobs of its session and answers them:
+    // the device, which answered them already, drops those answers.
+    nodes[1].start_again();
+    nodes[1].wait_ready(port).await;
+    if let Some(extra) = client.next(Duration::from_secs(5)).await {
+        let extra = JobResult::decode(extra.payload.as_ref());
+        panic!("a second answer reached the user: {extra:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_no_tier_can_finish_in_time_is_still_answered_and_marked_late() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let up = ["--offload", "always-up", "--budget-ms", "1"];
+    let _nodes = start_all(
+        port,
+        vec![
+            node("o5d", "device", port, &up),
+            node("o5e", "edge", port, &up),
+            node("o5c", "cloud", port, &[]),
+        ],
+    )
+    .await;
+    let mut client = Client::connect(port, "offload-late").await;
+    client.subscribe(REPLIES).await;
+    client.publish("isomesh/jobs/o5d", job(0, "late", 1)).await;
+    let results = exactly_one_answer_each(&mut client, 1).await;
+    let result = &results["late"];
+    assert_correct("late", 0, result);
+    assert!(!result.deadline_met, "{result:?}");
+    assert_eq!(result.path, ["o5d", "o5e", "o5c"]);
+    assert_eq!(
+        actions(result),
+        vec![
+            ("o5d".into(), hop::Action::Forwarded),
+            ("o5e".into(), hop::Action::Forwarded),
+            ("o5c".into(), hop::Action::Ran),
+        ]
+    );
+    assert_eq!(result.hops[0].budget_ms, 1);
+    // A raw photo from `mosquitto_pub -f`, with the device's default budget: JSON says where it
+    // ran and how long each hop held it.
+    let photo = &photos()[0];
+    let mut raw = Client::connect(port, "offload-late-raw").await;
+    raw.subscribe("isomesh/results/o5d").await;
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-t", "isomesh/images/o5d", "-f"])
+        .arg(&photo.path)
+        .status()
+        .await
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let reply = raw.next(ANSWERS_WITHIN).await.expect("a JSON answer");
+    let json: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(
+        json["path"],
+        serde_json::json!(["o5d", "o5e", "o5c"]),
+        "{json}"
+    );
+    assert_eq!(json["node"], "o5c");
+    assert_eq!(json["deadline_met"], false);
+    assert_eq!(json["hops"][0]["action"], "forwarded", "{json}");
+    assert_eq!(json["hops"][2]["action"], "ran", "{json}");
+    assert!(json["hops"][2]["ms"].as_f64().unwrap_or_default() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pinned_jobs_go_up_to_a_node_serving_that_module() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let mut edge = node("o6e", "edge", port, &[]);
+    let v2 = std::fs::read(guest_module_v2()).expect("module 0.2.0 (make module)");
+    edge.modules = vec![("mobilenet_v2-0.2.0.wasm".into(), v2)];
+    let _nodes = start_all(
+        port,
+        vec![
+            node("o6d", "device", port, &["--offload", "local-only"]),
+            edge,
+        ],
+    )
+    .await;
+    let mut client = Client::connect(port, "offload-pinned").await;
+    client.subscribe(REPLIES).await;
+    for (id, pin) in [("v2", "mobilenet_v2@0.2.0"), ("v9", "mobilenet_v2@9.9.9")] {
+        let mut job = Job::decode(job(0, id, 0).as_slice()).expect("job");
+        job.module_version = pin.into();
+        client
+            .publish("isomesh/jobs/o6d", job.encode_to_vec())
+            .await;
+    }
+    let results = exactly_one_answer_each(&mut client, 2).await;
+    let v2 = &results["v2"];
+    assert_correct("v2", 0, v2);
+    assert_eq!(v2.path, ["o6d", "o6e"]);
+    assert_eq!(
+        v2.module.as_ref().map(|m| m.version.as_str()),
+        Some("0.2.0")
+    );
+    // Nobody serves 9.9.9: the top of the mesh answers with the reason.
+    let v9 = &results["v9"];
+    assert_eq!(v9.node, "o6e");
+    assert!(
+        v9.error.contains("9.9.9") && v9.error.contains("pinned"),
+        "{v9:?}"
+    );
+}
