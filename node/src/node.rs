@@ -525,6 +525,7 @@ fn situation(shared: &Shared, peers: &Peers, job: &Job) -> Situation {
             in_system: load.in_system(),
             workers: shared.config.workers,
             ewma_ms,
+            deviation_ms: load.deviation_ms(),
         },
         parent: peers.parent(shared.responder.tier, shared.relay.outstanding()),
         cannot_serve: module.is_none_or(|m| !m.matches(&job.module_version)),
@@ -686,7 +687,13 @@ async fn forward(shared: &Shared, job: &Job, tier: Tier, accepted: Instant) -> J
     up.hops += 1;
     up.path.push(me.clone());
     up.reply_to = shared.topics.relay(me);
-    up.budget_ms = remaining_budget(job.budget_ms, accepted.elapsed());
+    let remaining = remaining_budget(job.budget_ms, accepted.elapsed());
+    // The tier above gets what is left once the trip there and back is paid for.
+    let transit = shared.relay.transit_ms(tier) as u32;
+    up.budget_ms = match remaining {
+        0 => 0,
+        left => left.saturating_sub(transit).max(1),
+    };
     let mut awaited = shared.relay.expect(&job.job_id);
     let sent = shared
         .client
@@ -701,10 +708,15 @@ async fn forward(shared: &Shared, job: &Job, tier: Tier, accepted: Instant) -> J
     let mut above_open = true;
     match sent {
         Ok(()) => {
-            let patience =
-                Duration::from_millis(up.budget_ms.into()) + shared.config.offload_grace();
+            let patience = Duration::from_millis(remaining.into()) + shared.config.offload_grace();
             match tokio::time::timeout(patience, &mut awaited.result).await {
                 Ok(Ok(result)) => {
+                    if let Some(above) = result.hops.first() {
+                        let above = Duration::from_secs_f64(above.total_ms.max(0.0) / 1000.0);
+                        shared
+                            .relay
+                            .record_transit(tier, accepted.elapsed() - held, above);
+                    }
                     let this = report::hop(
                         &shared.responder,
                         hop::Action::Forwarded,

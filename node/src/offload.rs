@@ -4,10 +4,13 @@
 //! agree. A node estimates when it would finish the job itself,
 //!
 //! ```text
-//! local = ceil((jobs in the node + 1) / workers) x moving-average service time
+//! local = ceil((jobs in the node + 1) / workers) x (average service time + its deviation)
 //! ```
 //!
-//! (service time includes decoding: the guest decodes), and under the default policy,
+//! (service time includes decoding: the guest decodes; the deviation is the moving average of
+//! how far a job strays from the average, as TCP tracks round-trip variation: a deadline is
+//! missed by the slow jobs, so a node whose jobs vary, such as one on a throttled CPU, plans with
+//! a margin and one whose jobs do not keeps nearly all of them), and under the default policy,
 //! [`Policy::Budget`], sends the job up when that would miss the budget and the tier above
 //! looks faster by the same estimate from its retained status. Where the job goes is
 //! [`Decision::Forward`]; whether it comes back in time is the node's business
@@ -52,6 +55,8 @@ pub struct Load {
     pub workers: usize,
     /// Moving-average service time per job, ms; 0 = not known yet.
     pub ewma_ms: f64,
+    /// Moving-average deviation of the service time from `ewma_ms`, ms.
+    pub deviation_ms: f64,
 }
 
 impl Load {
@@ -63,7 +68,7 @@ impl Load {
         }
         let workers = self.workers.max(1);
         let rounds = (self.in_system + 1).div_ceil(workers);
-        Some(rounds as f64 * self.ewma_ms)
+        Some(rounds as f64 * (self.ewma_ms + self.deviation_ms.max(0.0)))
     }
 }
 
@@ -176,6 +181,7 @@ mod tests {
                 in_system,
                 workers: 1,
                 ewma_ms: 40.0,
+                deviation_ms: 0.0,
             },
             parent: Some(Parent {
                 tier: Tier::Edge,
@@ -191,6 +197,7 @@ mod tests {
             in_system,
             workers,
             ewma_ms: 10.0,
+            deviation_ms: 0.0,
         };
         assert_eq!(load(0, 1).estimate_ms(), Some(10.0));
         assert_eq!(load(3, 1).estimate_ms(), Some(40.0));
@@ -201,6 +208,12 @@ mod tests {
             ..load(9, 1)
         };
         assert_eq!(unknown.estimate_ms(), None);
+        // Each round may run a deviation past the average.
+        let varying = Load {
+            deviation_ms: 5.0,
+            ..load(3, 2)
+        };
+        assert_eq!(varying.estimate_ms(), Some(30.0));
     }
 
     #[test]
@@ -213,6 +226,13 @@ mod tests {
         );
         assert_eq!(
             decide(Policy::Budget, &situation(5, 200)),
+            Decision::Forward(Tier::Edge, Reason::OverBudget)
+        );
+        // The same queue on a node whose jobs vary by 10 ms misses that budget.
+        let mut varying = situation(4, 200);
+        varying.local.deviation_ms = 10.0;
+        assert_eq!(
+            decide(Policy::Budget, &varying),
             Decision::Forward(Tier::Edge, Reason::OverBudget)
         );
     }

@@ -77,6 +77,8 @@ impl Peers {
                             in_system: status.queue_len as usize + share,
                             workers: status.workers.max(1) as usize,
                             ewma_ms: status.ewma_ms,
+                            // A status carries the average only.
+                            deviation_ms: 0.0,
                         }
                         .estimate_ms()
                     })

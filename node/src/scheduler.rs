@@ -48,6 +48,9 @@ pub struct Load {
     in_system: AtomicUsize,
     /// Moving average of the service time, microseconds; 0 until the first job.
     ewma_us: AtomicU64,
+    /// Moving average of the service time's distance from `ewma_us`, microseconds (as TCP
+    /// tracks RTT variation): how far one job may run past the average.
+    deviation_us: AtomicU64,
     done: AtomicU64,
     failed: AtomicU64,
 }
@@ -62,6 +65,11 @@ impl Load {
         self.ewma_us.load(Ordering::Relaxed) as f64 / 1000.0
     }
 
+    /// Moving-average deviation of the service time from [`Load::ewma_ms`], ms.
+    pub fn deviation_ms(&self) -> f64 {
+        self.deviation_us.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
     pub fn done(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
     }
@@ -74,12 +82,17 @@ impl Load {
         let sample = service.as_micros() as f64;
         // Only workers update it, one sample at a time each: a lost update is harmless.
         let old = self.ewma_us.load(Ordering::Relaxed) as f64;
-        let new = if old == 0.0 {
-            sample
+        let (new, deviation) = if old == 0.0 {
+            (sample, 0.0)
         } else {
-            old + EWMA_ALPHA * (sample - old)
+            let deviation = self.deviation_us.load(Ordering::Relaxed) as f64;
+            (
+                old + EWMA_ALPHA * (sample - old),
+                deviation + EWMA_ALPHA * ((sample - old).abs() - deviation),
+            )
         };
         self.ewma_us.store(new as u64, Ordering::Relaxed);
+        self.deviation_us.store(deviation as u64, Ordering::Relaxed);
     }
 }
 
@@ -288,12 +301,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ewma_starts_at_the_first_sample_and_moves_toward_new_ones() {
+    fn averages_start_at_the_first_sample_and_move_toward_new_ones() {
         let load = Load::default();
         assert_eq!(load.ewma_ms(), 0.0);
         load.record(Duration::from_millis(100));
         assert_eq!(load.ewma_ms(), 100.0);
         load.record(Duration::from_millis(200));
         assert!((load.ewma_ms() - 120.0).abs() < 0.01);
+        // |200 - 100| x 0.2
+        assert!((load.deviation_ms() - 20.0).abs() < 0.01);
+        load.record(Duration::from_millis(120));
+        // 20 + 0.2 x (|120 - 120| - 20)
+        assert!((load.deviation_ms() - 16.0).abs() < 0.01);
     }
 }

@@ -120,7 +120,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.module.display()))?;
     let work = tempdir()?;
     let port = free_port()?;
-    let _broker = start_broker(port)?;
+    let broker = start_broker(port)?;
     let edge_port = delayed_link(port, Duration::from_millis(args.edge_link_ms)).await?;
     let cloud_port = delayed_link(port, Duration::from_millis(args.cloud_link_ms)).await?;
 
@@ -162,6 +162,17 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
                 .map(|n| CpuQuota::new(&n.setup.id, n.cores))
                 .collect::<anyhow::Result<Vec<_>>>()?,
         )
+    };
+    // The broker is not limited (a group as wide as the machine), only given the same weight
+    // as the nodes, so that other work on the machine does not slow it either.
+    let broker_group = match quotas {
+        Some(_) => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let group = CpuQuota::new("broker", cores as f64)?;
+            group.add(broker.pid())?;
+            Some(group)
+        }
+        None => None,
     };
 
     let topics = Topics::new("isomesh");
@@ -222,6 +233,9 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         stop_mesh(&mut procs);
     }
     drop(quotas);
+    // A group is removed once empty.
+    drop(broker);
+    drop(broker_group);
 
     let find = |policy: Policy, load: f64| {
         runs.iter()
@@ -453,6 +467,12 @@ fn summary(
         .filter(|a| a.ok && a.latency_ms <= budget_ms as f64)
         .count();
     let ran_on = |tier: Tier| answered.iter().filter(|a| a.tier == tier).count();
+    let missed_on = |tier: Tier| {
+        answered
+            .iter()
+            .filter(|a| a.tier == tier && !(a.ok && a.latency_ms <= budget_ms as f64))
+            .count()
+    };
     let latency = stats(&mut latencies);
     json!({
         "policy": policy.name(),
@@ -464,6 +484,7 @@ fn summary(
         "failed": answered.iter().filter(|a| !a.ok).count(),
         "hit_rate": hits as f64 / sent.len().max(1) as f64,
         "ran_on": {"device": ran_on(Tier::Device), "edge": ran_on(Tier::Edge), "cloud": ran_on(Tier::Cloud)},
+        "missed_on": {"device": missed_on(Tier::Device), "edge": missed_on(Tier::Edge), "cloud": missed_on(Tier::Cloud)},
         "latency_ms": latency.to_json(),
         "latencies_ms": latencies,
     })

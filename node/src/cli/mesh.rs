@@ -120,6 +120,9 @@ impl CpuQuota {
             std::fs::create_dir_all(&dir).with_context(explain)?;
             std::fs::write(dir.join("cpu.max"), format!("{quota_us} {PERIOD_US}"))
                 .with_context(explain)?;
+            // A quota is a ceiling, not a reservation: the highest weight keeps other work on
+            // the machine (a build, say) from eating into it. Best effort.
+            let _ = std::fs::write(dir.join("cpu.weight"), "10000");
             dir
         } else {
             let dir = root.join("cpu").join(format!("isomesh-bench-{name}"));
@@ -128,6 +131,7 @@ impl CpuQuota {
                 .with_context(explain)?;
             std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())
                 .with_context(explain)?;
+            let _ = std::fs::write(dir.join("cpu.shares"), "262144");
             dir
         };
         Ok(CpuQuota { dir })
