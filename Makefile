@@ -39,11 +39,12 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-## Wasm vs native inference, call overhead, compile/load times; a rollout under load vs a
-## restart (with precompiled code, then with every node compiling); the offload policies under
-## Poisson load (needs root for CPU quotas); JSON in bench-out/, plots in docs/.
+## Wasm vs native tract vs onnxruntime inference, call overhead, compile/load times; a rollout
+## under load vs a restart (with precompiled code, then with every node compiling); the offload
+## policies under Poisson load (needs root for CPU quotas); JSON in bench-out/, plots in docs/.
 bench: module build
-	./target/release/isomesh bench infer --module $(MODULE) --out bench-out/infer.json ../shared/images/*.jp*g
+	python3 -c 'import onnxruntime, numpy, PIL' 2>/dev/null || python3 -m pip install --quiet onnxruntime numpy pillow
+	./target/release/isomesh bench infer --module $(MODULE) --onnxruntime models/files/mobilenet_v2_1.0_224_dequant.onnx --out bench-out/infer.json ../shared/images/*.jp*g
 	./target/release/isomesh bench swap --before-s 20 --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap.json ../shared/images/*.jp*g
 	./target/release/isomesh bench swap --before-s 20 --no-precompile --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap-compile.json ../shared/images/*.jp*g
 	./target/release/isomesh bench offload --module $(MODULE) --out bench-out/offload.json ../shared/images/*.jp*g

@@ -435,8 +435,22 @@ async fn event_loop(
         }
     }
     status.publish(false);
+    // Every answer and the offline status must be acknowledged before the DISCONNECT: a broker
+    // may drop a publish that arrives just ahead of it (seen with rmqtt under load). The
+    // connection is settled once nothing is in flight and nothing more goes out for a moment.
+    let settle = async {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await {
+                Err(_quiet) if eventloop.state.inflight() == 0 => break,
+                Err(_quiet) => {}
+                Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), settle).await;
     let _ = shared.client.try_disconnect();
-    // Keep polling so the offline status and DISCONNECT reach the broker.
+    // Keep polling so the DISCONNECT reaches the broker.
     let flush = async {
         loop {
             match eventloop.poll().await {

@@ -1,6 +1,8 @@
 //! `isomesh bench infer`: what the sandbox costs. In one run, on the same images: MobileNetV2
 //! latency inside Wasm and natively (the same guest crate linked into this binary), the cost of an
-//! empty call into the module, compile time, cached load time and resident memory. Writes JSON.
+//! empty call into the module, compile time, cached load time and resident memory; with
+//! `--onnxruntime`, the same model in onnxruntime too, the tool a user would pick instead (through
+//! its Python package: a baseline, not a dependency). Writes JSON.
 
 use crate::sandbox::{Sandbox, SandboxConfig};
 use anyhow::Context;
@@ -33,7 +35,14 @@ pub struct InferArgs {
     /// Where to write the JSON report.
     #[arg(long, default_value = "bench-out/infer.json")]
     pub out: PathBuf,
+    /// Also run this ONNX model (the one the guest embeds) in onnxruntime, single-threaded, on
+    /// the same images; needs python3 with onnxruntime, numpy and pillow.
+    #[arg(long, value_name = "MODEL.onnx")]
+    pub onnxruntime: Option<PathBuf>,
 }
+
+/// The onnxruntime baseline, carried in the binary so it runs from any directory.
+const ONNXRUNTIME_SCRIPT: &str = include_str!("../../../scripts/bench_onnxruntime.py");
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
@@ -87,10 +96,12 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
 
     let mut wasm = Vec::new();
     let mut native = Vec::new();
+    let mut wasm_top1 = Vec::new();
     let native_classifier = native_baseline()?;
     for image in &images {
         // One untimed run each to warm caches, then alternate so drift hits both alike.
-        instance.classify(image, 5).map_err(anyhow::Error::msg)?;
+        let warm = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
+        wasm_top1.push(warm.top.first().map(|score| score.index));
         native_classifier(image)?;
         for _ in 0..args.iterations {
             let t = Instant::now();
@@ -103,12 +114,26 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
     let rss_end = rss_kib();
     let (w, n) = (stats(&mut wasm), stats(&mut native));
     let ratio = w.median / n.median;
+    // After the Wasm and native runs, so that neither shares the CPU with it.
+    let onnxruntime = match &args.onnxruntime {
+        Some(model) => {
+            eprintln!("running the onnxruntime baseline...");
+            Some(onnxruntime_baseline(model, &args, &wasm_top1, &cache)?)
+        }
+        None => None,
+    };
+    let over_onnxruntime = onnxruntime
+        .as_ref()
+        .and_then(|o| o["infer_ms"]["median"].as_f64())
+        .map(|median| w.median / median);
     let report = json!({
         "machine": machine(),
         "module": {"path": args.module.display().to_string(), "sha256": module.sha256, "bytes": std::fs::metadata(&args.module)?.len()},
         "images": args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "iterations_per_image": args.iterations,
-        "infer_ms": {"wasm": w.to_json(), "native": n.to_json(), "wasm_over_native_median": ratio},
+        "infer_ms": {"wasm": w.to_json(), "native": n.to_json(), "wasm_over_native_median": ratio,
+                     "wasm_over_onnxruntime_median": over_onnxruntime},
+        "onnxruntime": onnxruntime,
         "empty_call_ns": empty_call_ns,
         "compile_ms": ms(compile),
         "first_load_with_selftest_ms": ms(cold_load),
@@ -129,6 +154,12 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
     println!("  wasm   median {:.1} ms  p95 {:.1} ms", w.median, w.p95);
     println!("  native median {:.1} ms  p95 {:.1} ms", n.median, n.p95);
     println!("  wasm / native (median): {ratio:.2}x");
+    if let (Some(o), Some(over)) = (&onnxruntime, over_onnxruntime) {
+        println!(
+            "  onnxruntime (1 thread) median {:.1} ms; wasm / onnxruntime {over:.2}x",
+            o["infer_ms"]["median"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     println!("  empty call into the module: {empty_call_ns:.0} ns");
     println!(
         "  compile {:.0} ms, cached load {:.1} ms, instantiate + model plan {:.0} ms",
@@ -140,6 +171,50 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
     println!("report: {}", args.out.display());
     let _ = std::fs::remove_dir_all(&cache);
     Ok(())
+}
+
+/// Runs `scripts/bench_onnxruntime.py` on `model` and the bench's images, and counts the images
+/// where it picks the same top-1 class as the module (`wasm_top1`, in image order): a baseline
+/// that classifies differently would not be the same work.
+fn onnxruntime_baseline(
+    model: &std::path::Path,
+    args: &InferArgs,
+    wasm_top1: &[Option<u32>],
+    scratch: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    let script = scratch.join("bench_onnxruntime.py");
+    std::fs::write(&script, ONNXRUNTIME_SCRIPT)?;
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(model)
+        .arg(args.iterations.to_string())
+        .args(&args.images)
+        .output()
+        .context("cannot run python3 for the onnxruntime baseline")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the onnxruntime baseline failed (pip install onnxruntime numpy pillow?): {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let mut report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("the onnxruntime baseline printed no JSON")?;
+    let agree = args
+        .images
+        .iter()
+        .zip(wasm_top1)
+        .filter(|(path, wasm)| {
+            let theirs = report["top1"][path.display().to_string()].as_u64();
+            theirs.is_some() && theirs == wasm.map(u64::from)
+        })
+        .count();
+    if agree < args.images.len() {
+        eprintln!(
+            "note: onnxruntime's top-1 matches the module's on {agree} of {} images",
+            args.images.len()
+        );
+    }
+    report["top1_agrees_with_wasm"] = json!(agree);
+    Ok(report)
 }
 
 /// Runs the native classifier on a thread of its own. tract's native kernels are hand-written
