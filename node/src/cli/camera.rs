@@ -6,8 +6,9 @@
 //! through broker trouble. Its session is persistent and it subscribes again after every
 //! (re)connection, so answers published while it reconnects still reach it. And it owns its
 //! jobs end to end: a broker restarted without persistence loses the jobs and answers it held,
-//! so after a reconnection the camera publishes again, under the same job id, every job still
-//! unanswered after `--ask-again-after-s`. A node that answered it already sends the same answer
+//! so `--ask-again-after-s` after a reconnection the camera publishes again, under the same job
+//! id, every job still unanswered that it sent before, or in the first half of that wait (the
+//! nodes may not have subscribed to the new broker yet). A node that answered it already sends the same answer
 //! again (see `answered`); one still running it ignores the copy. The camera prints the first
 //! answer of each job and counts any later one as a duplicate.
 //!
@@ -77,7 +78,6 @@ pub struct CameraArgs {
 
 /// A job sent and not answered yet.
 struct Pending {
-    n: u64,
     photo: usize,
     target: String,
     job: Vec<u8>,
@@ -167,8 +167,8 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     let mut answered: HashSet<String> = HashSet::new();
     let mut shutter = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     shutter.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Set at a reconnection: when to ask again, and for jobs sent before which number.
-    let mut ask_again: Option<(Instant, u64)> = None;
+    // Set at a reconnection: when to ask again, and for jobs sent before when.
+    let mut ask_again: Option<(Instant, Instant)> = None;
     let mut last_sent = Instant::now();
     let wait = Duration::from_secs(args.timeout_s);
     loop {
@@ -203,13 +203,13 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 if let Err(e) = client.try_publish(target.clone(), QoS::AtLeastOnce, false, bytes.clone()) {
                     eprintln!("isomesh camera: photo {n} not sent now ({e}); it is asked again later");
                 }
-                pending.insert(job.job_id, Pending { n, photo, target, job: bytes, sent: Instant::now(), asked_again: false });
+                pending.insert(job.job_id, Pending { photo, target, job: bytes, sent: Instant::now(), asked_again: false });
                 tally.sent += 1;
                 last_sent = Instant::now();
             }
             _ = sleep_until(ask_at) => {
                 if let Some((_, before)) = ask_again.take() {
-                    for p in pending.values_mut().filter(|p| p.n < before) {
+                    for p in pending.values_mut().filter(|p| p.sent < before) {
                         let _ = client.try_publish(p.target.clone(), QoS::AtLeastOnce, false, p.job.clone());
                         p.asked_again = true;
                         tally.asked_again += 1;
@@ -222,8 +222,11 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                     // The broker may have lost the subscription with everything else.
                     tally.reconnects += 1;
                     let _ = client.try_subscribe(reply_to.clone(), QoS::AtLeastOnce);
-                    let at = Instant::now() + Duration::from_secs(args.ask_again_after_s);
-                    ask_again = Some((at, tally.sent));
+                    // Jobs sent in the first half of the wait are asked again too: the nodes
+                    // may not have subscribed again yet when they reached the new broker.
+                    let wait = Duration::from_secs(args.ask_again_after_s);
+                    let now = Instant::now();
+                    ask_again = Some((now + wait, now + wait / 2));
                     eprintln!("isomesh camera: reconnected to {}", args.broker);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
