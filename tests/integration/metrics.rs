@@ -113,6 +113,7 @@ async fn a_scrape_counts_jobs_stages_and_module_swaps() {
         0.0
     );
     assert_eq!(value(&text, "isomesh_queue_depth"), Some(0.0));
+    assert_eq!(value(&text, "isomesh_forwarded_waiting"), Some(0.0));
     for stage in ["queue", "decode", "infer", "total"] {
         let count = value(
             &text,
