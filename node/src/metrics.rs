@@ -9,7 +9,8 @@
 //!   on this node, and of `total` (acceptance to answer) for every answered job.
 //! - `isomesh_offloads_total{to}`: jobs published to a tier above ([`Metrics::offloaded`]).
 //! - `isomesh_queue_depth`, `isomesh_service_seconds_ewma`: read from the scheduler's live load
-//!   at scrape time, as are `isomesh_module_info{name,version,sha256}` and
+//!   at scrape time, as are `isomesh_forwarded_waiting` from the relay (jobs sent up and not
+//!   answered yet: together with the queue, every job this node holds), and `isomesh_module_info{name,version,sha256}` and
 //!   `isomesh_module_swaps_total` from the module slot.
 //!
 //! The node's MQTT loop holds the [`Metrics`] handle and calls the two counters; everything else
@@ -18,6 +19,7 @@
 //! framework would be most of the binary's dependencies for one fixed page.
 
 use crate::modules::ModuleSlot;
+use crate::relay::Relay;
 use crate::scheduler::Load;
 use isomesh_protos::{hop, JobResult, Tier};
 use std::fmt::Write as _;
@@ -52,6 +54,8 @@ pub struct Metrics {
     load: Arc<Load>,
     /// The module served, and how many times it was swapped.
     slot: Arc<ModuleSlot>,
+    /// Jobs forwarded up and waiting for their answer.
+    relay: Arc<Relay>,
     /// Answers by [outcome][where], indexed as [`OUTCOMES`] and [`WHERES`].
     jobs: [[AtomicU64; 3]; 3],
     /// Latency histograms, indexed as [`STAGES`].
@@ -61,12 +65,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(node: &str, tier: Tier, load: Arc<Load>, slot: Arc<ModuleSlot>) -> Metrics {
+    pub fn new(
+        node: &str,
+        tier: Tier,
+        load: Arc<Load>,
+        slot: Arc<ModuleSlot>,
+        relay: Arc<Relay>,
+    ) -> Metrics {
         Metrics {
             node: node.to_string(),
             tier,
             load,
             slot,
+            relay,
             jobs: Default::default(),
             stages: Default::default(),
             offloads: Default::default(),
@@ -181,6 +192,17 @@ impl Metrics {
             "Jobs waiting or running on this node now.",
         )?;
         writeln!(out, "isomesh_queue_depth {}", self.load.in_system())?;
+        header(
+            out,
+            "isomesh_forwarded_waiting",
+            "gauge",
+            "Jobs this node sent up and holds until their answer comes back.",
+        )?;
+        writeln!(
+            out,
+            "isomesh_forwarded_waiting {}",
+            self.relay.outstanding()
+        )?;
         header(
             out,
             "isomesh_service_seconds_ewma",
@@ -357,6 +379,7 @@ mod tests {
             Tier::Device,
             Arc::new(Load::default()),
             Arc::new(ModuleSlot::default()),
+            Arc::new(Relay::default()),
         )
     }
 

@@ -162,11 +162,13 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         node: config.id.clone(),
         tier: config.tier,
     };
+    let relay = Arc::new(Relay::default());
     let metrics = Arc::new(Metrics::new(
         &config.id,
         config.tier,
         scheduler.load(),
         slot.clone(),
+        relay.clone(),
     ));
     // Bound before connecting, so a wrong address stops the start instead of a later scrape.
     let _metrics_server = match &config.metrics_listen {
@@ -192,7 +194,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         client,
         scheduler,
         slot,
-        relay: Arc::new(Relay::default()),
+        relay,
         answered: Answered::default(),
         metrics,
         config,
