@@ -81,6 +81,12 @@ impl Mesh {
             .args(args)
             .env("ISOMESH_MQTT_PORT", self.port.to_string())
             .env("ISOMESH_IMAGES", photos_dir())
+            // A subnet per test process, out of Docker's default pools, so two test runs on
+            // one machine (a CI clone beside a work tree) do not claim the same one.
+            .env(
+                "ISOMESH_SUBNET",
+                format!("10.213.{}.0/24", std::process::id() % 250),
+            )
             .stdin(Stdio::null())
             .output()
             .expect("run docker-compose")
