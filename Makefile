@@ -5,17 +5,26 @@ CARGO ?= cargo
 MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
 MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 
-.PHONY: demo test setup module build unit integration lint bench plots clean-demo
+.PHONY: demo test setup module build images compose-test unit integration lint bench plots clean-demo
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
 	./scripts/demo.sh
 
-## Unit tests, then the integration suite against isomesh-broker and again against Mosquitto.
+## Unit tests, the integration suite against isomesh-broker, the compose mesh's container fault
+## tests, then the integration suite again against Mosquitto.
 # Every cargo command selects the whole workspace so features resolve once and target/ is reused.
-test: setup module build
+test: setup module build images
 	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release --workspace
 	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release --workspace --test integration
+
+## The container images of compose.yaml (static musl binaries + module, FROM scratch; no registry).
+images: setup module
+	./scripts/images.sh
+
+## Only the container fault tests of the compose mesh.
+compose-test: module build images
+	$(CARGO) test --release --workspace --test compose -- --nocapture
 
 setup:
 	./scripts/setup.sh

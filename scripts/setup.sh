@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and testing isomesh needs, once: the wasm32-wasip1 Rust target,
 # Mosquitto and its clients (Debian packages; the second broker of the tests, and mosquitto_pub),
-# and the model files (models/fetch.sh). Safe to run again: it skips what is already there.
+# the x86_64-unknown-linux-musl target and musl-gcc (Debian musl-tools: ring, under the broker,
+# compiles C) for the static binaries of the container images, and the model files
+# (models/fetch.sh). Safe to run again: it skips what is already there. Docker Engine and
+# docker-compose are not installed here: the container tests need them and say so if missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -10,15 +13,21 @@ if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
 
-need_mosquitto=""
-command -v mosquitto_pub >/dev/null || need_mosquitto=yes
-command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_mosquitto=yes
-if [ -n "$need_mosquitto" ]; then
-  echo "setup: installing mosquitto and mosquitto-clients (Debian packages)" >&2
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  echo "setup: adding the x86_64-unknown-linux-musl Rust target (static binaries for the images)" >&2
+  rustup target add x86_64-unknown-linux-musl
+fi
+
+packages=()
+command -v mosquitto_pub >/dev/null || packages+=(mosquitto-clients)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || packages+=(mosquitto)
+command -v musl-gcc >/dev/null || packages+=(musl-tools)
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "setup: installing ${packages[*]} (Debian packages)" >&2
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
 ./models/fetch.sh

@@ -105,6 +105,11 @@ pub struct NodeConfig {
     #[arg(long, env = "ISOMESH_KEEP_MODULES", default_value_t = 3)]
     pub keep_modules: usize,
 
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. `0.0.0.0:9100`; off by
+    /// default. Port 0 picks a free port (logged).
+    #[arg(long, env = "ISOMESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
     /// How long the broker keeps this node's session (and its unanswered jobs) while it is away, s.
     #[arg(long, env = "ISOMESH_SESSION_EXPIRY_S", default_value_t = 3600)]
     pub session_expiry_s: u32,

@@ -16,12 +16,17 @@
 //! 3. the [`watcher`] (or the agent directly) hands the file to the [`modules`] manager, which
 //!    compiles, self-tests and swaps it in without stopping any job.
 //!
+//! Around the job flow: [`answered`] keeps recent answers for users who ask again (after a
+//! broker lost one), and [`metrics`] counts jobs, stages, offloads and swaps for Prometheus.
+//!
 //! [`topics`] holds the MQTT topic layout, [`config`] the node's settings, [`selftest`] the check a
 //! module must pass before serving, and [`cli`] the subcommands of `isomesh`.
 
+pub mod answered;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod metrics;
 pub mod modules;
 pub mod node;
 pub mod offload;

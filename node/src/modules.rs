@@ -25,6 +25,8 @@ const REJECTED_DIR: &str = ".rejected";
 #[derive(Default)]
 pub struct ModuleSlot {
     current: RwLock<Option<Arc<LoadedModule>>>,
+    /// Modules installed over another one (metrics: `isomesh_module_swaps_total`).
+    swaps: std::sync::atomic::AtomicU64,
 }
 
 impl ModuleSlot {
@@ -38,10 +40,19 @@ impl ModuleSlot {
 
     /// Serves `module` from the next job on.
     pub fn install(&self, module: Arc<LoadedModule>) {
-        match self.current.write() {
-            Ok(mut guard) => *guard = Some(module),
-            Err(poisoned) => *poisoned.into_inner() = Some(module),
+        let previous = match self.current.write() {
+            Ok(mut guard) => guard.replace(module),
+            Err(poisoned) => poisoned.into_inner().replace(module),
+        };
+        if previous.is_some() {
+            self.swaps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// How many times a module replaced another since the node started.
+    pub fn swaps(&self) -> u64 {
+        self.swaps.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

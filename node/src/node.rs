@@ -10,7 +10,9 @@
 //! every job already accepted, publish an offline status, disconnect. Jobs addressed to the node
 //! itself wait in its persistent session for its return.
 
+use crate::answered::Answered;
 use crate::config::NodeConfig;
+use crate::metrics::Metrics;
 use crate::modules::{self, Considered, ModuleManager, ModuleSlot, RolloutBoard};
 use crate::offload::{self, Decision, Situation};
 use crate::package;
@@ -62,6 +64,11 @@ pub enum NodeError {
         path: std::path::PathBuf,
         source: notify::Error,
     },
+    #[error("cannot serve metrics on {addr} (--metrics-listen): {source}")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// What every request task needs.
@@ -73,6 +80,10 @@ struct Shared {
     slot: Arc<ModuleSlot>,
     /// Forwarded jobs waiting for their answer from above.
     relay: Arc<Relay>,
+    /// Answers given lately, for users who ask again.
+    answered: Answered,
+    /// Counters served on `--metrics-listen`.
+    metrics: Arc<Metrics>,
     config: NodeConfig,
 }
 
@@ -151,6 +162,31 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         node: config.id.clone(),
         tier: config.tier,
     };
+    let relay = Arc::new(Relay::default());
+    let metrics = Arc::new(Metrics::new(
+        &config.id,
+        config.tier,
+        scheduler.load(),
+        slot.clone(),
+        relay.clone(),
+    ));
+    // Bound before connecting, so a wrong address stops the start instead of a later scrape.
+    let _metrics_server = match &config.metrics_listen {
+        Some(addr) => {
+            let listener =
+                crate::metrics::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::Metrics {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+            ))))
+        }
+        None => None,
+    };
     let (client, eventloop) = AsyncClient::new(mqtt_options(&config, &topics, &host, port), 256);
     let shared = Arc::new(Shared {
         responder,
@@ -158,7 +194,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         client,
         scheduler,
         slot,
-        relay: Arc::new(Relay::default()),
+        relay,
+        answered: Answered::default(),
+        metrics,
         config,
     });
     let status = StatusReporter {
@@ -175,6 +213,15 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let _ = scheduler_done.await;
     tracing::info!("node stopped");
     Ok(())
+}
+
+/// Stops a background task when the node stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn mqtt_options(config: &NodeConfig, topics: &Topics, host: &str, port: u16) -> MqttOptions {
@@ -575,12 +622,24 @@ fn accept(
                 tracing::warn!(%topic, error = %unreadable.message, "unreadable job");
                 let result =
                     report::rejection(&shared.responder, &unreadable.job, unreadable.message);
+                shared.metrics.answered(&result);
                 send_reply(&shared.client, &unreadable.reply, &result);
                 return None;
             }
         }
     };
     if !recent.insert(&request.job.job_id) {
+        // A new publish (no DUP flag) of a job answered before: the user asks again, having
+        // lost the answer (a broker restarted); see `answered`.
+        if let Some(mut result) = (!publish.dup)
+            .then(|| shared.answered.get(&request.job.job_id))
+            .flatten()
+        {
+            tracing::info!(job_id = %request.job.job_id, "job asked again; sending its answer again");
+            result.correlation = request.job.correlation.clone();
+            send_reply(&shared.client, &request.reply, &result);
+            return None;
+        }
         tracing::info!(job_id = %request.job.job_id, "duplicate delivery of a job already taken; ignored");
         return None;
     }
@@ -590,11 +649,7 @@ fn accept(
             request.job.image.len(),
             shared.config.max_payload_bytes
         );
-        send_reply(
-            &shared.client,
-            &request.reply,
-            &report::rejection(&shared.responder, &request.job, message),
-        );
+        reject(shared, &request, message);
         return None;
     }
     if request.job.budget_ms == 0 {
@@ -608,11 +663,7 @@ fn accept(
                  later or to its tier",
                 situation.local.in_system
             );
-            send_reply(
-                &shared.client,
-                &request.reply,
-                &report::rejection(&shared.responder, &request.job, message),
-            );
+            reject(shared, &request, message);
             return None;
         }
         Decision::Run(reason) => {
@@ -641,13 +692,23 @@ fn accept(
     Some(Accepted { request, plan, at })
 }
 
+/// Answers `request` with an error at once, from the event loop.
+fn reject(shared: &Shared, request: &Request, message: String) {
+    let result = report::rejection(&shared.responder, &request.job, message);
+    shared.metrics.answered(&result);
+    send_reply(&shared.client, &request.reply, &result);
+}
+
 /// Runs one request to its single answer, here or above, then acknowledges the message that
 /// carried it.
 async fn serve(shared: Arc<Shared>, accepted: Accepted, publish: Publish) {
     let Accepted { request, plan, at } = accepted;
     let result = match plan {
         Plan::Run(outcome) => run_here(&shared, &request.job, outcome, at, hop::Action::Ran).await,
-        Plan::Forward(tier) => forward(&shared, &request.job, tier, at).await,
+        Plan::Forward(tier) => {
+            shared.metrics.offloaded(tier);
+            forward(&shared, &request.job, tier, at).await
+        }
     };
     if result.error.is_empty() {
         tracing::info!(
@@ -662,6 +723,8 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, publish: Publish) {
         tracing::warn!(job_id = %result.job_id, node = %result.node, error = %result.error, "job failed");
     }
     publish_reply(&shared.client, &request.reply, &result).await;
+    shared.metrics.answered(&result);
+    shared.answered.insert(&result);
     if let Err(e) = shared.client.ack(&publish).await {
         tracing::warn!(error = %e, "cannot acknowledge a job message");
     }

@@ -5,6 +5,7 @@ mod bad_input;
 mod broker;
 mod classify;
 mod lifecycle;
+mod metrics;
 mod module_faults;
 mod offload;
 mod rollout;

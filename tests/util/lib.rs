@@ -6,12 +6,18 @@
 //! - [`mqtt`]: small MQTT clients for tests (rumqttc v5 and v4).
 //! - [`rollout`]: signing keys, the second module version, and hand-made (also tampered) rollouts.
 //! - [`faults`]: tiny hand-written modules that trap, loop or lie.
+//! - [`metrics`]: scraping a node's Prometheus endpoint and reading its values.
+//! - [`compose`]: the compose mesh of real containers, with faults to inject (the `compose`
+//!   test binary); [`camera`]: `isomesh camera` as its load.
 //!
 //! Binaries are the ones `cargo build --release --bins` put next to the test executable; the
 //! module is `target/wasm32-wasip1/release/isomesh_guest.wasm`; `make test` builds both.
 
 pub mod broker;
+pub mod camera;
+pub mod compose;
 pub mod faults;
+pub mod metrics;
 pub mod mqtt;
 pub mod node;
 pub mod rollout;

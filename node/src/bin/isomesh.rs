@@ -24,6 +24,10 @@ enum Command {
     Rollout(cli::rollout::RolloutArgs),
     /// Make an ed25519 key pair for signing rollouts.
     Keygen(cli::rollout::KeygenArgs),
+    /// Send the photos of a folder to the mesh at a steady rate and print where each ran.
+    Camera(cli::camera::CameraArgs),
+    /// Compile a module into a node's compiled-module cache (what `make images` bakes in).
+    Compile(cli::compile::CompileArgs),
     /// Show every node's status.
     Status(cli::status::StatusArgs),
     /// Measure the sandbox and the model.
@@ -44,6 +48,8 @@ fn main() -> ExitCode {
     let result = match flags.command {
         Command::Bench(command) => cli::bench::run(command).map(|()| true),
         Command::Classify(args) => on_runtime(cli::classify::run(args)),
+        Command::Camera(args) => on_runtime(cli::camera::run(args)),
+        Command::Compile(args) => cli::compile::run(args).map(|()| true),
         Command::Rollout(args) => on_runtime(cli::rollout::rollout(args)),
         Command::Keygen(args) => cli::rollout::keygen(args).map(|()| true),
         Command::Status(args) => on_runtime(async { cli::status::run(args).await.map(|()| true) }),

@@ -72,10 +72,7 @@ pub async fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
     let mut pending: HashMap<String, (PathBuf, Instant)> = HashMap::new();
     let mut all_ok = true;
     if !args.json {
-        println!(
-            "{:<22} {:<28} {:>6} {:<8} {:<12} {:>8} {:<8} {:<10}",
-            "FILE", "LABEL", "PROB", "NODE", "PATH", "MS", "IN TIME", "MODULE"
-        );
+        print_header();
     }
     for (n, path) in args.images.iter().enumerate() {
         let image = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -112,7 +109,7 @@ pub async fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
             continue;
         };
         all_ok &= result.error.is_empty();
-        print_result(&args, &path, &result, sent.elapsed());
+        print_answer(args.json, args.budget_ms, &path, &result, sent.elapsed());
     }
     for (job_id, (path, _)) in pending {
         all_ok = false;
@@ -130,13 +127,24 @@ pub async fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
-fn print_result(
-    args: &ClassifyArgs,
+/// The column heads of [`print_answer`]'s table.
+pub(crate) fn print_header() {
+    println!(
+        "{:<22} {:<28} {:>6} {:<8} {:<12} {:>8} {:<8} {:<10}",
+        "FILE", "LABEL", "PROB", "NODE", "PATH", "MS", "IN TIME", "MODULE"
+    );
+}
+
+/// Prints one answer as a table row or a JSON line (with `file`). `budget_ms` is what the job
+/// was sent with, for answers that carry no hops.
+pub(crate) fn print_answer(
+    json: bool,
+    budget_ms: u32,
     path: &std::path::Path,
     result: &JobResult,
     round_trip: Duration,
 ) {
-    if args.json {
+    if json {
         let mut value = report::to_json(result);
         value["file"] = serde_json::Value::String(path.display().to_string());
         println!("{value}");
@@ -168,10 +176,7 @@ fn print_result(
         .unwrap_or_default();
     // Judged by the node that took the job, against the budget the job had there (this
     // command's --budget-ms, or the node's default).
-    let budget = result
-        .hops
-        .first()
-        .map_or(args.budget_ms, |hop| hop.budget_ms);
+    let budget = result.hops.first().map_or(budget_ms, |hop| hop.budget_ms);
     let in_time = match (budget, result.deadline_met) {
         (0, _) => "-",
         (_, true) => "yes",

@@ -4,7 +4,9 @@
 pub mod bench;
 pub mod bench_offload;
 pub mod bench_swap;
+pub mod camera;
 pub mod classify;
+pub mod compile;
 pub mod mesh;
 pub mod rollout;
 pub mod status;

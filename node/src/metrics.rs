@@ -1,0 +1,446 @@
+//! Prometheus metrics of one node, served as text on `--metrics-listen HOST:PORT` (`GET /metrics`).
+//!
+//! What a scrape shows, and where it comes from:
+//! - `isomesh_jobs_total{outcome,where}`: every answer this node gave its users, counted by
+//!   [`Metrics::answered`] as it leaves: `outcome` is `ok`, `late` (answered past its budget) or
+//!   `error`; `where` is `here` (ran on this node), `forwarded` (answered by a tier above) or
+//!   `fallback` (forwarded, no answer in time, ran here after all).
+//! - `isomesh_job_stage_seconds{stage}`: histograms of `queue`, `decode` and `infer` for jobs run
+//!   on this node, and of `total` (acceptance to answer) for every answered job.
+//! - `isomesh_offloads_total{to}`: jobs published to a tier above ([`Metrics::offloaded`]).
+//! - `isomesh_queue_depth`, `isomesh_service_seconds_ewma`: read from the scheduler's live load
+//!   at scrape time, as are `isomesh_forwarded_waiting` from the relay (jobs sent up and not
+//!   answered yet: together with the queue, every job this node holds), and `isomesh_module_info{name,version,sha256}` and
+//!   `isomesh_module_swaps_total` from the module slot.
+//!
+//! The node's MQTT loop holds the [`Metrics`] handle and calls the two counters; everything else
+//! is read when a scrape comes, so the hot path costs a few atomic adds. The HTTP side is a few
+//! lines of tokio (one request per connection, then close): Prometheus needs no more, and a web
+//! framework would be most of the binary's dependencies for one fixed page.
+
+use crate::modules::ModuleSlot;
+use crate::relay::Relay;
+use crate::scheduler::Load;
+use isomesh_protos::{hop, JobResult, Tier};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Upper bounds of the latency histograms' buckets, seconds: 1 ms to 10 s, about 2.5x apart,
+/// which covers a cached decode (~1 ms) up to a device's queue under a burst.
+const BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Largest HTTP request head read from a scraper; more is not a scrape.
+const MAX_REQUEST: usize = 8 << 10;
+
+/// How long a scraper may take to send its request.
+const READ_WITHIN: Duration = Duration::from_secs(5);
+
+const OUTCOMES: [&str; 3] = ["ok", "late", "error"];
+const WHERES: [&str; 3] = ["here", "forwarded", "fallback"];
+const STAGES: [&str; 4] = ["queue", "decode", "infer", "total"];
+const UPPER_TIERS: [Tier; 2] = [Tier::Edge, Tier::Cloud];
+
+/// The node's counters and the live figures a scrape reads.
+pub struct Metrics {
+    node: String,
+    tier: Tier,
+    /// The scheduler's load figures (queue depth, service-time average).
+    load: Arc<Load>,
+    /// The module served, and how many times it was swapped.
+    slot: Arc<ModuleSlot>,
+    /// Jobs forwarded up and waiting for their answer.
+    relay: Arc<Relay>,
+    /// Answers by [outcome][where], indexed as [`OUTCOMES`] and [`WHERES`].
+    jobs: [[AtomicU64; 3]; 3],
+    /// Latency histograms, indexed as [`STAGES`].
+    stages: [Histogram; 4],
+    /// Jobs published to a tier above, indexed as [`UPPER_TIERS`].
+    offloads: [AtomicU64; 2],
+}
+
+impl Metrics {
+    pub fn new(
+        node: &str,
+        tier: Tier,
+        load: Arc<Load>,
+        slot: Arc<ModuleSlot>,
+        relay: Arc<Relay>,
+    ) -> Metrics {
+        Metrics {
+            node: node.to_string(),
+            tier,
+            load,
+            slot,
+            relay,
+            jobs: Default::default(),
+            stages: Default::default(),
+            offloads: Default::default(),
+        }
+    }
+
+    /// Counts one answer sent to a user (an error answer included).
+    pub fn answered(&self, result: &JobResult) {
+        let outcome = if !result.error.is_empty() {
+            2
+        } else if !result.deadline_met {
+            1
+        } else {
+            0
+        };
+        // This node's own hop comes first (a relayed answer gets it inserted at the front); an
+        // answer with no hop was a rejection made here.
+        let action = result
+            .hops
+            .first()
+            .filter(|h| h.node == self.node)
+            .map(|h| hop::Action::try_from(h.action).unwrap_or(hop::Action::Ran))
+            .unwrap_or(hop::Action::Ran);
+        let place = match action {
+            hop::Action::Forwarded => 1,
+            hop::Action::Fallback => 2,
+            _ => 0,
+        };
+        self.jobs[outcome][place].fetch_add(1, Ordering::Relaxed);
+        let Some(timing) = result.timing.as_ref().filter(|_| result.error.is_empty()) else {
+            return;
+        };
+        if place != 1 {
+            self.stages[0].observe(timing.queue_ms / 1000.0);
+            self.stages[1].observe(timing.decode_ms / 1000.0);
+            self.stages[2].observe(timing.infer_ms / 1000.0);
+        }
+        self.stages[3].observe(timing.total_ms / 1000.0);
+    }
+
+    /// Counts one job published to `tier`.
+    pub fn offloaded(&self, tier: Tier) {
+        if let Some(i) = UPPER_TIERS.iter().position(|t| *t == tier) {
+            self.offloads[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The text exposition format (version 0.0.4) of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = self.write_all(&mut out);
+        out
+    }
+
+    fn write_all(&self, out: &mut String) -> std::fmt::Result {
+        header(
+            out,
+            "isomesh_node_info",
+            "gauge",
+            "This node: its id and tier (always 1).",
+        )?;
+        writeln!(
+            out,
+            "isomesh_node_info{{node=\"{}\",tier=\"{}\"}} 1",
+            escape(&self.node),
+            self.tier.name()
+        )?;
+        header(
+            out,
+            "isomesh_jobs_total",
+            "counter",
+            "Answers this node gave its users, by outcome (ok, late, error) and where the job ran \
+             (here, forwarded = by a tier above, fallback = here after the tier above did not answer).",
+        )?;
+        for (o, outcome) in OUTCOMES.iter().enumerate() {
+            for (w, place) in WHERES.iter().enumerate() {
+                writeln!(
+                    out,
+                    "isomesh_jobs_total{{outcome=\"{outcome}\",where=\"{place}\"}} {}",
+                    self.jobs[o][w].load(Ordering::Relaxed)
+                )?;
+            }
+        }
+        header(
+            out,
+            "isomesh_job_stage_seconds",
+            "histogram",
+            "Time per stage: queue, decode and infer of jobs run here; total (acceptance to \
+             answer) of every answered job.",
+        )?;
+        for (stage, histogram) in STAGES.iter().zip(&self.stages) {
+            histogram.write(out, "isomesh_job_stage_seconds", stage)?;
+        }
+        header(
+            out,
+            "isomesh_offloads_total",
+            "counter",
+            "Jobs this node published to a tier above.",
+        )?;
+        for (tier, count) in UPPER_TIERS.iter().zip(&self.offloads) {
+            writeln!(
+                out,
+                "isomesh_offloads_total{{to=\"{}\"}} {}",
+                tier.name(),
+                count.load(Ordering::Relaxed)
+            )?;
+        }
+        header(
+            out,
+            "isomesh_queue_depth",
+            "gauge",
+            "Jobs waiting or running on this node now.",
+        )?;
+        writeln!(out, "isomesh_queue_depth {}", self.load.in_system())?;
+        header(
+            out,
+            "isomesh_forwarded_waiting",
+            "gauge",
+            "Jobs this node sent up and holds until their answer comes back.",
+        )?;
+        writeln!(
+            out,
+            "isomesh_forwarded_waiting {}",
+            self.relay.outstanding()
+        )?;
+        header(
+            out,
+            "isomesh_service_seconds_ewma",
+            "gauge",
+            "Moving average of one job's service time here (0 before the first job).",
+        )?;
+        writeln!(
+            out,
+            "isomesh_service_seconds_ewma {}",
+            self.load.ewma_ms() / 1000.0
+        )?;
+        header(
+            out,
+            "isomesh_module_info",
+            "gauge",
+            "The classifier module served (1), by name, version and sha256; absent while none is.",
+        )?;
+        if let Some(module) = self.slot.current() {
+            writeln!(
+                out,
+                "isomesh_module_info{{name=\"{}\",version=\"{}\",sha256=\"{}\"}} 1",
+                escape(&module.info.name),
+                escape(&module.info.version),
+                escape(&module.sha256)
+            )?;
+        }
+        header(
+            out,
+            "isomesh_module_swaps_total",
+            "counter",
+            "Modules swapped in while the node ran (the one loaded at start not counted).",
+        )?;
+        writeln!(out, "isomesh_module_swaps_total {}", self.slot.swaps())
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) -> std::fmt::Result {
+    writeln!(out, "# HELP {name} {help}")?;
+    writeln!(out, "# TYPE {name} {kind}")
+}
+
+/// A label value as the exposition format wants it.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A fixed-bucket histogram of seconds, updated with atomics only.
+#[derive(Default)]
+struct Histogram {
+    /// Observations per bucket (not cumulative; the last one is +Inf).
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    /// Sum of the observations, microseconds.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, seconds: f64) {
+        let seconds = if seconds.is_finite() {
+            seconds.max(0.0)
+        } else {
+            0.0
+        };
+        let bucket = BUCKETS
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn write(&self, out: &mut String, name: &str, stage: &str) -> std::fmt::Result {
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            writeln!(
+                out,
+                "{name}_bucket{{stage=\"{stage}\",le=\"{le}\"}} {cumulative}"
+            )?;
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        writeln!(out, "{name}_sum{{stage=\"{stage}\"}} {sum}")?;
+        writeln!(out, "{name}_count{{stage=\"{stage}\"}} {cumulative}")
+    }
+}
+
+/// Binds the metrics listener; a bad or busy address fails the node's start, not a later scrape.
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    if let Ok(local) = listener.local_addr() {
+        tracing::info!(listen = %local, "serving Prometheus metrics on /metrics");
+    }
+    Ok(listener)
+}
+
+/// Answers scrapes on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, metrics.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "cannot accept a metrics connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One HTTP/1.x exchange: `GET /metrics` gets the metrics, anything else a 404 or 405.
+async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>) {
+    let mut head = Vec::with_capacity(512);
+    let read = tokio::time::timeout(READ_WITHIN, async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return;
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, kind, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "isomesh serves GET /metrics only\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "use GET /metrics\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = stream.write_all(response.as_bytes()).await {
+        tracing::debug!(error = %e, "metrics scraper went away");
+    }
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isomesh_protos::{Hop, Timing};
+
+    fn metrics() -> Metrics {
+        Metrics::new(
+            "n1",
+            Tier::Device,
+            Arc::new(Load::default()),
+            Arc::new(ModuleSlot::default()),
+            Arc::new(Relay::default()),
+        )
+    }
+
+    fn result(action: hop::Action, deadline_met: bool, error: &str) -> JobResult {
+        JobResult {
+            node: "x".into(),
+            error: error.into(),
+            deadline_met,
+            timing: Some(Timing {
+                queue_ms: 2.0,
+                decode_ms: 7.0,
+                infer_ms: 40.0,
+                total_ms: 300.0,
+            }),
+            hops: vec![Hop {
+                node: "n1".into(),
+                action: action as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn answers_are_counted_by_outcome_and_place() {
+        let m = metrics();
+        m.answered(&result(hop::Action::Ran, true, ""));
+        m.answered(&result(hop::Action::Forwarded, false, ""));
+        m.answered(&result(hop::Action::Fallback, true, "trapped"));
+        m.offloaded(Tier::Cloud);
+        let text = m.render();
+        assert!(text.contains("isomesh_jobs_total{outcome=\"ok\",where=\"here\"} 1"));
+        assert!(text.contains("isomesh_jobs_total{outcome=\"late\",where=\"forwarded\"} 1"));
+        assert!(text.contains("isomesh_jobs_total{outcome=\"error\",where=\"fallback\"} 1"));
+        assert!(text.contains("isomesh_jobs_total{outcome=\"ok\",where=\"forwarded\"} 0"));
+        assert!(text.contains("isomesh_offloads_total{to=\"cloud\"} 1"));
+        assert!(text.contains("isomesh_offloads_total{to=\"edge\"} 0"));
+        // Stages of the job run here only; totals of both answered jobs; the error counts in none.
+        assert!(text.contains("isomesh_job_stage_seconds_count{stage=\"infer\"} 1"));
+        assert!(text.contains("isomesh_job_stage_seconds_count{stage=\"total\"} 2"));
+        assert!(text.contains("isomesh_job_stage_seconds_bucket{stage=\"infer\",le=\"0.025\"} 0"));
+        assert!(text.contains("isomesh_job_stage_seconds_bucket{stage=\"infer\",le=\"0.05\"} 1"));
+        assert!(text.contains("isomesh_job_stage_seconds_bucket{stage=\"total\",le=\"+Inf\"} 2"));
+        assert!(text.contains("isomesh_node_info{node=\"n1\",tier=\"device\"} 1"));
+        assert!(!text.contains("isomesh_module_info{"));
+    }
+
+    #[test]
+    fn a_rejection_without_hops_counts_as_an_error_here() {
+        let m = metrics();
+        m.answered(&JobResult {
+            error: "not an image".into(),
+            ..Default::default()
+        });
+        assert!(m
+            .render()
+            .contains("isomesh_jobs_total{outcome=\"error\",where=\"here\"} 1"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

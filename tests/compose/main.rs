@@ -1,0 +1,398 @@
+//! The compose mesh under faults: real containers from the images of `make images` (broker,
+//! cloud, two edge nodes, three devices, CPU-limited per tier), one compose project per test,
+//! one test at a time. Load comes from `isomesh camera` sending the shared photos; after each
+//! fault the test checks the promise: no job lost, exactly one answer per job (also none twice
+//! on the wire), each with its photo's reference label.
+//!
+//! Needs Docker Engine, docker-compose and the images; fails (never skips) without them.
+
+use isomesh_tests::camera::Camera;
+use isomesh_tests::compose::{statuses, Mesh, NODES};
+use isomesh_tests::metrics;
+use std::time::{Duration, Instant};
+
+/// Compose projects share the machine's two cores and one subnet: one at a time. (A tokio
+/// mutex: the guard is held across awaits, and a failed test must not poison it for the rest.)
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Nodes load the module's machine code baked into the image; even a 0.25-CPU device is ready
+/// in seconds. The margin is for a loaded CI machine (or a CPU the image was not built on,
+/// where every node compiles).
+const READY_WITHIN: Duration = Duration::from_secs(240);
+
+/// The broker and the six nodes (not the compose camera: each test brings its own load).
+async fn mesh(name: &str) -> Mesh {
+    let started = Instant::now();
+    let mut services = vec!["broker"];
+    services.extend(NODES);
+    let mesh = Mesh::up(name, &services);
+    mesh.wait_serving(&NODES, "0.1.0", READY_WITHIN).await;
+    eprintln!("{name}: mesh up and serving after {:?}", started.elapsed());
+    mesh
+}
+
+/// A number from a node's metrics (0 when absent).
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics::sum(text, name, labels)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_up_classifies_offloads_and_reports() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let started = Instant::now();
+    // Everything compose.yaml starts by default, the camera included.
+    let mesh = Mesh::up("demo", &[]);
+    mesh.wait_serving(&NODES, "0.1.0", READY_WITHIN).await;
+    eprintln!("demo: serving after {:?}", started.elapsed());
+    // A burst at one device with a 300 ms budget: a 0.25-CPU device cannot run 20 in time,
+    // so it keeps some and sends the rest up.
+    let camera = Camera::start(
+        &mesh.broker_url(),
+        &[
+            "--node",
+            "d1",
+            "--rate",
+            "20",
+            "--count",
+            "20",
+            "--budget-ms",
+            "300",
+        ],
+    );
+    let seen = camera.finish();
+    seen.assert_exactly_one_correct_answer_each();
+    let paths = seen.paths();
+    let went_up = paths.iter().filter(|p| p.len() > 1).count();
+    let stayed = paths.iter().filter(|p| p.len() == 1).count();
+    eprintln!(
+        "demo: burst of 20 at d1: {stayed} ran on d1, {went_up} went up; by node {}",
+        seen.summary["by_node"]
+    );
+    assert!(went_up > 0, "no job went up from the device: {paths:?}");
+    assert!(stayed > 0, "no job ran on the device: {paths:?}");
+
+    // `isomesh status` shows every node, its tier, state and module.
+    let out = std::process::Command::new(isomesh_tests::bin_path("isomesh"))
+        .args(["status", "--broker", &mesh.broker_url()])
+        .output()
+        .expect("isomesh status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{table}");
+    for (node, tier) in [
+        ("c1", "cloud"),
+        ("e1", "edge"),
+        ("e2", "edge"),
+        ("d1", "device"),
+        ("d2", "device"),
+        ("d3", "device"),
+    ] {
+        let row = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(node))
+            .unwrap_or_else(|| panic!("{node} missing from `isomesh status`:\n{table}"));
+        assert!(
+            row.contains(tier) && row.contains("online") && row.contains("mobilenet_v2@0.1.0"),
+            "{row}"
+        );
+    }
+
+    // The device's metrics count the burst, its offloads and its module.
+    let text = mesh.metrics("d1");
+    let forwarded = metric(&text, "isomesh_jobs_total", &["where=\"forwarded\""])
+        + metric(&text, "isomesh_jobs_total", &["where=\"fallback\""]);
+    assert!(metric(&text, "isomesh_jobs_total", &[]) >= 20.0, "{text}");
+    assert!(
+        forwarded >= went_up as f64,
+        "{went_up} went up, metrics say {forwarded}:\n{text}"
+    );
+    assert!(
+        metric(&text, "isomesh_offloads_total", &[]) >= went_up as f64,
+        "{text}"
+    );
+    assert!(
+        text.contains("isomesh_module_info{name=\"mobilenet_v2\",version=\"0.1.0\""),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "isomesh_job_stage_seconds_count",
+            &["stage=\"infer\""]
+        ) >= stayed as f64,
+        "{text}"
+    );
+
+    // The compose camera has been classifying all along, on the devices and above them.
+    let camera_log = mesh.logs("camera");
+    let rows = camera_log
+        .lines()
+        .filter(|l| l.contains("mobilenet_v2") || l.contains("0.1.0"))
+        .count();
+    assert!(
+        rows > 0,
+        "the compose camera printed no answer:\n{camera_log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_an_edge_node_under_load_loses_no_job() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mesh = mesh("kill-edge").await;
+    // Three devices at 16 photos/s in all with a 250 ms budget: about half the jobs go up to
+    // the edges (measured: 51 of 96), which are busy a sixth of the time each.
+    let load = "--node d1,d2,d3 --rate 16 --count 96 --budget-ms 250";
+    let camera = Camera::start(&mesh.broker_url(), &load.split(' ').collect::<Vec<_>>());
+    // Kill e1 while it holds jobs it has not answered: queued or running there, or sent up to
+    // the cloud and waiting for the answer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let e1 = mesh.metrics_addr("e1");
+    let held = loop {
+        let text = metrics::scrape(&e1).expect("scrape e1");
+        let held = metric(&text, "isomesh_queue_depth", &[])
+            + metric(&text, "isomesh_forwarded_waiting", &[]);
+        if held >= 1.0 {
+            break held;
+        }
+        assert!(Instant::now() < deadline, "e1 never held a job:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    mesh.kill9("e1");
+    eprintln!("kill-edge: e1 killed holding {held} jobs");
+    let seen = camera.finish();
+    seen.assert_exactly_one_correct_answer_each();
+    let fallbacks = seen
+        .answers
+        .iter()
+        .filter(|a| {
+            a["hops"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|h| h["action"] == "fallback"))
+        })
+        .count();
+    eprintln!(
+        "kill-edge: answers by node {}; {fallbacks} run by their device after the edge went silent",
+        seen.summary["by_node"]
+    );
+    assert!(
+        seen.answered_by("e2") + seen.answered_by("c1") > 0,
+        "nothing ran above the devices"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_device_classifies_and_delivers_after_it_returns() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mesh = mesh("partition").await;
+    // Jobs with no budget stay on the device: 40 at once keep it busy for several seconds.
+    let camera = Camera::start(
+        &mesh.broker_url(),
+        &["--node", "d1", "--rate", "100", "--count", "40"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let d1 = mesh.metrics_addr("d1");
+    loop {
+        let text = metrics::scrape(&d1).expect("scrape d1");
+        if metric(&text, "isomesh_queue_depth", &[]) >= 20.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "d1 never held 20 jobs:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let classified = |log: &str| log.lines().filter(|l| l.contains("classified")).count();
+    let ip = mesh.disconnect("d1");
+    let before = classified(&mesh.logs("d1"));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = classified(&mesh.logs("d1")) - before;
+    mesh.reconnect("d1", &ip);
+    eprintln!("partition: d1 classified {during} jobs while cut off for 10 s");
+    assert!(during > 0, "d1 classified nothing while partitioned");
+    let seen = camera.finish();
+    seen.assert_exactly_one_correct_answer_each();
+    assert!(
+        seen.paths().iter().all(|p| p == &["d1".to_string()]),
+        "every job ran on d1: {:?}",
+        seen.paths()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_restart_under_load_loses_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mesh = mesh("broker-restart").await;
+    // A rolled-out module on d1, so there is a retained manifest for the broker to lose.
+    let rollout = mesh.compose(&[
+        "run",
+        "--rm",
+        "-T",
+        "rollout",
+        "/usr/bin/isomesh",
+        "rollout",
+        "/usr/share/isomesh/mobilenet_v2-0.2.0.wasm",
+        "--name=mobilenet_v2",
+        "--version=0.2.0",
+        "--key=/keys/rollout.key",
+        "--broker=mqtt://broker:1883",
+        "--compile-cache=/var/cache/isomesh",
+        "--node=d1",
+        "--wait",
+        "--timeout-s=180",
+    ]);
+    assert!(
+        rollout.status.success(),
+        "rollout to d1: {}{}",
+        String::from_utf8_lossy(&rollout.stdout),
+        String::from_utf8_lossy(&rollout.stderr)
+    );
+    let camera = Camera::start(
+        &mesh.broker_url(),
+        &[
+            "--node",
+            "d1,d2,d3",
+            "--rate",
+            "4",
+            "--count",
+            "48",
+            "--budget-ms",
+            "1000",
+            "--ask-again-after-s",
+            "8",
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let restarted = Instant::now();
+    mesh.restart("broker");
+    eprintln!(
+        "broker-restart: broker back after {:?}",
+        restarted.elapsed()
+    );
+    let seen = camera.finish();
+    eprintln!("broker-restart: camera summary {}", seen.summary);
+    seen.assert_exactly_one_correct_answer_each();
+    assert!(
+        seen.summary["reconnects"].as_u64() >= Some(1),
+        "the camera never lost the broker: {}",
+        seen.summary
+    );
+    // Statuses are retained again (each node republishes on reconnecting), and d1 has put the
+    // module it serves back on the broker.
+    mesh.wait_serving(&NODES, "", Duration::from_secs(60)).await;
+    let all = statuses(mesh.broker_port()).await;
+    assert_eq!(
+        all["d1"].module.as_ref().map(|m| m.version.as_str()),
+        Some("0.2.0")
+    );
+    let mut client =
+        isomesh_tests::mqtt::Client::connect(mesh.broker_port(), "manifest-check").await;
+    client
+        .subscribe("isomesh/modules/mobilenet_v2/manifest")
+        .await;
+    let manifest = client.next(Duration::from_secs(60)).await;
+    assert!(
+        manifest.is_some_and(|m| m.retain),
+        "no retained manifest after the broker restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_while_a_node_is_partitioned_converges_when_it_returns() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mesh = mesh("rollout-partition").await;
+    let ip = mesh.disconnect("d2");
+    // The rollout service's command, as an operator runs it; it follows the nodes it can see.
+    let started = Instant::now();
+    let others = ["c1", "e1", "e2", "d1", "d3"];
+    // (Its own time limit is shortened: it may wait for d2, whose last status says online
+    // until the broker gives up on it.)
+    let out = mesh.compose(&[
+        "run",
+        "--rm",
+        "-T",
+        "rollout",
+        "/usr/bin/isomesh",
+        "rollout",
+        "/usr/share/isomesh/mobilenet_v2-0.2.0.wasm",
+        "--name=mobilenet_v2",
+        "--version=0.2.0",
+        "--key=/keys/rollout.key",
+        "--broker=mqtt://broker:1883",
+        "--compile-cache=/var/cache/isomesh",
+        "--wait",
+        "--timeout-s=90",
+    ]);
+    eprintln!(
+        "rollout-partition: rollout service exited {:?} after {:?}:\n{}",
+        out.status.code(),
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    mesh.wait_serving(&others, "0.2.0", Duration::from_secs(120))
+        .await;
+    let d2_log = mesh.logs("d2");
+    assert!(
+        !d2_log.contains("0.2.0"),
+        "d2 heard of 0.2.0 while cut off:\n{d2_log}"
+    );
+    mesh.reconnect("d2", &ip);
+    let back = Instant::now();
+    mesh.wait_serving(&["d2"], "0.2.0", Duration::from_secs(120))
+        .await;
+    eprintln!(
+        "rollout-partition: d2 serving 0.2.0 {:?} after its return",
+        back.elapsed()
+    );
+    // And it answers with it.
+    let seen = Camera::start(
+        &mesh.broker_url(),
+        &["--node", "d2", "--rate", "5", "--count", "4"],
+    )
+    .finish();
+    seen.assert_exactly_one_correct_answer_each();
+    assert!(
+        seen.answers
+            .iter()
+            .all(|a| a["module"]["version"] == "0.2.0"),
+        "{:?}",
+        seen.answers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_cloud_stopped_edges_run_their_jobs_themselves() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mesh = mesh("cloud-stop").await;
+    let burst = [
+        "--tier",
+        "edge",
+        "--rate",
+        "20",
+        "--count",
+        "24",
+        "--budget-ms",
+        "150",
+    ];
+    // With the cloud up, a burst too big for the edges in 150 ms partly goes to the cloud.
+    let seen = Camera::start(&mesh.broker_url(), &burst).finish();
+    seen.assert_exactly_one_correct_answer_each();
+    let to_cloud = seen.answered_by("c1");
+    eprintln!(
+        "cloud-stop: with the cloud: by node {}",
+        seen.summary["by_node"]
+    );
+    assert!(to_cloud > 0, "no job went to the cloud while it was up");
+    mesh.stop("c1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = Camera::start(&mesh.broker_url(), &burst).finish();
+    eprintln!(
+        "cloud-stop: without the cloud: by node {}",
+        seen.summary["by_node"]
+    );
+    seen.assert_exactly_one_correct_answer_each();
+    assert_eq!(seen.answered_by("c1"), 0);
+    assert!(
+        seen.paths()
+            .iter()
+            .all(|p| p.len() == 1 && p[0].starts_with('e')),
+        "every job ran on the edge node that took it: {:?}",
+        seen.paths()
+    );
+}

@@ -1,0 +1,236 @@
+//! Prometheus metrics (`--metrics-listen`): a real broker, real nodes and photos, and the
+//! numbers scraped over TCP must match what happened: answers by outcome and place, stage
+//! histograms, offloads, queue depth, the module served and its swaps.
+
+use isomesh_protos::{Job, JobResult};
+use isomesh_tests::broker::TestBroker;
+use isomesh_tests::metrics::{scrape, sum, value};
+use isomesh_tests::mqtt::Client;
+use isomesh_tests::node::{NodeSpec, TestNode};
+use isomesh_tests::rollout::guest_module_v2;
+use isomesh_tests::{free_port, photos};
+use prost::Message;
+use std::time::Duration;
+
+const REPLIES: &str = "test/metrics/replies";
+
+fn job(n: usize, id: &str, budget_ms: u32) -> Vec<u8> {
+    let photos = photos();
+    Job {
+        job_id: id.into(),
+        image: photos[n % photos.len()].bytes(),
+        reply_to: REPLIES.into(),
+        budget_ms,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// A node with a metrics endpoint on a free port; returns it and the endpoint's address.
+fn node_with_metrics<'a>(
+    id: &'a str,
+    tier: &'a str,
+    port: u16,
+    extra: &[&str],
+) -> (NodeSpec<'a>, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut spec = NodeSpec::with_guest(id, tier, port);
+    spec.extra_args = vec!["--metrics-listen".into(), addr.clone()];
+    spec.extra_args.extend(extra.iter().map(|a| a.to_string()));
+    (spec, addr)
+}
+
+async fn answers(client: &mut Client, n: usize) -> Vec<JobResult> {
+    let got: Vec<JobResult> = client
+        .collect(n, Duration::from_secs(180))
+        .await
+        .iter()
+        .map(|p| JobResult::decode(p.payload.as_ref()).expect("a JobResult"))
+        .collect();
+    assert!(
+        client.next(Duration::from_secs(1)).await.is_none(),
+        "an extra answer"
+    );
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scrape_counts_jobs_stages_and_module_swaps() {
+    let broker = TestBroker::start().await;
+    let (spec, addr) = node_with_metrics("m1", "edge", broker.port(), &[]);
+    let node = TestNode::start(spec).await;
+    let fresh = scrape(&addr).expect("scrape");
+    assert_eq!(
+        value(&fresh, "isomesh_jobs_total{outcome=\"ok\",where=\"here\"}"),
+        Some(0.0),
+        "{fresh}"
+    );
+    assert_eq!(value(&fresh, "isomesh_module_swaps_total"), Some(0.0));
+    let sha =
+        isomesh_node::sandbox::sha256_hex(&std::fs::read(isomesh_tests::guest_module()).unwrap());
+    assert!(
+        fresh.contains(&format!(
+            "isomesh_module_info{{name=\"mobilenet_v2\",version=\"0.1.0\",sha256=\"{sha}\"}} 1"
+        )),
+        "{fresh}"
+    );
+    assert!(fresh.contains("isomesh_node_info{node=\"m1\",tier=\"edge\"} 1"));
+
+    let mut client = Client::connect(broker.port(), "metrics-jobs").await;
+    client.subscribe(REPLIES).await;
+    // Six photos with no budget (ok), one with a 1 ms budget (late), one that is not an image.
+    for n in 0..6 {
+        client
+            .publish("isomesh/jobs/m1", job(n, &format!("ok-{n}"), 0))
+            .await;
+    }
+    client.publish("isomesh/jobs/m1", job(0, "late", 1)).await;
+    let garbage = Job {
+        job_id: "bad".into(),
+        image: b"not an image".to_vec(),
+        reply_to: REPLIES.into(),
+        ..Default::default()
+    };
+    client
+        .publish("isomesh/jobs/m1", garbage.encode_to_vec())
+        .await;
+    let results = answers(&mut client, 8).await;
+    let ran: Vec<&JobResult> = results.iter().filter(|r| r.error.is_empty()).collect();
+    assert_eq!(ran.len(), 7, "{results:?}");
+
+    let text = scrape(&addr).expect("scrape");
+    let jobs = |outcome: &str, place: &str| {
+        value(
+            &text,
+            &format!("isomesh_jobs_total{{outcome=\"{outcome}\",where=\"{place}\"}}"),
+        )
+    };
+    assert_eq!(jobs("ok", "here"), Some(6.0), "{text}");
+    assert_eq!(jobs("late", "here"), Some(1.0), "{text}");
+    assert_eq!(jobs("error", "here"), Some(1.0), "{text}");
+    assert_eq!(
+        sum(&text, "isomesh_jobs_total", &["where=\"forwarded\""]),
+        0.0
+    );
+    assert_eq!(value(&text, "isomesh_queue_depth"), Some(0.0));
+    assert_eq!(value(&text, "isomesh_forwarded_waiting"), Some(0.0));
+    for stage in ["queue", "decode", "infer", "total"] {
+        let count = value(
+            &text,
+            &format!("isomesh_job_stage_seconds_count{{stage=\"{stage}\"}}"),
+        );
+        assert_eq!(count, Some(7.0), "{stage}: {text}");
+        let inf = value(
+            &text,
+            &format!("isomesh_job_stage_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}}"),
+        );
+        assert_eq!(inf, Some(7.0), "{stage}");
+    }
+    // The histograms agree with the answers' own timings: the sum of inference times.
+    let infer_sum: f64 = ran
+        .iter()
+        .filter_map(|r| r.timing.map(|t| t.infer_ms / 1000.0))
+        .sum();
+    let scraped =
+        value(&text, "isomesh_job_stage_seconds_sum{stage=\"infer\"}").expect("infer sum");
+    assert!(
+        (scraped - infer_sum).abs() < 0.01,
+        "scraped {scraped} s vs answers {infer_sum} s"
+    );
+    assert!(value(&text, "isomesh_service_seconds_ewma").is_some_and(|s| s > 0.0));
+
+    // A module dropped into the directory by hand is swapped in: one swap, the new version.
+    let v2 = std::fs::read(guest_module_v2()).expect("module 0.2.0");
+    let tmp = node.modules_dir().join(".incoming.tmp");
+    std::fs::write(&tmp, v2).expect("write module");
+    std::fs::rename(&tmp, node.modules_dir().join("mobilenet_v2-0.2.0.wasm")).expect("rename");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let text = scrape(&addr).expect("scrape");
+        if value(&text, "isomesh_module_swaps_total") == Some(1.0) {
+            assert!(
+                text.contains("isomesh_module_info{name=\"mobilenet_v2\",version=\"0.2.0\""),
+                "{text}"
+            );
+            assert!(
+                !text.contains("version=\"0.1.0\""),
+                "one module served at a time: {text}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no swap within 180 s:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Anything but GET /metrics is refused.
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offloads_are_counted_where_they_leave_and_where_they_run() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let (device, device_addr) =
+        node_with_metrics("m2d", "device", port, &["--offload", "always-up"]);
+    let (edge, edge_addr) = node_with_metrics("m2e", "edge", port, &[]);
+    let nodes = [TestNode::spawn(&device), TestNode::spawn(&edge)];
+    for node in &nodes {
+        node.wait_ready(port).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut client = Client::connect(port, "metrics-offload").await;
+    client.subscribe(REPLIES).await;
+    for n in 0..4 {
+        client
+            .publish("isomesh/jobs/m2d", job(n, &format!("up-{n}"), 5000))
+            .await;
+    }
+    let results = answers(&mut client, 4).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| r.node == "m2e" && r.error.is_empty()),
+        "{results:?}"
+    );
+    let device = scrape(&device_addr).expect("scrape the device");
+    assert_eq!(
+        value(&device, "isomesh_offloads_total{to=\"edge\"}"),
+        Some(4.0),
+        "{device}"
+    );
+    assert_eq!(
+        value(&device, "isomesh_offloads_total{to=\"cloud\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sum(&device, "isomesh_jobs_total", &["where=\"forwarded\""]),
+        4.0,
+        "{device}"
+    );
+    assert_eq!(sum(&device, "isomesh_jobs_total", &["where=\"here\""]), 0.0);
+    // Stages are the device's own: no job ran there, but each had a total time there.
+    assert_eq!(
+        value(&device, "isomesh_job_stage_seconds_count{stage=\"infer\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&device, "isomesh_job_stage_seconds_count{stage=\"total\"}"),
+        Some(4.0)
+    );
+    let edge = scrape(&edge_addr).expect("scrape the edge node");
+    assert_eq!(
+        sum(&edge, "isomesh_jobs_total", &["where=\"here\""]),
+        4.0,
+        "{edge}"
+    );
+    assert_eq!(sum(&edge, "isomesh_offloads_total", &[]), 0.0);
+}

@@ -1,0 +1,281 @@
+//! The compose mesh (`compose.yaml`) as a test fixture: real containers from the images of
+//! `make images`, driven through `docker-compose` and `docker`, with faults a test can inject:
+//! `kill -9` a service, stop or restart it, cut it off the network and put it back.
+//!
+//! Each [`Mesh`] is a compose project of its own (`-p isomesh-test-...`), with the broker on a
+//! free port of the host's loopback and every node's metrics on another; dropping it runs
+//! `docker-compose down -v`, and if the test is failing it first prints every service's log.
+//! Tests need Docker: without it they fail with a message saying so, never skip.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// The node services of compose.yaml.
+pub const NODES: [&str; 6] = ["c1", "e1", "e2", "d1", "d2", "d3"];
+
+/// A compose project started from the repository's compose.yaml.
+pub struct Mesh {
+    project: String,
+    port: u16,
+}
+
+/// Panics unless Docker, docker-compose and the isomesh images are all there.
+pub fn require_docker() {
+    let ok = |mut command: Command| {
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut docker = Command::new("docker");
+    docker.arg("info");
+    assert!(
+        ok(docker),
+        "these tests run real containers: `docker info` failed (is Docker Engine installed and running?)"
+    );
+    let mut compose = Command::new("docker-compose");
+    compose.arg("version");
+    assert!(
+        ok(compose),
+        "these tests need docker-compose (Debian package docker-compose)"
+    );
+    for image in ["isomesh:latest", "isomesh-rollout:latest"] {
+        let mut inspect = Command::new("docker");
+        inspect.args(["image", "inspect", image]);
+        assert!(ok(inspect), "image {image} is missing: run `make images`");
+    }
+}
+
+impl Mesh {
+    /// Starts `services` (all of compose.yaml's default services when empty) in a new project
+    /// named after `name`, and returns once the broker is healthy.
+    pub fn up(name: &str, services: &[&str]) -> Mesh {
+        require_docker();
+        let mesh = Mesh {
+            project: format!("isomesh-test-{name}-{}", std::process::id()),
+            port: crate::free_port(),
+        };
+        let mut args = vec!["up", "-d", "--no-color", "--quiet-pull"];
+        args.extend_from_slice(services);
+        mesh.compose_ok(&args);
+        mesh
+    }
+
+    /// The broker's URL as seen from the host.
+    pub fn broker_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn broker_port(&self) -> u16 {
+        self.port
+    }
+
+    /// A `docker-compose` command on this project.
+    pub fn compose(&self, args: &[&str]) -> Output {
+        let root = crate::workspace_root();
+        Command::new("docker-compose")
+            .current_dir(&root)
+            .args(["-p", &self.project, "-f", "compose.yaml"])
+            .args(args)
+            .env("ISOMESH_MQTT_PORT", self.port.to_string())
+            .env("ISOMESH_IMAGES", photos_dir())
+            // A subnet per test process, out of Docker's default pools, so two test runs on
+            // one machine (a CI clone beside a work tree) do not claim the same one.
+            .env(
+                "ISOMESH_SUBNET",
+                format!("10.213.{}.0/24", std::process::id() % 250),
+            )
+            .stdin(Stdio::null())
+            .output()
+            .expect("run docker-compose")
+    }
+
+    /// Like [`Mesh::compose`], panicking with its output when it fails.
+    pub fn compose_ok(&self, args: &[&str]) -> String {
+        let out = self.compose(args);
+        assert!(
+            out.status.success(),
+            "docker-compose {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The container id of `service`.
+    pub fn container(&self, service: &str) -> String {
+        let id = self.compose_ok(&["ps", "-q", service]).trim().to_string();
+        assert!(!id.is_empty(), "service {service} has no container");
+        id
+    }
+
+    /// `docker kill -s KILL`: the process gets no chance to say goodbye.
+    pub fn kill9(&self, service: &str) {
+        docker_ok(&["kill", "-s", "KILL", &self.container(service)]);
+    }
+
+    /// `docker-compose stop`: SIGTERM, then the container stops.
+    pub fn stop(&self, service: &str) {
+        self.compose_ok(&["stop", "-t", "30", service]);
+    }
+
+    /// `docker restart`: the same container (same address, same volumes) started again.
+    pub fn restart(&self, service: &str) {
+        docker_ok(&["restart", "-t", "10", &self.container(service)]);
+    }
+
+    /// The compose network's name.
+    fn network(&self) -> String {
+        // docker-compose 1.x lower-cases the project name and drops characters other than
+        // letters, digits, '-' and '_'.
+        format!("{}_mesh", self.project.to_lowercase())
+    }
+
+    /// Cuts `service` off the network; returns its address there, for [`Mesh::reconnect`].
+    pub fn disconnect(&self, service: &str) -> String {
+        let container = self.container(service);
+        let format = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+            self.network()
+        );
+        let ip = docker_ok(&["inspect", "-f", &format, &container])
+            .trim()
+            .to_string();
+        assert!(
+            !ip.is_empty(),
+            "no address of {service} on {}",
+            self.network()
+        );
+        docker_ok(&["network", "disconnect", &self.network(), &container]);
+        ip
+    }
+
+    /// Puts `service` back on the network at its old address (so its TCP connections may live).
+    pub fn reconnect(&self, service: &str, ip: &str) {
+        let container = self.container(service);
+        docker_ok(&[
+            "network",
+            "connect",
+            "--ip",
+            ip,
+            "--alias",
+            service,
+            &self.network(),
+            &container,
+        ]);
+    }
+
+    /// Everything `service` logged so far.
+    pub fn logs(&self, service: &str) -> String {
+        let out = self.compose(&["logs", "--no-color", service]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Where the host reaches `service`'s metrics endpoint (`127.0.0.1:PORT`).
+    pub fn metrics_addr(&self, service: &str) -> String {
+        self.compose_ok(&["port", service, "9100"])
+            .trim()
+            .to_string()
+    }
+
+    /// `service`'s Prometheus metrics, scraped from the host.
+    pub fn metrics(&self, service: &str) -> String {
+        let addr = self.metrics_addr(service);
+        crate::metrics::scrape(&addr)
+            .unwrap_or_else(|e| panic!("scraping {service} at {addr}: {e}"))
+    }
+
+    /// Waits until each of `nodes` has a retained status online with a module version
+    /// (`version`, or any when empty).
+    pub async fn wait_serving(&self, nodes: &[&str], version: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let statuses = crate::compose::statuses(self.port).await;
+            let waiting: Vec<&&str> = nodes
+                .iter()
+                .filter(|n| {
+                    !statuses.get(**n).is_some_and(|s| {
+                        s.online
+                            && s.module
+                                .as_ref()
+                                .is_some_and(|m| version.is_empty() || m.version == version)
+                    })
+                })
+                .collect();
+            if waiting.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nodes {waiting:?} not online serving {version:?} within {within:?}; statuses: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for service in ["broker"].iter().chain(NODES.iter()) {
+                eprintln!("----- {service} -----\n{}", tail(&self.logs(service), 60));
+            }
+        }
+        let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Every node's retained status on the broker at `port`, by node id.
+pub async fn statuses(port: u16) -> std::collections::BTreeMap<String, isomesh_protos::NodeStatus> {
+    use prost::Message;
+    static CLIENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CLIENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("statuses-{}-{n}", std::process::id());
+    let mut client = crate::mqtt::Client::connect(port, &id).await;
+    client.subscribe("isomesh/status/+").await;
+    let mut out = std::collections::BTreeMap::new();
+    // Retained statuses come at once; live ones keep coming while jobs flow, so stop at the
+    // first quiet moment or after 2 s.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Some(publish) = client.next(Duration::from_millis(500)).await {
+        if let Ok(status) = isomesh_protos::NodeStatus::decode(publish.payload.as_ref()) {
+            out.insert(status.node_id.clone(), status);
+        }
+        if tokio::time::Instant::now() >= until {
+            break;
+        }
+    }
+    out
+}
+
+/// The shared photo folder the compose camera and the tests use.
+pub fn photos_dir() -> PathBuf {
+    std::env::var_os("ISOMESH_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("../shared/images"))
+        .canonicalize()
+        .expect("the photo folder (set ISOMESH_IMAGES)")
+}
+
+/// Runs `docker ARGS`, panicking with its output when it fails; returns stdout.
+pub fn docker_ok(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
