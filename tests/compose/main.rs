@@ -220,23 +220,11 @@ async fn a_broker_restart_under_load_loses_nothing() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mesh = mesh("broker-restart").await;
     // A rolled-out module on d1, so there is a retained manifest for the broker to lose.
-    let rollout = mesh.compose(&[
-        "run",
-        "--rm",
-        "-T",
-        "rollout",
-        "/usr/bin/isomesh",
-        "rollout",
-        "/usr/share/isomesh/mobilenet_v2-0.2.0.wasm",
-        "--name=mobilenet_v2",
-        "--version=0.2.0",
-        "--key=/keys/rollout.key",
-        "--broker=mqtt://broker:1883",
-        "--compile-cache=/var/cache/isomesh",
+    let rollout = mesh.compose(&rollout_command(&[
         "--node=d1",
         "--wait",
         "--timeout-s=180",
-    ]);
+    ]));
     assert!(
         rollout.status.success(),
         "rollout to d1: {}{}",
@@ -303,22 +291,7 @@ async fn a_rollout_while_a_node_is_partitioned_converges_when_it_returns() {
     let others = ["c1", "e1", "e2", "d1", "d3"];
     // (Its own time limit is shortened: it may wait for d2, whose last status says online
     // until the broker gives up on it.)
-    let out = mesh.compose(&[
-        "run",
-        "--rm",
-        "-T",
-        "rollout",
-        "/usr/bin/isomesh",
-        "rollout",
-        "/usr/share/isomesh/mobilenet_v2-0.2.0.wasm",
-        "--name=mobilenet_v2",
-        "--version=0.2.0",
-        "--key=/keys/rollout.key",
-        "--broker=mqtt://broker:1883",
-        "--compile-cache=/var/cache/isomesh",
-        "--wait",
-        "--timeout-s=90",
-    ]);
+    let out = mesh.compose(&rollout_command(&["--wait", "--timeout-s=90"]));
     eprintln!(
         "rollout-partition: rollout service exited {:?} after {:?}:\n{}",
         out.status.code(),
@@ -395,4 +368,25 @@ async fn with_the_cloud_stopped_edges_run_their_jobs_themselves() {
         "every job ran on the edge node that took it: {:?}",
         seen.paths()
     );
+}
+
+/// `docker-compose run` of the rollout service's `isomesh rollout` of module 0.2.0, as an
+/// operator runs it, with `extra` flags.
+fn rollout_command<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "run",
+        "--rm",
+        "-T",
+        "rollout",
+        "/usr/bin/isomesh",
+        "rollout",
+        "/usr/share/isomesh/mobilenet_v2-0.2.0.wasm",
+        "--name=mobilenet_v2",
+        "--version=0.2.0",
+        "--key=/keys/rollout.key",
+        "--broker=mqtt://broker:1883",
+        "--compile-cache=/var/cache/isomesh",
+    ];
+    args.extend_from_slice(extra);
+    args
 }

@@ -4,26 +4,18 @@
 
 use isomesh_protos::{Job, JobResult};
 use isomesh_tests::broker::TestBroker;
+use isomesh_tests::free_port;
 use isomesh_tests::metrics::{scrape, sum, value};
 use isomesh_tests::mqtt::Client;
 use isomesh_tests::node::{NodeSpec, TestNode};
 use isomesh_tests::rollout::guest_module_v2;
-use isomesh_tests::{free_port, photos};
 use prost::Message;
 use std::time::Duration;
 
 const REPLIES: &str = "test/metrics/replies";
 
 fn job(n: usize, id: &str, budget_ms: u32) -> Vec<u8> {
-    let photos = photos();
-    Job {
-        job_id: id.into(),
-        image: photos[n % photos.len()].bytes(),
-        reply_to: REPLIES.into(),
-        budget_ms,
-        ..Default::default()
-    }
-    .encode_to_vec()
+    isomesh_tests::photo_job(n, id, REPLIES, budget_ms)
 }
 
 /// A node with a metrics endpoint on a free port; returns it and the endpoint's address.

@@ -33,17 +33,8 @@ async fn start_all(port: u16, specs: Vec<NodeSpec<'_>>) -> Vec<TestNode> {
     nodes
 }
 
-/// A protobuf job for photo `n` of the shared set (cycling), with a budget.
 fn job(n: usize, id: &str, budget_ms: u32) -> Vec<u8> {
-    let photos = photos();
-    Job {
-        job_id: id.into(),
-        image: photos[n % photos.len()].bytes(),
-        reply_to: REPLIES.into(),
-        budget_ms,
-        ..Default::default()
-    }
-    .encode_to_vec()
+    isomesh_tests::photo_job(n, id, REPLIES, budget_ms)
 }
 
 /// Collects `n` results by job id; panics on a second answer to any job, and checks that no

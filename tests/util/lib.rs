@@ -87,6 +87,21 @@ pub fn photos() -> Vec<Photo> {
         .collect()
 }
 
+/// A protobuf job for photo `n` of the shared set (cycling), answered on `reply_to`, with a
+/// budget (0 = none).
+pub fn photo_job(n: usize, id: &str, reply_to: &str, budget_ms: u32) -> Vec<u8> {
+    use prost::Message;
+    let photos = photos();
+    isomesh_protos::Job {
+        job_id: id.into(),
+        image: photos[n % photos.len()].bytes(),
+        reply_to: reply_to.into(),
+        budget_ms,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 /// One reference photo.
 #[derive(Debug, Clone)]
 pub struct Photo {

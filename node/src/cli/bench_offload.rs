@@ -11,16 +11,18 @@
 //! Writes JSON, with every latency, for `scripts/plot_offload.py`.
 
 use super::bench::{machine, ms, stats, tempdir};
-use super::mesh::{delayed_link, free_port, start_broker, start_node, CpuQuota, NodeSetup, Proc};
+use super::mesh::{
+    delayed_link, free_port, listen, start_broker, start_node, CpuQuota, Listener, NodeSetup, Proc,
+};
 use crate::offload::Policy;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::topics::Topics;
 use anyhow::Context;
 use isomesh_protos::{Job, JobResult, NodeStatus, Tier};
 use prost::Message;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event};
+use rumqttc::v5::AsyncClient;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -175,25 +177,13 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let topics = Topics::new("isomesh");
-    let broker_url = format!("mqtt://127.0.0.1:{port}");
-    let (client, mut eventloop) =
-        super::connect(&broker_url, &super::client_id("bench-offload")).await?;
-    let replies = topics.replies("bench-offload");
-    client.subscribe(replies.clone(), QoS::AtLeastOnce).await?;
-    client
-        .subscribe(topics.all_status(), QoS::AtLeastOnce)
-        .await?;
-    let (event_tx, events) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(event) = eventloop.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = event {
-                if event_tx.send(p).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    let Listener {
+        client,
+        topics,
+        replies,
+        events,
+        ..
+    } = listen(port, "bench-offload").await?;
     let mut sender = Sender {
         client,
         events,

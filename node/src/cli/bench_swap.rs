@@ -9,16 +9,14 @@
 //! compiled-module cache). Writes JSON.
 
 use super::bench::{machine, ms, stats, tempdir};
-use super::mesh::{free_port, sibling, start_broker, start_node, NodeSetup};
+use super::mesh::{free_port, listen, sibling, start_broker, start_node, Listener, NodeSetup};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::signing::SecretKey;
-use crate::topics::Topics;
 use anyhow::Context;
 use isomesh_protos::{NodeStatus, Tier};
 use prost::Message;
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::Event;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -115,25 +113,13 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         nodes.push(start_node(setup, port, &trusted_flag)?);
     }
 
-    let topics = Topics::new("isomesh");
-    let broker_url = format!("mqtt://127.0.0.1:{port}");
-    let (client, mut eventloop) =
-        super::connect(&broker_url, &super::client_id("bench-swap")).await?;
-    let replies = topics.replies("bench-swap");
-    client.subscribe(replies.clone(), QoS::AtLeastOnce).await?;
-    client
-        .subscribe(topics.all_status(), QoS::AtLeastOnce)
-        .await?;
-    let (event_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(event) = eventloop.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = event {
-                if event_tx.send(p).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    let Listener {
+        client,
+        broker_url,
+        topics,
+        replies,
+        mut events,
+    } = listen(port, "bench-swap").await?;
 
     let from_sha = crate::sandbox::sha256_hex(&from);
     let to_sha = crate::sandbox::sha256_hex(&to);

@@ -211,3 +211,46 @@ async fn delay_pipe(
     drop(queue);
     let _ = writer.await;
 }
+
+/// The benchmark's own MQTT client, `name`, on the broker at `port`: subscribed to its replies
+/// topic and to every node's status, with every publish it receives handed to the channel.
+pub struct Listener {
+    pub client: rumqttc::v5::AsyncClient,
+    /// The broker's URL, for the benchmark's commands.
+    pub broker_url: String,
+    pub topics: crate::topics::Topics,
+    /// Where nodes answer this client.
+    pub replies: String,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
+}
+
+pub async fn listen(port: u16, name: &str) -> anyhow::Result<Listener> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::Event;
+    let topics = crate::topics::Topics::new("isomesh");
+    let broker_url = format!("mqtt://127.0.0.1:{port}");
+    let (client, mut eventloop) = super::connect(&broker_url, &super::client_id(name)).await?;
+    let replies = topics.replies(name);
+    client.subscribe(replies.clone(), QoS::AtLeastOnce).await?;
+    client
+        .subscribe(topics.all_status(), QoS::AtLeastOnce)
+        .await?;
+    let (event_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                if event_tx.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Listener {
+        client,
+        broker_url,
+        topics,
+        replies,
+        events,
+    })
+}
