@@ -11,12 +11,13 @@ MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 demo: setup module build
 	./scripts/demo.sh
 
-## Unit tests, then the integration suite against isomesh-broker and again against Mosquitto.
-## The compose mesh's container fault tests are `make compose-test` (not yet part of CI).
+## Unit tests, the integration suite against isomesh-broker and again against Mosquitto, then
+## the container fault tests of the compose mesh (real containers, built by `make images`).
 # Every cargo command selects the whole workspace so features resolve once and target/ is reused.
-test: setup module build
+test: setup module build images
 	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release --workspace --lib --bins --test integration
 	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release --workspace --test integration
+	$(CARGO) test --release --workspace --test compose -- --nocapture
 
 ## The container images of compose.yaml (static musl binaries + module, FROM scratch; no registry).
 images: setup module

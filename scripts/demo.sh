@@ -33,8 +33,9 @@ mkdir -p "$work/cache"
 echo "== isomesh keygen: the key that signs rollouts; every node trusts its public half"
 "$bin/isomesh" keygen --out "$work/rollout.key"
 
-echo "== starting isomesh-broker on 127.0.0.1:$port"
-"$bin/isomesh-broker" --listen "127.0.0.1:$port" >"$work/broker.log" 2>&1 &
+echo "== starting isomesh-broker on 127.0.0.1:$port, anonymous access on (a demo on loopback; see"
+echo "   the README's Security section for logins and roles)"
+"$bin/isomesh-broker" --listen "127.0.0.1:$port" --allow-anonymous >"$work/broker.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do "$bin/isomesh-broker" health --broker "$broker" >/dev/null 2>&1 && break; sleep 0.2; done
 
@@ -42,6 +43,9 @@ for spec in d1:device e1:edge c1:cloud; do
   id="${spec%%:*}"; tier="${spec##*:}"
   mkdir -p "$work/$id/modules"
   cp "$module" "$work/$id/modules/mobilenet_v2.wasm"
+  # Nodes run only signed modules; a copied file needs its signed manifest beside it.
+  "$bin/isomesh" sign --key "$work/rollout.key" --name mobilenet_v2 --version 0.1.0 \
+    "$work/$id/modules/mobilenet_v2.wasm"
   echo "== starting $tier node $id"
   "$bin/isomesh-node" --id "$id" --tier "$tier" --broker "$broker" \
     --modules "$work/$id/modules" --cache-dir "$work/cache" \

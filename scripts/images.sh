@@ -42,6 +42,9 @@ chmod 1777 "$ctx/tmp"
 cp "$bins/isomesh-node" "$bins/isomesh" "$bins/isomesh-broker" "$ctx/bin/"
 cp "$keys/rollout.key.pub" "$ctx/etc/"
 cp "$module" "$ctx/lib/modules/mobilenet_v2.wasm"
+# Nodes run only signed modules: the baked-in one carries its signed manifest.
+"$bins/isomesh" sign --key "$keys/rollout.key" --name mobilenet_v2 --version 0.1.0 \
+  "$ctx/lib/modules/mobilenet_v2.wasm"
 cp "$module_v2" "$ctx/rollout/mobilenet_v2-0.2.0.wasm"
 # The machine code of module 0.1.0, compiled by the very binary the nodes run (the cache key
 # includes the engine's settings and this CPU's features; a node on another CPU compiles).

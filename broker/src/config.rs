@@ -2,6 +2,7 @@
 //! [`BrokerConfig`] into its clap parser; embedders (tests, other binaries) may build it directly.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Settings of one broker.
@@ -29,6 +30,21 @@ pub struct BrokerConfig {
     /// Retained messages never expire, whatever this says.
     #[arg(long, env = "ISOMESH_MESSAGE_EXPIRY_S", default_value_t = 24 * 3600)]
     pub message_expiry_s: u64,
+
+    /// Accounts: a password file in Mosquitto's format (`isomesh-broker passwd FILE USER`, or
+    /// mosquitto_passwd). Clients must then log in with a username and password.
+    #[arg(long, env = "ISOMESH_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// What each account may publish and subscribe to: an ACL file in Mosquitto's format (see
+    /// deploy/acl.conf for the mesh's roles). Without one, every client may do everything.
+    #[arg(long, env = "ISOMESH_ACL_FILE")]
+    pub acl_file: Option<PathBuf>,
+
+    /// Let clients in without a username (they get the ACL's anonymous rules, if any). Off by
+    /// default: only for a demo or a network nobody else can reach.
+    #[arg(long, env = "ISOMESH_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
 }
 
 impl BrokerConfig {

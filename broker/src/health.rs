@@ -3,7 +3,8 @@
 //! clients, not merely that its port is open:
 //!
 //! 1. TCP connect to `HOST:PORT`;
-//! 2. CONNECT (clean session, keepalive 30 s) and wait for a CONNACK that accepts it;
+//! 2. CONNECT (clean session, keepalive 30 s) and wait for a CONNACK that accepts it (or that
+//!    refuses the anonymous login: a broker with logins on is alive, and the check stops there);
 //! 3. PINGREQ and wait for PINGRESP (the broker's session loop is alive);
 //! 4. DISCONNECT, so no Last Will fires and the broker logs a clean goodbye.
 //!
@@ -154,6 +155,12 @@ pub async fn check(url: &str, timeout: Duration) -> Result<BrokerAddr, HealthErr
             step: "CONNACK",
             got: [connack[0], connack[1]],
         });
+    }
+    // 4 and 5 (bad login, not authorized): a broker that requires logins refused this
+    // anonymous check, which proves its MQTT session code is alive.
+    if matches!(connack[3], 4 | 5) {
+        let _ = stream.shutdown().await;
+        return Ok(broker);
     }
     if connack[3] != 0 {
         return Err(HealthError::Refused {

@@ -16,10 +16,15 @@
 //! Parts: [`config`] holds the settings (flags and `ISOMESH_*` variables); [`run`] (in `server`)
 //! builds the rmqtt context, registers the plugins, binds the one listener and serves until the
 //! caller's shutdown future completes; [`health`] is the CONNECT + PING check a container's
-//! HEALTHCHECK runs. The binary in `main.rs` only parses flags and calls these.
+//! HEALTHCHECK runs. Who may connect and what they may touch: [`passwords`] and [`acl`] read
+//! Mosquitto's file formats (one set of files serves both brokers), [`access`] enforces them
+//! through rmqtt's hooks. The binary in `main.rs` only parses flags and calls these.
 
+pub mod access;
+pub mod acl;
 pub mod config;
 pub mod health;
+pub mod passwords;
 mod server;
 
 pub use config::BrokerConfig;
@@ -40,4 +45,10 @@ pub enum BrokerError {
     },
     #[error("the broker stopped: {0}")]
     Serve(String),
+    #[error(transparent)]
+    Passwords(#[from] passwords::PasswordFileError),
+    #[error(transparent)]
+    Acl(#[from] acl::AclError),
+    #[error("nobody could connect: give accounts with --password-file FILE (make them with `isomesh-broker passwd FILE USER`), or let clients in without one with --allow-anonymous (a demo or a closed network only)")]
+    NoAccess,
 }

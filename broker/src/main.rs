@@ -32,6 +32,18 @@ enum Command {
         #[arg(long, env = "ISOMESH_HEALTH_TIMEOUT_S", default_value_t = 5)]
         timeout_s: u64,
     },
+    /// Add a user to a password file (made if missing), or change their password. The password
+    /// is read from $ISOMESH_NEW_PASSWORD, else from the first line of standard input. The file
+    /// is Mosquitto's format: Mosquitto reads it too.
+    Passwd {
+        /// The password file (--password-file of the broker).
+        file: std::path::PathBuf,
+        /// The username; for a node, its --id.
+        user: String,
+        /// PBKDF2 rounds.
+        #[arg(long, default_value_t = isomesh_broker::passwords::DEFAULT_ITERATIONS)]
+        iterations: u32,
+    },
 }
 
 #[tokio::main]
@@ -51,6 +63,11 @@ async fn main() -> ExitCode {
         Some(Command::Health { broker, timeout_s }) => {
             health(&broker, Duration::from_secs(timeout_s)).await
         }
+        Some(Command::Passwd {
+            file,
+            user,
+            iterations,
+        }) => passwd(&file, &user, iterations),
         None => isomesh_broker::run(flags.broker, shutdown_signal())
             .await
             .context("isomesh-broker"),
@@ -69,6 +86,26 @@ async fn health(broker: &str, timeout: Duration) -> anyhow::Result<()> {
         .await
         .context("isomesh-broker health: unhealthy")?;
     println!("ok: {addr} accepts MQTT sessions and answers pings");
+    Ok(())
+}
+
+fn passwd(file: &std::path::Path, user: &str, iterations: u32) -> anyhow::Result<()> {
+    let password = match std::env::var("ISOMESH_NEW_PASSWORD") {
+        Ok(password) => password,
+        Err(_) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    anyhow::ensure!(
+        !password.is_empty(),
+        "no password: set ISOMESH_NEW_PASSWORD or pipe it in (`echo \"$PW\" | isomesh-broker passwd FILE USER`)"
+    );
+    isomesh_broker::passwords::set_password(file, user, &password, iterations)?;
+    println!("{user} set in {}", file.display());
     Ok(())
 }
 

@@ -17,6 +17,22 @@ const SHARED_SUBSCRIPTION: &str = "rmqtt-shared-subscription";
 /// the plugin does not warn about a missing config).
 const SHARED_SUBSCRIPTION_CONFIG: &str = "strategy = \"round_robin\"\n";
 
+/// Reads the password and ACL files, refusing a setup nobody could connect to.
+fn access_control(config: &BrokerConfig) -> Result<crate::access::AccessControl, BrokerError> {
+    let passwords = match &config.password_file {
+        Some(path) => Some(crate::passwords::Passwords::read(path)?),
+        None => None,
+    };
+    let acl = match &config.acl_file {
+        Some(path) => Some(crate::acl::Acl::read(path)?),
+        None => None,
+    };
+    if passwords.is_none() && !config.allow_anonymous {
+        return Err(BrokerError::NoAccess);
+    }
+    Ok(crate::access::AccessControl { passwords, acl })
+}
+
 /// Serves MQTT on `config.listen` until `shutdown` completes.
 pub async fn run(
     config: BrokerConfig,
@@ -27,6 +43,7 @@ pub async fn run(
         "max_retained_messages = 0\nmax_payload_size = \"{}B\"\nretained_message_ttl = \"0s\"\n",
         config.max_packet_bytes
     );
+    let access = access_control(&config)?;
     let scx = ServerContext::new()
         .plugins_config_map_add(RETAINER, retainer_config)
         .plugins_config_map_add(SHARED_SUBSCRIPTION, SHARED_SUBSCRIPTION_CONFIG)
@@ -44,6 +61,10 @@ pub async fn run(
             plugin: SHARED_SUBSCRIPTION,
             reason: e.to_string(),
         })?;
+    let secured = access.passwords.is_some() || access.acl.is_some();
+    if secured {
+        crate::access::register(&scx, access).await;
+    }
     let listen_error = |reason: String| BrokerError::Listen {
         addr: config.listen,
         reason,
@@ -56,6 +77,7 @@ pub async fn run(
         .max_mqueue_len(config.max_queue)
         .message_expiry_interval(config.message_expiry())
         .allow_zero_keepalive(true)
+        .allow_anonymous(config.allow_anonymous)
         // Replies and job hand-offs are small packets: do not let Nagle hold them back.
         .nodelay(true)
         // A restarted broker must get its port back while the old connections sit in TIME_WAIT.
@@ -67,8 +89,14 @@ pub async fn run(
     tracing::info!(
         listen = %config.listen,
         max_packet_bytes = config.max_packet_bytes,
+        password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+        acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+        allow_anonymous = config.allow_anonymous,
         "isomesh-broker serving MQTT 3.1.1 and 5"
     );
+    if config.allow_anonymous && !secured {
+        tracing::warn!("anonymous access with no ACL: anyone who reaches this port may publish modules and jobs; use --password-file and --acl-file outside a demo");
+    }
     let server = MqttServer::new(scx).listener(listener).build();
     tokio::select! {
         served = server.run() => served.map_err(|e| BrokerError::Serve(e.to_string())),

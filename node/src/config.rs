@@ -25,6 +25,16 @@ pub struct NodeConfig {
     #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
 
+    /// Username to log in to the broker with [default: the node id, when a password is given].
+    /// A login in the --broker URL wins.
+    #[arg(long, env = "ISOMESH_USERNAME")]
+    pub username: Option<String>,
+
+    /// Password to log in to the broker with; better given as $ISOMESH_PASSWORD (or in the
+    /// --config file) than on the command line, where `ps` shows it.
+    #[arg(long, env = "ISOMESH_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
     /// Directory of classifier modules (.wasm); the newest good one is served.
     #[arg(long, env = "ISOMESH_MODULES")]
     pub modules: PathBuf,
@@ -96,6 +106,12 @@ pub struct NodeConfig {
         value_delimiter = ','
     )]
     pub trusted_keys: Vec<PathBuf>,
+
+    /// Run modules that carry no valid signature by a --trusted-key (each load logs a warning).
+    /// For development only: without it, a module file copied into the module directory runs
+    /// only with a signed manifest beside it (`isomesh sign`).
+    #[arg(long, env = "ISOMESH_ALLOW_UNSIGNED")]
+    pub allow_unsigned: bool,
 
     /// A rollout whose chunks stop arriving for this long is abandoned and reported, s.
     #[arg(long, env = "ISOMESH_FETCH_TIMEOUT_S", default_value_t = 60)]

@@ -14,18 +14,21 @@
 //! 1. `isomesh rollout` cuts the module into chunks and signs a manifest ([`package`], [`signing`]);
 //! 2. the node's [`rollout`] agent checks the manifest, [`fetch`]es the chunks and writes the file;
 //! 3. the [`watcher`] (or the agent directly) hands the file to the [`modules`] manager, which
-//!    compiles, self-tests and swaps it in without stopping any job.
+//!    checks its signature again ([`trust`]: also for files copied in by hand), then compiles,
+//!    self-tests and swaps it in without stopping any job.
 //!
 //! Around the job flow: [`answered`] keeps recent answers for users who ask again (after a
 //! broker lost one), and [`metrics`] counts jobs, stages, offloads and swaps for Prometheus.
 //!
-//! [`topics`] holds the MQTT topic layout, [`config`] the node's settings, [`selftest`] the check a
-//! module must pass before serving, and [`cli`] the subcommands of `isomesh`.
+//! [`topics`] holds the MQTT topic layout, [`login`] the broker URL and credentials, [`config`]
+//! the node's settings, [`selftest`] the check a module must pass before serving, and [`cli`]
+//! the subcommands of `isomesh`.
 
 pub mod answered;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod login;
 pub mod metrics;
 pub mod modules;
 pub mod node;
@@ -41,4 +44,5 @@ pub mod scheduler;
 pub mod selftest;
 pub mod signing;
 pub mod topics;
+pub mod trust;
 pub mod watcher;

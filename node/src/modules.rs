@@ -11,6 +11,7 @@
 //! previous module keeps serving.
 
 use crate::sandbox::{LoadedModule, Sandbox};
+use crate::trust::ModuleTrust;
 use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::{ModuleManifest, ModuleRef, RolloutState};
 use prost::Message;
@@ -103,8 +104,13 @@ pub fn module_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|(_, path)| path).collect())
 }
 
-/// Loads the newest good module of `dir`, logging every file it had to reject.
-pub fn load_newest(sandbox: &Sandbox, dir: &Path) -> Option<Arc<LoadedModule>> {
+/// Loads the newest good module of `dir` that `trust` lets run, logging every file it had to
+/// reject.
+pub fn load_newest(
+    sandbox: &Sandbox,
+    trust: &ModuleTrust,
+    dir: &Path,
+) -> Option<Arc<LoadedModule>> {
     let files = match module_files(dir) {
         Ok(files) => files,
         Err(e) => {
@@ -123,6 +129,10 @@ pub fn load_newest(sandbox: &Sandbox, dir: &Path) -> Option<Arc<LoadedModule>> {
         let sha256 = crate::sandbox::sha256_hex(&bytes);
         if let Some(reason) = rejected_before(dir, &sha256) {
             tracing::info!(file = %path.display(), %reason, "skipping a module rejected before");
+            continue;
+        }
+        if let Err(reason) = trust.check(&path, &sha256) {
+            tracing::error!(file = %path.display(), %reason, "module refused");
             continue;
         }
         match sandbox.load_bytes(&path, &bytes, sha256) {
@@ -144,9 +154,9 @@ pub fn load_newest(sandbox: &Sandbox, dir: &Path) -> Option<Arc<LoadedModule>> {
     None
 }
 
-/// The manifest a rollout wrote beside a module file, if there is one.
+/// The manifest a rollout wrote beside a module file, if there is one (unchecked).
 pub fn read_sidecar(module: &Path) -> Option<ModuleManifest> {
-    let bytes = std::fs::read(module.with_extension("manifest")).ok()?;
+    let bytes = std::fs::read(crate::trust::sidecar_path(module)).ok()?;
     ModuleManifest::decode(bytes.as_slice()).ok()
 }
 
@@ -182,6 +192,8 @@ pub struct ModuleManager {
     pub slot: Arc<ModuleSlot>,
     pub board: Arc<RolloutBoard>,
     pub dir: PathBuf,
+    /// Which files may run at all.
+    pub trust: ModuleTrust,
     /// Instances to build before a swap: one per worker.
     pub workers: usize,
     /// Module files kept on disk (the newest ones); older ones are deleted after a swap.
@@ -244,6 +256,7 @@ impl ModuleManager {
             return Considered::Skipped;
         }
         let manifest = read_sidecar(path).filter(|m| m.sha256 == sha256);
+        let trusted = self.trust.check(path, &sha256);
         let mut module_ref = ModuleRef {
             name: manifest
                 .as_ref()
@@ -254,6 +267,11 @@ impl ModuleManager {
                 .map(|m| m.version.clone())
                 .unwrap_or_default(),
             sha256: sha256.clone(),
+        };
+        let manifest = match trusted {
+            Ok(verified) => verified,
+            // No marker: signing the file (or trusting its key) and restarting fixes this.
+            Err(reason) => return self.reject(path, module_ref, reason),
         };
         self.board
             .set(module_ref.clone(), Phase::Loading, (0, 0), String::new());
@@ -276,7 +294,7 @@ impl ModuleManager {
                     module.info.name, module.info.version, m.name, m.version
                 );
                 let _ = std::fs::remove_file(path);
-                let _ = std::fs::remove_file(path.with_extension("manifest"));
+                let _ = std::fs::remove_file(crate::trust::sidecar_path(path));
                 return self.reject(path, module_ref, reason);
             }
         }
@@ -327,7 +345,7 @@ impl ModuleManager {
             }
             tracing::info!(file = %old.display(), "deleting an old module file");
             let _ = std::fs::remove_file(&old);
-            let _ = std::fs::remove_file(old.with_extension("manifest"));
+            let _ = std::fs::remove_file(crate::trust::sidecar_path(&old));
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use crate::answered::Answered;
 use crate::config::NodeConfig;
+use crate::login::BrokerAddress;
 use crate::metrics::Metrics;
 use crate::modules::{self, Considered, ModuleManager, ModuleSlot, RolloutBoard};
 use crate::offload::{self, Decision, Situation};
@@ -24,10 +25,13 @@ use crate::rollout::{self, Action, AgentConfig, Reseed, RolloutAgent};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::scheduler::{JobFailure, Outcome, Scheduler};
 use crate::signing::TrustedKeys;
-use crate::topics::{parse_broker_url, Topics};
+use crate::topics::Topics;
+use crate::trust::ModuleTrust;
 use isomesh_protos::{hop, Job, JobResult, ModuleRef, NodeStatus, Tier};
 use prost::Message;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{
+    Packet, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use std::collections::{HashSet, VecDeque};
@@ -84,19 +88,26 @@ struct Shared {
     answered: Answered,
     /// Counters served on `--metrics-listen`.
     metrics: Arc<Metrics>,
+    /// What modules may do here, as statuses publish it.
+    limits: isomesh_protos::SandboxLimits,
     config: NodeConfig,
 }
 
 /// Runs a node until `shutdown` completes, then drains and returns.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
-    let (host, port) = parse_broker_url(&config.broker).map_err(NodeError::Config)?;
+    let broker = BrokerAddress::parse(&config.broker).map_err(NodeError::Config)?;
     std::fs::create_dir_all(&config.modules).map_err(|source| NodeError::ModuleDir {
         path: config.modules.clone(),
         source,
     })?;
     let trusted = TrustedKeys::read(&config.trusted_keys)?;
-    if trusted.is_empty() {
-        tracing::warn!("no --trusted-key given: this node installs no rollouts (modules copied into its directory still load)");
+    let trust = ModuleTrust::new(trusted.clone(), config.allow_unsigned);
+    if config.allow_unsigned {
+        tracing::warn!(
+            "--allow-unsigned: this node runs modules nobody signed; never use it in production"
+        );
+    } else if trusted.is_empty() {
+        tracing::warn!("no --trusted-key given: this node installs no rollouts and runs no module (give it the public key of `isomesh keygen`)");
     }
     let sandbox = Arc::new(Sandbox::new(SandboxConfig {
         memory_limit_bytes: config.memory_limit_mb << 20,
@@ -105,8 +116,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     })?);
     let slot = Arc::new(ModuleSlot::default());
     let loading = {
-        let (sandbox, dir) = (sandbox.clone(), config.modules.clone());
-        tokio::task::spawn_blocking(move || modules::load_newest(&sandbox, &dir))
+        let (sandbox, trust, dir) = (sandbox.clone(), trust.clone(), config.modules.clone());
+        tokio::task::spawn_blocking(move || modules::load_newest(&sandbox, &trust, &dir))
     };
     match loading.await {
         Ok(Some(module)) => slot.install(module),
@@ -126,6 +137,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         slot: slot.clone(),
         board: board.clone(),
         dir: config.modules.clone(),
+        trust,
         workers: config.workers,
         keep: config.keep_modules,
     }
@@ -187,7 +199,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
         None => None,
     };
-    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, &topics, &host, port), 256);
+    let limits = isomesh_protos::SandboxLimits {
+        max_payload_bytes: config.max_payload_bytes as u64,
+        allow_unsigned: config.allow_unsigned,
+        ..sandbox.limits()
+    };
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, &topics, &broker), 256);
     let shared = Arc::new(Shared {
         responder,
         topics,
@@ -197,6 +214,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         relay,
         answered: Answered::default(),
         metrics,
+        limits,
         config,
     });
     let status = StatusReporter {
@@ -215,6 +233,11 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     Ok(())
 }
 
+/// A broker URL fit for logs: without its password.
+fn redacted(url: &str) -> String {
+    BrokerAddress::parse(url).map_or_else(|_| url.to_string(), |a| a.display())
+}
+
 /// Stops a background task when the node stops.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -224,8 +247,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn mqtt_options(config: &NodeConfig, topics: &Topics, host: &str, port: u16) -> MqttOptions {
-    let mut options = MqttOptions::new(format!("isomesh-node-{}", config.id), host, port);
+fn mqtt_options(config: &NodeConfig, topics: &Topics, broker: &BrokerAddress) -> MqttOptions {
+    let mut options = broker.options(
+        &format!("isomesh-node-{}", config.id),
+        config.username.as_deref(),
+        config.password.as_deref(),
+        Some(&config.id),
+    );
     options
         .set_keep_alive(Duration::from_secs(15))
         // A persistent session: jobs not yet acknowledged survive a crash of this node.
@@ -429,7 +457,7 @@ async fn event_loop(
             }
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    tracing::info!(broker = %shared.config.broker, session_present = ack.session_present, "connected");
+                    tracing::info!(broker = %redacted(&shared.config.broker), session_present = ack.session_present, "connected");
                     if !draining {
                         for (filter, qos) in subscriptions(&shared) {
                             if let Err(e) = shared.client.try_subscribe(filter.clone(), qos) {
@@ -440,6 +468,12 @@ async fn event_loop(
                         rollouts.apply(&shared, actions);
                     }
                     status.publish(true);
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) if ack.reason == PubAckReason::NotAuthorized => {
+                    tracing::warn!(reason = ?ack.properties.and_then(|p| p.reason_string), "the broker's ACL refused a publish of this node (an answer to a reply topic outside isomesh/results/, isomesh/replies/ or isomesh/relay/, or a module republished without the rollout role)");
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.iter().any(|c| *c == SubscribeReasonCode::NotAuthorized) => {
+                    tracing::error!(codes = ?ack.return_codes, "the broker's ACL refused a subscription of this node: give its account the node role (deploy/acl.conf)");
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
@@ -471,8 +505,12 @@ async fn event_loop(
                     }
                 }
                 Ok(_) => {}
+                Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                    tracing::error!(broker = %redacted(&shared.config.broker), ?code, "the broker refused this node's login: check --username/--password ($ISOMESH_USERNAME/$ISOMESH_PASSWORD) against the broker's password file; retrying in 5 s");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
                 Err(e) => {
-                    tracing::warn!(broker = %shared.config.broker, error = %e, "broker connection lost; retrying in 1 s");
+                    tracing::warn!(broker = %redacted(&shared.config.broker), error = %e, "broker connection lost; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -929,6 +967,7 @@ impl StatusReporter {
             budget_ms: self.shared.config.budget_ms,
             workers: self.shared.config.workers as u32,
             rollout: self.board.get(),
+            sandbox: Some(self.shared.limits.clone()),
         };
         let topic = self.shared.topics.status(&self.shared.responder.node);
         if let Err(e) =

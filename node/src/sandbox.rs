@@ -30,6 +30,15 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Guest stderr kept per instance (panic messages end up in error reports).
 const STDERR_CAPACITY: usize = 1 << 20;
+/// A classifier needs one memory and one function table; more is a module up to no good.
+pub const MAX_MEMORIES: usize = 1;
+pub const MAX_TABLES: usize = 1;
+pub const MAX_INSTANCES: usize = 1;
+/// Elements of a function table: the model's few thousand functions fit many times over.
+pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// What WASI gives the guest (see [`Instance::new`]): no preopened directory, no socket, no
+/// environment variable, no argument.
+pub const WASI_CAPABILITIES: [&str; 3] = ["stderr (captured, 1 MiB)", "clocks", "random"];
 
 /// Limits every instance runs under.
 #[derive(Debug, Clone)]
@@ -193,7 +202,19 @@ impl ResourceLimiter for MemoryCap {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 20)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
     }
 }
 
@@ -242,6 +263,20 @@ impl Sandbox {
     /// The limits this sandbox applies.
     pub fn config(&self) -> &SandboxConfig {
         &self.config
+    }
+
+    /// The limits, as status reports publish them.
+    pub fn limits(&self) -> isomesh_protos::SandboxLimits {
+        isomesh_protos::SandboxLimits {
+            memory_limit_bytes: self.config.memory_limit_bytes as u64,
+            call_timeout_ms: self.config.call_timeout.as_millis() as u64,
+            max_table_elements: MAX_TABLE_ELEMENTS as u32,
+            max_tables: MAX_TABLES as u32,
+            max_memories: MAX_MEMORIES as u32,
+            max_instances: MAX_INSTANCES as u32,
+            wasi: WASI_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     /// Reads, compiles (or loads from the cache) and probes a module file: ABI version, metadata,

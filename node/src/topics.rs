@@ -94,35 +94,6 @@ impl Topics {
     }
 }
 
-/// Host and port of an `mqtt://HOST:PORT` (or `tcp://`, or bare `HOST:PORT`) broker URL.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url);
-    if rest.contains("://") {
-        return Err(format!(
-            "unsupported broker URL {url:?}: use mqtt://HOST:PORT"
-        ));
-    }
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => {
-            let port = port
-                .parse::<u16>()
-                .map_err(|_| format!("bad port in broker URL {url:?}: use mqtt://HOST:PORT"))?;
-            (host, port)
-        }
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        return Err(format!(
-            "no host in broker URL {url:?}: use mqtt://HOST:PORT"
-        ));
-    }
-    Ok((host.to_string(), port))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,16 +111,5 @@ mod tests {
         assert_eq!(t.status_of("isomesh/status/c1/x"), None);
         assert_eq!(t.status_of("other/status/c1"), None);
         assert_eq!(t.relay("d1"), "isomesh/relay/d1");
-    }
-
-    #[test]
-    fn broker_urls_parse_or_explain() {
-        assert_eq!(
-            parse_broker_url("mqtt://10.0.0.2:1884"),
-            Ok(("10.0.0.2".into(), 1884))
-        );
-        assert_eq!(parse_broker_url("broker"), Ok(("broker".into(), 1883)));
-        assert!(parse_broker_url("http://x:1").is_err());
-        assert!(parse_broker_url("mqtt://x:notaport").is_err());
     }
 }

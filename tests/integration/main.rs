@@ -9,3 +9,4 @@ mod metrics;
 mod module_faults;
 mod offload;
 mod rollout;
+mod security;

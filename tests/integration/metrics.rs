@@ -8,7 +8,7 @@ use isomesh_tests::free_port;
 use isomesh_tests::metrics::{scrape, sum, value};
 use isomesh_tests::mqtt::Client;
 use isomesh_tests::node::{NodeSpec, TestNode};
-use isomesh_tests::rollout::guest_module_v2;
+use isomesh_tests::rollout::{guest_module_v2, MODULE_NAME, VERSION_2};
 use prost::Message;
 use std::time::Duration;
 
@@ -133,9 +133,11 @@ async fn a_scrape_counts_jobs_stages_and_module_swaps() {
 
     // A module dropped into the directory by hand is swapped in: one swap, the new version.
     let v2 = std::fs::read(guest_module_v2()).expect("module 0.2.0");
+    let path = node.modules_dir().join("mobilenet_v2-0.2.0.wasm");
+    isomesh_tests::rollout::sign_file(&path, &v2, MODULE_NAME, VERSION_2);
     let tmp = node.modules_dir().join(".incoming.tmp");
     std::fs::write(&tmp, v2).expect("write module");
-    std::fs::rename(&tmp, node.modules_dir().join("mobilenet_v2-0.2.0.wasm")).expect("rename");
+    std::fs::rename(&tmp, &path).expect("rename");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
         let text = scrape(&addr).expect("scrape");

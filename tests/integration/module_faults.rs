@@ -6,7 +6,7 @@ use isomesh_protos::NodeStatus;
 use isomesh_tests::broker::TestBroker;
 use isomesh_tests::faults::{fault_module, Fault};
 use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{NodeSpec, TestNode};
+use isomesh_tests::node::{ModuleFile, NodeSpec, TestNode};
 use prost::Message;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -30,9 +30,12 @@ async fn a_file_that_is_not_wasm_is_rejected_and_the_good_module_serves() {
     let good = std::fs::read(isomesh_tests::guest_module()).unwrap();
     let mut spec = NodeSpec::with_guest("m1", "edge", broker.port());
     // Newer than the good module, so it is tried first.
-    spec.modules.push((
-        "zz-newer.wasm".into(),
+    // Signed, so it gets past the signature check to the sandbox's own.
+    spec.modules.push(ModuleFile::signed(
+        "zz-newer.wasm",
         b"MZ\x90\x00 this is not wasm".to_vec(),
+        "junk",
+        "1",
     ));
     let node = TestNode::start(spec).await;
     let status = status_of(broker.port(), "m1").await;
@@ -50,8 +53,12 @@ async fn a_module_that_loops_in_its_self_test_is_rejected() {
     let broker = TestBroker::start().await;
     let good = std::fs::read(isomesh_tests::guest_module()).unwrap();
     let mut spec = NodeSpec::with_guest("m2", "edge", broker.port());
-    spec.modules
-        .push(("zz-loops.wasm".into(), fault_module(Fault::AlwaysLoop)));
+    spec.modules.push(ModuleFile::signed(
+        "zz-loops.wasm",
+        fault_module(Fault::AlwaysLoop),
+        "faulty",
+        "t1",
+    ));
     spec.extra_args = vec!["--call-timeout-ms".into(), "1500".into()];
     let node = TestNode::start(spec).await;
     let status = status_of(broker.port(), "m2").await;
@@ -73,7 +80,12 @@ async fn traps_and_endless_loops_fail_one_job_and_the_node_keeps_serving() {
         id: "m3",
         tier: "device",
         broker_port: broker.port(),
-        modules: vec![("faulty.wasm".into(), fault_module(Fault::OnMarkedInput))],
+        modules: vec![ModuleFile::signed(
+            "faulty.wasm",
+            fault_module(Fault::OnMarkedInput),
+            "faulty",
+            "t1",
+        )],
         extra_args: vec!["--call-timeout-ms".into(), "1500".into()],
     };
     let _node = TestNode::start(spec).await;

@@ -6,9 +6,8 @@
 use isomesh_protos::{hop, Job, JobResult};
 use isomesh_tests::broker::TestBroker;
 use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{NodeSpec, TestNode};
+use isomesh_tests::node::{ModuleFile, NodeSpec, TestNode};
 use isomesh_tests::photos;
-use isomesh_tests::rollout::guest_module_v2;
 use prost::Message;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -347,8 +346,7 @@ async fn pinned_jobs_go_up_to_a_node_serving_that_module() {
     let broker = TestBroker::start().await;
     let port = broker.port();
     let mut edge = node("o6e", "edge", port, &[]);
-    let v2 = std::fs::read(guest_module_v2()).expect("module 0.2.0 (make module)");
-    edge.modules = vec![("mobilenet_v2-0.2.0.wasm".into(), v2)];
+    edge.modules = vec![ModuleFile::guest_v2()];
     let _nodes = start_all(
         port,
         vec![

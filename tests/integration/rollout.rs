@@ -10,10 +10,9 @@ use isomesh_protos::{NodeStatus, Tier};
 use isomesh_tests::broker::TestBroker;
 use isomesh_tests::faults::{fault_module, Fault};
 use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{NodeSpec, TestNode};
+use isomesh_tests::node::{wait_status, ModuleFile, NodeSpec, TestNode};
 use isomesh_tests::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_1, VERSION_2};
 use isomesh_tests::{bin_path, photos};
-use prost::Message;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,34 +24,6 @@ fn node_with_keys<'a>(id: &'a str, tier: &'a str, port: u16, keys: &Keys) -> Nod
     let mut spec = NodeSpec::with_guest(id, tier, port);
     spec.extra_args = keys.node_args();
     spec
-}
-
-/// Waits until `node`'s retained status satisfies `done`; returns that status.
-async fn wait_status(
-    port: u16,
-    node: &str,
-    within: Duration,
-    done: impl Fn(&NodeStatus) -> bool,
-) -> NodeStatus {
-    let mut watcher = Client::connect(port, &format!("wait-{node}-{}", rand_suffix())).await;
-    watcher.subscribe(&format!("isomesh/status/{node}")).await;
-    let deadline = tokio::time::Instant::now() + within;
-    let mut last = None;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match watcher.next(left).await {
-            Some(publish) => {
-                let status = NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus");
-                if done(&status) {
-                    return status;
-                }
-                last = Some(status);
-            }
-            None => {
-                panic!("node {node}: condition not met within {within:?}; last status: {last:?}")
-            }
-        }
-    }
 }
 
 fn rand_suffix() -> u32 {
@@ -308,7 +279,9 @@ async fn a_module_copied_in_by_hand_is_swapped_in_once_complete() {
     let node = TestNode::start(NodeSpec::with_guest("r3", "edge", broker.port())).await;
     let v2 = std::fs::read(guest_module_v2()).unwrap();
     // Written in two halves with a pause, as a slow copy would: the half must never be loaded.
+    // Its signed manifest comes first (`isomesh sign`): nodes run only signed modules.
     let path = node.modules_dir().join("copied.wasm");
+    rollout::sign_file(&path, &v2, MODULE_NAME, VERSION_2);
     {
         use std::io::Write;
         let mut file = std::fs::File::create(&path).unwrap();
@@ -642,7 +615,7 @@ async fn an_older_version_is_refused_unless_forced() {
     let keys = Keys::new();
     // The node serves version 2; a replayed manifest of version 1 arrives.
     let mut spec = node_with_keys("b12", "edge", broker.port(), &keys);
-    spec.modules = vec![("mobilenet_v2-0.2.0.wasm".into(), v2_bytes())];
+    spec.modules = vec![ModuleFile::guest_v2()];
     let _node = TestNode::start(spec).await;
     let v1 = std::fs::read(isomesh_tests::guest_module()).unwrap();
     let client = Client::connect(broker.port(), "b12-publisher").await;

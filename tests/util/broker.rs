@@ -42,6 +42,15 @@ pub struct TestBroker {
     child: Child,
     /// Holds Mosquitto's config and the broker's log; removed on drop.
     dir: tempfile::TempDir,
+    /// Password and ACL files, when logins are required.
+    access: Option<Access>,
+}
+
+/// Logins and roles for a broker: files in Mosquitto's formats, which both brokers read.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub password_file: PathBuf,
+    pub acl_file: PathBuf,
 }
 
 impl TestBroker {
@@ -52,14 +61,25 @@ impl TestBroker {
 
     /// Starts a broker of the given kind and waits until it accepts connections.
     pub async fn start_kind(kind: BrokerKind) -> TestBroker {
+        TestBroker::start_with(kind, None).await
+    }
+
+    /// Starts the broker chosen by `ISOMESH_TEST_BROKER` with logins required: no anonymous
+    /// access, accounts from `access.password_file`, roles from `access.acl_file`.
+    pub async fn start_secured(access: Access) -> TestBroker {
+        TestBroker::start_with(BrokerKind::from_env(), Some(access)).await
+    }
+
+    async fn start_with(kind: BrokerKind, access: Option<Access>) -> TestBroker {
         let dir = tempfile::tempdir().expect("a temp dir for the broker");
         let port = crate::free_port();
-        let child = spawn_listening(kind, port, dir.path()).await;
+        let child = spawn_listening(kind, port, dir.path(), access.as_ref()).await;
         TestBroker {
             kind,
             port,
             child,
             dir,
+            access,
         }
     }
 
@@ -68,7 +88,8 @@ impl TestBroker {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn_listening(self.kind, self.port, self.dir.path()).await;
+        self.child =
+            spawn_listening(self.kind, self.port, self.dir.path(), self.access.as_ref()).await;
     }
 
     pub fn port(&self) -> u16 {
@@ -98,7 +119,12 @@ impl Drop for TestBroker {
 }
 
 /// Starts a broker on `port`, logging into `dir/broker.log`, and waits until it listens.
-async fn spawn_listening(kind: BrokerKind, port: u16, dir: &std::path::Path) -> Child {
+async fn spawn_listening(
+    kind: BrokerKind,
+    port: u16,
+    dir: &std::path::Path,
+    access: Option<&Access>,
+) -> Child {
     let log_path = dir.join("broker.log");
     let log = std::fs::File::options()
         .create(true)
@@ -109,11 +135,29 @@ async fn spawn_listening(kind: BrokerKind, port: u16, dir: &std::path::Path) -> 
         BrokerKind::Isomesh => {
             let mut command = Command::new(crate::bin_path("isomesh-broker"));
             command.args(["--listen", &format!("127.0.0.1:{port}")]);
+            match access {
+                Some(access) => {
+                    command.arg("--password-file").arg(&access.password_file);
+                    command.arg("--acl-file").arg(&access.acl_file);
+                }
+                None => {
+                    command.arg("--allow-anonymous");
+                }
+            }
             command
         }
         BrokerKind::Mosquitto => {
             let conf = dir.join("mosquitto.conf");
-            std::fs::write(&conf, mosquitto_config(port)).expect("write mosquitto.conf");
+            let mut config = mosquitto_config(port);
+            match access {
+                Some(access) => config.push_str(&format!(
+                    "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+                    access.password_file.display(),
+                    access.acl_file.display()
+                )),
+                None => config.push_str("allow_anonymous true\n"),
+            }
+            std::fs::write(&conf, config).expect("write mosquitto.conf");
             let mut command = Command::new(mosquitto_path());
             command.arg("-c").arg(&conf);
             command
@@ -158,14 +202,13 @@ fn mosquitto_path() -> PathBuf {
     })
 }
 
-/// A Mosquitto 2 config as close as it gets to isomesh-broker's behaviour: anonymous clients,
-/// no persistence, no payload limit (`message_size_limit 0` = every valid MQTT message; its
+/// A Mosquitto 2 config as close as it gets to isomesh-broker's behaviour (anonymous access is
+/// added by the caller): no persistence, no payload limit (`message_size_limit 0` = every valid MQTT message; its
 /// `max_packet_size` is unlimited by default and refuses 0), keepalive 0 allowed, and queues
 /// deep enough for 150 retained chunks. Shared subscriptions are on by default in Mosquitto 2.
 fn mosquitto_config(port: u16) -> String {
     format!(
         "listener {port} 127.0.0.1\n\
-         allow_anonymous true\n\
          persistence false\n\
          message_size_limit 0\n\
          max_queued_messages 10000\n\

@@ -2,7 +2,7 @@
 
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -10,6 +10,8 @@ use tokio::sync::mpsc;
 pub struct Client {
     pub client: AsyncClient,
     pub incoming: mpsc::UnboundedReceiver<Publish>,
+    /// PUBACKs and SUBACKs, to see what the broker said to a publish or subscription.
+    pub acks: mpsc::UnboundedReceiver<Packet>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -20,14 +22,37 @@ impl Drop for Client {
 }
 
 impl Client {
-    /// Connects with a clean session and waits for CONNACK.
+    /// Connects anonymously with a clean session and waits for CONNACK.
     pub async fn connect(port: u16, id: &str) -> Client {
+        Client::try_connect(port, id, None)
+            .await
+            .unwrap_or_else(|refused| panic!("{id}: {refused}"))
+    }
+
+    /// Connects as `user` with `password`.
+    pub async fn connect_as(port: u16, id: &str, user: &str, password: &str) -> Client {
+        Client::try_connect(port, id, Some((user, password)))
+            .await
+            .unwrap_or_else(|refused| panic!("{id} as {user}: {refused}"))
+    }
+
+    /// Connects, or says why the broker refused (the CONNACK's reason, or the error that closed
+    /// the connection).
+    pub async fn try_connect(
+        port: u16,
+        id: &str,
+        login: Option<(&str, &str)>,
+    ) -> Result<Client, String> {
         let mut options = MqttOptions::new(id, "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(Some(64 << 20));
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let (tx, incoming) = mpsc::unbounded_channel();
+        let (acks_tx, acks) = mpsc::unbounded_channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
@@ -35,13 +60,24 @@ impl Client {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         if let Some(tx) = ready_tx.take() {
-                            let _ = tx.send(());
+                            let _ = tx.send(Ok(()));
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let _ = tx.send(p);
                     }
+                    Ok(Event::Incoming(ack @ (Packet::PubAck(_) | Packet::SubAck(_)))) => {
+                        let _ = acks_tx.send(ack);
+                    }
                     Ok(_) => {}
+                    // A refused login ends the attempt; anything else (a broker still starting
+                    // or restarting) is retried.
+                    Err(ConnectionError::ConnectionRefused(code)) if ready_tx.is_some() => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(Err(format!("refused: {code:?}")));
+                        }
+                        return;
+                    }
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
@@ -49,12 +85,21 @@ impl Client {
         tokio::time::timeout(Duration::from_secs(20), ready)
             .await
             .expect("CONNACK within 20 s")
-            .expect("event loop alive");
-        Client {
+            .expect("event loop alive")?;
+        Ok(Client {
             client,
             incoming,
+            acks,
             task,
-        }
+        })
+    }
+
+    /// The next PUBACK or SUBACK, or `None` after `within`.
+    pub async fn next_ack(&mut self, within: Duration) -> Option<Packet> {
+        tokio::time::timeout(within, self.acks.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Subscribes at QoS 1 and gives the broker a moment to install the subscription.

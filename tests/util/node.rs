@@ -16,25 +16,74 @@ pub struct TestNode {
     args: Vec<std::ffi::OsString>,
 }
 
-/// How to start a node.
+/// How to start a node. Every node trusts the test process's [`crate::rollout::test_key`].
 pub struct NodeSpec<'a> {
     pub id: &'a str,
     pub tier: &'a str,
     pub broker_port: u16,
     /// Files to put into the module directory, in this order (later ones are newer).
-    pub modules: Vec<(String, Vec<u8>)>,
+    pub modules: Vec<ModuleFile>,
     pub extra_args: Vec<String>,
+}
+
+/// A module file to put into a node's module directory.
+pub struct ModuleFile {
+    pub file: String,
+    pub bytes: Vec<u8>,
+    /// `(name, version)` its manifest, signed by the test key, says; `None`: no manifest.
+    pub signed_as: Option<(String, String)>,
+}
+
+impl ModuleFile {
+    /// A file with a manifest signed by the test key, as `isomesh sign` writes it.
+    pub fn signed(file: &str, bytes: Vec<u8>, name: &str, version: &str) -> ModuleFile {
+        ModuleFile {
+            file: file.into(),
+            bytes,
+            signed_as: Some((name.into(), version.into())),
+        }
+    }
+
+    /// A file nobody signed.
+    pub fn unsigned(file: &str, bytes: Vec<u8>) -> ModuleFile {
+        ModuleFile {
+            file: file.into(),
+            bytes,
+            signed_as: None,
+        }
+    }
+
+    /// The real classifier at version 0.1.0, signed.
+    pub fn guest() -> ModuleFile {
+        let bytes = std::fs::read(crate::guest_module()).expect("guest module");
+        ModuleFile::signed(
+            "mobilenet_v2.wasm",
+            bytes,
+            crate::rollout::MODULE_NAME,
+            crate::rollout::VERSION_1,
+        )
+    }
+
+    /// The real classifier at version 0.2.0, signed.
+    pub fn guest_v2() -> ModuleFile {
+        let bytes = std::fs::read(crate::rollout::guest_module_v2()).expect("module 0.2.0");
+        ModuleFile::signed(
+            "mobilenet_v2-0.2.0.wasm",
+            bytes,
+            crate::rollout::MODULE_NAME,
+            crate::rollout::VERSION_2,
+        )
+    }
 }
 
 impl<'a> NodeSpec<'a> {
     /// A node serving the real classifier module.
     pub fn with_guest(id: &'a str, tier: &'a str, broker_port: u16) -> NodeSpec<'a> {
-        let module = std::fs::read(crate::guest_module()).expect("guest module");
         NodeSpec {
             id,
             tier,
             broker_port,
-            modules: vec![("mobilenet_v2.wasm".into(), module)],
+            modules: vec![ModuleFile::guest()],
             extra_args: Vec::new(),
         }
     }
@@ -53,9 +102,12 @@ impl TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let modules = dir.path().join("modules");
         std::fs::create_dir_all(&modules).expect("modules dir");
-        for (n, (name, bytes)) in spec.modules.iter().enumerate() {
-            let path = modules.join(name);
-            std::fs::write(&path, bytes).expect("write module");
+        for (n, module) in spec.modules.iter().enumerate() {
+            let path = modules.join(&module.file);
+            if let Some((name, version)) = &module.signed_as {
+                crate::rollout::sign_file(&path, &module.bytes, name, version);
+            }
+            std::fs::write(&path, &module.bytes).expect("write module");
             // Distinct modification times, in list order.
             let when = std::time::SystemTime::now() - Duration::from_secs(100 - n as u64);
             let file = std::fs::File::options()
@@ -76,6 +128,8 @@ impl TestNode {
         args.push(crate::shared_cache_dir().into());
         args.push("--status-interval-s".into());
         args.push("1".into());
+        args.push("--trusted-key".into());
+        args.push(crate::rollout::test_key().public_path.clone().into());
         args.extend(spec.extra_args.iter().map(Into::into));
         let child = start_process(dir.path(), &args);
         TestNode {
@@ -184,4 +238,39 @@ impl Drop for TestNode {
             self.terminate();
         }
     }
+}
+
+/// Waits for a status of `node` that satisfies `done`; panics with the last one seen after `within`.
+pub async fn wait_status(
+    port: u16,
+    node: &str,
+    within: Duration,
+    done: impl Fn(&NodeStatus) -> bool,
+) -> NodeStatus {
+    let mut watcher = Client::connect(port, &format!("wait-{node}-{}", unique())).await;
+    watcher.subscribe(&format!("isomesh/status/{node}")).await;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last = None;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match watcher.next(left).await {
+            Some(publish) => {
+                let status = NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus");
+                if done(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+            None => {
+                panic!("node {node}: condition not met within {within:?}; last status: {last:?}")
+            }
+        }
+    }
+}
+
+/// A suffix that keeps test client ids apart.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + u64::from(std::process::id()) * 1_000_000
 }

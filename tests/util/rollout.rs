@@ -57,6 +57,19 @@ impl Default for Keys {
     }
 }
 
+/// The key every test node trusts and the harness signs the modules it places with.
+pub fn test_key() -> &'static Keys {
+    static KEY: std::sync::OnceLock<Keys> = std::sync::OnceLock::new();
+    KEY.get_or_init(Keys::new)
+}
+
+/// Writes the signed manifest (by [`test_key`]) beside the module file `path` will hold, as
+/// `isomesh sign` does. Written before the module, so the node finds it when the file appears.
+pub fn sign_file(path: &std::path::Path, module: &[u8], name: &str, version: &str) {
+    isomesh_node::trust::write_signed_manifest(path, module, name, version, &test_key().secret)
+        .expect("sign the module");
+}
+
 /// The classifier built at version 0.2.0 (same model): `make module` puts it in `target/modules/`.
 pub fn guest_module_v2() -> PathBuf {
     let path =

@@ -24,6 +24,8 @@ enum Command {
     Rollout(cli::rollout::RolloutArgs),
     /// Make an ed25519 key pair for signing rollouts.
     Keygen(cli::rollout::KeygenArgs),
+    /// Sign a module file copied onto nodes by hand (nodes run only signed modules).
+    Sign(cli::sign::SignArgs),
     /// Send the photos of a folder to the mesh at a steady rate and print where each ran.
     Camera(cli::camera::CameraArgs),
     /// Compile a module into a node's compiled-module cache (what `make images` bakes in).
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::Compile(args) => cli::compile::run(args).map(|()| true),
         Command::Rollout(args) => on_runtime(cli::rollout::rollout(args)),
         Command::Keygen(args) => cli::rollout::keygen(args).map(|()| true),
+        Command::Sign(args) => cli::sign::run(args).map(|()| true),
         Command::Status(args) => on_runtime(async { cli::status::run(args).await.map(|()| true) }),
     };
     match result {

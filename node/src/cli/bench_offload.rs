@@ -12,7 +12,8 @@
 
 use super::bench::{machine, ms, stats, tempdir};
 use super::mesh::{
-    delayed_link, free_port, listen, start_broker, start_node, CpuQuota, Listener, NodeSetup, Proc,
+    delayed_link, free_port, listen, start_broker, start_node, BenchKey, CpuQuota, Listener,
+    NodeSetup, Proc,
 };
 use crate::offload::Policy;
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -133,7 +134,8 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         ..SandboxConfig::default()
     })?;
     eprintln!("compiling the module once for all nodes...");
-    let (_, code) = sandbox.precompile(&module)?;
+    let (info, code) = sandbox.precompile(&module)?;
+    let key = BenchKey::new(&work)?;
     sandbox.store_precompiled(&crate::sandbox::sha256_hex(&module), &code)?;
     let plan = [
         ("bo-d1", Tier::Device, port, args.device_cores),
@@ -152,7 +154,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
             log: dir.join("node.log"),
         };
         std::fs::create_dir_all(&setup.modules)?;
-        std::fs::write(setup.modules.join("module.wasm"), &module)?;
+        key.place(&setup.modules, "module.wasm", &module, &info)?;
         nodes.push(BenchNode { setup, port, cores });
     }
     let quotas = if args.no_cpu_quota {
@@ -193,7 +195,14 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
     };
 
     // The device's capacity: its median service time, one job at a time, nothing forwarded.
-    let mut procs = start_mesh(&nodes, quotas.as_deref(), Policy::LocalOnly, &mut sender).await?;
+    let mut procs = start_mesh(
+        &nodes,
+        &key,
+        quotas.as_deref(),
+        Policy::LocalOnly,
+        &mut sender,
+    )
+    .await?;
     let mut service = Vec::new();
     for n in 0..12 {
         let result = sender.one_job(&format!("calibrate-{n}"), n).await?;
@@ -208,7 +217,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
 
     let mut runs = Vec::new();
     for &policy in &args.policies {
-        let mut procs = start_mesh(&nodes, quotas.as_deref(), policy, &mut sender).await?;
+        let mut procs = start_mesh(&nodes, &key, quotas.as_deref(), policy, &mut sender).await?;
         for (load_index, &load) in args.loads.iter().enumerate() {
             let rate = load * capacity;
             eprintln!(
@@ -288,11 +297,15 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
 /// Starts every node under `policy`, each in its CPU quota, and waits until all are online.
 async fn start_mesh(
     nodes: &[BenchNode],
+    key: &BenchKey,
     quotas: Option<&[CpuQuota]>,
     policy: Policy,
     sender: &mut Sender,
 ) -> anyhow::Result<Vec<Proc>> {
-    let flags = ["--offload", policy.name(), "--workers", "1"].map(String::from);
+    let mut flags = ["--offload", policy.name(), "--workers", "1"]
+        .map(String::from)
+        .to_vec();
+    flags.extend(key.node_flags());
     let mut procs = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
         let proc = start_node(&node.setup, node.port, &flags)?;

@@ -9,9 +9,10 @@
 //! compiled-module cache). Writes JSON.
 
 use super::bench::{machine, ms, stats, tempdir};
-use super::mesh::{free_port, listen, sibling, start_broker, start_node, Listener, NodeSetup};
+use super::mesh::{
+    free_port, listen, sibling, start_broker, start_node, BenchKey, Listener, NodeSetup,
+};
 use crate::sandbox::{Sandbox, SandboxConfig};
-use crate::signing::SecretKey;
 use anyhow::Context;
 use isomesh_protos::{NodeStatus, Tier};
 use prost::Message;
@@ -70,11 +71,8 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     let work = tempdir()?;
     let port = free_port()?;
     let _broker = start_broker(port)?;
-    let key = SecretKey::generate()?;
-    let (secret, trusted) = (work.join("rollout.key"), work.join("rollout.pub"));
-    key.write(&secret)?;
-    key.public().write(&trusted)?;
-    let trusted_flag = vec!["--trusted-key".to_string(), trusted.display().to_string()];
+    let key = BenchKey::new(&work)?;
+    let trusted_flag = key.node_flags();
 
     // Each node its own module dir and compiled-module cache, as on separate machines; the
     // starting module is compiled once and copied into every cache so setup stays short.
@@ -86,7 +84,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         ..SandboxConfig::default()
     })?;
     eprintln!("compiling the starting module once for all nodes...");
-    let (_, from_code) = sandbox.precompile(&from)?;
+    let (from_info, from_code) = sandbox.precompile(&from)?;
     let to_info = Sandbox::new(SandboxConfig::default())?.precompile(&to)?.0;
     let tiers = [Tier::Device, Tier::Edge, Tier::Cloud];
     let mut setups = Vec::new();
@@ -100,7 +98,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
             log: dir.join("node.log"),
         };
         std::fs::create_dir_all(&setup.modules)?;
-        std::fs::write(setup.modules.join("from.wasm"), &from)?;
+        key.place(&setup.modules, "from.wasm", &from, &from_info)?;
         let node_sandbox = Sandbox::new(SandboxConfig {
             cache_dir: Some(setup.cache.clone()),
             ..SandboxConfig::default()
@@ -168,7 +166,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                 .arg(&args.to)
                 .args(["--name", &to_info.name, "--version", &to_info.version])
                 .arg("--key")
-                .arg(&secret)
+                .arg(&key.secret_path)
                 .arg("--broker")
                 .arg(&broker_url)
                 .arg("--compile-cache")
@@ -282,7 +280,8 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         let stopped = Instant::now();
         nodes[0].stop();
         let _ = std::fs::remove_file(setup.modules.join("from.wasm"));
-        std::fs::write(setup.modules.join("to.wasm"), &to)?;
+        let _ = std::fs::remove_file(setup.modules.join("from.manifest"));
+        key.place(&setup.modules, "to.wasm", &to, &to_info)?;
         if fresh_cache {
             let _ = std::fs::remove_dir_all(&setup.cache);
         }

@@ -25,7 +25,7 @@ use isomesh_protos::{Job, JobResult, NodeStatus, Tier};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -123,8 +123,9 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() % 1_000_000_000)
         .unwrap_or_default();
-    let (host, port) = crate::topics::parse_broker_url(&args.broker).map_err(anyhow::Error::msg)?;
-    let mut options = MqttOptions::new(id.clone(), host, port);
+    let broker = crate::login::BrokerAddress::parse(&args.broker).map_err(anyhow::Error::msg)?;
+    let (username, password) = crate::login::from_env();
+    let mut options = broker.options(&id, username.as_deref(), password.as_deref(), None);
     options
         .set_keep_alive(Duration::from_secs(10))
         .set_max_packet_size(Some(256 << 20))

@@ -56,11 +56,61 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// Starts `isomesh-broker` on `port`.
 pub fn start_broker(port: u16) -> anyhow::Result<Proc> {
     let child = Command::new(sibling("isomesh-broker")?)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        // Loopback only, for the length of a benchmark: no logins.
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--allow-anonymous",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     Ok(Proc(child))
+}
+
+/// The rollout key of a benchmark mesh: its nodes trust it, and the modules they start with
+/// are signed by it, as an operator's would be.
+pub struct BenchKey {
+    pub secret: crate::signing::SecretKey,
+    pub secret_path: PathBuf,
+    pub public_path: PathBuf,
+}
+
+impl BenchKey {
+    pub fn new(work: &Path) -> anyhow::Result<BenchKey> {
+        let secret = crate::signing::SecretKey::generate()?;
+        let (secret_path, public_path) = (work.join("rollout.key"), work.join("rollout.key.pub"));
+        secret.write(&secret_path)?;
+        secret.public().write(&public_path)?;
+        Ok(BenchKey {
+            secret,
+            secret_path,
+            public_path,
+        })
+    }
+
+    /// The node flags that make it trust this key.
+    pub fn node_flags(&self) -> Vec<String> {
+        vec![
+            "--trusted-key".into(),
+            self.public_path.display().to_string(),
+        ]
+    }
+
+    /// Writes `module` into `dir` as `file`, with its signed manifest beside it.
+    pub fn place(
+        &self,
+        dir: &Path,
+        file: &str,
+        module: &[u8],
+        info: &isomesh_protos::GuestInfo,
+    ) -> anyhow::Result<()> {
+        let path = dir.join(file);
+        std::fs::write(&path, module)?;
+        crate::trust::write_signed_manifest(&path, module, &info.name, &info.version, &self.secret)
+            .map_err(anyhow::Error::msg)?;
+        Ok(())
+    }
 }
 
 /// Where one benchmark node keeps its things.

@@ -9,10 +9,11 @@ pub mod classify;
 pub mod compile;
 pub mod mesh;
 pub mod rollout;
+pub mod sign;
 pub mod status;
 
 use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use std::time::Duration;
 
 /// A unique client id for one run of the tool.
@@ -26,8 +27,9 @@ pub fn client_id(command: &str) -> String {
 
 /// Connects a clean-session MQTT 5 client and waits for the broker's CONNACK.
 pub async fn connect(broker: &str, id: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
-    let (host, port) = crate::topics::parse_broker_url(broker).map_err(anyhow::Error::msg)?;
-    let mut options = MqttOptions::new(id, host.clone(), port);
+    let address = crate::login::BrokerAddress::parse(broker).map_err(anyhow::Error::msg)?;
+    let (username, password) = crate::login::from_env();
+    let mut options = address.options(id, username.as_deref(), password.as_deref(), None);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(256 << 20));
@@ -44,8 +46,14 @@ pub async fn connect(broker: &str, id: &str) -> anyhow::Result<(AsyncClient, Eve
     match tokio::time::timeout(Duration::from_secs(10), connected).await {
         Ok(Ok(())) => Ok((client, eventloop)),
         Ok(Err(e)) => anyhow::bail!(
-            "cannot connect to the broker at {broker}: {e}\nIs it running? Start one with `isomesh-broker --listen {host}:{port}`."
+            "cannot connect to the broker at {}: {e}\nIs it running (`isomesh-broker --listen {}:{}`)? If it asks for a login, give one in the URL (mqtt://USER:PASSWORD@HOST:PORT) or in $ISOMESH_USERNAME and $ISOMESH_PASSWORD.",
+            address.display(),
+            address.host,
+            address.port
         ),
-        Err(_) => anyhow::bail!("no answer from the broker at {broker} within 10 s"),
+        Err(_) => anyhow::bail!(
+            "no answer from the broker at {} within 10 s",
+            address.display()
+        ),
     }
 }

@@ -77,14 +77,23 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
                         "phase": phase_name(r.phase), "chunks_done": r.chunks_done,
                         "chunk_count": r.chunk_count, "reason": r.reason,
                     })),
+                    "sandbox": s.sandbox.as_ref().map(|l| serde_json::json!({
+                        "memory_limit_bytes": l.memory_limit_bytes,
+                        "call_timeout_ms": l.call_timeout_ms,
+                        "max_table_elements": l.max_table_elements,
+                        "max_tables": l.max_tables, "max_memories": l.max_memories,
+                        "max_instances": l.max_instances, "wasi": l.wasi,
+                        "max_payload_bytes": l.max_payload_bytes,
+                        "allow_unsigned": l.allow_unsigned,
+                    })),
                 })
             );
         }
         return;
     }
     println!(
-        "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9} {:>7} {:>7}  ROLLOUT",
-        "NODE", "TIER", "STATE", "MODULE", "QUEUE", "EWMA_MS", "DONE", "FAILED"
+        "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9} {:>7} {:>7}  {:<18} ROLLOUT",
+        "NODE", "TIER", "STATE", "MODULE", "QUEUE", "EWMA_MS", "DONE", "FAILED", "SANDBOX"
     );
     for s in nodes.values() {
         let module = s
@@ -93,7 +102,7 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
             .map(|m| format!("{}@{}", m.name, m.version))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {}",
+            "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {:<18} {}",
             s.node_id,
             tier_name(s.tier),
             if s.online { "online" } else { "offline" },
@@ -102,9 +111,25 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
             s.ewma_ms,
             s.jobs_done,
             s.jobs_failed,
+            s.sandbox.as_ref().map(describe_limits).unwrap_or_default(),
             s.rollout.as_ref().map(describe_rollout).unwrap_or_default()
         );
     }
+}
+
+/// A node's sandbox in a few characters: `768MiB 10.0s`, with `UNSIGNED` when it runs modules
+/// nobody signed.
+pub fn describe_limits(limits: &isomesh_protos::SandboxLimits) -> String {
+    format!(
+        "{}MiB {:.1}s{}",
+        limits.memory_limit_bytes >> 20,
+        limits.call_timeout_ms as f64 / 1000.0,
+        if limits.allow_unsigned {
+            " UNSIGNED"
+        } else {
+            ""
+        }
+    )
 }
 
 /// One line on a node's latest rollout: `fetching m@2 (12/130)`, `rejected m@2: reason`.

@@ -1,0 +1,545 @@
+//! Security: which modules a node runs, what a running module may do, and who may use the broker.
+//!
+//! Module trust does not rest on the broker or the disk: a file in the module directory runs
+//! only with a manifest signed by a trusted key beside it, unless the node was started with
+//! `--allow-unsigned`. The sandbox's limits are public in every status. The broker asks for a
+//! login and enforces the roles of deploy/acl.conf; the same files configure Mosquitto.
+
+use isomesh_node::signing::SecretKey;
+use isomesh_protos::rollout_state::Phase;
+use isomesh_protos::NodeStatus;
+use isomesh_tests::broker::{Access, BrokerKind};
+use isomesh_tests::mqtt::Client;
+use isomesh_tests::node::{wait_status, ModuleFile, NodeSpec, TestNode};
+use isomesh_tests::rollout::{self, guest_module_v2, MODULE_NAME, VERSION_1, VERSION_2};
+use isomesh_tests::{broker::TestBroker, photos};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::Value;
+use std::time::Duration;
+
+const WITHIN: Duration = Duration::from_secs(240);
+
+fn serves(status: &NodeStatus, version: &str) -> bool {
+    status.online && status.module.as_ref().is_some_and(|m| m.version == version)
+}
+
+fn rejected_because(status: &NodeStatus, words: &str) -> bool {
+    status
+        .rollout
+        .as_ref()
+        .is_some_and(|r| r.phase == Phase::Rejected as i32 && r.reason.contains(words))
+}
+
+/// Classifies one photo on `node`; returns the JSON answer.
+async fn classify(port: u16, node: &str, reply_to: &str) -> Value {
+    let mut client = Client::connect(port, &format!("{reply_to}-client")).await;
+    client.subscribe(reply_to).await;
+    client
+        .publish_with_response_topic(
+            &format!("isomesh/images/{node}"),
+            photos()[0].bytes(),
+            reply_to,
+            b"c",
+        )
+        .await;
+    let reply = client.next(WITHIN).await.expect("an answer");
+    serde_json::from_slice(&reply.payload).expect("JSON answer")
+}
+
+/// Writes `bytes` as module file `name` into `dir` in one step (as a rollout does).
+fn drop_in(dir: &std::path::Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).expect("write module");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename module");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn modules_copied_in_without_a_trusted_signature_never_run() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let node = TestNode::start(NodeSpec::with_guest("s1", "edge", port)).await;
+    let dir = node.modules_dir();
+    let v2 = std::fs::read(guest_module_v2()).expect("module 0.2.0");
+
+    // Unsigned: refused, with a reason that says what to do; 0.1.0 keeps serving.
+    drop_in(&dir, "mobilenet_v2-0.2.0.wasm", &v2);
+    let status = wait_status(port, "s1", WITHIN, |s| rejected_because(s, "unsigned")).await;
+    assert!(serves(&status, VERSION_1), "{status:?}");
+    let reason = status.rollout.map(|r| r.reason).unwrap_or_default();
+    assert!(reason.contains("isomesh sign"), "{reason}");
+
+    // Signed by a key the node does not trust, as a forger with broker or disk access would.
+    let forger = SecretKey::generate().expect("key");
+    let path = dir.join("mobilenet_v2-0.2.0.wasm");
+    isomesh_node::trust::write_signed_manifest(&path, &v2, MODULE_NAME, VERSION_2, &forger)
+        .expect("forged manifest");
+    drop_in(&dir, "mobilenet_v2-0.2.0.wasm", &v2);
+    wait_status(port, "s1", WITHIN, |s| {
+        rejected_because(s, "does not trust") && serves(s, VERSION_1)
+    })
+    .await;
+
+    // A true signature for other bytes: the file was swapped after signing.
+    rollout::sign_file(&path, b"\0asm other bytes", MODULE_NAME, VERSION_2);
+    drop_in(&dir, "mobilenet_v2-0.2.0.wasm", &v2);
+    wait_status(port, "s1", WITHIN, |s| {
+        rejected_because(s, "not for this file") && serves(s, VERSION_1)
+    })
+    .await;
+    let answer = classify(port, "s1", "test/s1").await;
+    assert_eq!(answer["module"]["version"], VERSION_1, "{answer}");
+
+    // Signed by the trusted key: swapped in.
+    rollout::sign_file(&path, &v2, MODULE_NAME, VERSION_2);
+    drop_in(&dir, "mobilenet_v2-0.2.0.wasm", &v2);
+    wait_status(port, "s1", WITHIN, |s| serves(s, VERSION_2)).await;
+    let log = node.log();
+    assert!(log.contains("module swapped in"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unsigned_module_runs_only_with_allow_unsigned_and_a_warning() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let unsigned = || {
+        let bytes = std::fs::read(isomesh_tests::guest_module()).expect("guest module");
+        vec![ModuleFile::unsigned("mobilenet_v2.wasm", bytes)]
+    };
+
+    // Without the flag the node starts, serves no module, and answers jobs with an error.
+    let strict = TestNode::spawn(&NodeSpec {
+        id: "s2",
+        tier: "device",
+        broker_port: port,
+        modules: unsigned(),
+        extra_args: Vec::new(),
+    });
+    let status = wait_status(port, "s2", WITHIN, |s| s.online).await;
+    assert!(status.module.is_none(), "{status:?}");
+    let answer = classify(port, "s2", "test/s2").await;
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no classifier module")),
+        "{answer}"
+    );
+    let log = strict.log();
+    assert!(
+        log.contains("module refused") && log.contains("unsigned"),
+        "{log}"
+    );
+    assert!(!status.sandbox.expect("limits").allow_unsigned);
+
+    // With it the same file serves, every load is logged, and the status says so.
+    let lax = TestNode::start(NodeSpec {
+        id: "s3",
+        tier: "device",
+        broker_port: port,
+        modules: unsigned(),
+        extra_args: vec!["--allow-unsigned".into()],
+    })
+    .await;
+    let status = wait_status(port, "s3", WITHIN, |s| serves(s, VERSION_1)).await;
+    assert!(status.sandbox.expect("limits").allow_unsigned);
+    let answer = classify(port, "s3", "test/s3").await;
+    assert!(answer["top"][0]["index"].is_u64(), "{answer}");
+    let log = lax.log();
+    assert!(
+        log.contains("running a module without a valid signature because of --allow-unsigned"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statuses_show_the_sandbox_limits_the_node_was_given() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let mut spec = NodeSpec::with_guest("s4", "cloud", port);
+    spec.extra_args = [
+        "--memory-limit-mb",
+        "512",
+        "--call-timeout-ms",
+        "4000",
+        "--max-payload-bytes",
+        "2000000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _node = TestNode::start(spec).await;
+    let status = wait_status(port, "s4", WITHIN, |s| serves(s, VERSION_1)).await;
+    let limits = status.sandbox.expect("limits in the status");
+    assert_eq!(limits.memory_limit_bytes, 512 << 20);
+    assert_eq!(limits.call_timeout_ms, 4000);
+    assert_eq!(limits.max_payload_bytes, 2_000_000);
+    assert_eq!(
+        (limits.max_instances, limits.max_memories, limits.max_tables),
+        (1, 1, 1)
+    );
+    assert!(!limits.wasi.is_empty());
+    assert!(
+        !limits
+            .wasi
+            .iter()
+            .any(|c| c.contains("file") || c.contains("socket")),
+        "{:?}",
+        limits.wasi
+    );
+
+    // `isomesh status --json` shows them too.
+    let out = std::process::Command::new(isomesh_tests::bin_path("isomesh"))
+        .args(["status", "--broker", &broker.url(), "--json"])
+        .output()
+        .expect("isomesh status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("\"s4\""))
+        .unwrap_or_else(|| panic!("s4 in {text}"));
+    let json: Value = serde_json::from_str(line).expect("JSON line");
+    assert_eq!(
+        json["sandbox"]["memory_limit_bytes"],
+        512u64 << 20,
+        "{json}"
+    );
+    assert_eq!(json["sandbox"]["allow_unsigned"], false, "{json}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The broker: logins and roles (deploy/acl.conf), on isomesh-broker and on Mosquitto alike.
+// ---------------------------------------------------------------------------------------------
+
+const PASSWORD: &str = "correct horse";
+
+/// Accounts for every role of deploy/acl.conf, all with [`PASSWORD`]: made with
+/// `isomesh-broker passwd`, except `operator`, made with Mosquitto's own `mosquitto_passwd`, so
+/// both brokers are shown to read both tools' hashes.
+struct Accounts {
+    _dir: tempfile::TempDir,
+    access: Access,
+}
+
+impl Accounts {
+    fn new() -> Accounts {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let password_file = dir.path().join("passwd");
+        for user in ["d1", "e1", "camera", "rollout"] {
+            let out = std::process::Command::new(isomesh_tests::bin_path("isomesh-broker"))
+                .arg("passwd")
+                .arg(&password_file)
+                .arg(user)
+                .args(["--iterations", "1000"])
+                .env("ISOMESH_NEW_PASSWORD", PASSWORD)
+                .output()
+                .expect("isomesh-broker passwd");
+            assert!(out.status.success(), "{out:?}");
+        }
+        let out = std::process::Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg(&password_file)
+            .args(["operator", PASSWORD])
+            .output()
+            .expect("mosquitto_passwd (apt-get install mosquitto)");
+        assert!(out.status.success(), "{out:?}");
+        let acl_file = dir.path().join("acl.conf");
+        std::fs::copy(
+            isomesh_tests::workspace_root().join("deploy/acl.conf"),
+            &acl_file,
+        )
+        .expect("deploy/acl.conf");
+        // Mosquitto may drop to its own user before reading these.
+        for path in [dir.path(), &password_file, &acl_file] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = if path.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        Accounts {
+            _dir: dir,
+            access: Access {
+                password_file,
+                acl_file,
+            },
+        }
+    }
+}
+
+async fn login(port: u16, id: &str, user: &str) -> Client {
+    Client::connect_as(port, id, user, PASSWORD).await
+}
+
+/// Waits for `node`'s status, read with the operator's account.
+async fn wait_online(port: u16, node: &str) -> NodeStatus {
+    use prost::Message;
+    let mut operator = login(port, &format!("op-{node}"), "operator").await;
+    operator.subscribe(&format!("isomesh/status/{node}")).await;
+    loop {
+        let publish = operator
+            .next(WITHIN)
+            .await
+            .unwrap_or_else(|| panic!("{node} never came online"));
+        let status = NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus");
+        if status.online && status.module.is_some() {
+            return status;
+        }
+    }
+}
+
+fn puback_reason(ack: Option<Packet>) -> PubAckReason {
+    match ack {
+        Some(Packet::PubAck(ack)) => ack.reason,
+        other => panic!("expected a PUBACK, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logins_are_required_and_refusals_say_why() {
+    let accounts = Accounts::new();
+    let broker = TestBroker::start_secured(accounts.access.clone()).await;
+    let port = broker.port();
+    let refused = |r: Result<Client, String>| match r {
+        Ok(_) => panic!("the broker let the client in"),
+        Err(reason) => reason,
+    };
+    let anonymous = refused(Client::try_connect(port, "anon", None).await);
+    assert!(
+        anonymous.contains("NotAuthorized") || anonymous.contains("BadUserNamePassword"),
+        "{anonymous}"
+    );
+    let wrong = refused(Client::try_connect(port, "wrong", Some(("d1", "hunter2"))).await);
+    assert!(
+        wrong.contains("BadUserNamePassword") || wrong.contains("NotAuthorized"),
+        "{wrong}"
+    );
+    let stranger = refused(Client::try_connect(port, "who", Some(("mallory", PASSWORD))).await);
+    assert!(
+        stranger.contains("BadUserNamePassword") || stranger.contains("NotAuthorized"),
+        "{stranger}"
+    );
+    // Both tools' hashes log in.
+    login(port, "ok-1", "d1").await;
+    login(port, "ok-2", "operator").await;
+    if broker.kind == BrokerKind::Isomesh {
+        let log = broker.log();
+        assert!(
+            log.contains("no username, and anonymous access is off"),
+            "{log}"
+        );
+        assert!(
+            log.contains("bad username or password") && log.contains("mallory"),
+            "{log}"
+        );
+    }
+
+    // The CLI: a login in the URL or in $ISOMESH_USERNAME/$ISOMESH_PASSWORD; none gets a hint.
+    let status = |url: String, env: &[(&str, &str)]| {
+        let mut command = std::process::Command::new(isomesh_tests::bin_path("isomesh"));
+        command.args(["status", "--broker", &url]);
+        command
+            .env_remove("ISOMESH_USERNAME")
+            .env_remove("ISOMESH_PASSWORD");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().expect("isomesh status")
+    };
+    let out = status(broker.url(), &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ISOMESH_PASSWORD"), "{stderr}");
+    let out = status(
+        broker.url(),
+        &[
+            ("ISOMESH_USERNAME", "operator"),
+            ("ISOMESH_PASSWORD", PASSWORD),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = status(format!("mqtt://operator:{PASSWORD}@127.0.0.1:{port}"), &[]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_keep_modules_and_jobs_out_of_reach_and_nodes_serve_on() {
+    let accounts = Accounts::new();
+    let broker = TestBroker::start_secured(accounts.access.clone()).await;
+    let port = broker.port();
+    let node_password = ["--password".to_string(), PASSWORD.to_string()];
+    let edge = TestNode::spawn(&NodeSpec {
+        extra_args: node_password.to_vec(),
+        ..NodeSpec::with_guest("e1", "edge", port)
+    });
+    wait_online(port, "e1").await;
+
+    // A device account announces a module: refused, and nothing is retained for nodes to see.
+    let mut device = login(port, "d1-forger", "d1").await;
+    let forged = rollout::package(
+        &std::fs::read(guest_module_v2()).expect("v2"),
+        MODULE_NAME,
+        "9.9.9",
+        &[],
+    );
+    device
+        .client
+        .publish(
+            "isomesh/modules/mobilenet_v2/manifest",
+            QoS::AtLeastOnce,
+            true,
+            prost::Message::encode_to_vec(&forged.manifest),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(
+        puback_reason(device.next_ack(Duration::from_secs(10)).await),
+        PubAckReason::NotAuthorized
+    );
+    let mut operator = login(port, "op-modules", "operator").await;
+    operator.subscribe("isomesh/modules/#").await;
+    assert!(
+        operator.next(Duration::from_secs(2)).await.is_none(),
+        "a refused manifest was retained"
+    );
+
+    // A camera account tries to join the edge tier's job queue: isomesh-broker refuses the
+    // subscription. (Mosquitto's acl_file grants every subscription and filters deliveries, so
+    // there the camera would get its share of the jobs, and drop them: see the README.)
+    let mut thief = login(port, "camera-thief", "camera").await;
+    if broker.kind == BrokerKind::Isomesh {
+        thief
+            .client
+            .subscribe("$share/edge/isomesh/jobs/tier/edge", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        match thief.next_ack(Duration::from_secs(10)).await {
+            Some(Packet::SubAck(ack)) => {
+                assert_eq!(ack.return_codes, vec![SubscribeReasonCode::NotAuthorized])
+            }
+            other => panic!("expected a SUBACK, got {other:?}"),
+        }
+    }
+    let mut camera = login(port, "camera-1", "camera").await;
+    camera.subscribe("isomesh/results/cam").await;
+    for n in 0..4 {
+        camera
+            .publish(
+                "isomesh/jobs/tier/edge",
+                isomesh_tests::photo_job(n, &format!("tier-{n}"), "isomesh/results/cam", 0),
+            )
+            .await;
+    }
+    let answers = camera.collect(4, WITHIN).await;
+    let mut ids: Vec<String> = answers
+        .iter()
+        .map(|a| {
+            let result: isomesh_protos::JobResult =
+                prost::Message::decode(a.payload.as_ref()).expect("JobResult");
+            assert!(result.error.is_empty(), "{result:?}");
+            assert_eq!(result.node, "e1");
+            result.job_id
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["tier-0", "tier-1", "tier-2", "tier-3"]);
+    assert!(
+        camera.next(Duration::from_secs(2)).await.is_none(),
+        "a job was answered twice"
+    );
+    assert!(
+        thief.next(Duration::from_millis(100)).await.is_none(),
+        "the camera got a job"
+    );
+
+    // The rollout account may roll out; the node swaps to it.
+    let rollout_client = login(port, "rollout-1", "rollout").await;
+    let mut package = rollout::package(
+        &std::fs::read(guest_module_v2()).expect("v2"),
+        MODULE_NAME,
+        VERSION_2,
+        &[],
+    );
+    rollout::test_key().secret.sign(&mut package.manifest);
+    rollout::publish(&rollout_client, &package).await;
+    let mut operator = login(port, "op-status", "operator").await;
+    operator.subscribe("isomesh/status/e1").await;
+    loop {
+        let publish = operator.next(WITHIN).await.expect("e1 swapped to 0.2.0");
+        let status: NodeStatus = prost::Message::decode(publish.payload.as_ref()).expect("status");
+        if serves(&status, VERSION_2) {
+            break;
+        }
+    }
+    let log = edge.log();
+    assert!(!log.contains("refused a subscription"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_a_wrong_password_says_so_and_stays_out() {
+    let accounts = Accounts::new();
+    let broker = TestBroker::start_secured(accounts.access.clone()).await;
+    let node = TestNode::spawn(&NodeSpec {
+        extra_args: vec!["--password".into(), "not it".into()],
+        ..NodeSpec::with_guest("e1", "edge", broker.port())
+    });
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !node.log().contains("the broker refused this node's login") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!node.log().contains("not it"), "the password was logged");
+    let mut operator = login(broker.port(), "op", "operator").await;
+    operator.subscribe("isomesh/status/e1").await;
+    assert!(operator.next(Duration::from_secs(2)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_64_mib_payload_is_refused_and_the_node_keeps_serving() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let _node = TestNode::start(NodeSpec::with_guest("s5", "device", port)).await;
+    let mut client = Client::connect(port, "s5-results").await;
+    client.subscribe("isomesh/results/s5").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big = dir.path().join("64mib.jpg");
+    let mut bytes = photos()[0].bytes();
+    bytes.resize(64 << 20, 0);
+    std::fs::write(&big, bytes).expect("write");
+    // MQTT 3.1.1 has no packet-size negotiation: the client sends it whole.
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-V",
+            "mqttv311",
+            "-q",
+            "1",
+        ])
+        .args(["-t", "isomesh/images/s5", "-f"])
+        .arg(&big)
+        .output()
+        .await
+        .expect("mosquitto_pub");
+    match broker.kind {
+        // isomesh-broker refuses packets over its 16 MiB limit and closes that connection.
+        BrokerKind::Isomesh => {
+            assert!(!out.status.success(), "{out:?}");
+            assert!(client.next(Duration::from_secs(3)).await.is_none());
+        }
+        // The test Mosquitto has no size limit: the node refuses it, in one error answer.
+        BrokerKind::Mosquitto => {
+            let reply = client.next(WITHIN).await.expect("an error answer");
+            let answer: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(error.contains("exceeds"), "{answer}");
+        }
+    }
+    // The node serves on, and every job gets exactly one answer.
+    client
+        .publish("isomesh/images/s5", photos()[0].bytes())
+        .await;
+    let reply = client.next(WITHIN).await.expect("an answer");
+    let answer: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    let top1 = answer["top"][0]["index"].as_u64().expect("a label") as u32;
+    assert!(photos()[0].accepts(top1), "{answer}");
+    assert!(client.next(Duration::from_secs(2)).await.is_none());
+}
