@@ -117,9 +117,11 @@ impl Acl {
                                 "write" => Access::Write,
                                 "readwrite" => Access::ReadWrite,
                                 "deny" => Access::Deny,
-                                other => return Err(error(format!(
+                                other => {
+                                    return Err(error(format!(
                                     "unknown access {other:?}: use read, write, readwrite or deny"
-                                ))),
+                                )))
+                                }
                             },
                             *filter,
                         ),

@@ -472,7 +472,7 @@ async fn event_loop(
                 Ok(Event::Incoming(Packet::PubAck(ack))) if ack.reason == PubAckReason::NotAuthorized => {
                     tracing::warn!(reason = ?ack.properties.and_then(|p| p.reason_string), "the broker's ACL refused a publish of this node (an answer to a reply topic outside isomesh/results/, isomesh/replies/ or isomesh/relay/, or a module republished without the rollout role)");
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.iter().any(|c| *c == SubscribeReasonCode::NotAuthorized) => {
+                Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.contains(&SubscribeReasonCode::NotAuthorized) => {
                     tracing::error!(codes = ?ack.return_codes, "the broker's ACL refused a subscription of this node: give its account the node role (deploy/acl.conf)");
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
