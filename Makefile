@@ -5,7 +5,7 @@ CARGO ?= cargo
 MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
 MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 
-.PHONY: demo test setup module build images compose-test unit integration lint bench plots clean-demo
+.PHONY: demo test setup module build images compose-test unit integration lint bench plots clean-demo fuzz
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
@@ -59,6 +59,20 @@ bench: module build
 	./target/release/isomesh bench swap --before-s 20 --no-precompile --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap-compile.json ../shared/images/*.jp*g
 	./target/release/isomesh bench offload --module $(MODULE) --out bench-out/offload.json ../shared/images/*.jp*g
 	$(MAKE) plots
+
+## Fuzz every decoder of network input (fuzz/fuzz_targets/) for FUZZ_SECONDS each, from seeds made
+## of real messages (scripts/fuzz_seeds.py). libFuzzer through cargo-fuzz (installed from crates.io
+## if missing), without a sanitizer: the project's Rust is stable, and safe Rust needs none for
+## what this looks for (panics, overflows with debug assertions, hangs, runaway allocations).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := job manifest chunks image guest_outcome relayed_result
+fuzz: module build
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	python3 scripts/fuzz_seeds.py target/fuzz-corpus target/release/isomesh $(MODULE) ../shared/images/*.jp*g
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  $(CARGO) fuzz run --sanitizer none $$t ../target/fuzz-corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 || exit 1; \
+	done
 
 ## PNG plots of the benchmark JSON (matplotlib, from PyPI when missing).
 plots:

@@ -41,6 +41,27 @@ pub struct BrokerConfig {
     #[arg(long, env = "ISOMESH_ACL_FILE")]
     pub acl_file: Option<PathBuf>,
 
+    /// Also serve MQTT over TLS on this address (MQTT 3.1.1 and 5, e.g. `0.0.0.0:8883`); needs
+    /// --tls-cert and --tls-key.
+    #[arg(long, env = "ISOMESH_TLS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// The TLS listener's certificate chain (PEM).
+    #[arg(long, env = "ISOMESH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TLS listener's private key (PEM).
+    #[arg(long, env = "ISOMESH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require TLS clients to present a certificate signed by one of these CAs (PEM).
+    #[arg(long, env = "ISOMESH_TLS_CLIENT_CA", requires = "tls_listen")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Serve only the TLS listener: no plain MQTT on --listen.
+    #[arg(long, env = "ISOMESH_TLS_ONLY", requires = "tls_listen")]
+    pub tls_only: bool,
+
     /// Let clients in without a username (they get the ACL's anonymous rules, if any). Off by
     /// default: only for a demo or a network nobody else can reach.
     #[arg(long, env = "ISOMESH_ALLOW_ANONYMOUS")]

@@ -38,6 +38,11 @@ pub enum BrokerError {
         addr: std::net::SocketAddr,
         reason: String,
     },
+    #[error("cannot serve TLS on {addr}: {reason} (--tls-cert must be a PEM certificate chain, --tls-key its PEM private key)")]
+    Tls {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
     #[error("cannot register the {plugin} plugin: {reason}")]
     Plugin {
         plugin: &'static str,

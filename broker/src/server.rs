@@ -65,13 +65,67 @@ pub async fn run(
     if secured {
         crate::access::register(&scx, access).await;
     }
-    let listen_error = |reason: String| BrokerError::Listen {
-        addr: config.listen,
-        reason,
-    };
-    let listener = Builder::new()
-        .name("mqtt/tcp")
-        .laddr(config.listen)
+    let listen_error = |addr, reason: String| BrokerError::Listen { addr, reason };
+    let mut server = MqttServer::new(scx);
+    if !config.tls_only {
+        let listener = limits(
+            &config,
+            Builder::new().name("mqtt/tcp").laddr(config.listen),
+        )
+        .bind()
+        .map_err(|e| listen_error(config.listen, e.to_string()))?
+        .tcp()
+        .map_err(|e| listen_error(config.listen, e.to_string()))?;
+        server = server.listener(listener);
+    }
+    if let Some(addr) = config.tls_listen {
+        let builder = limits(&config, Builder::new().name("mqtt/tls").laddr(addr))
+            .tls_cert(config.tls_cert.as_ref().map(|p| p.display().to_string()))
+            .tls_key(config.tls_key.as_ref().map(|p| p.display().to_string()))
+            .tls_cross_certificate(config.tls_client_ca.is_some())
+            .tls_client_ca_certs(
+                config
+                    .tls_client_ca
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            );
+        let listener = builder
+            .bind()
+            .map_err(|e| listen_error(addr, e.to_string()))?
+            .tls()
+            .map_err(|e| BrokerError::Tls {
+                addr,
+                reason: format!("{e:#}"),
+            })?;
+        server = server.listener(listener);
+    }
+    tracing::info!(
+        listen = %if config.tls_only { "-".to_string() } else { config.listen.to_string() },
+        tls_listen = %config.tls_listen.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        client_certificates = config.tls_client_ca.is_some(),
+        max_packet_bytes = config.max_packet_bytes,
+        password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+        acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+        allow_anonymous = config.allow_anonymous,
+        "isomesh-broker serving MQTT 3.1.1 and 5"
+    );
+    if config.allow_anonymous && !secured {
+        tracing::warn!("anonymous access with no ACL: anyone who reaches this port may publish modules and jobs; use --password-file and --acl-file outside a demo");
+    }
+    let server = server.build();
+    tokio::select! {
+        served = server.run() => served.map_err(|e| BrokerError::Serve(e.to_string())),
+        _ = shutdown => {
+            // Dropping the server closes the listener; sessions end when the runtime stops.
+            tracing::info!("isomesh-broker stopping on request");
+            Ok(())
+        }
+    }
+}
+
+/// The limits and socket options every listener shares.
+fn limits(config: &BrokerConfig, builder: Builder) -> Builder {
+    builder
         .max_packet_size(config.max_packet_bytes)
         .max_inflight(NonZeroU16::new(config.max_inflight.max(1)).unwrap_or(NonZeroU16::MIN))
         .max_mqueue_len(config.max_queue)
@@ -82,28 +136,4 @@ pub async fn run(
         .nodelay(true)
         // A restarted broker must get its port back while the old connections sit in TIME_WAIT.
         .reuseaddr(Some(true))
-        .bind()
-        .map_err(|e| listen_error(e.to_string()))?
-        .tcp()
-        .map_err(|e| listen_error(e.to_string()))?;
-    tracing::info!(
-        listen = %config.listen,
-        max_packet_bytes = config.max_packet_bytes,
-        password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
-        acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
-        allow_anonymous = config.allow_anonymous,
-        "isomesh-broker serving MQTT 3.1.1 and 5"
-    );
-    if config.allow_anonymous && !secured {
-        tracing::warn!("anonymous access with no ACL: anyone who reaches this port may publish modules and jobs; use --password-file and --acl-file outside a demo");
-    }
-    let server = MqttServer::new(scx).listener(listener).build();
-    tokio::select! {
-        served = server.run() => served.map_err(|e| BrokerError::Serve(e.to_string())),
-        _ = shutdown => {
-            // Dropping the server closes the listener; sessions end when the runtime stops.
-            tracing::info!("isomesh-broker stopping on request");
-            Ok(())
-        }
-    }
 }

@@ -35,6 +35,18 @@ pub struct NodeConfig {
     #[arg(long, env = "ISOMESH_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
 
+    /// CA certificates (PEM) that sign the broker's TLS certificate; for an mqtts:// --broker.
+    #[arg(long, env = "ISOMESH_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// This node's TLS client certificate (PEM), for a broker that asks for one.
+    #[arg(long, env = "ISOMESH_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --cert-file.
+    #[arg(long, env = "ISOMESH_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+
     /// Directory of classifier modules (.wasm); the newest good one is served.
     #[arg(long, env = "ISOMESH_MODULES")]
     pub modules: PathBuf,

@@ -1,11 +1,43 @@
 //! Where the broker is and how to log in to it, for nodes and for every `isomesh` command.
 //!
 //! A broker URL is `mqtt://[USER[:PASSWORD]@]HOST[:PORT]` (`tcp://` or a bare `HOST:PORT` also
-//! work; the port defaults to 1883). Credentials in the URL win; otherwise they come from the
-//! node's `--username`/`--password` flags or, for both nodes and commands, from
-//! `$ISOMESH_USERNAME` and `$ISOMESH_PASSWORD` (the way to keep a password off command lines).
+//! work; the port defaults to 1883), or `mqtts://...` for MQTT over TLS (port 8883 by default).
+//! Credentials in the URL win; otherwise they come from the node's `--username`/`--password`
+//! flags or, for both nodes and commands, from `$ISOMESH_USERNAME` and `$ISOMESH_PASSWORD` (the
+//! way to keep a password off command lines). TLS trusts the CA certificates of `--ca-file`
+//! (`$ISOMESH_CA_FILE`) and presents `--cert-file`/`--key-file` (`$ISOMESH_CERT_FILE`,
+//! `$ISOMESH_KEY_FILE`) when the broker asks for a client certificate.
 
 use rumqttc::v5::MqttOptions;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How to log in: account and TLS files, each optional.
+#[derive(Debug, Clone, Default)]
+pub struct Login {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Login {
+    /// `$ISOMESH_USERNAME`, `$ISOMESH_PASSWORD`, `$ISOMESH_CA_FILE`, `$ISOMESH_CERT_FILE` and
+    /// `$ISOMESH_KEY_FILE`, for commands that take no such flags.
+    pub fn from_env() -> Login {
+        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        Login {
+            username: var("ISOMESH_USERNAME"),
+            password: var("ISOMESH_PASSWORD"),
+            ca_file: var("ISOMESH_CA_FILE").map(PathBuf::from),
+            cert_file: var("ISOMESH_CERT_FILE").map(PathBuf::from),
+            key_file: var("ISOMESH_KEY_FILE").map(PathBuf::from),
+        }
+    }
+}
 
 /// A parsed broker URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,15 +46,25 @@ pub struct BrokerAddress {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// `mqtts://`: MQTT over TLS.
+    pub tls: bool,
 }
 
 impl BrokerAddress {
     pub fn parse(url: &str) -> Result<BrokerAddress, String> {
-        let usage = "use mqtt://[USER[:PASSWORD]@]HOST[:PORT]";
-        let rest = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-            .unwrap_or(url);
+        let usage = "use mqtt://[USER[:PASSWORD]@]HOST[:PORT], or mqtts:// for TLS";
+        let (tls, rest) = match url
+            .strip_prefix("mqtts://")
+            .or_else(|| url.strip_prefix("ssl://"))
+        {
+            Some(rest) => (true, rest),
+            None => (
+                false,
+                url.strip_prefix("mqtt://")
+                    .or_else(|| url.strip_prefix("tcp://"))
+                    .unwrap_or(url),
+            ),
+        };
         if rest.contains("://") {
             return Err(format!("unsupported broker URL {url:?}: {usage}"));
         }
@@ -43,7 +85,7 @@ impl BrokerAddress {
                     .map_err(|_| format!("bad port in broker URL {url:?}: {usage}"))?;
                 (host, port)
             }
-            None => (rest, 1883),
+            None => (rest, if tls { 8883 } else { 1883 }),
         };
         if host.is_empty() {
             return Err(format!("no host in broker URL {url:?}: {usage}"));
@@ -53,45 +95,90 @@ impl BrokerAddress {
             port,
             username: username.filter(|u| !u.is_empty()),
             password,
+            tls,
         })
     }
 
     /// The URL without its password, for logs and error messages.
     pub fn display(&self) -> String {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         match &self.username {
-            Some(user) => format!("mqtt://{user}@{}:{}", self.host, self.port),
-            None => format!("mqtt://{}:{}", self.host, self.port),
+            Some(user) => format!("{scheme}://{user}@{}:{}", self.host, self.port),
+            None => format!("{scheme}://{}:{}", self.host, self.port),
         }
     }
 
     /// MQTT options for `client_id` at this address, logged in with the URL's credentials, else
-    /// `username`/`password` (flags or environment), else none. A password without a username
-    /// logs in as `default_user` (a node's id).
+    /// `login`'s, else none; over TLS for `mqtts://`. A password without a username logs in as
+    /// `default_user` (a node's id).
     pub fn options(
         &self,
         client_id: &str,
-        username: Option<&str>,
-        password: Option<&str>,
+        login: &Login,
         default_user: Option<&str>,
-    ) -> MqttOptions {
+    ) -> Result<MqttOptions, String> {
         let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
-        let password = self.password.as_deref().or(password);
+        let password = self.password.as_deref().or(login.password.as_deref());
         let username = self
             .username
             .as_deref()
-            .or(username)
+            .or(login.username.as_deref())
             .or(password.and(default_user));
         if let Some(username) = username {
             options.set_credentials(username, password.unwrap_or_default());
         }
-        options
+        if self.tls {
+            let config = tls_config(login)?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+            ));
+        } else if login.ca_file.is_some() || login.cert_file.is_some() {
+            tracing::warn!(broker = %self.display(), "TLS files given for a plain mqtt:// broker URL; use mqtts:// to connect over TLS");
+        }
+        Ok(options)
     }
 }
 
-/// Credentials from `$ISOMESH_USERNAME` and `$ISOMESH_PASSWORD`, for commands without flags.
-pub fn from_env() -> (Option<String>, Option<String>) {
-    let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
-    (var("ISOMESH_USERNAME"), var("ISOMESH_PASSWORD"))
+/// A TLS client configuration that trusts `login.ca_file` and presents its certificate, if any.
+fn tls_config(login: &Login) -> Result<rustls::ClientConfig, String> {
+    let ca_file = login.ca_file.as_ref().ok_or(
+        "an mqtts:// broker needs the CA certificate that signed its certificate: --ca-file FILE (or $ISOMESH_CA_FILE)",
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = read_certs(ca_file)?;
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: not a usable CA certificate: {e}", ca_file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots);
+    match (&login.cert_file, &login.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = read_certs(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate {}: {e}", cert.display()))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err("a client certificate needs both --cert-file and --key-file ($ISOMESH_CERT_FILE, $ISOMESH_KEY_FILE)".into()),
+    }
+}
+
+fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]
@@ -110,6 +197,11 @@ mod tests {
         assert_eq!(login.password.as_deref(), Some("p@ss:w"));
         assert_eq!(login.host, "broker");
         assert_eq!(login.display(), "mqtt://d1@broker:1883");
+        let tls = BrokerAddress::parse("mqtts://broker").unwrap();
+        assert!(tls.tls && tls.port == 8883, "{tls:?}");
+        assert_eq!(tls.display(), "mqtts://broker:8883");
+        let err = tls.options("c", &Login::default(), None).unwrap_err();
+        assert!(err.contains("--ca-file"), "{err}");
         assert!(BrokerAddress::parse("http://x:1").is_err());
         assert!(BrokerAddress::parse("mqtt://x:notaport").is_err());
         assert!(BrokerAddress::parse("mqtt://:1883").is_err());

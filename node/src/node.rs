@@ -12,7 +12,7 @@
 
 use crate::answered::Answered;
 use crate::config::NodeConfig;
-use crate::login::BrokerAddress;
+use crate::login::{BrokerAddress, Login};
 use crate::metrics::Metrics;
 use crate::modules::{self, Considered, ModuleManager, ModuleSlot, RolloutBoard};
 use crate::offload::{self, Decision, Situation};
@@ -204,7 +204,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         allow_unsigned: config.allow_unsigned,
         ..sandbox.limits()
     };
-    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, &topics, &broker), 256);
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, &topics, &broker)?, 256);
     let shared = Arc::new(Shared {
         responder,
         topics,
@@ -247,13 +247,25 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn mqtt_options(config: &NodeConfig, topics: &Topics, broker: &BrokerAddress) -> MqttOptions {
-    let mut options = broker.options(
-        &format!("isomesh-node-{}", config.id),
-        config.username.as_deref(),
-        config.password.as_deref(),
-        Some(&config.id),
-    );
+fn mqtt_options(
+    config: &NodeConfig,
+    topics: &Topics,
+    broker: &BrokerAddress,
+) -> Result<MqttOptions, NodeError> {
+    let login = Login {
+        username: config.username.clone(),
+        password: config.password.clone(),
+        ca_file: config.ca_file.clone(),
+        cert_file: config.cert_file.clone(),
+        key_file: config.key_file.clone(),
+    };
+    let mut options = broker
+        .options(
+            &format!("isomesh-node-{}", config.id),
+            &login,
+            Some(&config.id),
+        )
+        .map_err(NodeError::Config)?;
     options
         .set_keep_alive(Duration::from_secs(15))
         // A persistent session: jobs not yet acknowledged survive a crash of this node.
@@ -278,7 +290,7 @@ fn mqtt_options(config: &NodeConfig, topics: &Topics, broker: &BrokerAddress) ->
             true,
             None,
         ));
-    options
+    Ok(options)
 }
 
 /// The rollout side of the event loop: the agent and the channels of its background work.

@@ -8,7 +8,7 @@
 use isomesh_node::signing::SecretKey;
 use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::NodeStatus;
-use isomesh_tests::broker::{Access, BrokerKind};
+use isomesh_tests::broker::{Access, BrokerKind, Tls};
 use isomesh_tests::mqtt::Client;
 use isomesh_tests::node::{wait_status, ModuleFile, NodeSpec, TestNode};
 use isomesh_tests::rollout::{self, guest_module_v2, MODULE_NAME, VERSION_1, VERSION_2};
@@ -542,4 +542,190 @@ async fn a_64_mib_payload_is_refused_and_the_node_keeps_serving() {
     let top1 = answer["top"][0]["index"].as_u64().expect("a label") as u32;
     assert!(photos()[0].accepts(top1), "{answer}");
     assert!(client.next(Duration::from_secs(2)).await.is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS: the broker's TLS listener, nodes and the CLI over mqtts://, certificates refused.
+// ---------------------------------------------------------------------------------------------
+
+/// Test certificates from `scripts/test_certs.py` (a CA, server, expired, self-signed, client).
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new("python3")
+            .arg(isomesh_tests::workspace_root().join("scripts/test_certs.py"))
+            .arg(dir.path())
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "scripts/test_certs.py (pip install cryptography): {out:?}"
+        );
+        // Mosquitto may read them as its own user.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        for entry in std::fs::read_dir(dir.path()).expect("certs") {
+            let path = entry.expect("entry").path();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        Certs { dir }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
+
+    /// A TLS listener serving `stem`.pem/.key, asking for client certificates or not.
+    fn listener(&self, stem: &str, require_client_certificate: bool) -> Tls {
+        Tls {
+            cert: self.dir.path().join(format!("{stem}.pem")),
+            key: self.dir.path().join(format!("{stem}.key")),
+            ca: self.dir.path().join("ca.pem"),
+            require_client_certificate,
+        }
+    }
+}
+
+/// `isomesh status` against `url`, with the environment `env`; its output.
+fn status_command(url: &str, env: &[(&str, String)]) -> std::process::Output {
+    let mut command = std::process::Command::new(isomesh_tests::bin_path("isomesh"));
+    command.args(["status", "--broker", url]);
+    for var in ["ISOMESH_CA_FILE", "ISOMESH_CERT_FILE", "ISOMESH_KEY_FILE"] {
+        command.env_remove(var);
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("isomesh status")
+}
+
+fn failed_saying(out: &std::process::Output, words: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        words.iter().any(|w| stderr.contains(&w.to_lowercase())),
+        "expected one of {words:?} in: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_and_the_cli_work_over_tls_and_plain_clients_cannot_use_its_port() {
+    let certs = Certs::new();
+    let broker = TestBroker::start_tls(certs.listener("server", false)).await;
+    let ca = ("ISOMESH_CA_FILE", certs.path("ca.pem"));
+    let mut spec = NodeSpec::with_guest("t1", "edge", broker.port());
+    spec.extra_args = vec![
+        "--broker".into(),
+        broker.tls_url(),
+        "--ca-file".into(),
+        certs.path("ca.pem"),
+    ];
+    let node = TestNode::start(spec).await;
+    assert!(node.log().contains("mqtts://127.0.0.1"), "{}", node.log());
+
+    // A photo classified end to end over TLS, by the CLI.
+    let photo = &photos()[0];
+    let out = std::process::Command::new(isomesh_tests::bin_path("isomesh"))
+        .args([
+            "classify",
+            "--json",
+            "--node",
+            "t1",
+            "--broker",
+            &broker.tls_url(),
+        ])
+        .arg(&photo.path)
+        .env(ca.0, &ca.1)
+        .output()
+        .expect("isomesh classify");
+    assert!(out.status.success(), "{out:?}");
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("a JSON line");
+    let top1 = answer["top"][0]["index"].as_u64().expect("a label") as u32;
+    assert!(photo.accepts(top1), "{answer}");
+    assert_eq!(answer["node"], "t1");
+
+    // Plain MQTT to the TLS port gets nowhere; mqtts:// without the CA, or with a CA that did
+    // not sign the broker's certificate, says why.
+    let plain = status_command(&format!("mqtt://127.0.0.1:{}", broker.tls_port()), &[]);
+    assert_eq!(plain.status.code(), Some(2), "{plain:?}");
+    failed_saying(&status_command(&broker.tls_url(), &[]), &["--ca-file"]);
+    failed_saying(
+        &status_command(
+            &broker.tls_url(),
+            &[("ISOMESH_CA_FILE", certs.path("selfsigned.pem"))],
+        ),
+        &["UnknownIssuer", "invalid peer certificate"],
+    );
+    assert!(status_command(&broker.tls_url(), std::slice::from_ref(&ca))
+        .status
+        .success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_and_self_signed_broker_certificates_are_refused() {
+    let certs = Certs::new();
+    let ca = ("ISOMESH_CA_FILE", certs.path("ca.pem"));
+    let expired = TestBroker::start_tls(certs.listener("expired", false)).await;
+    failed_saying(
+        &status_command(&expired.tls_url(), std::slice::from_ref(&ca)),
+        &["Expired"],
+    );
+    let selfsigned = TestBroker::start_tls(certs.listener("selfsigned", false)).await;
+    failed_saying(
+        &status_command(&selfsigned.tls_url(), std::slice::from_ref(&ca)),
+        &["UnknownIssuer"],
+    );
+    // A node pointed at it never comes online, and says why.
+    let node = TestNode::spawn(&NodeSpec {
+        extra_args: vec![
+            "--broker".into(),
+            selfsigned.tls_url(),
+            "--ca-file".into(),
+            certs.path("ca.pem"),
+        ],
+        ..NodeSpec::with_guest("t2", "edge", selfsigned.port())
+    });
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !node.log().contains("UnknownIssuer") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_that_asks_for_client_certificates_gets_them_or_refuses() {
+    let certs = Certs::new();
+    let broker = TestBroker::start_tls(certs.listener("server", true)).await;
+    let ca = ("ISOMESH_CA_FILE", certs.path("ca.pem"));
+    let without = status_command(&broker.tls_url(), std::slice::from_ref(&ca));
+    assert_eq!(without.status.code(), Some(2), "{without:?}");
+    let with = status_command(
+        &broker.tls_url(),
+        &[
+            ca.clone(),
+            ("ISOMESH_CERT_FILE", certs.path("client.pem")),
+            ("ISOMESH_KEY_FILE", certs.path("client.key")),
+        ],
+    );
+    assert!(with.status.success(), "{with:?}");
+    // A node with its certificate serves.
+    let mut spec = NodeSpec::with_guest("t3", "device", broker.port());
+    spec.extra_args = [
+        "--broker",
+        &broker.tls_url(),
+        "--ca-file",
+        &certs.path("ca.pem"),
+        "--cert-file",
+        &certs.path("client.pem"),
+        "--key-file",
+        &certs.path("client.key"),
+    ]
+    .map(String::from)
+    .to_vec();
+    let _node = TestNode::start(spec).await;
 }

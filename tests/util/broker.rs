@@ -44,6 +44,19 @@ pub struct TestBroker {
     dir: tempfile::TempDir,
     /// Password and ACL files, when logins are required.
     access: Option<Access>,
+    /// The TLS listener's files and port, when there is one.
+    tls: Option<(Tls, u16)>,
+}
+
+/// A TLS listener beside the plain one (files in PEM, from `scripts/test_certs.py`).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that signed the client certificates the listener accepts.
+    pub ca: PathBuf,
+    /// Whether clients must present a certificate signed by `ca`.
+    pub require_client_certificate: bool,
 }
 
 /// Logins and roles for a broker: files in Mosquitto's formats, which both brokers read.
@@ -61,26 +74,55 @@ impl TestBroker {
 
     /// Starts a broker of the given kind and waits until it accepts connections.
     pub async fn start_kind(kind: BrokerKind) -> TestBroker {
-        TestBroker::start_with(kind, None).await
+        TestBroker::start_with(kind, None, None).await
+    }
+
+    /// Starts the broker chosen by `ISOMESH_TEST_BROKER` with a TLS listener on a second port
+    /// (anonymous access, as the plain one).
+    pub async fn start_tls(tls: Tls) -> TestBroker {
+        TestBroker::start_with(BrokerKind::from_env(), None, Some(tls)).await
     }
 
     /// Starts the broker chosen by `ISOMESH_TEST_BROKER` with logins required: no anonymous
     /// access, accounts from `access.password_file`, roles from `access.acl_file`.
     pub async fn start_secured(access: Access) -> TestBroker {
-        TestBroker::start_with(BrokerKind::from_env(), Some(access)).await
+        TestBroker::start_with(BrokerKind::from_env(), Some(access), None).await
     }
 
-    async fn start_with(kind: BrokerKind, access: Option<Access>) -> TestBroker {
+    async fn start_with(kind: BrokerKind, access: Option<Access>, tls: Option<Tls>) -> TestBroker {
         let dir = tempfile::tempdir().expect("a temp dir for the broker");
         let port = crate::free_port();
-        let child = spawn_listening(kind, port, dir.path(), access.as_ref()).await;
+        let tls = tls.map(|tls| (tls, crate::free_port()));
+        let child = spawn_listening(
+            kind,
+            port,
+            dir.path(),
+            access.as_ref(),
+            tls.as_ref().map(|(t, p)| (t, *p)),
+        )
+        .await;
         TestBroker {
             kind,
             port,
             child,
             dir,
             access,
+            tls,
         }
+    }
+
+    /// `mqtts://127.0.0.1:PORT` of the TLS listener (panics without one).
+    pub fn tls_url(&self) -> String {
+        let (_, port) = self.tls.as_ref().expect("a broker started with start_tls");
+        format!("mqtts://127.0.0.1:{port}")
+    }
+
+    /// The TLS listener's port (panics without one).
+    pub fn tls_port(&self) -> u16 {
+        self.tls
+            .as_ref()
+            .expect("a broker started with start_tls")
+            .1
     }
 
     /// Kills the broker and starts a new one on the same port: a crash and restart that loses
@@ -88,8 +130,14 @@ impl TestBroker {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child =
-            spawn_listening(self.kind, self.port, self.dir.path(), self.access.as_ref()).await;
+        self.child = spawn_listening(
+            self.kind,
+            self.port,
+            self.dir.path(),
+            self.access.as_ref(),
+            self.tls.as_ref().map(|(t, p)| (t, *p)),
+        )
+        .await;
     }
 
     pub fn port(&self) -> u16 {
@@ -124,6 +172,7 @@ async fn spawn_listening(
     port: u16,
     dir: &std::path::Path,
     access: Option<&Access>,
+    tls: Option<(&Tls, u16)>,
 ) -> Child {
     let log_path = dir.join("broker.log");
     let log = std::fs::File::options()
@@ -144,6 +193,14 @@ async fn spawn_listening(
                     command.arg("--allow-anonymous");
                 }
             }
+            if let Some((tls, tls_port)) = tls {
+                command.args(["--tls-listen", &format!("127.0.0.1:{tls_port}")]);
+                command.arg("--tls-cert").arg(&tls.cert);
+                command.arg("--tls-key").arg(&tls.key);
+                if tls.require_client_certificate {
+                    command.arg("--tls-client-ca").arg(&tls.ca);
+                }
+            }
             command
         }
         BrokerKind::Mosquitto => {
@@ -156,6 +213,15 @@ async fn spawn_listening(
                     access.acl_file.display()
                 )),
                 None => config.push_str("allow_anonymous true\n"),
+            }
+            if let Some((tls, tls_port)) = tls {
+                config.push_str(&format!(
+                    "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+                    tls.ca.display(),
+                    tls.cert.display(),
+                    tls.key.display(),
+                    tls.require_client_certificate
+                ));
             }
             std::fs::write(&conf, config).expect("write mosquitto.conf");
             let mut command = Command::new(mosquitto_path());
@@ -170,7 +236,8 @@ async fn spawn_listening(
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start the {kind:?} broker: {e}"));
     let deadline = Instant::now() + START_WITHIN;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    while !listening(port) || tls.is_some_and(|(_, tls_port)| !listening(tls_port)) {
         let exited = child.try_wait().ok().flatten();
         if exited.is_some() || Instant::now() > deadline {
             let _ = child.kill();

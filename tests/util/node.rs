@@ -120,8 +120,11 @@ impl TestNode {
             .iter()
             .map(Into::into)
             .collect();
-        args.push("--broker".into());
-        args.push(format!("mqtt://127.0.0.1:{}", spec.broker_port).into());
+        // A test may name another broker URL (mqtts://...) in its extra flags.
+        if !spec.extra_args.iter().any(|a| a == "--broker") {
+            args.push("--broker".into());
+            args.push(format!("mqtt://127.0.0.1:{}", spec.broker_port).into());
+        }
         args.push("--modules".into());
         args.push(modules.into());
         args.push("--cache-dir".into());

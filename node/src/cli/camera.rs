@@ -124,8 +124,9 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
         .map(|d| d.as_millis() % 1_000_000_000)
         .unwrap_or_default();
     let broker = crate::login::BrokerAddress::parse(&args.broker).map_err(anyhow::Error::msg)?;
-    let (username, password) = crate::login::from_env();
-    let mut options = broker.options(&id, username.as_deref(), password.as_deref(), None);
+    let mut options = broker
+        .options(&id, &crate::login::Login::from_env(), None)
+        .map_err(anyhow::Error::msg)?;
     options
         .set_keep_alive(Duration::from_secs(10))
         .set_max_packet_size(Some(256 << 20))

@@ -28,8 +28,9 @@ pub fn client_id(command: &str) -> String {
 /// Connects a clean-session MQTT 5 client and waits for the broker's CONNACK.
 pub async fn connect(broker: &str, id: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let address = crate::login::BrokerAddress::parse(broker).map_err(anyhow::Error::msg)?;
-    let (username, password) = crate::login::from_env();
-    let mut options = address.options(id, username.as_deref(), password.as_deref(), None);
+    let mut options = address
+        .options(id, &crate::login::Login::from_env(), None)
+        .map_err(anyhow::Error::msg)?;
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(256 << 20));

@@ -1,0 +1,12 @@
+//! A protobuf `Job` from `isomesh/jobs/...`, as the node turns it into a request.
+#![no_main]
+
+use isomesh_node::request::{from_job, JobIds};
+use isomesh_node::topics::Topics;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let ids = JobIds::new("f1");
+    let topics = Topics::new("isomesh");
+    let _ = from_job(data, &ids, &topics, "f1");
+});
