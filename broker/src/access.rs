@@ -38,6 +38,14 @@ pub async fn register(scx: &rmqtt::context::ServerContext, access: AccessControl
 
 struct Checks(Arc<AccessControl>);
 
+/// Who a session is, as the ACL sees it.
+fn client_of(session: &rmqtt::session::Session) -> Client<'_> {
+    Client {
+        username: session.id.username.as_deref(),
+        client_id: &session.id.client_id,
+    }
+}
+
 #[async_trait::async_trait]
 impl Handler for Checks {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
@@ -73,10 +81,7 @@ impl Handler for Checks {
                 let Some(acl) = &self.0.acl else {
                     return (true, acc);
                 };
-                let client = Client {
-                    username: session.id.username.as_deref(),
-                    client_id: &session.id.client_id,
-                };
+                let client = client_of(session);
                 if acl.may_publish(client, &publish.topic) {
                     return (
                         true,
@@ -94,10 +99,7 @@ impl Handler for Checks {
                 let Some(acl) = &self.0.acl else {
                     return (true, acc);
                 };
-                let client = Client {
-                    username: session.id.username.as_deref(),
-                    client_id: &session.id.client_id,
-                };
+                let client = client_of(session);
                 let filter: &str = &subscribe.topic_filter;
                 if acl.may_subscribe(client, filter) {
                     let granted = SubscribeAclResult::new_success(subscribe.opts.qos(), None);

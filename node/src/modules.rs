@@ -255,14 +255,16 @@ impl ModuleManager {
             tracing::info!(file = %path.display(), %reason, "skipping a module rejected before");
             return Considered::Skipped;
         }
-        let manifest = read_sidecar(path).filter(|m| m.sha256 == sha256);
         let trusted = self.trust.check(path, &sha256);
+        // The name and version to report: the verified manifest's, else what the unchecked
+        // sidecar says (read again only then).
+        let label = match &trusted {
+            Ok(Some(verified)) => Some(verified.clone()),
+            _ => read_sidecar(path).filter(|m| m.sha256 == sha256),
+        };
         let mut module_ref = ModuleRef {
-            name: manifest
-                .as_ref()
-                .map(|m| m.name.clone())
-                .unwrap_or_default(),
-            version: manifest
+            name: label.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+            version: label
                 .as_ref()
                 .map(|m| m.version.clone())
                 .unwrap_or_default(),

@@ -5,12 +5,13 @@
 //! reason while the old module keeps serving.
 
 use isomesh_node::signing::SecretKey;
-use isomesh_protos::rollout_state::Phase;
-use isomesh_protos::{NodeStatus, Tier};
+use isomesh_protos::Tier;
 use isomesh_tests::broker::TestBroker;
 use isomesh_tests::faults::{fault_module, Fault};
 use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{wait_status, ModuleFile, NodeSpec, TestNode};
+use isomesh_tests::node::{
+    classify_photo, rejected, serves, wait_status, ModuleFile, NodeSpec, TestNode,
+};
 use isomesh_tests::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_1, VERSION_2};
 use isomesh_tests::{bin_path, photos};
 use serde_json::Value;
@@ -26,43 +27,10 @@ fn node_with_keys<'a>(id: &'a str, tier: &'a str, port: u16, keys: &Keys) -> Nod
     spec
 }
 
-fn rand_suffix() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default()
-}
-
-fn serves(status: &NodeStatus, version: &str) -> bool {
-    status.online && status.module.as_ref().is_some_and(|m| m.version == version)
-}
-
-fn rejected(status: &NodeStatus) -> Option<String> {
-    status
-        .rollout
-        .as_ref()
-        .filter(|r| r.phase == Phase::Rejected as i32)
-        .map(|r| r.reason.clone())
-}
-
 /// Classifies one photo on `node` and checks the answer against the reference.
 async fn classify_ok(port: u16, node: &str) -> Value {
-    let mut client = Client::connect(port, &format!("check-{node}-{}", rand_suffix())).await;
-    client.subscribe("test/check").await;
     let photo = &photos()[0];
-    client
-        .publish_with_response_topic(
-            &format!("isomesh/images/{node}"),
-            photo.bytes(),
-            "test/check",
-            b"c",
-        )
-        .await;
-    let reply = client
-        .next(Duration::from_secs(120))
-        .await
-        .unwrap_or_else(|| panic!("{node} did not answer"));
-    let result: Value = serde_json::from_slice(&reply.payload).expect("JSON result");
+    let result = classify_photo(port, node, Duration::from_secs(120)).await;
     let top1 = result["top"][0]["index"]
         .as_u64()
         .unwrap_or_else(|| panic!("{result}"));

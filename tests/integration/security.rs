@@ -6,11 +6,12 @@
 //! login and enforces the roles of deploy/acl.conf; the same files configure Mosquitto.
 
 use isomesh_node::signing::SecretKey;
-use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::NodeStatus;
 use isomesh_tests::broker::{Access, BrokerKind, Tls};
 use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{wait_status, ModuleFile, NodeSpec, TestNode};
+use isomesh_tests::node::{
+    classify_photo, rejected, serves, wait_status, wait_status_as, ModuleFile, NodeSpec, TestNode,
+};
 use isomesh_tests::rollout::{self, guest_module_v2, MODULE_NAME, VERSION_1, VERSION_2};
 use isomesh_tests::{broker::TestBroker, photos};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
@@ -20,31 +21,8 @@ use std::time::Duration;
 
 const WITHIN: Duration = Duration::from_secs(240);
 
-fn serves(status: &NodeStatus, version: &str) -> bool {
-    status.online && status.module.as_ref().is_some_and(|m| m.version == version)
-}
-
 fn rejected_because(status: &NodeStatus, words: &str) -> bool {
-    status
-        .rollout
-        .as_ref()
-        .is_some_and(|r| r.phase == Phase::Rejected as i32 && r.reason.contains(words))
-}
-
-/// Classifies one photo on `node`; returns the JSON answer.
-async fn classify(port: u16, node: &str, reply_to: &str) -> Value {
-    let mut client = Client::connect(port, &format!("{reply_to}-client")).await;
-    client.subscribe(reply_to).await;
-    client
-        .publish_with_response_topic(
-            &format!("isomesh/images/{node}"),
-            photos()[0].bytes(),
-            reply_to,
-            b"c",
-        )
-        .await;
-    let reply = client.next(WITHIN).await.expect("an answer");
-    serde_json::from_slice(&reply.payload).expect("JSON answer")
+    rejected(status).is_some_and(|reason| reason.contains(words))
 }
 
 /// Writes `bytes` as module file `name` into `dir` in one step (as a rollout does).
@@ -87,7 +65,7 @@ async fn modules_copied_in_without_a_trusted_signature_never_run() {
         rejected_because(s, "not for this file") && serves(s, VERSION_1)
     })
     .await;
-    let answer = classify(port, "s1", "test/s1").await;
+    let answer = classify_photo(port, "s1", WITHIN).await;
     assert_eq!(answer["module"]["version"], VERSION_1, "{answer}");
 
     // Signed by the trusted key: swapped in.
@@ -117,7 +95,7 @@ async fn an_unsigned_module_runs_only_with_allow_unsigned_and_a_warning() {
     });
     let status = wait_status(port, "s2", WITHIN, |s| s.online).await;
     assert!(status.module.is_none(), "{status:?}");
-    let answer = classify(port, "s2", "test/s2").await;
+    let answer = classify_photo(port, "s2", WITHIN).await;
     assert!(
         answer["error"]
             .as_str()
@@ -142,7 +120,7 @@ async fn an_unsigned_module_runs_only_with_allow_unsigned_and_a_warning() {
     .await;
     let status = wait_status(port, "s3", WITHIN, |s| serves(s, VERSION_1)).await;
     assert!(status.sandbox.expect("limits").allow_unsigned);
-    let answer = classify(port, "s3", "test/s3").await;
+    let answer = classify_photo(port, "s3", WITHIN).await;
     assert!(answer["top"][0]["index"].is_u64(), "{answer}");
     let log = lax.log();
     assert!(
@@ -211,6 +189,19 @@ async fn statuses_show_the_sandbox_limits_the_node_was_given() {
 
 const PASSWORD: &str = "correct horse";
 
+/// Makes `dir` and its files readable by everyone: Mosquitto may drop to its own user before
+/// it reads its password, ACL and certificate files.
+fn readable_by_all(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    chmod(dir, 0o755);
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        chmod(&entry.expect("dir entry").path(), 0o644);
+    }
+}
+
 /// Accounts for every role of deploy/acl.conf, all with [`PASSWORD`]: made with
 /// `isomesh-broker passwd`, except `operator`, made with Mosquitto's own `mosquitto_passwd`, so
 /// both brokers are shown to read both tools' hashes.
@@ -247,12 +238,7 @@ impl Accounts {
             &acl_file,
         )
         .expect("deploy/acl.conf");
-        // Mosquitto may drop to its own user before reading these.
-        for path in [dir.path(), &password_file, &acl_file] {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = if path.is_dir() { 0o755 } else { 0o644 };
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        }
+        readable_by_all(dir.path());
         Accounts {
             _dir: dir,
             access: Access {
@@ -265,23 +251,6 @@ impl Accounts {
 
 async fn login(port: u16, id: &str, user: &str) -> Client {
     Client::connect_as(port, id, user, PASSWORD).await
-}
-
-/// Waits for `node`'s status, read with the operator's account.
-async fn wait_online(port: u16, node: &str) -> NodeStatus {
-    use prost::Message;
-    let mut operator = login(port, &format!("op-{node}"), "operator").await;
-    operator.subscribe(&format!("isomesh/status/{node}")).await;
-    loop {
-        let publish = operator
-            .next(WITHIN)
-            .await
-            .unwrap_or_else(|| panic!("{node} never came online"));
-        let status = NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus");
-        if status.online && status.module.is_some() {
-            return status;
-        }
-    }
 }
 
 fn puback_reason(ack: Option<Packet>) -> PubAckReason {
@@ -331,30 +300,22 @@ async fn logins_are_required_and_refusals_say_why() {
     }
 
     // The CLI: a login in the URL or in $ISOMESH_USERNAME/$ISOMESH_PASSWORD; none gets a hint.
-    let status = |url: String, env: &[(&str, &str)]| {
-        let mut command = std::process::Command::new(isomesh_tests::bin_path("isomesh"));
-        command.args(["status", "--broker", &url]);
-        command
-            .env_remove("ISOMESH_USERNAME")
-            .env_remove("ISOMESH_PASSWORD");
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        command.output().expect("isomesh status")
-    };
-    let out = status(broker.url(), &[]);
+    let out = status_command(&broker.url(), NO_ENV);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ISOMESH_PASSWORD"), "{stderr}");
-    let out = status(
-        broker.url(),
+    let out = status_command(
+        &broker.url(),
         &[
             ("ISOMESH_USERNAME", "operator"),
             ("ISOMESH_PASSWORD", PASSWORD),
         ],
     );
     assert!(out.status.success(), "{out:?}");
-    let out = status(format!("mqtt://operator:{PASSWORD}@127.0.0.1:{port}"), &[]);
+    let out = status_command(
+        &format!("mqtt://operator:{PASSWORD}@127.0.0.1:{port}"),
+        NO_ENV,
+    );
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -368,7 +329,10 @@ async fn roles_keep_modules_and_jobs_out_of_reach_and_nodes_serve_on() {
         extra_args: node_password.to_vec(),
         ..NodeSpec::with_guest("e1", "edge", port)
     });
-    wait_online(port, "e1").await;
+    wait_status_as(port, Some(("operator", PASSWORD)), "e1", WITHIN, |s| {
+        s.online && s.module.is_some()
+    })
+    .await;
 
     // A device account announces a module: refused, and nothing is retained for nodes to see.
     let mut device = login(port, "d1-forger", "d1").await;
@@ -458,15 +422,10 @@ async fn roles_keep_modules_and_jobs_out_of_reach_and_nodes_serve_on() {
     );
     rollout::test_key().secret.sign(&mut package.manifest);
     rollout::publish(&rollout_client, &package).await;
-    let mut operator = login(port, "op-status", "operator").await;
-    operator.subscribe("isomesh/status/e1").await;
-    loop {
-        let publish = operator.next(WITHIN).await.expect("e1 swapped to 0.2.0");
-        let status: NodeStatus = prost::Message::decode(publish.payload.as_ref()).expect("status");
-        if serves(&status, VERSION_2) {
-            break;
-        }
-    }
+    wait_status_as(port, Some(("operator", PASSWORD)), "e1", WITHIN, |s| {
+        serves(s, VERSION_2)
+    })
+    .await;
     let log = edge.log();
     assert!(!log.contains("refused a subscription"), "{log}");
 }
@@ -479,11 +438,8 @@ async fn a_node_with_a_wrong_password_says_so_and_stays_out() {
         extra_args: vec!["--password".into(), "not it".into()],
         ..NodeSpec::with_guest("e1", "edge", broker.port())
     });
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !node.log().contains("the broker refused this node's login") {
-        assert!(tokio::time::Instant::now() < deadline, "{}", node.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    node.wait_for_log("the broker refused this node's login", WITHIN)
+        .await;
     assert!(!node.log().contains("not it"), "the password was logged");
     let mut operator = login(broker.port(), "op", "operator").await;
     operator.subscribe("isomesh/status/e1").await;
@@ -565,14 +521,7 @@ impl Certs {
             out.status.success(),
             "scripts/test_certs.py (pip install cryptography): {out:?}"
         );
-        // Mosquitto may read them as its own user.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
-        for entry in std::fs::read_dir(dir.path()).expect("certs") {
-            let path = entry.expect("entry").path();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        }
+        readable_by_all(dir.path());
         Certs { dir }
     }
 
@@ -591,11 +540,20 @@ impl Certs {
     }
 }
 
-/// `isomesh status` against `url`, with the environment `env`; its output.
-fn status_command(url: &str, env: &[(&str, String)]) -> std::process::Output {
+/// No variables for [`status_command`].
+const NO_ENV: &[(&str, &str)] = &[];
+
+/// `isomesh status` against `url`, with only the login and TLS variables of `env`; its output.
+fn status_command<V: AsRef<std::ffi::OsStr>>(url: &str, env: &[(&str, V)]) -> std::process::Output {
     let mut command = std::process::Command::new(isomesh_tests::bin_path("isomesh"));
     command.args(["status", "--broker", url]);
-    for var in ["ISOMESH_CA_FILE", "ISOMESH_CERT_FILE", "ISOMESH_KEY_FILE"] {
+    for var in [
+        "ISOMESH_USERNAME",
+        "ISOMESH_PASSWORD",
+        "ISOMESH_CA_FILE",
+        "ISOMESH_CERT_FILE",
+        "ISOMESH_KEY_FILE",
+    ] {
         command.env_remove(var);
     }
     for (k, v) in env {
@@ -651,9 +609,9 @@ async fn nodes_and_the_cli_work_over_tls_and_plain_clients_cannot_use_its_port()
 
     // Plain MQTT to the TLS port gets nowhere; mqtts:// without the CA, or with a CA that did
     // not sign the broker's certificate, says why.
-    let plain = status_command(&format!("mqtt://127.0.0.1:{}", broker.tls_port()), &[]);
+    let plain = status_command(&format!("mqtt://127.0.0.1:{}", broker.tls_port()), NO_ENV);
     assert_eq!(plain.status.code(), Some(2), "{plain:?}");
-    failed_saying(&status_command(&broker.tls_url(), &[]), &["--ca-file"]);
+    failed_saying(&status_command(&broker.tls_url(), NO_ENV), &["--ca-file"]);
     failed_saying(
         &status_command(
             &broker.tls_url(),
@@ -690,11 +648,7 @@ async fn expired_and_self_signed_broker_certificates_are_refused() {
         ],
         ..NodeSpec::with_guest("t2", "edge", selfsigned.port())
     });
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    while !node.log().contains("UnknownIssuer") {
-        assert!(tokio::time::Instant::now() < deadline, "{}", node.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    node.wait_for_log("UnknownIssuer", WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

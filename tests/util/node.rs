@@ -154,6 +154,19 @@ impl TestNode {
         self.child = start_process(self.dir.path(), &self.args);
     }
 
+    /// Waits until the node's log contains `needle`; panics with the log after `within`.
+    pub async fn wait_for_log(&self, needle: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.log().contains(needle) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {needle:?} in the log within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits for a retained status with `online` and a module.
     pub async fn wait_ready(&self, broker_port: u16) {
         let mut watcher = Client::connect(
@@ -250,7 +263,22 @@ pub async fn wait_status(
     within: Duration,
     done: impl Fn(&NodeStatus) -> bool,
 ) -> NodeStatus {
-    let mut watcher = Client::connect(port, &format!("wait-{node}-{}", unique())).await;
+    wait_status_as(port, None, node, within, done).await
+}
+
+/// [`wait_status`], reading the status with a `(user, password)` login when one is given.
+pub async fn wait_status_as(
+    port: u16,
+    login: Option<(&str, &str)>,
+    node: &str,
+    within: Duration,
+    done: impl Fn(&NodeStatus) -> bool,
+) -> NodeStatus {
+    let id = format!("wait-{node}-{}", unique());
+    let mut watcher = match login {
+        Some((user, password)) => Client::connect_as(port, &id, user, password).await,
+        None => Client::connect(port, &id).await,
+    };
     watcher.subscribe(&format!("isomesh/status/{node}")).await;
     let deadline = tokio::time::Instant::now() + within;
     let mut last = None;
@@ -269,6 +297,42 @@ pub async fn wait_status(
             }
         }
     }
+}
+
+/// Whether `status` says the node is online serving `version`.
+pub fn serves(status: &NodeStatus, version: &str) -> bool {
+    status.online && status.module.as_ref().is_some_and(|m| m.version == version)
+}
+
+/// Why the node's latest rollout was rejected, if it was.
+pub fn rejected(status: &NodeStatus) -> Option<String> {
+    status
+        .rollout
+        .as_ref()
+        .filter(|r| r.phase == isomesh_protos::rollout_state::Phase::Rejected as i32)
+        .map(|r| r.reason.clone())
+}
+
+/// Sends the first shared photo to `node` (MQTT 5, with a response topic) and returns the JSON
+/// answer; panics if none comes within `within`.
+pub async fn classify_photo(port: u16, node: &str, within: Duration) -> serde_json::Value {
+    let tag = unique();
+    let reply_to = format!("test/classify/{node}/{tag}");
+    let mut client = Client::connect(port, &format!("classify-{node}-{tag}")).await;
+    client.subscribe(&reply_to).await;
+    client
+        .publish_with_response_topic(
+            &format!("isomesh/images/{node}"),
+            crate::photos()[0].bytes(),
+            &reply_to,
+            b"c",
+        )
+        .await;
+    let reply = client
+        .next(within)
+        .await
+        .unwrap_or_else(|| panic!("{node} did not answer"));
+    serde_json::from_slice(&reply.payload).expect("JSON result")
 }
 
 /// A suffix that keeps test client ids apart.

@@ -16,6 +16,19 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use std::time::Duration;
 
+/// Reads a module file that is about to be signed, refusing one that is not WebAssembly.
+pub fn read_module(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let module = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if !module.starts_with(b"\0asm") {
+        anyhow::bail!(
+            "{} is not a WebAssembly module (it does not start with \\0asm)",
+            path.display()
+        );
+    }
+    Ok(module)
+}
+
 /// A unique client id for one run of the tool.
 pub fn client_id(command: &str) -> String {
     let nanos = std::time::SystemTime::now()

@@ -11,7 +11,6 @@ use crate::package::{Package, PackageSpec, DEFAULT_CHUNK_SIZE};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::signing::SecretKey;
 use crate::topics::Topics;
-use anyhow::Context;
 use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::{NodeStatus, Tier};
 use prost::Message;
@@ -109,14 +108,7 @@ pub struct RolloutArgs {
 pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let key = SecretKey::read(&args.key)?;
-    let module = std::fs::read(&args.module)
-        .with_context(|| format!("reading {}", args.module.display()))?;
-    if !module.starts_with(b"\0asm") {
-        anyhow::bail!(
-            "{} is not a WebAssembly module (it does not start with \\0asm)",
-            args.module.display()
-        );
-    }
+    let module = super::read_module(&args.module)?;
     if args.chunk_size < 1024 {
         anyhow::bail!(
             "--chunk-size {} is too small (at least 1024 bytes)",

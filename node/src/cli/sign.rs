@@ -5,7 +5,6 @@
 //! onto a device) needs the same signature beside it: `NAME.manifest` next to `NAME.wasm`.
 
 use crate::signing::SecretKey;
-use anyhow::Context;
 use std::path::PathBuf;
 
 /// Sign a module file for nodes that get it by copy rather than by rollout.
@@ -26,14 +25,7 @@ pub struct SignArgs {
 
 pub fn run(args: SignArgs) -> anyhow::Result<()> {
     let key = SecretKey::read(&args.key)?;
-    let module = std::fs::read(&args.module)
-        .with_context(|| format!("reading {}", args.module.display()))?;
-    if !module.starts_with(b"\0asm") {
-        anyhow::bail!(
-            "{} is not a WebAssembly module (it does not start with \\0asm)",
-            args.module.display()
-        );
-    }
+    let module = super::read_module(&args.module)?;
     let manifest =
         crate::trust::write_signed_manifest(&args.module, &module, &args.name, &args.version, &key)
             .map_err(anyhow::Error::msg)?;
