@@ -5,7 +5,7 @@ CARGO ?= cargo
 MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
 MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 
-.PHONY: demo test setup module build images compose-test unit integration lint bench plots clean-demo fuzz
+.PHONY: demo test setup module build images compose-test unit integration lint deny bench bench-quick bench-python report clean-demo fuzz
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
@@ -49,21 +49,67 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-## Wasm vs native tract vs onnxruntime inference, call overhead, compile/load times; a rollout
-## under load vs a restart (with precompiled code, then with every node compiling); the offload
-## policies under Poisson load (needs root for CPU quotas); JSON in bench-out/, plots in docs/.
-bench: module build
-	python3 -c 'import onnxruntime, numpy, PIL' 2>/dev/null || python3 -m pip install --quiet onnxruntime numpy pillow
-	./target/release/isomesh bench infer --module $(MODULE) --onnxruntime models/files/mobilenet_v2_1.0_224_dequant.onnx --out bench-out/infer.json ../shared/images/*.jp*g
-	./target/release/isomesh bench swap --before-s 20 --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap.json ../shared/images/*.jp*g
-	./target/release/isomesh bench swap --before-s 20 --no-precompile --from $(MODULE) --to $(MODULE_V2) --out bench-out/swap-compile.json ../shared/images/*.jp*g
-	./target/release/isomesh bench offload --module $(MODULE) --out bench-out/offload.json ../shared/images/*.jp*g
-	$(MAKE) plots
+## Licences, banned crates and sources of every dependency (deny.toml); cargo-deny from crates.io
+## when missing. Advisories need GitHub (see deny.toml).
+deny:
+	command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --locked
+	$(CARGO) deny check licenses bans sources
+
+## The paper's evaluation and ours, one run each (README, Benchmarks): inference per tier CPU
+## limit (Wasm vs native tract vs onnxruntime) and the call-overhead ladder; a rollout under load
+## vs process restarts (with precompiled code, then with every node compiling) and vs a
+## container restart in the compose mesh; the offload policies under Poisson load; mesh latency,
+## throughput and scaling for 1/2/4 nodes on isomesh-broker and Mosquitto, and node memory.
+## CPU quotas need root. JSON in bench-out/, then docs/benchmarks.md and its plots.
+BENCH_OUT ?= bench-out
+PHOTOS := $(wildcard ../shared/images/*.jp*g)
+# The issue's ~100 KB photos for the mesh run.
+MESH_PHOTOS := $(filter %/banana.jpg %/cat_720p.jpg %/elephants.jpg,$(PHOTOS))
+ISOMESH := ./target/release/isomesh
+bench: module build images bench-python
+	mkdir -p target/bench-cache
+	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --out $(BENCH_OUT)/infer.json $(PHOTOS)
+	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 0.25 --out $(BENCH_OUT)/infer-device.json $(PHOTOS)
+	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 0.5 --out $(BENCH_OUT)/infer-edge.json $(PHOTOS)
+	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 1 --out $(BENCH_OUT)/infer-cloud.json $(PHOTOS)
+	$(ISOMESH) bench swap --before-s 20 --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap.json $(PHOTOS)
+	$(ISOMESH) bench swap --before-s 20 --no-precompile --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-compile.json $(PHOTOS)
+	python3 scripts/bench_container.py --isomesh $(ISOMESH) --out $(BENCH_OUT)/container.json
+	$(ISOMESH) bench offload --module $(MODULE) --out $(BENCH_OUT)/offload.json $(PHOTOS)
+	$(ISOMESH) bench mesh --module $(MODULE) --out $(BENCH_OUT)/mesh.json $(MESH_PHOTOS)
+	$(MAKE) report BENCH_OUT=$(BENCH_OUT) REPORT_DIR=docs
+
+## Every benchmark in seconds, to keep them working (CI runs it after `make test`): the same
+## commands with tiny counts, the report in target/bench-quick/ (never the README's figures).
+Q := target/bench-quick
+bench-quick: module build images bench-python
+	mkdir -p target/bench-cache
+	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 1 --out $(Q)/infer.json $(PHOTOS)
+	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --iterations 1 --cpu-cores 0.5 --out $(Q)/infer-edge.json $(PHOTOS)
+	$(ISOMESH) bench swap --nodes 2 --before-s 2 --from $(MODULE) --to $(MODULE_V2) --out $(Q)/swap.json $(PHOTOS)
+	python3 scripts/bench_container.py --quick --isomesh $(ISOMESH) --out $(Q)/container.json
+	$(ISOMESH) bench offload --module $(MODULE) --policies budget --loads 1 --duration-s 3 --out $(Q)/offload.json $(PHOTOS)
+	$(ISOMESH) bench mesh --module $(MODULE) --nodes 1,2 --jobs-per-node 4 --latency-jobs 4 --workers 1,2 --out $(Q)/mesh.json $(MESH_PHOTOS)
+	$(MAKE) report BENCH_OUT=$(Q) REPORT_DIR=$(Q)
+
+ONNX := models/files/mobilenet_v2_1.0_224_dequant.onnx
+# The baseline's and the report's Python packages (PyPI), when missing.
+bench-python:
+	python3 -c 'import onnxruntime, numpy, PIL, matplotlib' 2>/dev/null || python3 -m pip install --quiet onnxruntime numpy pillow matplotlib
+
+## docs/benchmarks.md and its plots from the JSON in $(BENCH_OUT) (plots: matplotlib).
+REPORT_DIR ?= docs
+report: bench-python
+	mkdir -p $(REPORT_DIR)
+	python3 scripts/plot_offload.py $(BENCH_OUT)/offload.json $(REPORT_DIR)/offload.png
+	python3 scripts/bench_report.py $(BENCH_OUT) $(REPORT_DIR)/benchmarks.md $(REPORT_DIR)
 
 ## Fuzz every decoder of network input (fuzz/fuzz_targets/) for FUZZ_SECONDS each, from seeds made
 ## of real messages (scripts/fuzz_seeds.py). libFuzzer through cargo-fuzz (installed from crates.io
 ## if missing), without a sanitizer: the project's Rust is stable, and safe Rust needs none for
 ## what this looks for (panics, overflows with debug assertions, hangs, runaway allocations).
+# CI runs it for 10 s a target (`make fuzz FUZZ_SECONDS=10`) to keep the targets building and
+# their seeds passing; the long runs are by hand.
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := job manifest chunks image guest_outcome relayed_result
 fuzz: module build
@@ -73,9 +119,3 @@ fuzz: module build
 	  $(CARGO) fuzz run --sanitizer none $$t ../target/fuzz-corpus/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 || exit 1; \
 	done
-
-## PNG plots of the benchmark JSON (matplotlib, from PyPI when missing).
-plots:
-	python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
-	mkdir -p docs
-	python3 scripts/plot_offload.py bench-out/offload.json docs/offload.png

@@ -106,6 +106,37 @@ pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) ->
     )
 }
 
+/// Decodes and resizes the image only (no inference): the middle rung of the call-overhead
+/// benchmark, between an empty call and a classification. Optional in the ABI.
+///
+/// # Safety
+/// As for `isomesh_classify`.
+#[no_mangle]
+pub unsafe extern "C" fn isomesh_preprocess(ptr: *mut u8, len: u32) -> u64 {
+    let image = if len == 0 {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(ptr, len as usize, len as usize)
+    };
+    let started = std::time::Instant::now();
+    let result = crate::preprocess::image_to_input(&image);
+    let decode_us = started.elapsed().as_micros() as u64;
+    drop(image);
+    let outcome = match result {
+        Ok(_) => Outcome::Classification(GuestClassification {
+            decode_us,
+            ..GuestClassification::default()
+        }),
+        Err(e) => Outcome::Error(to_guest_error(e)),
+    };
+    hand_out(
+        GuestOutcome {
+            outcome: Some(outcome),
+        }
+        .encode_to_vec(),
+    )
+}
+
 fn loaded() -> Result<&'static Classifier, Error> {
     if let Some(classifier) = CLASSIFIER.get() {
         return Ok(classifier);

@@ -10,12 +10,14 @@
 //! - `abi` (wasm32 only): the exported functions the host calls, documented in
 //!   `protos/proto/isomesh.proto`.
 
+#[cfg(feature = "model")]
 pub mod classifier;
 pub mod preprocess;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "model"))]
 mod abi;
 
+#[cfg(feature = "model")]
 pub use classifier::{Classification, Classifier};
 
 /// Module name reported in every result.

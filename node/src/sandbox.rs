@@ -228,7 +228,13 @@ impl Sandbox {
             .wasm_relaxed_simd(true)
             // Maps from machine code back to Wasm offsets only serve backtraces, which trap
             // reports do not use; without them compiled code is ~6 MB (10%) smaller to ship.
-            .generate_address_map(false);
+            .generate_address_map(false)
+            // No .eh_frame for the system unwinder: wasmtime walks Wasm frames itself for traps.
+            // In the static musl build that unwinder is LLVM's libunwind, where wasmtime
+            // registers every function's FDE one by one and each deregistration scans the whole
+            // table: dropping a swapped-out module of ~26,500 functions took ~1.8 s of CPU, a
+            // 7-10 s stall of the first job after a hot swap on a 0.25-CPU device container.
+            .native_unwind_info(false);
         if let Some(dir) = &config.cache_dir {
             // A new version that changes only weights or a little code reuses the machine code
             // of every unchanged function instead of compiling all of them again.
@@ -528,6 +534,8 @@ pub struct Instance {
     info: TypedFunc<(), u64>,
     load: TypedFunc<(), u64>,
     classify: TypedFunc<(u32, u32, u32), u64>,
+    /// Optional (`isomesh bench infer` only).
+    preprocess: Option<TypedFunc<(u32, u32), u64>>,
     stderr: MemoryOutputPipe,
     call_ticks: u64,
 }
@@ -573,6 +581,9 @@ impl Instance {
             info: export!("isomesh_info"),
             load: export!("isomesh_load"),
             classify: export!("isomesh_classify"),
+            preprocess: instance
+                .get_typed_func(&mut store, "isomesh_preprocess")
+                .ok(),
             store,
             memory,
             stderr,
@@ -625,6 +636,29 @@ impl Instance {
 
     /// Classifies one encoded image; the instance must be discarded if this returns a trap.
     pub fn classify(&mut self, image: &[u8], top_k: u32) -> Result<GuestClassification, CallError> {
+        let (ptr, len) = self.hand_in(image)?;
+        let packed = self
+            .classify
+            .clone()
+            .call(&mut self.store, (ptr, len, top_k))
+            .map_err(|e| CallError::Trapped(self.describe_trap(e)))?;
+        self.outcome(packed)
+    }
+
+    /// Decodes and resizes one image without classifying it (the answer has no scores), or
+    /// `None` when the module does not export `isomesh_preprocess`. For the benchmarks.
+    pub fn preprocess(&mut self, image: &[u8]) -> Option<Result<GuestClassification, CallError>> {
+        let preprocess = self.preprocess.clone()?;
+        Some(self.hand_in(image).and_then(|(ptr, len)| {
+            let packed = preprocess
+                .call(&mut self.store, (ptr, len))
+                .map_err(|e| CallError::Trapped(self.describe_trap(e)))?;
+            self.outcome(packed)
+        }))
+    }
+
+    /// Copies `image` into a guest buffer, which the next call takes ownership of.
+    fn hand_in(&mut self, image: &[u8]) -> Result<(u32, u32), CallError> {
         self.arm();
         let len = u32::try_from(image.len())
             .map_err(|_| CallError::Trapped("image larger than 4 GiB".into()))?;
@@ -642,12 +676,7 @@ impl Instance {
         self.memory
             .write(&mut self.store, ptr as usize, image)
             .map_err(|e| CallError::Trapped(format!("writing the image into guest memory: {e}")))?;
-        let packed = self
-            .classify
-            .clone()
-            .call(&mut self.store, (ptr, len, top_k))
-            .map_err(|e| CallError::Trapped(self.describe_trap(e)))?;
-        self.outcome(packed)
+        Ok((ptr, len))
     }
 
     /// Resets the per-call deadline: every call gets the full timeout.

@@ -1,8 +1,10 @@
 //! `isomesh bench infer`: what the sandbox costs. In one run, on the same images: MobileNetV2
-//! latency inside Wasm and natively (the same guest crate linked into this binary), the cost of an
-//! empty call into the module, compile time, cached load time and resident memory; with
+//! latency inside Wasm and natively (the same guest crate linked into this binary), what a call
+//! across the sandbox boundary costs next to the work it carries (an empty call, decoding only,
+//! a whole classification), compile time, cached load time and resident memory; with
 //! `--onnxruntime`, the same model in onnxruntime too, the tool a user would pick instead (through
-//! its Python package: a baseline, not a dependency). Writes JSON.
+//! its Python package: a baseline, not a dependency). With `--cpu-cores`, all of it runs under a
+//! CPU quota, as on a device or an edge box. Writes JSON.
 
 use crate::sandbox::{Sandbox, SandboxConfig};
 use anyhow::Context;
@@ -19,6 +21,9 @@ pub enum BenchCommand {
     Swap(super::bench_swap::SwapArgs),
     /// Deadline hits and latency of the offload policies under Poisson load, device to cloud.
     Offload(super::bench_offload::OffloadArgs),
+    /// End-to-end latency, throughput and scaling through a broker for 1, 2, 4 nodes, on
+    /// isomesh-broker and Mosquitto; node memory per worker instance.
+    Mesh(super::bench_mesh::MeshArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -39,6 +44,14 @@ pub struct InferArgs {
     /// the same images; needs python3 with onnxruntime, numpy and pillow.
     #[arg(long, value_name = "MODEL.onnx")]
     pub onnxruntime: Option<PathBuf>,
+    /// Run the measurements (not the compile) limited to this many cores of CPU time (0.25 =
+    /// a quarter of one), by a cgroup quota with 10 ms periods: needs root.
+    #[arg(long, value_name = "CORES")]
+    pub cpu_cores: Option<f64>,
+    /// Keep compiled code here, so runs after the first skip the compile (default: a temporary
+    /// directory, removed after the run).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// The onnxruntime baseline, carried in the binary so it runs from any directory.
@@ -53,6 +66,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Offload(args) => {
             tokio::runtime::Runtime::new()?.block_on(super::bench_offload::offload(args))
         }
+        BenchCommand::Mesh(args) => {
+            tokio::runtime::Runtime::new()?.block_on(super::bench_mesh::mesh(args))
+        }
     }
 }
 
@@ -62,18 +78,22 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
         .collect::<Result<_, _>>()?;
-    let cache = tempdir()?;
+    let scratch = tempdir()?;
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| scratch.join("cache"));
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: Some(cache.clone()),
         ..SandboxConfig::default()
     })?;
 
-    eprintln!("compiling {} (cold cache)...", args.module.display());
+    eprintln!("loading {} ...", args.module.display());
     let rss_before = rss_kib();
     let started = Instant::now();
     let module = sandbox.load_file(&args.module)?;
     let cold_load = started.elapsed();
-    let compile = module.compiled.elapsed;
+    let compile = (!module.compiled.from_cache).then_some(module.compiled.elapsed);
     let rss_after_compile = peak_rss_kib();
     let started = Instant::now();
     let cached = sandbox.load_file(&args.module)?;
@@ -83,6 +103,11 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
         "the second load did not come from the cache"
     );
     let cached_load = cached.compiled.elapsed;
+    // Only now: the compile is a publisher's or a first start's cost, not a tier's.
+    let quota = match args.cpu_cores {
+        Some(cores) => Some(SelfQuota::enter(cores)?),
+        None => None,
+    };
 
     let started = Instant::now();
     let mut instance = sandbox.instantiate(&module).map_err(anyhow::Error::msg)?;
@@ -97,6 +122,8 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
     let mut wasm = Vec::new();
     let mut native = Vec::new();
     let mut wasm_top1 = Vec::new();
+    let mut classify_calls = Boundary::default();
+    let mut preprocess_calls = Boundary::default();
     let native_classifier = native_baseline()?;
     for image in &images {
         // One untimed run each to warm caches, then alternate so drift hits both alike.
@@ -106,19 +133,30 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
         for _ in 0..args.iterations {
             let t = Instant::now();
             let answer = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
-            let _ = t.elapsed();
+            classify_calls.add(t.elapsed(), answer.decode_us + answer.infer_us);
             wasm.push(answer.infer_us as f64 / 1000.0);
             native.push(native_classifier(image)?);
+            let t = Instant::now();
+            if let Some(answer) = instance.preprocess(image) {
+                let answer = answer.map_err(anyhow::Error::msg)?;
+                preprocess_calls.add(t.elapsed(), answer.decode_us);
+            }
         }
     }
     let rss_end = rss_kib();
     let (w, n) = (stats(&mut wasm), stats(&mut native));
     let ratio = w.median / n.median;
+    let call_overhead = json!([
+        {"task": "empty call", "call_us": empty_call_ns / 1000.0, "work_us": 0.0,
+         "overhead_us": empty_call_ns / 1000.0, "overhead_fraction": 1.0},
+        preprocess_calls.to_json("decode + resize only"),
+        classify_calls.to_json("MobileNetV2 (decode + resize + inference)"),
+    ]);
     // After the Wasm and native runs, so that neither shares the CPU with it.
     let onnxruntime = match &args.onnxruntime {
         Some(model) => {
             eprintln!("running the onnxruntime baseline...");
-            Some(onnxruntime_baseline(model, &args, &wasm_top1, &cache)?)
+            Some(onnxruntime_baseline(model, &args, &wasm_top1, &scratch)?)
         }
         None => None,
     };
@@ -131,11 +169,13 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
         "module": {"path": args.module.display().to_string(), "sha256": module.sha256, "bytes": std::fs::metadata(&args.module)?.len()},
         "images": args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "iterations_per_image": args.iterations,
+        "cpu_cores": args.cpu_cores,
+        "call_overhead": call_overhead,
         "infer_ms": {"wasm": w.to_json(), "native": n.to_json(), "wasm_over_native_median": ratio,
                      "wasm_over_onnxruntime_median": over_onnxruntime},
         "onnxruntime": onnxruntime,
         "empty_call_ns": empty_call_ns,
-        "compile_ms": ms(compile),
+        "compile_ms": compile.map(ms),
         "first_load_with_selftest_ms": ms(cold_load),
         "cached_load_ms": ms(cached_load),
         "cached_load_with_selftest_ms": ms(warm_load),
@@ -161,16 +201,94 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
         );
     }
     println!("  empty call into the module: {empty_call_ns:.0} ns");
+    for (what, calls) in [
+        ("decode only", &preprocess_calls),
+        ("classification", &classify_calls),
+    ] {
+        if let Some((call_us, overhead_us)) = calls.medians() {
+            println!(
+                "  call overhead, {what}: {overhead_us:.1} us of {call_us:.0} us ({:.3}%)",
+                100.0 * overhead_us / call_us
+            );
+        }
+    }
+    match compile {
+        Some(compile) => println!("  compile {:.0} ms", ms(compile)),
+        None => println!("  compiled code from {}", cache.display()),
+    }
     println!(
-        "  compile {:.0} ms, cached load {:.1} ms, instantiate + model plan {:.0} ms",
-        ms(compile),
+        "  cached load {:.1} ms, instantiate + model plan {:.0} ms",
         ms(cached_load),
         ms(instantiate)
     );
     println!("  peak RSS {} MiB", rss_after_compile.unwrap_or(0) / 1024);
     println!("report: {}", args.out.display());
-    let _ = std::fs::remove_dir_all(&cache);
+    drop(quota);
+    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// Calls across the sandbox boundary: the time the host saw each take, and the work the guest
+/// measured inside it. The difference is what the boundary costs (copying the image in, the
+/// call, the protobuf answer out, freeing it).
+#[derive(Default)]
+struct Boundary {
+    call_us: Vec<f64>,
+    work_us: Vec<f64>,
+    overhead_us: Vec<f64>,
+}
+
+impl Boundary {
+    fn add(&mut self, call: Duration, work_us: u64) {
+        let call_us = call.as_secs_f64() * 1e6;
+        self.call_us.push(call_us);
+        self.work_us.push(work_us as f64);
+        self.overhead_us.push(call_us - work_us as f64);
+    }
+
+    /// Median call and median overhead, us.
+    fn medians(&self) -> Option<(f64, f64)> {
+        if self.call_us.is_empty() {
+            return None;
+        }
+        let median = |v: &[f64]| stats(&mut v.to_vec()).median;
+        Some((median(&self.call_us), median(&self.overhead_us)))
+    }
+
+    fn to_json(&self, task: &str) -> serde_json::Value {
+        let Some((call_us, overhead_us)) = self.medians() else {
+            return json!({"task": task, "missing": "the module exports no isomesh_preprocess"});
+        };
+        json!({"task": task, "call_us": call_us,
+               "work_us": stats(&mut self.work_us.clone()).median,
+               "overhead_us": overhead_us, "overhead_fraction": overhead_us / call_us,
+               "n": self.call_us.len()})
+    }
+}
+
+/// This process, moved into a CPU-limited cgroup for as long as the value lives (then out of
+/// it, so the group can be removed).
+struct SelfQuota(super::mesh::CpuQuota);
+
+impl SelfQuota {
+    fn enter(cores: f64) -> anyhow::Result<SelfQuota> {
+        // 10 ms periods: every job runs slower, as on a slower CPU, rather than a job that fits
+        // a 100 ms allowance running at full speed (native tract's 20 ms did, at 0.5 cores).
+        let quota = super::mesh::CpuQuota::with_period(
+            &format!("infer-{}", std::process::id()),
+            cores,
+            Duration::from_millis(10),
+        )?;
+        quota.add(std::process::id())?;
+        eprintln!("measuring on {cores} cores of CPU time");
+        Ok(SelfQuota(quota))
+    }
+}
+
+impl Drop for SelfQuota {
+    fn drop(&mut self) {
+        self.0.release(std::process::id());
+    }
 }
 
 /// Runs `scripts/bench_onnxruntime.py` on `model` and the bench's images, and counts the images

@@ -286,7 +286,10 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(&setup.cache);
         }
         nodes[0] = start_node(setup, port, &trusted_flag)?;
-        // Ready when its status says so; then the first job, answered by the new module.
+        // Ready when its status says so; then the first job, answered by the new module. Only
+        // statuses after the stopped process's last one (offline) count: an "online" one still
+        // queued from before the stop once sent the job to a node that was not there.
+        let mut old_process_gone = false;
         loop {
             anyhow::ensure!(
                 stopped.elapsed() < Duration::from_secs(300),
@@ -294,7 +297,11 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
             );
             if let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
                 if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
-                    let ready = status.node_id == setup.id
+                    if status.node_id == setup.id && !status.online {
+                        old_process_gone = true;
+                    }
+                    let ready = old_process_gone
+                        && status.node_id == setup.id
                         && status.online
                         && status.module.as_ref().is_some_and(|m| m.sha256 == to_sha);
                     if ready {

@@ -12,6 +12,9 @@
 //! again (see `answered`); one still running it ignores the copy. The camera prints the first
 //! answer of each job and counts any later one as a duplicate.
 //!
+//! Ctrl-C (or SIGTERM) stops the shutter: the camera then waits for the answers still due, as
+//! after its last photo, and prints its summary.
+//!
 //! The last line is a JSON summary (`{"summary":{...}}`): sent, answered, missing, errors,
 //! late, duplicates, asked_again, reconnects, and answers by node. Exit code 0 when every photo
 //! got an answer and none was an error, 1 otherwise, 2 when the camera itself failed.
@@ -173,8 +176,10 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     let mut ask_again: Option<(Instant, Instant)> = None;
     let mut last_sent = Instant::now();
     let wait = Duration::from_secs(args.timeout_s);
+    let mut stop_requested = std::pin::pin!(stop_signal());
+    let mut stopped = false;
     loop {
-        let done_sending = args.count > 0 && tally.sent >= args.count;
+        let done_sending = stopped || (args.count > 0 && tally.sent >= args.count);
         if done_sending && pending.is_empty() {
             break;
         }
@@ -219,6 +224,11 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 }
             }
             _ = tokio::time::sleep_until(last_sent + wait), if done_sending => break,
+            _ = &mut stop_requested, if !stopped => {
+                stopped = true;
+                last_sent = Instant::now();
+                eprintln!("isomesh camera: stopping; waiting for {} answer(s) still due", pending.len());
+            }
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     // The broker may have lost the subscription with everything else.
@@ -307,6 +317,22 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     })
     .await;
     Ok(missing == 0 && tally.errors == 0)
+}
+
+/// Resolves at the first Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.

@@ -152,10 +152,18 @@ pub struct CpuQuota {
 }
 
 impl CpuQuota {
-    /// Creates the group `name` limited to `cores` (0.25 = a quarter of one core).
+    /// Creates the group `name` limited to `cores` (0.25 = a quarter of one core) per 100 ms,
+    /// Docker's period (`--cpus`), as the compose mesh's containers are.
     pub fn new(name: &str, cores: f64) -> anyhow::Result<CpuQuota> {
-        const PERIOD_US: u64 = 100_000;
-        let quota_us = ((cores * PERIOD_US as f64) as u64).max(1000);
+        CpuQuota::with_period(name, cores, Duration::from_millis(100))
+    }
+
+    /// As [`CpuQuota::new`], per `period`. A job shorter than the period's allowance runs at
+    /// full speed and the next one waits: a short period makes every job slower instead, as a
+    /// slower CPU would.
+    pub fn with_period(name: &str, cores: f64, period: Duration) -> anyhow::Result<CpuQuota> {
+        let period_us = (period.as_micros() as u64).clamp(1000, 1_000_000);
+        let quota_us = ((cores * period_us as f64) as u64).max(1000);
         let root = Path::new("/sys/fs/cgroup");
         let explain = || {
             format!(
@@ -168,7 +176,7 @@ impl CpuQuota {
         let dir = if v2.is_file() {
             let dir = root.join(format!("isomesh-bench-{name}"));
             std::fs::create_dir_all(&dir).with_context(explain)?;
-            std::fs::write(dir.join("cpu.max"), format!("{quota_us} {PERIOD_US}"))
+            std::fs::write(dir.join("cpu.max"), format!("{quota_us} {period_us}"))
                 .with_context(explain)?;
             // A quota is a ceiling, not a reservation: the highest weight keeps other work on
             // the machine (a build, say) from eating into it. Best effort.
@@ -177,7 +185,7 @@ impl CpuQuota {
         } else {
             let dir = root.join("cpu").join(format!("isomesh-bench-{name}"));
             std::fs::create_dir_all(&dir).with_context(explain)?;
-            std::fs::write(dir.join("cpu.cfs_period_us"), PERIOD_US.to_string())
+            std::fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string())
                 .with_context(explain)?;
             std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())
                 .with_context(explain)?;
@@ -191,6 +199,13 @@ impl CpuQuota {
     pub fn add(&self, pid: u32) -> anyhow::Result<()> {
         std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
             .with_context(|| format!("cannot move process {pid} into {}", self.dir.display()))
+    }
+
+    /// Moves process `pid` out of the group, into the hierarchy's root (best effort).
+    pub fn release(&self, pid: u32) {
+        if let Some(root) = self.dir.parent() {
+            let _ = std::fs::write(root.join("cgroup.procs"), pid.to_string());
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! any other MQTT client would.
 
 pub mod bench;
+pub mod bench_mesh;
 pub mod bench_offload;
 pub mod bench_swap;
 pub mod camera;

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Turns the JSON of `make bench` into one Markdown report and its plots.
+
+    python3 scripts/bench_report.py BENCH_DIR MARKDOWN_OUT PLOT_DIR
+
+BENCH_DIR holds what the benchmarks wrote (infer*.json, swap*.json, container.json,
+offload.json, mesh.json); a missing file makes its section say so instead of failing, so the
+quick CI run and a partial run still get a report. Each section puts our figure beside the
+paper's (Kuribayashi et al., WF-IoT 2023). Ratios are taken inside one run only: this machine
+is shared and noisy, so a ratio of two runs would mostly measure the neighbours.
+"""
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TIERS = [("device", "infer-device.json"), ("edge", "infer-edge.json"),
+         ("cloud", "infer-cloud.json"), ("whole machine", "infer.json")]
+
+
+def load(bench_dir, name):
+    path = os.path.join(bench_dir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def fmt(value, digits=1, unit=""):
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.{digits}f}{unit}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def inference(bench_dir, plots, out):
+    runs = [(tier, load(bench_dir, name)) for tier, name in TIERS]
+    runs = [(tier, run) for tier, run in runs if run]
+    out.append("## Inference across tiers (`isomesh bench infer`)\n")
+    if not runs:
+        out.append("Not run.\n")
+        return
+    out.append("Paper: MobileNetV2 in ~0.6 s on a Raspberry Pi 4. Goal: Wasm within 1.3x of "
+               "native tract. Each row is one run: the module in Wasm, the same guest crate "
+               "natively and onnxruntime (Python, one thread) alternate on the same photos, "
+               "under a cgroup CPU quota of the tier's cores.\n")
+    rows, bars = [], []
+    for tier, run in runs:
+        cores = run.get("cpu_cores")
+        infer = run["infer_ms"]
+        ort = (run.get("onnxruntime") or {}).get("infer_ms", {}).get("median")
+        rows.append([tier, fmt(cores, 2) if cores else "all",
+                     fmt(infer["wasm"]["median"]), fmt(infer["wasm"]["p95"]),
+                     fmt(infer["native"]["median"]), fmt(ort),
+                     fmt(infer["wasm_over_native_median"], 2, "x"),
+                     fmt(infer.get("wasm_over_onnxruntime_median"), 2, "x"),
+                     fmt(600 / infer["wasm"]["median"], 0, "x")])
+        bars.append((f"{tier}\n({fmt(cores, 2) if cores else 'all'} cores)",
+                     infer["wasm"]["median"], infer["native"]["median"], ort))
+    out.append(table(["tier", "cores", "Wasm median ms", "Wasm p95 ms", "native tract ms",
+                      "onnxruntime ms", "Wasm / native", "Wasm / onnxruntime",
+                      "paper's 0.6 s / ours"], rows))
+    whole = dict(runs).get("whole machine")
+    if whole:
+        out.append(f"\nModule {whole['module']['bytes'] / 1e6:.1f} MB; Cranelift compile "
+                   f"{fmt((whole.get('compile_ms') or 0) / 1000, 1)} s cold, cached load "
+                   f"{fmt(whole['cached_load_ms'], 1)} ms, instantiate + model plan "
+                   f"{fmt(whole['instantiate_with_model_plan_ms'], 0)} ms. ResNet-50: no weights "
+                   f"in ../shared/models, not measured.\n")
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.27
+    for i, (label, color) in enumerate([("Wasm (isomesh)", "#1f77b4"),
+                                        ("native tract", "#ff7f0e"),
+                                        ("onnxruntime", "#2ca02c")]):
+        xs = [n + (i - 1) * width for n in range(len(bars))]
+        ys = [b[1 + i] if b[1 + i] is not None else 0 for b in bars]
+        ax.bar(xs, ys, width, label=label, color=color)
+    ax.axhline(600, color="grey", linestyle="--", linewidth=1)
+    ax.text(len(bars) - 0.5, 600, "paper, RPi 4: 600 ms", va="bottom", ha="right",
+            fontsize=8, color="grey")
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("MobileNetV2, median ms")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("Inference per tier CPU limit (one run each)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(plots, "infer.png"), dpi=110)
+    plt.close(fig)
+    out.append("\n![inference per tier](infer.png)\n")
+
+    out.append("## Call overhead (`isomesh bench infer`)\n")
+    out.append("Paper: the cost of crossing into Wasm is limited and negligible for complex "
+               "work. Ours: the host times each call; the guest times its own work inside it; "
+               "the difference is the boundary (copying the photo in, the call, the protobuf "
+               "answer out, freeing it).\n")
+    rows, fractions = [], []
+    for tier, run in runs:
+        for task in run.get("call_overhead", []):
+            if "call_us" not in task:
+                continue
+            rows.append([tier, task["task"], fmt(task["call_us"], 2), fmt(task["work_us"], 0),
+                         fmt(task["overhead_us"], 2), fmt(100 * task["overhead_fraction"], 3, "%")])
+            if tier == runs[-1][0]:
+                fractions.append((task["task"], task["overhead_fraction"]))
+    out.append(table(["tier", "task", "call us", "work inside us", "overhead us",
+                      "overhead / call"], rows))
+    if fractions:
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        ax.barh([f[0] for f in fractions], [100 * max(f[1], 1e-6) for f in fractions],
+                color="#9467bd")
+        ax.set_xscale("log")
+        ax.set_xlabel("boundary overhead, % of the call")
+        ax.set_title(f"Call overhead by task size ({runs[-1][0]})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(os.path.join(plots, "call_overhead.png"), dpi=110)
+        plt.close(fig)
+        out.append("\n![call overhead](call_overhead.png)\n")
+
+
+def update(bench_dir, out):
+    out.append("## Update time (`isomesh bench swap`, `scripts/bench_container.py`)\n")
+    out.append("Paper: ~1.4 s to restart the Wasm runtime on a new module vs 10+ s to reboot "
+               "firmware (7x).\n")
+    swap = load(bench_dir, "swap.json")
+    if swap:
+        restart = swap["restart_baseline_ms"]
+        rows = [
+            ["hot swap: `isomesh rollout` start to every node serving",
+             " / ".join(fmt(v / 1000, 2) for v in swap["rollout_to_serving_ms"]) + " s"],
+            ["hot swap: published to serving, per node",
+             " / ".join(fmt(v / 1000, 2) for v in swap["published_to_serving_ms"]) + " s"],
+            ["jobs during the run: sent / failed / lost",
+             f"{swap['jobs']['sent']} / {swap['jobs']['failed']} / {swap['jobs']['lost']}"],
+            ["job p99 before vs during the swap",
+             f"{fmt(swap['latency_ms']['before']['p99'], 0)} vs "
+             f"{fmt(swap['latency_ms']['during_swap']['p99'], 0)} ms "
+             f"({fmt(swap['latency_ms']['p99_during_over_before'], 2)}x)"],
+            ["process restart to first answer, cold cache (compiles)",
+             fmt(restart.get("cold_cache", 0) / 1000, 2) + " s"],
+            ["process restart to first answer, warm cache",
+             fmt(restart.get("warm_cache", 0) / 1000, 2) + " s"],
+        ]
+        compile_run = load(bench_dir, "swap-compile.json")
+        if compile_run:
+            rows.append(["hot swap without precompiled code (every node compiles)",
+                         fmt(compile_run["rollout_to_all_serving_ms"] / 1000, 1) + " s, p99 "
+                         + fmt(compile_run["latency_ms"]["p99_during_over_before"], 1) + "x"])
+        out.append(table(["process mesh, one run", "value"], rows))
+    else:
+        out.append("`swap.json`: not run.")
+    container = load(bench_dir, "container.json")
+    if container:
+        out.append("\nIn the compose mesh (real containers, the device node at 0.25 CPU), one "
+                   "run under the same photo stream:\n")
+        out.append(container_table(container))
+    else:
+        out.append("\n`container.json`: not run.")
+    out.append("")
+
+
+def container_table(container):
+    """`scripts/bench_container.py`'s two phases side by side."""
+    restart, swap = container.get("restart") or {}, container.get("swap") or {}
+    camera = (container.get("camera") or {}).get("summary") or {}
+    rows = [
+        ["command (restart; rollout incl. its compile and `--wait`)",
+         fmt(restart.get("command_s"), 1) + " s", fmt(swap.get("command_s"), 1) + " s"],
+        ["command start to the first answer after the update",
+         fmt(restart.get("next_answer_s"), 1) + " s", fmt(swap.get("first_new_version_s"), 1) + " s"],
+        ["longest gap between answers", fmt(restart.get("longest_gap_s"), 2) + " s",
+         fmt(swap.get("longest_gap_s"), 2) + " s"],
+        ["answers while it went on", restart.get("answers_during", "-"),
+         swap.get("answers_during", "-")],
+        ["error answers", restart.get("error_answers", "-"), swap.get("error_answers", "-")],
+        ["jobs lost", len(restart.get("lost", [])), len(swap.get("lost", []))],
+        ["slowest round trip", fmt(restart.get("max_round_trip_ms"), 0) + " ms",
+         fmt(swap.get("max_round_trip_ms"), 0) + " ms"],
+    ]
+    return (table(["", "container restart (d1)", "hot swap 0.1.0 -> 0.2.0 (d1)"], rows)
+            + f"\n\nCamera: sent {camera.get('sent')}, answered {camera.get('answered')}, "
+            f"missing {camera.get('missing')}, errors {camera.get('errors')}, "
+            f"duplicates {camera.get('duplicates')}.")
+
+
+def offload(bench_dir, out):
+    out.append("## Offload (`isomesh bench offload`)\n")
+    data = load(bench_dir, "offload.json")
+    if not data:
+        out.append("Not run.\n")
+        return
+    rows = []
+    for run in data["runs"]:
+        rows.append([f"{run['load']}x", run["policy"], fmt(100 * run["hit_rate"], 1, "%"),
+                     f"{fmt(run['latency_ms']['median'], 0)} / {fmt(run['latency_ms']['p99'], 0)}",
+                     " / ".join(str(run["ran_on"][t]) for t in ("device", "edge", "cloud")),
+                     run["lost"] + run["failed"]])
+    out.append(f"Device capacity {fmt(data['device_capacity_per_s'], 2)} jobs/s, budget "
+               f"{data['setup']['budget_ms']} ms.\n")
+    out.append(table(["load", "policy", "in budget", "p50 / p99 ms",
+                      "ran on device / edge / cloud", "lost + failed"], rows))
+    out.append("\n![offload](offload.png)\n")
+
+
+def mesh(bench_dir, plots, out):
+    out.append("## Mesh throughput and latency (`isomesh bench mesh`)\n")
+    data = load(bench_dir, "mesh.json")
+    if not data:
+        out.append("Not run.\n")
+        return
+    setup = data["setup"]
+    out.append(f"Edge nodes sharing the tier's queue, each held to "
+               f"{setup['node_cores'] or 'all'} cores; photos of {setup['mean_photo_bytes'] // 1000} KB "
+               f"mean, QoS 1. Latency: one job at a time. Throughput: twice as many jobs in "
+               f"flight as nodes. Goal: scaling efficiency >= 90%.\n")
+    rows = []
+    for run in data["runs"]:
+        lat = run["latency"]["latency_ms"]
+        thr = run["throughput"]
+        lost = (run["latency"]["lost"] + run["latency"]["failed"]
+                + thr["loaded"]["lost"] + thr["loaded"]["failed"])
+        dup = run["latency"]["duplicates"] + thr["loaded"]["duplicates"]
+        rows.append([run["broker"], run["nodes"], fmt(lat["median"]), fmt(lat["p99"]),
+                     fmt(thr["photos_per_s"], 2), fmt(100 * (run.get("scaling_efficiency") or 0), 0, "%"),
+                     f"{fmt(thr['loaded']['latency_ms']['median'], 0)} / "
+                     f"{fmt(thr['loaded']['latency_ms']['p99'], 0)}", f"{lost} / {dup}"])
+    out.append(table(["broker", "nodes", "p50 ms", "p99 ms", "photos/s", "efficiency",
+                      "loaded p50 / p99 ms", "lost / duplicated"], rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for broker in sorted({r["broker"] for r in data["runs"]}):
+        mine = [r for r in data["runs"] if r["broker"] == broker]
+        nodes = [r["nodes"] for r in mine]
+        left.plot(nodes, [r["throughput"]["photos_per_s"] for r in mine], "o-", label=broker)
+        right.plot(nodes, [r["latency"]["latency_ms"]["median"] for r in mine], "o-",
+                   label=f"{broker} p50")
+        right.plot(nodes, [r["latency"]["latency_ms"]["p99"] for r in mine], "x--",
+                   label=f"{broker} p99")
+        one = next((r for r in mine if r["nodes"] == 1), None)
+        if one and broker == "isomesh-broker":
+            rate = one["throughput"]["photos_per_s"]
+            left.plot(nodes, [n * rate for n in nodes], ":", color="grey", label="ideal")
+    counts = sorted({r["nodes"] for r in data["runs"]})
+    left.set_xticks(counts)
+    right.set_xticks(counts)
+    left.set_xlabel("nodes")
+    left.set_ylabel("photos/s")
+    left.legend(fontsize=7)
+    right.set_xlabel("nodes")
+    right.set_ylabel("round trip, ms")
+    right.legend(fontsize=7)
+    fig.suptitle("Mesh through the broker (one run)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(plots, "mesh.png"), dpi=110)
+    plt.close(fig)
+    out.append("\n![mesh](mesh.png)\n")
+
+    out.append("## Memory (`isomesh bench mesh`)\n")
+    memory = data.get("memory") or {}
+    rows = [[r["workers"], fmt((r["idle_kib"] or 0) / 1024, 0), fmt((r["after_load_kib"] or 0) / 1024, 0),
+             fmt((r["peak_kib"] or 0) / 1024, 0)] for r in memory.get("by_workers", [])]
+    out.append(table(["workers (sandbox instances)", "RSS idle MiB", "RSS after load MiB",
+                      "peak MiB"], rows))
+    per = memory.get("per_extra_instance_kib") or {}
+    out.append(f"\nEach extra instance: {fmt((per.get('idle') or 0) / 1024, 0)} MiB idle, "
+               f"{fmt((per.get('after_load') or 0) / 1024, 0)} MiB after load (least-squares "
+               f"slope over the worker counts).\n")
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit(__doc__)
+    bench_dir, markdown, plots = sys.argv[1:]
+    os.makedirs(plots, exist_ok=True)
+    machine = next((d["machine"] for d in (load(bench_dir, n) for n in
+                    ("infer.json", "mesh.json", "swap.json", "offload.json")) if d), None)
+    out = ["# Benchmarks\n",
+           "Generated by `make bench` (`scripts/bench_report.py`) from the JSON in "
+           f"`{bench_dir}/`. Machine: "
+           + (f"{machine['cpu']}, {machine['cores']} cores" if machine else "unknown")
+           + ", shared with other work: compare ratios within a run, not across runs.\n"]
+    update(bench_dir, out)
+    inference(bench_dir, plots, out)
+    mesh(bench_dir, plots, out)
+    offload(bench_dir, out)
+    with open(markdown, "w") as f:
+        f.write("\n".join(out) + "\n")
+    print(f"wrote {markdown} and plots in {plots}")
+
+
+if __name__ == "__main__":
+    main()
