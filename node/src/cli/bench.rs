@@ -73,11 +73,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn infer(args: InferArgs) -> anyhow::Result<()> {
-    let images: Vec<Vec<u8>> = args
-        .images
-        .iter()
-        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-        .collect::<Result<_, _>>()?;
+    let images = super::mesh::read_files(&args.images)?;
     let scratch = tempdir()?;
     let cache = args
         .cache_dir

@@ -19,8 +19,10 @@
 //! once, classified; the report counts any that did not. Writes JSON.
 
 use super::bench::{machine, ms, stats, tempdir};
-use super::mesh::{free_port, listen, sibling, start_node, BenchKey, CpuQuota, NodeSetup, Proc};
-use crate::sandbox::{Sandbox, SandboxConfig};
+use super::mesh::{
+    free_port, listen, precompile_into, start_broker, start_node, BenchKey, CpuQuota, NodeSetup,
+    Proc,
+};
 use anyhow::Context;
 use isomesh_protos::{Job, JobResult, NodeStatus, Tier};
 use prost::Message;
@@ -87,15 +89,7 @@ impl BrokerKind {
     /// seconds and listens on 127.0.0.1 only).
     fn start(self, port: u16, work: &Path) -> anyhow::Result<Proc> {
         let child = match self {
-            BrokerKind::Isomesh => Command::new(sibling("isomesh-broker")?)
-                .args([
-                    "--listen",
-                    &format!("127.0.0.1:{port}"),
-                    "--allow-anonymous",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
+            BrokerKind::Isomesh => return start_broker(port),
             BrokerKind::Mosquitto => {
                 let conf = work.join(format!("mosquitto-{port}.conf"));
                 // As close to isomesh-broker as it gets: no persistence, no payload limit,
@@ -148,22 +142,12 @@ struct Sent {
 }
 
 pub async fn mesh(args: MeshArgs) -> anyhow::Result<()> {
-    let images: Vec<Vec<u8>> = args
-        .images
-        .iter()
-        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-        .collect::<Result<_, _>>()?;
+    let images = super::mesh::read_files(&args.images)?;
     let module = std::fs::read(&args.module)
         .with_context(|| format!("reading {}", args.module.display()))?;
     let work = tempdir()?;
     let cache = work.join("cache");
-    let sandbox = Sandbox::new(SandboxConfig {
-        cache_dir: Some(cache.clone()),
-        ..SandboxConfig::default()
-    })?;
-    eprintln!("compiling the module once for all nodes...");
-    let (info, code) = sandbox.precompile(&module)?;
-    sandbox.store_precompiled(&crate::sandbox::sha256_hex(&module), &code)?;
+    let info = precompile_into(&cache, &module)?;
     let key = BenchKey::new(&work)?;
     let max_nodes = args.nodes.iter().copied().max().unwrap_or(1);
     let setups = (0..max_nodes)

@@ -16,7 +16,6 @@ use super::mesh::{
     NodeSetup, Proc,
 };
 use crate::offload::Policy;
-use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::topics::Topics;
 use anyhow::Context;
 use isomesh_protos::{Job, JobResult, NodeStatus, Tier};
@@ -114,11 +113,7 @@ struct Answer {
 }
 
 pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
-    let images: Vec<Vec<u8>> = args
-        .images
-        .iter()
-        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-        .collect::<Result<_, _>>()?;
+    let images = super::mesh::read_files(&args.images)?;
     let module = std::fs::read(&args.module)
         .with_context(|| format!("reading {}", args.module.display()))?;
     let work = tempdir()?;
@@ -129,14 +124,8 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
 
     // One compiled-code cache for every node: compiled once here, loaded in milliseconds there.
     let cache = work.join("cache");
-    let sandbox = Sandbox::new(SandboxConfig {
-        cache_dir: Some(cache.clone()),
-        ..SandboxConfig::default()
-    })?;
-    eprintln!("compiling the module once for all nodes...");
-    let (info, code) = sandbox.precompile(&module)?;
+    let info = super::mesh::precompile_into(&cache, &module)?;
     let key = BenchKey::new(&work)?;
-    sandbox.store_precompiled(&crate::sandbox::sha256_hex(&module), &code)?;
     let plan = [
         ("bo-d1", Tier::Device, port, args.device_cores),
         ("bo-e1", Tier::Edge, edge_port, args.edge_cores),

@@ -13,7 +13,6 @@ use super::mesh::{
     free_port, listen, sibling, start_broker, start_node, BenchKey, Listener, NodeSetup,
 };
 use crate::sandbox::{Sandbox, SandboxConfig};
-use anyhow::Context;
 use isomesh_protos::{NodeStatus, Tier};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
@@ -62,11 +61,7 @@ struct Sent {
 }
 
 pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
-    let images: Vec<Vec<u8>> = args
-        .images
-        .iter()
-        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-        .collect::<Result<_, _>>()?;
+    let images = super::mesh::read_files(&args.images)?;
     let (from, to) = (std::fs::read(&args.from)?, std::fs::read(&args.to)?);
     let work = tempdir()?;
     let port = free_port()?;

@@ -46,6 +46,27 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Reads every file of `paths` (a benchmark's photos), saying which one failed.
+pub fn read_files(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
+    paths
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .collect()
+}
+
+/// Compiles `module` once into the compiled-code cache `cache`, which every node of a benchmark
+/// then loads in milliseconds; returns what the module says about itself.
+pub fn precompile_into(cache: &Path, module: &[u8]) -> anyhow::Result<isomesh_protos::GuestInfo> {
+    let sandbox = crate::sandbox::Sandbox::new(crate::sandbox::SandboxConfig {
+        cache_dir: Some(cache.to_path_buf()),
+        ..crate::sandbox::SandboxConfig::default()
+    })?;
+    eprintln!("compiling the module once for all nodes...");
+    let (info, code) = sandbox.precompile(module)?;
+    sandbox.store_precompiled(&crate::sandbox::sha256_hex(module), &code)?;
+    Ok(info)
+}
+
 /// A free port on loopback.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
