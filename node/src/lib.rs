@@ -20,7 +20,8 @@
 //! Around the job flow: [`answered`] keeps recent answers for users who ask again (after a
 //! broker lost one), and [`metrics`] counts jobs, stages, offloads and swaps for Prometheus.
 //!
-//! [`topics`] holds the MQTT topic layout, [`login`] the broker URL and credentials, [`config`]
+//! [`topics`] holds the MQTT topic layout, [`login`] the broker URL and credentials, [`link`]
+//! the connection to the broker (polled by a task of its own), [`config`]
 //! the node's settings, [`selftest`] the check a module must pass before serving, and [`cli`]
 //! the subcommands of `isomesh`.
 
@@ -28,6 +29,7 @@ pub mod answered;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod link;
 pub mod login;
 pub mod metrics;
 pub mod modules;

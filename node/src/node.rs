@@ -12,6 +12,7 @@
 
 use crate::answered::Answered;
 use crate::config::NodeConfig;
+use crate::link::Link;
 use crate::login::{BrokerAddress, Login};
 use crate::metrics::Metrics;
 use crate::modules::{self, Considered, ModuleManager, ModuleSlot, RolloutBoard};
@@ -30,7 +31,7 @@ use crate::trust::ModuleTrust;
 use isomesh_protos::{hop, Job, JobResult, ModuleRef, NodeStatus, Tier};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::{
-    Packet, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
+    ConnectReturnCode, Packet, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -415,10 +416,11 @@ async fn event_loop(
     shared: Arc<Shared>,
     status: StatusReporter,
     mut rollouts: Rollouts,
-    mut eventloop: EventLoop,
+    eventloop: EventLoop,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut link = Link::spawn(eventloop);
     let ids = JobIds::new(&shared.responder.node);
     let mut recent = RecentIds::default();
     let mut peers = Peers::new(Duration::from_secs(
@@ -467,7 +469,7 @@ async fn event_loop(
             Some((module, reason)) = rollouts.finished.1.recv() => {
                 rollouts.agent.install_finished(module, Some(reason));
             }
-            event = eventloop.poll() => match event {
+            Some(event) = link.next() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     tracing::info!(broker = %redacted(&shared.config.broker), session_present = ack.session_present, "connected");
                     if !draining {
@@ -517,13 +519,17 @@ async fn event_loop(
                     }
                 }
                 Ok(_) => {}
-                Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                // The link pauses before it connects again; jobs keep running meanwhile.
+                Err(rumqttc::v5::ConnectionError::ConnectionRefused(
+                    code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
+                )) => {
                     tracing::error!(broker = %redacted(&shared.config.broker), ?code, "the broker refused this node's login: check --username/--password ($ISOMESH_USERNAME/$ISOMESH_PASSWORD) against the broker's password file; retrying in 5 s");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                    tracing::error!(broker = %redacted(&shared.config.broker), ?code, "the broker refused this node's connection; retrying in 5 s");
                 }
                 Err(e) => {
                     tracing::warn!(broker = %redacted(&shared.config.broker), error = %e, "broker connection lost; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
@@ -532,31 +538,8 @@ async fn event_loop(
         }
     }
     status.publish(false);
-    // Every answer and the offline status must be acknowledged before the DISCONNECT: a broker
-    // may drop a publish that arrives just ahead of it (seen with rmqtt under load). The
-    // connection is settled once nothing is in flight and nothing more goes out for a moment.
-    let settle = async {
-        loop {
-            match tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await {
-                Err(_quiet) if eventloop.state.inflight() == 0 => break,
-                Err(_quiet) => {}
-                Ok(Err(_)) => break,
-                Ok(Ok(_)) => {}
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), settle).await;
-    let _ = shared.client.try_disconnect();
-    // Keep polling so the DISCONNECT reaches the broker.
-    let flush = async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(3), flush).await;
+    // Every answer and the offline status acknowledged, then the DISCONNECT.
+    link.close(&shared.client, Duration::from_secs(5)).await;
 }
 
 fn subscriptions(shared: &Shared) -> Vec<(String, QoS)> {

@@ -145,15 +145,20 @@ impl RolloutAgent {
             sha256: manifest.sha256.clone(),
         };
         let label = format!("{}@{}", manifest.name, manifest.version);
+        let verified = self.config.trusted.verify(&manifest);
+        if verified.is_ok() {
+            // Only a verified manifest proves the name's retained topic is in use, and any one
+            // does, whichever nodes it is for: re-seeding must never write over a rollout to
+            // other nodes (a device re-seeding 0.1.0 over an edge-only 0.2.0).
+            self.manifests_seen.insert(manifest.name.clone());
+        }
         if !is_target(&manifest, self.config.tier, &self.config.node) {
             tracing::info!(module = %label, targets = %describe_targets(&manifest), "manifest is not for this node; ignored");
             return Vec::new();
         }
-        if let Err(e) = self.config.trusted.verify(&manifest) {
+        if let Err(e) = verified {
             return self.reject(module, format!("signature check failed: {e}"));
         }
-        // Only a verified manifest proves the module is still published.
-        self.manifests_seen.insert(manifest.name.clone());
         if let Err(e) = crate::package::check_manifest(&manifest) {
             return self.reject(module, format!("malformed manifest: {e}"));
         }

@@ -6,6 +6,7 @@
 //!
 //! Needs Docker Engine, docker-compose and the images; fails (never skips) without them.
 
+use isomesh_tests::broker::{BrokerKind, TestBroker};
 use isomesh_tests::camera::Camera;
 use isomesh_tests::compose::{statuses, Mesh, NODES};
 use isomesh_tests::metrics;
@@ -44,57 +45,8 @@ async fn compose_up_classifies_offloads_and_reports() {
     let mesh = Mesh::up("demo", &[]);
     mesh.wait_serving(&NODES, "0.1.0", READY_WITHIN).await;
     eprintln!("demo: serving after {:?}", started.elapsed());
-    // A burst at one device with a 300 ms budget: a 0.25-CPU device cannot run 20 in time,
-    // so it keeps some and sends the rest up.
-    let camera = Camera::start(
-        &mesh.broker_url(),
-        &[
-            "--node",
-            "d1",
-            "--rate",
-            "20",
-            "--count",
-            "20",
-            "--budget-ms",
-            "300",
-        ],
-    );
-    let seen = camera.finish();
-    seen.assert_exactly_one_correct_answer_each();
-    let paths = seen.paths();
-    let went_up = paths.iter().filter(|p| p.len() > 1).count();
-    let stayed = paths.iter().filter(|p| p.len() == 1).count();
-    eprintln!(
-        "demo: burst of 20 at d1: {stayed} ran on d1, {went_up} went up; by node {}",
-        seen.summary["by_node"]
-    );
-    assert!(went_up > 0, "no job went up from the device: {paths:?}");
-    assert!(stayed > 0, "no job ran on the device: {paths:?}");
-
-    // `isomesh status` shows every node, its tier, state and module.
-    let out = std::process::Command::new(isomesh_tests::bin_path("isomesh"))
-        .args(["status", "--broker", &mesh.broker_url()])
-        .output()
-        .expect("isomesh status");
-    let table = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{table}");
-    for (node, tier) in [
-        ("c1", "cloud"),
-        ("e1", "edge"),
-        ("e2", "edge"),
-        ("d1", "device"),
-        ("d2", "device"),
-        ("d3", "device"),
-    ] {
-        let row = table
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(node))
-            .unwrap_or_else(|| panic!("{node} missing from `isomesh status`:\n{table}"));
-        assert!(
-            row.contains(tier) && row.contains("online") && row.contains("mobilenet_v2@0.1.0"),
-            "{row}"
-        );
-    }
+    let (stayed, went_up) = burst_at_d1(&mesh, "demo");
+    assert_status_lists_every_node(&mesh, "0.1.0");
 
     // The device's metrics count the burst, its offloads and its module.
     let text = mesh.metrics("d1");
@@ -132,6 +84,37 @@ async fn compose_up_classifies_offloads_and_reports() {
         rows > 0,
         "the compose camera printed no answer:\n{camera_log}"
     );
+}
+
+/// The same images and compose file on another broker, as the README tells for a clustered
+/// one: no compose broker, `ISOMESH_BROKER_URL` pointing the nodes and the camera at a
+/// Mosquitto on the host. Offload (shared subscriptions), statuses (retained messages, wills)
+/// and a node restart (a persistent session's queue) all go through Mosquitto.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_containers_run_unchanged_on_mosquitto() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let broker = TestBroker::start_for_containers(BrokerKind::Mosquitto).await;
+    let started = Instant::now();
+    let mut services = NODES.to_vec();
+    services.push("camera");
+    let mesh = Mesh::up_on_host_broker("mosquitto", &services, broker.port());
+    mesh.wait_serving(&NODES, "0.1.0", READY_WITHIN).await;
+    eprintln!("mosquitto: serving after {:?}", started.elapsed());
+    burst_at_d1(&mesh, "mosquitto");
+    assert_status_lists_every_node(&mesh, "0.1.0");
+    let camera_log = mesh.logs("camera");
+    assert!(
+        camera_log.lines().any(|l| l.contains("0.1.0")),
+        "the compose camera printed no answer through Mosquitto:\n{camera_log}"
+    );
+    restart_a_device_under_load(&mesh, "mosquitto").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_restarted_under_load_answers_every_job_sent_meanwhile() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mesh = mesh("restart-device").await;
+    restart_a_device_under_load(&mesh, "restart-device").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -370,6 +353,97 @@ async fn with_the_cloud_stopped_edges_run_their_jobs_themselves() {
         "every job ran on the edge node that took it: {:?}",
         seen.paths()
     );
+}
+
+/// `docker restart` of d2 while photos flow to it (no budget, so none goes up): the jobs sent
+/// while it is down wait in its persistent session on the broker, and it answers every one
+/// when it is back, once.
+async fn restart_a_device_under_load(mesh: &Mesh, name: &str) {
+    let camera = Camera::start(
+        &mesh.broker_url(),
+        &["--node", "d2", "--rate", "2", "--count", "24"],
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restarted = Instant::now();
+    mesh.restart("d2");
+    eprintln!("{name}: d2 restarted in {:?}", restarted.elapsed());
+    let seen = camera.finish();
+    seen.assert_exactly_one_correct_answer_each();
+    assert_eq!(seen.answered_by("d2"), 24, "{}", seen.summary);
+    // The fault did happen: jobs waited for d2 far longer than a photo takes it (~0.2 s).
+    let waited = seen
+        .answers
+        .iter()
+        .filter(|a| a["round_trip_ms"].as_f64().is_some_and(|ms| ms > 1000.0))
+        .count();
+    eprintln!(
+        "{name}: 24/24 answered by d2 across its restart, {waited} of them after waiting over 1 s"
+    );
+    assert!(
+        waited > 0,
+        "no job waited for the restarted d2: {}",
+        seen.summary
+    );
+}
+
+/// A burst of 20 photos at d1 with a 300 ms budget: a 0.25-CPU device cannot run them all in
+/// time, so it keeps some and sends the rest up. Every job answered once, correctly; returns
+/// how many stayed on d1 and how many went up.
+fn burst_at_d1(mesh: &Mesh, name: &str) -> (usize, usize) {
+    let camera = Camera::start(
+        &mesh.broker_url(),
+        &[
+            "--node",
+            "d1",
+            "--rate",
+            "20",
+            "--count",
+            "20",
+            "--budget-ms",
+            "300",
+        ],
+    );
+    let seen = camera.finish();
+    seen.assert_exactly_one_correct_answer_each();
+    let paths = seen.paths();
+    let went_up = paths.iter().filter(|p| p.len() > 1).count();
+    let stayed = paths.iter().filter(|p| p.len() == 1).count();
+    eprintln!(
+        "{name}: burst of 20 at d1: {stayed} ran on d1, {went_up} went up; by node {}",
+        seen.summary["by_node"]
+    );
+    assert!(went_up > 0, "no job went up from the device: {paths:?}");
+    assert!(stayed > 0, "no job ran on the device: {paths:?}");
+    (stayed, went_up)
+}
+
+/// `isomesh status` shows every node, its tier, state and module `version`.
+fn assert_status_lists_every_node(mesh: &Mesh, version: &str) {
+    let out = std::process::Command::new(isomesh_tests::bin_path("isomesh"))
+        .args(["status", "--broker", &mesh.broker_url()])
+        .output()
+        .expect("isomesh status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{table}");
+    for (node, tier) in [
+        ("c1", "cloud"),
+        ("e1", "edge"),
+        ("e2", "edge"),
+        ("d1", "device"),
+        ("d2", "device"),
+        ("d3", "device"),
+    ] {
+        let row = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(node))
+            .unwrap_or_else(|| panic!("{node} missing from `isomesh status`:\n{table}"));
+        assert!(
+            row.contains(tier)
+                && row.contains("online")
+                && row.contains(&format!("mobilenet_v2@{version}")),
+            "{row}"
+        );
+    }
 }
 
 /// `docker-compose run` of the rollout service's `isomesh rollout` of module 0.2.0, as an

@@ -3,7 +3,7 @@
 //! the compiled-module cache instead of compiling it again.
 
 use isomesh_protos::NodeStatus;
-use isomesh_tests::broker::{BrokerKind, TestBroker};
+use isomesh_tests::broker::TestBroker;
 use isomesh_tests::mqtt::Client;
 use isomesh_tests::node::{NodeSpec, TestNode};
 use isomesh_tests::photos;
@@ -109,13 +109,6 @@ async fn a_restarted_node_loads_the_module_from_the_cache() {
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_sent_while_a_node_restarts_are_answered_when_it_is_back() {
     let broker = TestBroker::start().await;
-    if broker.kind == BrokerKind::Isomesh {
-        // rmqtt 0.24 does not reliably hand a returning persistent session the QoS 1 messages
-        // queued while it was away (0 of 3 delivered in some runs, even 2 s after the DISCONNECT);
-        // this checks the node's side (it keeps its own subscriptions), on the broker that queues.
-        eprintln!("skipped on isomesh-broker: rmqtt's offline queue is not reliable (README, Known limits)");
-        return;
-    }
     let mut node = TestNode::start(NodeSpec::with_guest("l4", "edge", broker.port())).await;
     let mut client = Client::connect(broker.port(), "restart-jobs").await;
     client.subscribe("test/restart").await;

@@ -325,6 +325,53 @@ async fn nodes_re_seed_a_broker_that_lost_its_retained_messages() {
     drop(late);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_outside_a_rollout_never_writes_over_its_manifest() {
+    let broker = TestBroker::start().await;
+    let keys = Keys::new();
+    let mut device = TestNode::start(node_with_keys("r6d", "device", broker.port(), &keys)).await;
+    let _edge = TestNode::start(node_with_keys("r6e", "edge", broker.port(), &keys)).await;
+    let mut args = rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2);
+    args.extend(["--tier".to_string(), "edge".to_string()]);
+    let (code, output) = isomesh(args).await;
+    assert_eq!(code, 0, "{output}");
+    // The device reconnects; the retained manifest it finds is 0.2.0 for the edge tier, not
+    // one of the module it serves. Its re-seed check comes 3-5 s after the connection.
+    assert!(device.terminate(), "clean exit:\n{}", device.log());
+    device.start_again();
+    let deadline = tokio::time::Instant::now() + CONVERGE_WITHIN;
+    while device.log().matches("connected broker=").count() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the device did not connect again:\n{}",
+            device.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut client = Client::connect(broker.port(), "r6-manifest").await;
+    client
+        .subscribe(&format!("isomesh/modules/{MODULE_NAME}/manifest"))
+        .await;
+    let retained = client
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a retained manifest");
+    let manifest =
+        <isomesh_protos::ModuleManifest as prost::Message>::decode(retained.payload.as_ref())
+            .expect("a manifest");
+    assert_eq!(
+        manifest.version,
+        VERSION_2,
+        "the device wrote over the edge rollout; its log:\n{}",
+        device.log()
+    );
+    // (At its first start the broker held no manifest at all, and it rightly published one.)
+    let log = device.log();
+    let since_restart = log.rsplit("connected broker=").next().unwrap_or_default();
+    assert!(!since_restart.contains("publishing it again"), "{log}");
+}
+
 /// One bad rollout against a node serving version 1: it must be rejected with a reason that
 /// contains `expected`, and the node must keep serving version 1 correctly.
 async fn assert_rejected(

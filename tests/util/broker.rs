@@ -46,6 +46,8 @@ pub struct TestBroker {
     access: Option<Access>,
     /// The TLS listener's files and port, when there is one.
     tls: Option<(Tls, u16)>,
+    /// The address the plain listener binds: loopback, or every interface for containers.
+    bind: &'static str,
 }
 
 /// A TLS listener beside the plain one (files in PEM, from `scripts/test_certs.py`).
@@ -89,13 +91,28 @@ impl TestBroker {
         TestBroker::start_with(BrokerKind::from_env(), Some(access), None).await
     }
 
+    /// Starts a broker of the given kind (anonymous access) listening on every interface, so
+    /// containers reach it through their network's gateway (the compose tests' other broker).
+    pub async fn start_for_containers(kind: BrokerKind) -> TestBroker {
+        TestBroker::start_bound(kind, "0.0.0.0", None, None).await
+    }
+
     async fn start_with(kind: BrokerKind, access: Option<Access>, tls: Option<Tls>) -> TestBroker {
+        TestBroker::start_bound(kind, "127.0.0.1", access, tls).await
+    }
+
+    async fn start_bound(
+        kind: BrokerKind,
+        bind: &'static str,
+        access: Option<Access>,
+        tls: Option<Tls>,
+    ) -> TestBroker {
         let dir = tempfile::tempdir().expect("a temp dir for the broker");
         let port = crate::free_port();
         let tls = tls.map(|tls| (tls, crate::free_port()));
         let child = spawn_listening(
             kind,
-            port,
+            (bind, port),
             dir.path(),
             access.as_ref(),
             tls.as_ref().map(|(t, p)| (t, *p)),
@@ -108,6 +125,7 @@ impl TestBroker {
             dir,
             access,
             tls,
+            bind,
         }
     }
 
@@ -132,7 +150,7 @@ impl TestBroker {
         let _ = self.child.wait();
         self.child = spawn_listening(
             self.kind,
-            self.port,
+            (self.bind, self.port),
             self.dir.path(),
             self.access.as_ref(),
             self.tls.as_ref().map(|(t, p)| (t, *p)),
@@ -166,10 +184,11 @@ impl Drop for TestBroker {
     }
 }
 
-/// Starts a broker on `port`, logging into `dir/broker.log`, and waits until it listens.
+/// Starts a broker on `(bind, port)`, logging into `dir/broker.log`, and waits until it
+/// listens.
 async fn spawn_listening(
     kind: BrokerKind,
-    port: u16,
+    (bind, port): (&str, u16),
     dir: &std::path::Path,
     access: Option<&Access>,
     tls: Option<(&Tls, u16)>,
@@ -183,7 +202,7 @@ async fn spawn_listening(
     let mut command = match kind {
         BrokerKind::Isomesh => {
             let mut command = Command::new(crate::bin_path("isomesh-broker"));
-            command.args(["--listen", &format!("127.0.0.1:{port}")]);
+            command.args(["--listen", &format!("{bind}:{port}")]);
             match access {
                 Some(access) => {
                     command.arg("--password-file").arg(&access.password_file);
@@ -205,7 +224,7 @@ async fn spawn_listening(
         }
         BrokerKind::Mosquitto => {
             let conf = dir.join("mosquitto.conf");
-            let mut config = mosquitto_config(port);
+            let mut config = mosquitto_config(bind, port);
             match access {
                 Some(access) => config.push_str(&format!(
                     "allow_anonymous false\npassword_file {}\nacl_file {}\n",
@@ -273,9 +292,9 @@ fn mosquitto_path() -> PathBuf {
 /// added by the caller): no persistence, no payload limit (`message_size_limit 0` = every valid MQTT message; its
 /// `max_packet_size` is unlimited by default and refuses 0), keepalive 0 allowed, and queues
 /// deep enough for 150 retained chunks. Shared subscriptions are on by default in Mosquitto 2.
-fn mosquitto_config(port: u16) -> String {
+fn mosquitto_config(bind: &str, port: u16) -> String {
     format!(
-        "listener {port} 127.0.0.1\n\
+        "listener {port} {bind}\n\
          persistence false\n\
          message_size_limit 0\n\
          max_queued_messages 10000\n\

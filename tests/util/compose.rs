@@ -17,7 +17,10 @@ pub const NODES: [&str; 6] = ["c1", "e1", "e2", "d1", "d2", "d3"];
 /// A compose project started from the repository's compose.yaml.
 pub struct Mesh {
     project: String,
+    /// The broker's port on the host's loopback.
     port: u16,
+    /// The broker the containers use, when it is not compose's own (`ISOMESH_BROKER_URL`).
+    outside_broker: Option<String>,
 }
 
 /// Panics unless Docker, docker-compose and the isomesh images are all there.
@@ -56,8 +59,27 @@ impl Mesh {
         let mesh = Mesh {
             project: format!("isomesh-test-{name}-{}", std::process::id()),
             port: crate::free_port(),
+            outside_broker: None,
         };
         let mut args = vec!["up", "-d", "--no-color", "--quiet-pull"];
+        args.extend_from_slice(services);
+        mesh.compose_ok(&args);
+        mesh
+    }
+
+    /// Starts `services` (nodes, the camera) without compose's broker, pointed at a broker that
+    /// runs on the host on every interface at `port` (`TestBroker::start_for_containers`):
+    /// the README's recipe for another broker, `ISOMESH_BROKER_URL=... docker-compose up -d
+    /// --no-deps ...`. The containers reach the host at their network's gateway, which Docker
+    /// puts at the subnet's first address.
+    pub fn up_on_host_broker(name: &str, services: &[&str], port: u16) -> Mesh {
+        require_docker();
+        let mesh = Mesh {
+            project: format!("isomesh-test-{name}-{}", std::process::id()),
+            port,
+            outside_broker: Some(format!("mqtt://{}.1:{port}", subnet_prefix())),
+        };
+        let mut args = vec!["up", "-d", "--no-color", "--quiet-pull", "--no-deps"];
         args.extend_from_slice(services);
         mesh.compose_ok(&args);
         mesh
@@ -75,18 +97,18 @@ impl Mesh {
     /// A `docker-compose` command on this project.
     pub fn compose(&self, args: &[&str]) -> Output {
         let root = crate::workspace_root();
-        Command::new("docker-compose")
+        let mut command = Command::new("docker-compose");
+        command
             .current_dir(&root)
             .args(["-p", &self.project, "-f", "compose.yaml"])
             .args(args)
             .env("ISOMESH_MQTT_PORT", self.port.to_string())
             .env("ISOMESH_IMAGES", photos_dir())
-            // A subnet per test process, out of Docker's default pools, so two test runs on
-            // one machine (a CI clone beside a work tree) do not claim the same one.
-            .env(
-                "ISOMESH_SUBNET",
-                format!("10.213.{}.0/24", std::process::id() % 250),
-            )
+            .env("ISOMESH_SUBNET", format!("{}.0/24", subnet_prefix()));
+        if let Some(url) = &self.outside_broker {
+            command.env("ISOMESH_BROKER_URL", url);
+        }
+        command
             .stdin(Stdio::null())
             .output()
             .expect("run docker-compose")
@@ -225,6 +247,13 @@ impl Drop for Mesh {
         }
         let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
     }
+}
+
+/// The first three octets of the compose network's subnet: one per test process, out of
+/// Docker's default pools, so two test runs on one machine (a CI clone beside a work tree) do
+/// not claim the same one.
+fn subnet_prefix() -> String {
+    format!("10.213.{}", std::process::id() % 250)
 }
 
 /// The last `n` lines of `text`.

@@ -155,6 +155,9 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     }
     client.try_subscribe(reply_to.clone(), QoS::AtLeastOnce)?;
     client.try_subscribe(topics.all_status(), QoS::AtMostOnce)?;
+    // From here the connection is polled by a task of its own: the shutter's ticks below
+    // would otherwise cancel a reconnection half-way (crate::link).
+    let mut link = crate::link::Link::spawn(eventloop);
     // Nodes heard online with a module, by id and tier.
     let mut serving: HashMap<String, Tier> = HashMap::new();
     let is_ready = |serving: &HashMap<String, Tier>| match args.tier {
@@ -229,7 +232,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 last_sent = Instant::now();
                 eprintln!("isomesh camera: stopping; waiting for {} answer(s) still due", pending.len());
             }
-            event = eventloop.poll() => match event {
+            Some(event) = link.next() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     // The broker may have lost the subscription with everything else.
                     tally.reconnects += 1;
@@ -287,10 +290,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    eprintln!("isomesh camera: broker connection lost ({e}); retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+                Err(e) => eprintln!("isomesh camera: broker connection lost ({e}); retrying"),
             }
         }
     }
@@ -307,15 +307,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
             "reconnects": tally.reconnects, "by_node": tally.by_node,
         }})
     );
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(event) = eventloop.poll().await {
-            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
-                break;
-            }
-        }
-    })
-    .await;
+    link.close(&client, Duration::from_secs(1)).await;
     Ok(missing == 0 && tally.errors == 0)
 }
 

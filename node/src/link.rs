@@ -1,0 +1,151 @@
+//! The connection to the broker, driven by a task of its own.
+//!
+//! rumqttc's `EventLoop::poll` is not cancel-safe while it connects: dropped between the TCP
+//! connect and the CONNACK, as any other branch of a `tokio::select!` will drop it, it throws
+//! away a connection the broker has already accepted, and the next poll connects again. A node
+//! whose loop also ticks timers therefore came up as a burst of connections with one client id,
+//! each taking the persistent session over from the last; rmqtt lost the QoS 1 jobs queued for
+//! the session in that churn, and refused one of the connections outright.
+//!
+//! So a [`Link`] owns the `EventLoop` in a task that always polls it to completion, pauses
+//! before connecting again after an error (1 s; 5 s after a refusal, which retrying at once
+//! will not change), and hands every event over a channel, whose receiving end is cancel-safe.
+//! [`Link::close`] ends it the way the broker needs: what is in flight acknowledged first, then
+//! the DISCONNECT, flushed.
+
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// What one poll of the event loop gave.
+pub type Polled = Result<Event, ConnectionError>;
+
+/// Pause before connecting again after a lost or failed connection.
+const PAUSE_AFTER_ERROR: Duration = Duration::from_secs(1);
+/// Pause after the broker refused the connection (a login, a server not ready).
+const PAUSE_AFTER_REFUSAL: Duration = Duration::from_secs(5);
+/// Events the task may poll ahead of the reader; past that the task waits, and so does the
+/// socket (TCP back-pressure), instead of buffering without bound.
+const AHEAD: usize = 64;
+/// How long [`Link::close`] lets the DISCONNECT take to go out.
+const FLUSH_WITHIN: Duration = Duration::from_secs(3);
+
+/// The broker connection's event stream.
+pub struct Link {
+    events: mpsc::Receiver<Polled>,
+    close: Option<oneshot::Sender<Close>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How to end the connection.
+struct Close {
+    client: AsyncClient,
+    /// Up to how long to wait for what is in flight to be acknowledged.
+    settle: Duration,
+}
+
+impl Link {
+    /// Starts polling `eventloop` (connecting as needed) in a task of the current runtime.
+    pub fn spawn(eventloop: EventLoop) -> Link {
+        let (events_tx, events) = mpsc::channel(AHEAD);
+        let (close_tx, close_rx) = oneshot::channel();
+        let task = tokio::spawn(pump(eventloop, events_tx, close_rx));
+        Link {
+            events,
+            close: Some(close_tx),
+            task,
+        }
+    }
+
+    /// The next event or connection error. Cancel-safe: a `select!` may drop it freely.
+    /// `None` once the link is closed.
+    pub async fn next(&mut self) -> Option<Polled> {
+        self.events.recv().await
+    }
+
+    /// Ends the connection: waits up to `settle` until nothing is in flight and nothing more
+    /// goes out for a moment (a broker may drop a publish that arrives just ahead of the
+    /// DISCONNECT: seen with rmqtt under load), then disconnects through `client` and polls
+    /// until the DISCONNECT is out. Events meanwhile are dropped.
+    pub async fn close(mut self, client: &AsyncClient, settle: Duration) {
+        if let Some(close) = self.close.take() {
+            let _ = close.send(Close {
+                client: client.clone(),
+                settle,
+            });
+        }
+        // Nobody reads events any more: let the task's sends fail instead of waiting.
+        self.events.close();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The task: poll, hand over, pause after errors, until told to close.
+async fn pump(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<Polled>,
+    mut close: oneshot::Receiver<Close>,
+) {
+    loop {
+        // A poll is never dropped half-way; only a close request ends the wait for it, and a
+        // connection closed then is being closed anyway.
+        let polled = tokio::select! {
+            biased;
+            request = &mut close => return finish(eventloop, request.ok()).await,
+            polled = eventloop.poll() => polled,
+        };
+        let pause = match &polled {
+            Ok(_) => None,
+            Err(ConnectionError::ConnectionRefused(_)) => Some(PAUSE_AFTER_REFUSAL),
+            Err(_) => Some(PAUSE_AFTER_ERROR),
+        };
+        tokio::select! {
+            biased;
+            request = &mut close => return finish(eventloop, request.ok()).await,
+            sent = events.send(polled) => {
+                if sent.is_err() {
+                    // The reader is gone without closing: nothing to hand events to.
+                    return;
+                }
+            }
+        }
+        if let Some(pause) = pause {
+            tokio::select! {
+                request = &mut close => return finish(eventloop, request.ok()).await,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// Settles what is in flight, sends the DISCONNECT and flushes it.
+async fn finish(mut eventloop: EventLoop, close: Option<Close>) {
+    let Some(close) = close else { return };
+    let settle = async {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await {
+                Err(_quiet) if eventloop.state.inflight() == 0 => break,
+                Err(_quiet) => {}
+                Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(close.settle, settle).await;
+    let _ = close.client.try_disconnect();
+    let flush = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(FLUSH_WITHIN, flush).await;
+}
