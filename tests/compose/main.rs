@@ -293,8 +293,9 @@ async fn a_rollout_while_a_node_is_partitioned_converges_when_it_returns() {
     mesh.wait_serving(&["d2"], "0.2.0", Duration::from_secs(120))
         .await;
     eprintln!(
-        "rollout-partition: d2 serving 0.2.0 {:?} after its return",
-        back.elapsed()
+        "rollout-partition: d2 serving 0.2.0 {:?} after its return; its log since:\n{}",
+        back.elapsed(),
+        isomesh_tests::compose::tail(&mesh.logs("d2"), 12)
     );
     // And it answers with it.
     let seen = Camera::start(
@@ -370,7 +371,7 @@ async fn restart_a_device_under_load(mesh: &Mesh, name: &str) {
     let seen = camera.finish();
     seen.assert_exactly_one_correct_answer_each();
     assert_eq!(seen.answered_by("d2"), 24, "{}", seen.summary);
-    // The fault did happen: jobs waited for d2 far longer than a photo takes it (~0.2 s).
+    // The fault did happen: jobs waited for d2 far longer than a photo takes it (~0.4 s).
     let waited = seen
         .answers
         .iter()
