@@ -4,8 +4,8 @@
 //! connect and the CONNACK, as any other branch of a `tokio::select!` will drop it, it throws
 //! away a connection the broker has already accepted, and the next poll connects again. A node
 //! whose loop also ticks timers therefore came up as a burst of connections with one client id,
-//! each taking the persistent session over from the last; rmqtt lost the QoS 1 jobs queued for
-//! the session in that churn, and refused one of the connections outright.
+//! each taking the persistent session over from the last; rmqtt refused one of them outright,
+//! and QoS 1 jobs queued for the session went missing in runs with that churn.
 //!
 //! So a [`Link`] owns the `EventLoop` in a task that always polls it to completion, pauses
 //! before connecting again after an error (1 s; 5 s after a refusal, which retrying at once
