@@ -339,15 +339,9 @@ async fn a_node_outside_a_rollout_never_writes_over_its_manifest() {
     // one of the module it serves. Its re-seed check comes 3-5 s after the connection.
     assert!(device.terminate(), "clean exit:\n{}", device.log());
     device.start_again();
-    let deadline = tokio::time::Instant::now() + CONVERGE_WITHIN;
-    while device.log().matches("connected broker=").count() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the device did not connect again:\n{}",
-            device.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    device
+        .wait_for_log_times("connected broker=", 2, CONVERGE_WITHIN)
+        .await;
     tokio::time::sleep(Duration::from_secs(7)).await;
     let mut client = Client::connect(broker.port(), "r6-manifest").await;
     client

@@ -55,16 +55,7 @@ impl Mesh {
     /// Starts `services` (all of compose.yaml's default services when empty) in a new project
     /// named after `name`, and returns once the broker is healthy.
     pub fn up(name: &str, services: &[&str]) -> Mesh {
-        require_docker();
-        let mesh = Mesh {
-            project: format!("isomesh-test-{name}-{}", std::process::id()),
-            port: crate::free_port(),
-            outside_broker: None,
-        };
-        let mut args = vec!["up", "-d", "--no-color", "--quiet-pull"];
-        args.extend_from_slice(services);
-        mesh.compose_ok(&args);
-        mesh
+        Mesh::start(name, crate::free_port(), None, services)
     }
 
     /// Starts `services` (nodes, the camera) without compose's broker, pointed at a broker that
@@ -73,14 +64,24 @@ impl Mesh {
     /// --no-deps ...`. The containers reach the host at their network's gateway, which Docker
     /// puts at the subnet's first address.
     pub fn up_on_host_broker(name: &str, services: &[&str], port: u16) -> Mesh {
+        let url = format!("mqtt://{}.1:{port}", subnet_prefix());
+        Mesh::start(name, port, Some(url), services)
+    }
+
+    /// `docker-compose up -d` of `services` in project `name`; with an outside broker, without
+    /// compose's own (`--no-deps`).
+    fn start(name: &str, port: u16, outside_broker: Option<String>, services: &[&str]) -> Mesh {
         require_docker();
+        let mut args = vec!["up", "-d", "--no-color", "--quiet-pull"];
+        if outside_broker.is_some() {
+            args.push("--no-deps");
+        }
+        args.extend_from_slice(services);
         let mesh = Mesh {
             project: format!("isomesh-test-{name}-{}", std::process::id()),
             port,
-            outside_broker: Some(format!("mqtt://{}.1:{port}", subnet_prefix())),
+            outside_broker,
         };
-        let mut args = vec!["up", "-d", "--no-color", "--quiet-pull", "--no-deps"];
-        args.extend_from_slice(services);
         mesh.compose_ok(&args);
         mesh
     }

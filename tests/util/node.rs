@@ -156,11 +156,17 @@ impl TestNode {
 
     /// Waits until the node's log contains `needle`; panics with the log after `within`.
     pub async fn wait_for_log(&self, needle: &str, within: Duration) {
+        self.wait_for_log_times(needle, 1, within).await;
+    }
+
+    /// Waits until the node's log contains `needle` at least `times` times (the log spans
+    /// restarts); panics with the log after `within`.
+    pub async fn wait_for_log_times(&self, needle: &str, times: usize, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
-        while !self.log().contains(needle) {
+        while self.log().matches(needle).count() < times {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "no {needle:?} in the log within {within:?}:\n{}",
+                "{needle:?} not {times} time(s) in the log within {within:?}:\n{}",
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
