@@ -2,6 +2,10 @@
 # Everything else here is a step of those two.
 
 CARGO ?= cargo
+# One build serves everything: the binaries are static (musl), so the very files the tests and
+# the demo run are the ones the container images ship (stripped on the way in).
+TARGET := x86_64-unknown-linux-musl
+BIN := target/$(TARGET)/release
 MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
 MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 
@@ -9,23 +13,23 @@ MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
-	./scripts/demo.sh
+	./scripts/demo.sh $(BIN)
 
 ## Unit tests, the integration suite against isomesh-broker and again against Mosquitto, then
 ## the container fault tests of the compose mesh (real containers, built by `make images`).
 # Every cargo command selects the whole workspace so features resolve once and target/ is reused.
 test: setup module build images
-	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release --workspace --lib --bins --test integration
-	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release --workspace --test integration
-	$(CARGO) test --release --workspace --test compose -- --nocapture
+	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release --target $(TARGET) --workspace --lib --bins --test integration
+	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release --target $(TARGET) --workspace --test integration
+	$(CARGO) test --release --target $(TARGET) --workspace --test compose -- --nocapture
 
 ## The container images of compose.yaml (static musl binaries + module, FROM scratch; no registry).
-images: setup module
-	./scripts/images.sh
+images: setup module build
+	./scripts/images.sh $(BIN)
 
 ## Only the container fault tests of the compose mesh.
 compose-test: module build images
-	$(CARGO) test --release --workspace --test compose -- --nocapture
+	$(CARGO) test --release --target $(TARGET) --workspace --test compose -- --nocapture
 
 setup:
 	./scripts/setup.sh
@@ -42,8 +46,8 @@ $(MODULE_V2): $(shell find guest -type f -not -path '*/target/*') models/MANIFES
 	mkdir -p target/modules
 	cp $(MODULE) $@
 
-build:
-	$(CARGO) build --release --workspace --bins
+build: setup
+	$(CARGO) build --release --target $(TARGET) --workspace --bins
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -65,7 +69,7 @@ BENCH_OUT ?= bench-out
 PHOTOS := $(wildcard ../shared/images/*.jp*g)
 # The issue's ~100 KB photos for the mesh run.
 MESH_PHOTOS := $(filter %/banana.jpg %/cat_720p.jpg %/elephants.jpg,$(PHOTOS))
-ISOMESH := ./target/release/isomesh
+ISOMESH := ./$(BIN)/isomesh
 bench: module build images bench-python
 	mkdir -p target/bench-cache
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --out $(BENCH_OUT)/infer.json $(PHOTOS)
@@ -114,7 +118,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := job manifest chunks image guest_outcome relayed_result
 fuzz: module build
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	python3 scripts/fuzz_seeds.py target/fuzz-corpus target/release/isomesh $(MODULE) ../shared/images/*.jp*g
+	python3 scripts/fuzz_seeds.py target/fuzz-corpus $(BIN)/isomesh $(MODULE) ../shared/images/*.jp*g
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 	  $(CARGO) fuzz run --sanitizer none $$t ../target/fuzz-corpus/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 || exit 1; \

@@ -364,8 +364,9 @@ def main():
     p.add_argument("--images", type=Path, default=REPO.parent / "shared/images",
                    help="folder of photos the camera sends (default ../shared/images)")
     p.add_argument("--rate", type=float, default=2.0, help="photos per second (default 2)")
-    p.add_argument("--isomesh", type=Path, default=REPO / "target/release/isomesh",
-                   help="the host's isomesh binary (default target/release/isomesh)")
+    p.add_argument("--isomesh", type=Path,
+                   default=REPO / "target/x86_64-unknown-linux-musl/release/isomesh",
+                   help="the host's isomesh binary (default: the one `make build` made)")
     p.add_argument("--out", type=Path, default=REPO / "bench-out/container.json")
     p.add_argument("--quick", action="store_true", help="shorter steady phases (CI)")
     p.add_argument("--project-dir", type=Path, default=REPO,

@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bin=target/release
+# The binaries `make build` made (static, x86_64-unknown-linux-musl).
+bin=${1:-target/x86_64-unknown-linux-musl/release}
 module=target/wasm32-wasip1/release/isomesh_guest.wasm
 module_v2=target/modules/mobilenet_v2-0.2.0.wasm
 images="${ISOMESH_IMAGES:-../shared/images}"

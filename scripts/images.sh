@@ -6,14 +6,13 @@
 # The rollout key pair is made once into target/compose/keys (never committed); the compose file
 # mounts the secret half into the rollout service only.
 #
-# Run through `make images`, which builds the module first. Needs the x86_64-unknown-linux-musl
-# Rust target and musl-gcc (ring, under rmqtt, compiles C): scripts/setup.sh installs both.
+# Run through `make images`, which builds the module and the binaries first (the
+# x86_64-unknown-linux-musl target and musl-gcc, which scripts/setup.sh installs).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-triple=x86_64-unknown-linux-musl
-# A profile of its own (Cargo.toml): stripped, no debug info; target/ keeps the host build too.
-profile=image
+# The static binaries `make build` made; the images get them stripped of their line tables.
+bins=${1:-target/x86_64-unknown-linux-musl/release}
 module=target/wasm32-wasip1/release/isomesh_guest.wasm
 module_v2=target/modules/mobilenet_v2-0.2.0.wasm
 ctx=target/images/context
@@ -24,11 +23,9 @@ for f in "$module" "$module_v2"; do
   [ -f "$f" ] || { echo "images: $f is missing; run 'make module'" >&2; exit 1; }
 done
 
-# Without the native-baseline feature: the images need no native tract (only `isomesh bench`
-# compares against it), which saves compile time and size.
-cargo build --profile "$profile" --target "$triple" --no-default-features \
-  -p isomesh-node -p isomesh-broker --bins
-bins="target/$triple/$profile"
+for b in isomesh-node isomesh isomesh-broker; do
+  [ -x "$bins/$b" ] || { echo "images: $bins/$b is missing; run 'make build'" >&2; exit 1; }
+done
 
 if [ ! -f "$keys/rollout.key" ]; then
   mkdir -p "$keys"
@@ -39,7 +36,9 @@ rm -rf "$ctx"
 mkdir -p "$ctx/bin" "$ctx/lib/modules" "$ctx/lib/cache" "$ctx/etc" "$ctx/rollout" "$ctx/tmp"
 # scratch has no /tmp; libraries may expect one.
 chmod 1777 "$ctx/tmp"
-cp "$bins/isomesh-node" "$bins/isomesh" "$bins/isomesh-broker" "$ctx/bin/"
+for b in isomesh-node isomesh isomesh-broker; do
+  strip -o "$ctx/bin/$b" "$bins/$b"
+done
 cp "$keys/rollout.key.pub" "$ctx/etc/"
 cp "$module" "$ctx/lib/modules/mobilenet_v2.wasm"
 # Nodes run only signed modules: the baked-in one carries its signed manifest.

@@ -4,8 +4,8 @@
 //! each prefixed by its length (u16, little-endian).
 #![no_main]
 
-use isomesh_node::fetch::Fetch;
-use isomesh_node::package::{Package, PackageSpec};
+use isomesh_module::fetch::Fetch;
+use isomesh_module::package::{Package, PackageSpec};
 use isomesh_protos::{ModuleChunk, ModuleManifest};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -37,15 +37,16 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, mut rest)) = data.split_first() else {
         return;
     };
-    let mut fetch = Fetch::new(manifest(mode & 1 == 1), None);
-    let _ = fetch.next_requests();
+    let now = std::time::Instant::now();
+    let mut fetch = Fetch::new(manifest(mode & 1 == 1), None, now);
+    let _ = fetch.next_requests(now);
     while rest.len() >= 2 {
         let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
         rest = &rest[2..];
         let (message, tail) = rest.split_at(len.min(rest.len()));
         rest = tail;
         if let Ok(chunk) = ModuleChunk::decode(message) {
-            let _ = fetch.take(chunk);
+            let _ = fetch.take(chunk, now);
         }
     }
     let _ = fetch.missing();

@@ -1,8 +1,8 @@
 //! A protobuf `Job` from `isomesh/jobs/...`, as the node turns it into a request.
 #![no_main]
 
-use isomesh_node::request::{from_job, JobIds};
-use isomesh_node::topics::Topics;
+use isomesh_mesh::request::{from_job, JobIds};
+use isomesh_mesh::topics::Topics;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,8 +2,8 @@
 //! and for a signature by a trusted key, as a node's rollout agent does.
 #![no_main]
 
-use isomesh_node::package::{check_manifest, describe_targets, is_target};
-use isomesh_node::signing::{SecretKey, TrustedKeys};
+use isomesh_module::package::{check_manifest, describe_targets, is_target};
+use isomesh_module::signing::{SecretKey, TrustedKeys};
 use isomesh_protos::{ModuleManifest, Tier};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;

@@ -3,7 +3,7 @@
 //! `isomesh/status/+`, which offload decisions read.
 #![no_main]
 
-use isomesh_node::report::{relayed, to_json};
+use isomesh_mesh::report::{relayed, to_json};
 use isomesh_protos::{Hop, JobResult, NodeStatus};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;

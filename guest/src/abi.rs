@@ -67,23 +67,14 @@ pub extern "C" fn isomesh_load() -> u64 {
         Ok(_) => Outcome::Classification(GuestClassification::default()),
         Err(e) => Outcome::Error(to_guest_error(e)),
     };
-    hand_out(
-        GuestOutcome {
-            outcome: Some(outcome),
-        }
-        .encode_to_vec(),
-    )
+    hand_out_outcome(outcome)
 }
 
 /// # Safety
 /// `ptr`/`len` must be a buffer from `isomesh_alloc`; this call takes ownership of it.
 #[no_mangle]
 pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) -> u64 {
-    let image = if len == 0 {
-        Vec::new()
-    } else {
-        Vec::from_raw_parts(ptr, len as usize, len as usize)
-    };
+    let image = take_image(ptr, len);
     let result = loaded().and_then(|c| c.classify(&image, top_k.max(1) as usize));
     drop(image);
     let outcome = match result {
@@ -98,12 +89,7 @@ pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) ->
         }),
         Err(e) => Outcome::Error(to_guest_error(e)),
     };
-    hand_out(
-        GuestOutcome {
-            outcome: Some(outcome),
-        }
-        .encode_to_vec(),
-    )
+    hand_out_outcome(outcome)
 }
 
 /// Decodes and resizes the image only (no inference): the middle rung of the call-overhead
@@ -113,11 +99,7 @@ pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) ->
 /// As for `isomesh_classify`.
 #[no_mangle]
 pub unsafe extern "C" fn isomesh_preprocess(ptr: *mut u8, len: u32) -> u64 {
-    let image = if len == 0 {
-        Vec::new()
-    } else {
-        Vec::from_raw_parts(ptr, len as usize, len as usize)
-    };
+    let image = take_image(ptr, len);
     let started = std::time::Instant::now();
     let result = crate::preprocess::image_to_input(&image);
     let decode_us = started.elapsed().as_micros() as u64;
@@ -129,12 +111,7 @@ pub unsafe extern "C" fn isomesh_preprocess(ptr: *mut u8, len: u32) -> u64 {
         }),
         Err(e) => Outcome::Error(to_guest_error(e)),
     };
-    hand_out(
-        GuestOutcome {
-            outcome: Some(outcome),
-        }
-        .encode_to_vec(),
-    )
+    hand_out_outcome(outcome)
 }
 
 fn loaded() -> Result<&'static Classifier, Error> {
@@ -156,6 +133,28 @@ fn to_guest_error(error: Error) -> GuestError {
         kind: kind as i32,
         message: error.to_string(),
     }
+}
+
+/// Takes ownership of an image buffer the host filled after `isomesh_alloc`.
+///
+/// # Safety
+/// `ptr`/`len` must be a buffer from `isomesh_alloc`, not used again by the caller.
+unsafe fn take_image(ptr: *mut u8, len: u32) -> Vec<u8> {
+    if len == 0 {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(ptr, len as usize, len as usize)
+    }
+}
+
+/// Hands a call's outcome to the host.
+fn hand_out_outcome(outcome: Outcome) -> u64 {
+    hand_out(
+        GuestOutcome {
+            outcome: Some(outcome),
+        }
+        .encode_to_vec(),
+    )
 }
 
 /// Leaks `bytes` to the host as `(ptr << 32) | len`; the host returns it with `isomesh_free`.

@@ -1,13 +1,18 @@
 //! `isomesh-node`'s settings: flags, `ISOMESH_*` environment variables and an optional TOML file.
 //!
 //! Precedence: flag > environment variable > config file > default. The file is applied by
-//! [`apply_config_file`] before the flags are parsed: each of its keys (`broker = "..."`,
-//! `budget-ms = 200`, ...) becomes the matching `ISOMESH_*` variable unless that is already set,
-//! so every setting has exactly one parser.
+//! [`apply_config_file`] before the flags are parsed: each of its keys is a flag's long name
+//! (`broker = "..."`, `budget-ms = 200`, `trusted-key = ["a.pub", "b.pub"]`) and becomes that
+//! flag's environment variable unless the variable is already set, so every setting has exactly
+//! one parser. A key that is no flag, or a value that is no string, number, boolean or list of
+//! them, is an error naming the file, the line and the key, with the nearest flag's name; every
+//! bad line is reported at once, and nothing is applied from a file with one.
 
-use crate::offload::Policy;
+use isomesh_mesh::offload::Policy;
+use isomesh_mesh::topics::parse_tier;
 use isomesh_protos::Tier;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Settings of one node.
@@ -160,56 +165,127 @@ impl NodeConfig {
     }
 }
 
-/// Parses a tier name, naming the valid ones on error.
-pub fn parse_tier(name: &str) -> Result<Tier, String> {
-    Tier::from_name(name).ok_or_else(|| format!("unknown tier {name:?}: use device, edge or cloud"))
-}
-
 /// Errors reading a config file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {}: {source}", .path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid TOML: {source}")]
+    #[error("config file {} is not valid TOML: {source}", .path.display())]
     Parse {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("config file {path}: key {key:?} must be a string, number or boolean")]
-    Value { path: PathBuf, key: String },
+    #[error("config file {} has {} bad line(s):\n{}", .path.display(), .lines.len(), .lines.iter().map(|l| format!("  {}:{l}", .path.display())).collect::<Vec<_>>().join("\n"))]
+    Lines { path: PathBuf, lines: Vec<BadLine> },
 }
 
-/// Exports each `key = value` of a TOML file as `ISOMESH_KEY` unless that variable is set.
-/// Call before parsing flags, while the process is still single-threaded.
-pub fn apply_config_file(path: &std::path::Path) -> Result<(), ConfigError> {
+/// One line of a config file that cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{line}: {problem}")]
+pub struct BadLine {
+    pub line: usize,
+    pub key: String,
+    pub problem: String,
+}
+
+/// Each flag's long name and the environment variable it reads.
+fn flag_variables() -> BTreeMap<String, String> {
+    use clap::Args;
+    let command = NodeConfig::augment_args(clap::Command::new("isomesh-node"));
+    command
+        .get_arguments()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            let env = arg.get_env()?.to_str()?;
+            Some((long.to_string(), env.to_string()))
+        })
+        .collect()
+}
+
+/// A config file's settings as `(environment variable, value)`, or every line that is wrong.
+pub type Settings = Result<Vec<(String, String)>, Vec<BadLine>>;
+
+/// The settings of a config file's text; `Err` when it is not TOML at all.
+pub fn read_config(text: &str) -> Result<Settings, toml::de::Error> {
+    let table: BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> = toml::from_str(text)?;
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let flags = flag_variables();
+    let mut settings = Vec::new();
+    let mut bad = Vec::new();
+    for (key, value) in table {
+        let line = line_of(key.span().start);
+        let key = key.into_inner();
+        let Some(variable) = flags.get(&key) else {
+            let nearest = flags
+                .keys()
+                .min_by_key(|flag| strsim::levenshtein(flag, &key))
+                .map(|flag| format!(" (did you mean `{flag}`?)"))
+                .unwrap_or_default();
+            bad.push(BadLine {
+                line,
+                problem: format!("unknown key `{key}`{nearest}; keys are the flags of `isomesh-node --help` without their dashes"),
+                key,
+            });
+            continue;
+        };
+        match setting(value.get_ref()) {
+            Some(text) => settings.push((variable.clone(), text)),
+            None => bad.push(BadLine {
+                line,
+                problem: format!("`{key}` must be a string, number, boolean or a list of them"),
+                key,
+            }),
+        }
+    }
+    Ok(if bad.is_empty() {
+        Ok(settings)
+    } else {
+        Err(bad)
+    })
+}
+
+/// A TOML value as the flag's environment variable takes it (lists comma-separated).
+fn setting(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                toml::Value::Array(_) | toml::Value::Table(_) => None,
+                scalar => setting(scalar),
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|items| items.join(",")),
+        _ => None,
+    }
+}
+
+/// Exports each setting of a TOML file as its flag's environment variable unless that variable
+/// is set. Call before parsing flags, while the process is still single-threaded.
+pub fn apply_config_file(path: &Path) -> Result<(), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let table: toml::Table = text.parse().map_err(|source| ConfigError::Parse {
-        path: path.to_owned(),
-        source,
-    })?;
-    for (key, value) in table {
-        let text = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            _ => {
-                return Err(ConfigError::Value {
-                    path: path.to_owned(),
-                    key,
-                })
-            }
-        };
-        let var = format!("ISOMESH_{}", key.to_uppercase().replace('-', "_"));
-        if std::env::var_os(&var).is_none() {
+    let settings = read_config(&text)
+        .map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?
+        .map_err(|lines| ConfigError::Lines {
+            path: path.to_owned(),
+            lines,
+        })?;
+    for (variable, value) in settings {
+        if std::env::var_os(&variable).is_none() {
             // SAFETY: called before any thread is spawned (see the doc comment).
-            unsafe { std::env::set_var(var, text) };
+            unsafe { std::env::set_var(variable, value) };
         }
     }
     Ok(())
@@ -224,5 +300,38 @@ mod tests {
         assert_eq!(parse_tier("cloud"), Ok(Tier::Cloud));
         let err = parse_tier("fog").unwrap_err();
         assert!(err.contains("fog") && err.contains("device, edge or cloud"));
+    }
+
+    #[test]
+    fn config_keys_are_flags_and_map_to_the_flags_variables() {
+        let text = "budget-ms = 200\ntrusted-key = [\"a.pub\", \"b.pub\"]\nallow-unsigned = true\n";
+        let settings = read_config(text).unwrap().unwrap();
+        assert_eq!(
+            settings,
+            vec![
+                ("ISOMESH_ALLOW_UNSIGNED".to_string(), "true".to_string()),
+                ("ISOMESH_BUDGET_MS".to_string(), "200".to_string()),
+                // The flag reads ISOMESH_TRUSTED_KEYS, not ISOMESH_TRUSTED_KEY.
+                (
+                    "ISOMESH_TRUSTED_KEYS".to_string(),
+                    "a.pub,b.pub".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_bad_line_is_reported_with_its_line_key_and_nearest_flag() {
+        let text = "id = \"d1\"\n\nbudget_ms = 200\nworkers = { n = 2 }\n";
+        let bad = read_config(text).unwrap().unwrap_err();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert_eq!((bad[0].line, bad[0].key.as_str()), (3, "budget_ms"));
+        assert!(
+            bad[0].problem.contains("did you mean `budget-ms`"),
+            "{}",
+            bad[0]
+        );
+        assert_eq!((bad[1].line, bad[1].key.as_str()), (4, "workers"));
+        assert!(read_config("budget-ms = ").is_err(), "not TOML");
     }
 }

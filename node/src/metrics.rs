@@ -18,9 +18,9 @@
 //! lines of tokio (one request per connection, then close): Prometheus needs no more, and a web
 //! framework would be most of the binary's dependencies for one fixed page.
 
-use crate::modules::ModuleSlot;
-use crate::relay::Relay;
 use crate::scheduler::Load;
+use crate::slot::ModuleSlot;
+use isomesh_mesh::relay::Relay;
 use isomesh_protos::{hop, JobResult, Tier};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -9,9 +9,10 @@
 //! one [`Instance`] of the current module; when the module slot changes, the worker builds a new
 //! instance before its next job, and after a trap it throws its instance away.
 
-use crate::modules::ModuleSlot;
-use crate::sandbox::{CallError, Instance, LoadedModule, Sandbox};
-use isomesh_protos::GuestClassification;
+use crate::slot::ModuleSlot;
+use isomesh_mesh::outcome::{Answer, JobFailure, Outcome};
+use isomesh_protos::{ClassScore, GuestClassification};
+use isomesh_sandbox::{CallError, Instance, LoadedModule, Sandbox};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,27 +20,6 @@ use tokio::sync::oneshot;
 
 /// Weight of the newest sample in the service-time moving average.
 const EWMA_ALPHA: f64 = 0.2;
-
-/// What running one job produced.
-pub type Outcome = Result<Answer, JobFailure>;
-
-/// A successful classification and where its time went.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub classification: GuestClassification,
-    pub module: Arc<LoadedModule>,
-    /// From submission to a worker picking the job up.
-    pub queued: Duration,
-    /// The guest call itself (decode + inference + copying).
-    pub service: Duration,
-}
-
-/// Why a job produced no classification, with the module it ran on when there was one.
-#[derive(Debug, Clone)]
-pub struct JobFailure {
-    pub message: String,
-    pub module: Option<Arc<LoadedModule>>,
-}
 
 /// Live load figures, shared with status reports and offload decisions.
 #[derive(Debug, Default)]
@@ -168,10 +148,9 @@ impl Scheduler {
         };
         if let Err(task) = sent {
             self.load.in_system.fetch_sub(1, Ordering::Relaxed);
-            let _ = task.done.send(Err(JobFailure {
-                message: "the node is shutting down and runs no new jobs".into(),
-                module: None,
-            }));
+            let _ = task.done.send(Err(JobFailure::new(
+                "the node is shutting down and runs no new jobs",
+            )));
         }
         outcome
     }
@@ -228,16 +207,14 @@ impl Worker {
 
     fn run_one(&mut self, task: &Task, queued: Duration) -> Outcome {
         let Some(module) = self.slot.current() else {
-            return Err(JobFailure {
-                message: "no classifier module is installed on this node yet: roll one out with \
-                          `isomesh rollout` or copy a .wasm into its module directory"
-                    .into(),
-                module: None,
-            });
+            return Err(JobFailure::new(
+                "no classifier module is installed on this node yet: roll one out with \
+                 `isomesh rollout` or copy a .wasm into its module directory",
+            ));
         };
         let fail = |message: String, module: &Arc<LoadedModule>| JobFailure {
             message,
-            module: Some(module.clone()),
+            module: Some(module.module_ref()),
         };
         if !module.matches(&task.pin) {
             return Err(fail(
@@ -246,7 +223,7 @@ impl Worker {
                     task.pin,
                     module.info.name,
                     module.info.version,
-                    &module.sha256[..12.min(module.sha256.len())]
+                    isomesh_module::digest::short(&module.sha256)
                 ),
                 &module,
             ));
@@ -256,12 +233,7 @@ impl Worker {
         let result = instance.classify(&task.image, task.top_k);
         let service = started.elapsed();
         match result {
-            Ok(classification) => Ok(Answer {
-                classification,
-                module,
-                queued,
-                service,
-            }),
+            Ok(classification) => Ok(answer(&module, classification, queued, service)),
             Err(error) => {
                 if error.poisons_instance() {
                     tracing::warn!(error = %error, "guest trapped; recycling its instance");
@@ -293,6 +265,35 @@ impl Worker {
             Some((_, instance)) => Ok(instance),
             None => Err("no instance".into()),
         }
+    }
+}
+
+/// The answer to a job: the guest's classes with the module's labels, and the timings.
+fn answer(
+    module: &LoadedModule,
+    classification: GuestClassification,
+    queued: Duration,
+    service: Duration,
+) -> Answer {
+    let labels = &module.info.labels;
+    Answer {
+        module: module.module_ref(),
+        top: classification
+            .top
+            .iter()
+            .map(|score| ClassScore {
+                index: score.index,
+                label: labels
+                    .get(score.index as usize)
+                    .cloned()
+                    .unwrap_or_default(),
+                prob: score.prob,
+            })
+            .collect(),
+        decode_us: classification.decode_us,
+        infer_us: classification.infer_us,
+        queued,
+        service,
     }
 }
 

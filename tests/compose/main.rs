@@ -6,10 +6,10 @@
 //!
 //! Needs Docker Engine, docker-compose and the images; fails (never skips) without them.
 
-use isomesh_tests::broker::{BrokerKind, TestBroker};
-use isomesh_tests::camera::Camera;
-use isomesh_tests::compose::{statuses, Mesh, NODES};
-use isomesh_tests::metrics;
+use isomesh_testkit::broker::{BrokerKind, TestBroker};
+use isomesh_testkit::camera::Camera;
+use isomesh_testkit::compose::{statuses, Mesh, NODES};
+use isomesh_testkit::metrics;
 use std::time::{Duration, Instant};
 
 /// Compose projects share the machine's two cores and one subnet: one at a time. (A tokio
@@ -253,7 +253,7 @@ async fn a_broker_restart_under_load_loses_nothing() {
         Some("0.2.0")
     );
     let mut client =
-        isomesh_tests::mqtt::Client::connect(mesh.broker_port(), "manifest-check").await;
+        isomesh_testkit::mqtt::Client::connect(mesh.broker_port(), "manifest-check").await;
     client
         .subscribe("isomesh/modules/mobilenet_v2/manifest")
         .await;
@@ -295,7 +295,7 @@ async fn a_rollout_while_a_node_is_partitioned_converges_when_it_returns() {
     eprintln!(
         "rollout-partition: d2 serving 0.2.0 {:?} after its return; its log since:\n{}",
         back.elapsed(),
-        isomesh_tests::compose::tail(&mesh.logs("d2"), 12)
+        isomesh_testkit::compose::tail(&mesh.logs("d2"), 12)
     );
     // And it answers with it.
     let seen = Camera::start(
@@ -422,7 +422,7 @@ fn burst_at_d1(mesh: &Mesh, name: &str) -> (usize, usize) {
 
 /// `isomesh status` shows every node, its tier, state and module `version`.
 fn assert_status_lists_every_node(mesh: &Mesh, version: &str) {
-    let out = std::process::Command::new(isomesh_tests::bin_path("isomesh"))
+    let out = std::process::Command::new(isomesh_testkit::bin_path("isomesh"))
         .args(["status", "--broker", &mesh.broker_url()])
         .output()
         .expect("isomesh status");

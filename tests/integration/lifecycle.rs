@@ -3,10 +3,10 @@
 //! the compiled-module cache instead of compiling it again.
 
 use isomesh_protos::NodeStatus;
-use isomesh_tests::broker::TestBroker;
-use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{NodeSpec, TestNode};
-use isomesh_tests::photos;
+use isomesh_testkit::broker::TestBroker;
+use isomesh_testkit::mqtt::Client;
+use isomesh_testkit::node::{NodeSpec, TestNode};
+use isomesh_testkit::photos;
 use prost::Message;
 use std::time::Duration;
 
@@ -93,16 +93,70 @@ async fn a_killed_node_is_marked_offline_by_its_last_will() {
     }
 }
 
+/// The `module loaded` lines of a node's log, in order (one per start).
+fn module_loaded_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("module loaded")).collect()
+}
+
+/// The compiled code in a compiled-module cache: each `.cwasm` file and when it was written.
+fn cached_code(dir: &std::path::Path) -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("read the cache dir")
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == "cwasm"))
+        .map(|path| {
+            let written = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .expect("mtime");
+            (path, written)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_node_loads_the_module_from_the_cache() {
     let broker = TestBroker::start().await;
-    let first = TestNode::start(NodeSpec::with_guest("l3", "device", broker.port())).await;
-    drop(first);
-    let second = TestNode::start(NodeSpec::with_guest("l3", "device", broker.port())).await;
-    let log = second.log();
+    // A cache of its own, empty: the one the other test nodes share already holds the
+    // classifier's code, so it would serve from the cache at the first start too.
+    let cache = tempfile::tempdir().expect("a cache dir");
+    assert!(cached_code(cache.path()).is_empty());
+    let mut spec = NodeSpec::with_guest("l3", "device", broker.port());
+    spec.extra_args = vec!["--cache-dir".into(), cache.path().display().to_string()];
+    let mut node = TestNode::start(spec).await;
+    // Only the node's log says where the code came from (no status or metric does).
+    let log = node.log();
+    let loaded = module_loaded_lines(&log);
+    assert_eq!(loaded.len(), 1, "{log}");
     assert!(
-        log.contains("module loaded") && log.contains("from_cache=true"),
-        "{log}"
+        loaded[0].contains("from_cache=false"),
+        "the first start must compile: {}",
+        loaded[0]
+    );
+    let compiled = cached_code(cache.path());
+    assert_eq!(
+        compiled.len(),
+        1,
+        "the first start writes the module's code into the cache: {compiled:?}\n{log}"
+    );
+
+    node.restart();
+    node.wait_ready(broker.port()).await;
+    node.wait_for_log_times("module loaded", 2, Duration::from_secs(60))
+        .await;
+    let log = node.log();
+    let loaded = module_loaded_lines(&log);
+    assert_eq!(loaded.len(), 2, "{log}");
+    assert!(
+        loaded[1].contains("from_cache=true"),
+        "the restart must load the cached code: {}",
+        loaded[1]
+    );
+    assert_eq!(
+        cached_code(cache.path()),
+        compiled,
+        "the restart compiled and wrote the code again"
     );
 }
 

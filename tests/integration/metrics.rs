@@ -3,19 +3,19 @@
 //! histograms, offloads, queue depth, the module served and its swaps.
 
 use isomesh_protos::{Job, JobResult};
-use isomesh_tests::broker::TestBroker;
-use isomesh_tests::free_port;
-use isomesh_tests::metrics::{scrape, sum, value};
-use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{NodeSpec, TestNode};
-use isomesh_tests::rollout::{guest_module_v2, MODULE_NAME, VERSION_2};
+use isomesh_testkit::broker::TestBroker;
+use isomesh_testkit::free_port;
+use isomesh_testkit::metrics::{scrape, sum, value};
+use isomesh_testkit::mqtt::Client;
+use isomesh_testkit::node::{wait_statuses_published, NodeSpec, TestNode};
+use isomesh_testkit::rollout::{guest_module_v2, MODULE_NAME, VERSION_2};
 use prost::Message;
 use std::time::Duration;
 
 const REPLIES: &str = "test/metrics/replies";
 
 fn job(n: usize, id: &str, budget_ms: u32) -> Vec<u8> {
-    isomesh_tests::photo_job(n, id, REPLIES, budget_ms)
+    isomesh_testkit::photo_job(n, id, REPLIES, budget_ms)
 }
 
 /// A node with a metrics endpoint on a free port; returns it and the endpoint's address.
@@ -58,8 +58,9 @@ async fn a_scrape_counts_jobs_stages_and_module_swaps() {
         "{fresh}"
     );
     assert_eq!(value(&fresh, "isomesh_module_swaps_total"), Some(0.0));
-    let sha =
-        isomesh_node::sandbox::sha256_hex(&std::fs::read(isomesh_tests::guest_module()).unwrap());
+    let sha = isomesh_module::digest::sha256_hex(
+        &std::fs::read(isomesh_testkit::guest_module()).unwrap(),
+    );
     assert!(
         fresh.contains(&format!(
             "isomesh_module_info{{name=\"mobilenet_v2\",version=\"0.1.0\",sha256=\"{sha}\"}} 1"
@@ -134,7 +135,7 @@ async fn a_scrape_counts_jobs_stages_and_module_swaps() {
     // A module dropped into the directory by hand is swapped in: one swap, the new version.
     let v2 = std::fs::read(guest_module_v2()).expect("module 0.2.0");
     let path = node.modules_dir().join("mobilenet_v2-0.2.0.wasm");
-    isomesh_tests::rollout::sign_file(&path, &v2, MODULE_NAME, VERSION_2);
+    isomesh_testkit::rollout::sign_file(&path, &v2, MODULE_NAME, VERSION_2);
     let tmp = node.modules_dir().join(".incoming.tmp");
     std::fs::write(&tmp, v2).expect("write module");
     std::fs::rename(&tmp, &path).expect("rename");
@@ -180,7 +181,8 @@ async fn offloads_are_counted_where_they_leave_and_where_they_run() {
     for node in &nodes {
         node.wait_ready(port).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The device has been sent the edge node's status before the jobs below.
+    wait_statuses_published(port, &["m2d", "m2e"], Duration::from_secs(30)).await;
     let mut client = Client::connect(port, "metrics-offload").await;
     client.subscribe(REPLIES).await;
     for n in 0..4 {

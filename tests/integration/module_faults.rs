@@ -3,10 +3,10 @@
 //! job fails that job with a clear error, its instance is recycled, and the next job is answered.
 
 use isomesh_protos::NodeStatus;
-use isomesh_tests::broker::TestBroker;
-use isomesh_tests::faults::{fault_module, Fault};
-use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{ModuleFile, NodeSpec, TestNode};
+use isomesh_testkit::broker::TestBroker;
+use isomesh_testkit::faults::{fault_module, Fault};
+use isomesh_testkit::mqtt::Client;
+use isomesh_testkit::node::{ModuleFile, NodeSpec, TestNode};
 use prost::Message;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -27,7 +27,7 @@ async fn status_of(port: u16, node: &str) -> NodeStatus {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_that_is_not_wasm_is_rejected_and_the_good_module_serves() {
     let broker = TestBroker::start().await;
-    let good = std::fs::read(isomesh_tests::guest_module()).unwrap();
+    let good = std::fs::read(isomesh_testkit::guest_module()).unwrap();
     let mut spec = NodeSpec::with_guest("m1", "edge", broker.port());
     // Newer than the good module, so it is tried first.
     // Signed, so it gets past the signature check to the sandbox's own.
@@ -41,6 +41,7 @@ async fn a_file_that_is_not_wasm_is_rejected_and_the_good_module_serves() {
     let status = status_of(broker.port(), "m1").await;
     let module = status.module.expect("a module is served");
     assert_eq!(module.sha256, format!("{:x}", Sha256::digest(&good)));
+    // Only the log says why: a file refused at start-up leaves no rollout state.
     let log = node.log();
     assert!(
         log.contains("is not a WebAssembly module"),
@@ -51,7 +52,7 @@ async fn a_file_that_is_not_wasm_is_rejected_and_the_good_module_serves() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_that_loops_in_its_self_test_is_rejected() {
     let broker = TestBroker::start().await;
-    let good = std::fs::read(isomesh_tests::guest_module()).unwrap();
+    let good = std::fs::read(isomesh_testkit::guest_module()).unwrap();
     let mut spec = NodeSpec::with_guest("m2", "edge", broker.port());
     spec.modules.push(ModuleFile::signed(
         "zz-loops.wasm",
@@ -66,6 +67,7 @@ async fn a_module_that_loops_in_its_self_test_is_rejected() {
         status.module.expect("module").sha256,
         format!("{:x}", Sha256::digest(&good))
     );
+    // Only the log says why: a file refused at start-up leaves no rollout state.
     let log = node.log();
     assert!(
         log.contains("failed its self-test") && log.contains("deadline"),

@@ -4,16 +4,18 @@
 //! foreign, corrupt, incomplete, not Wasm, failing its self-test, a downgrade) is rejected with a
 //! reason while the old module keeps serving.
 
-use isomesh_node::signing::SecretKey;
+use isomesh_module::signing::SecretKey;
 use isomesh_protos::Tier;
-use isomesh_tests::broker::TestBroker;
-use isomesh_tests::faults::{fault_module, Fault};
-use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{
-    classify_photo, rejected, serves, wait_status, ModuleFile, NodeSpec, TestNode,
+use isomesh_testkit::broker::TestBroker;
+use isomesh_testkit::faults::{fault_module, Fault};
+use isomesh_testkit::mqtt::Client;
+use isomesh_protos::NodeStatus;
+use isomesh_testkit::node::{
+    classify_photo, rejected, rejected_with, rejection, serves, swapped_in, wait_status,
+    ModuleFile, NodeSpec, TestNode,
 };
-use isomesh_tests::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_1, VERSION_2};
-use isomesh_tests::{bin_path, photos};
+use isomesh_testkit::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_1, VERSION_2};
+use isomesh_testkit::{bin_path, photos};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -115,6 +117,8 @@ async fn a_rollout_reaches_every_node_while_jobs_flow_and_loses_none() {
                     .expect("publish");
                 sent += 1;
                 after = after.map(|left: usize| left - 1);
+                // A deliberate pace (four photos a second), so jobs keep arriving all through the
+                // rollout: no test condition waits on this.
                 tokio::select! {
                     _ = rollout_done.notified(), if after.is_none() => after = Some(8),
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -231,14 +235,15 @@ async fn a_rollout_for_one_tier_leaves_the_other_tiers_alone() {
         serves(s, VERSION_2)
     })
     .await;
+    // Only the device's log says it heard the manifest and left it alone (its status keeps no
+    // rollout at all).
+    device
+        .wait_for_log("manifest is not for this node", CONVERGE_WITHIN)
+        .await;
     let device_status =
         wait_status(broker.port(), "r2d", Duration::from_secs(10), |s| s.online).await;
     assert!(serves(&device_status, VERSION_1), "{device_status:?}");
-    assert!(
-        device.log().contains("manifest is not for this node"),
-        "{}",
-        device.log()
-    );
+    assert!(device_status.rollout.is_none(), "{device_status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -250,24 +255,33 @@ async fn a_module_copied_in_by_hand_is_swapped_in_once_complete() {
     // Its signed manifest comes first (`isomesh sign`): nodes run only signed modules.
     let path = node.modules_dir().join("copied.wasm");
     rollout::sign_file(&path, &v2, MODULE_NAME, VERSION_2);
+    // Every status from here on: none may show the half rejected.
+    let watcher = status_watcher(broker.port(), "r3").await;
+    let statuses = tokio::spawn(statuses_until(watcher, "r3", |s| swapped_in(s, VERSION_2)));
     {
         use std::io::Write;
         let mut file = std::fs::File::create(&path).unwrap();
         file.write_all(&v2[..v2.len() / 2]).unwrap();
         file.flush().unwrap();
+        // The slow copy itself: the half stays on disk this long (not a wait for anything).
         tokio::time::sleep(Duration::from_millis(1500)).await;
         file.write_all(&v2[v2.len() / 2..]).unwrap();
     }
-    wait_status(broker.port(), "r3", CONVERGE_WITHIN, |s| {
-        serves(s, VERSION_2)
-    })
-    .await;
+    let seen = statuses.await.expect("status watcher");
+    let status = seen.last().expect("a status");
+    assert!(serves(status, VERSION_2), "{status:?}");
+    assert!(
+        seen.iter().all(|s| rejected(s).is_none()),
+        "a half-written file was loaded: {seen:?}\n{}",
+        node.log()
+    );
+    // A rejection shown between two status publications would not reach a status: the log
+    // records every one.
     let log = node.log();
     assert!(
         !log.contains("rejected"),
         "a half-written file was loaded:\n{log}"
     );
-    assert!(log.contains("module swapped in"), "{log}");
     classify_ok(broker.port(), "r3").await;
 }
 
@@ -316,11 +330,10 @@ async fn nodes_re_seed_a_broker_that_lost_its_retained_messages() {
         serves(s, VERSION_2)
     })
     .await;
-    assert!(
-        node.log().contains("module re-seeded on the broker"),
-        "{}",
-        node.log()
-    );
+    // The restarted broker holds the module's manifest again: only the node can have put it
+    // there (the rollout command is gone).
+    let manifest = retained_manifest(broker.port(), "r5-manifest").await;
+    assert_eq!(manifest.version, VERSION_2, "{}", node.log());
     classify_ok(broker.port(), "r5late").await;
     drop(late);
 }
@@ -336,13 +349,10 @@ async fn a_node_outside_a_rollout_never_writes_over_its_manifest() {
     let (code, output) = isomesh(args).await;
     assert_eq!(code, 0, "{output}");
     // The device reconnects; the retained manifest it finds is 0.2.0 for the edge tier, not
-    // one of the module it serves. Its re-seed check comes 3-5 s after the connection.
+    // one of the module it serves. (At its first start the broker held no manifest at all, and
+    // it rightly published one.)
     assert!(device.terminate(), "clean exit:\n{}", device.log());
-    device.start_again();
-    device
-        .wait_for_log_times("connected broker=", 2, CONVERGE_WITHIN)
-        .await;
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    wait_status(broker.port(), "r6d", Duration::from_secs(10), |s| !s.online).await;
     let mut client = Client::connect(broker.port(), "r6-manifest").await;
     client
         .subscribe(&format!("isomesh/modules/{MODULE_NAME}/manifest"))
@@ -351,27 +361,85 @@ async fn a_node_outside_a_rollout_never_writes_over_its_manifest() {
         .next(Duration::from_secs(10))
         .await
         .expect("a retained manifest");
-    let manifest =
-        <isomesh_protos::ModuleManifest as prost::Message>::decode(retained.payload.as_ref())
-            .expect("a manifest");
+    assert_eq!(decode_manifest(&retained.payload).version, VERSION_2);
+    device.start_again();
+    // Its retained status says offline (above): the next online one is the new connection's.
+    wait_status(broker.port(), "r6d", CONVERGE_WITHIN, |s| s.online).await;
+    // Its re-seed check comes RESEED_DELAY and up to 2 s of jitter after connecting (checked
+    // every 250 ms): nothing may be published on the manifest topic meanwhile, nor after.
+    let window = isomesh_module::agent::RESEED_DELAY + Duration::from_secs(4);
+    if let Some(publish) = client.next(window).await {
+        panic!(
+            "the device wrote over the edge rollout's manifest with {:?}; its log:\n{}",
+            decode_manifest(&publish.payload),
+            device.log()
+        );
+    }
+    let manifest = retained_manifest(broker.port(), "r6-manifest-after").await;
     assert_eq!(
         manifest.version,
         VERSION_2,
         "the device wrote over the edge rollout; its log:\n{}",
         device.log()
     );
-    // (At its first start the broker held no manifest at all, and it rightly published one.)
-    let log = device.log();
-    let since_restart = log.rsplit("connected broker=").next().unwrap_or_default();
-    assert!(!since_restart.contains("publishing it again"), "{log}");
 }
 
-/// One bad rollout against a node serving version 1: it must be rejected with a reason that
-/// contains `expected`, and the node must keep serving version 1 correctly.
+fn decode_manifest(payload: &[u8]) -> isomesh_protos::ModuleManifest {
+    <isomesh_protos::ModuleManifest as prost::Message>::decode(payload).expect("a manifest")
+}
+
+/// The manifest of the module retained on the broker (panics if there is none).
+async fn retained_manifest(port: u16, client_id: &str) -> isomesh_protos::ModuleManifest {
+    let mut client = Client::connect(port, client_id).await;
+    client
+        .subscribe(&format!("isomesh/modules/{MODULE_NAME}/manifest"))
+        .await;
+    let retained = client
+        .next(Duration::from_secs(10))
+        .await
+        .expect("a retained manifest");
+    assert!(retained.retain, "the manifest is not a retained message");
+    decode_manifest(&retained.payload)
+}
+
+/// A client subscribed to `node`'s status.
+async fn status_watcher(port: u16, node: &str) -> Client {
+    let watcher = Client::connect(port, &format!("statuses-{node}")).await;
+    watcher.subscribe(&format!("isomesh/status/{node}")).await;
+    watcher
+}
+
+/// Every status `watcher` gets (the retained one first) until one satisfies `done` (the last).
+async fn statuses_until(
+    mut watcher: Client,
+    node: &'static str,
+    done: impl Fn(&NodeStatus) -> bool,
+) -> Vec<NodeStatus> {
+    let deadline = tokio::time::Instant::now() + CONVERGE_WITHIN;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(publish) = watcher.next(left).await else {
+            panic!("{node}: condition not met within {CONVERGE_WITHIN:?}; statuses: {seen:?}");
+        };
+        let status = <NodeStatus as prost::Message>::decode(publish.payload.as_ref())
+            .expect("NodeStatus");
+        let finished = done(&status);
+        seen.push(status);
+        if finished {
+            return seen;
+        }
+    }
+}
+
+/// One bad rollout against a node serving version 1: its status must say it was rejected with
+/// `code` (the stable kind of refusal) and a reason that mentions `words`, and the node must keep
+/// serving version 1 correctly.
 async fn assert_rejected(
     id: &str,
-    make: impl FnOnce(&Keys) -> isomesh_node::package::Package,
-    expected: &str,
+    make: impl FnOnce(&Keys) -> isomesh_module::package::Package,
+    code: &str,
+    words: &str,
     extra_args: &[&str],
 ) {
     let broker = TestBroker::start().await;
@@ -387,11 +455,19 @@ async fn assert_rejected(
         rejected(s).is_some()
     })
     .await;
-    let reason = rejected(&status).unwrap_or_default();
-    assert!(
-        reason.contains(expected),
-        "rejection reason {reason:?} should mention {expected:?}; log:\n{}",
+    let rollout = rejection(&status).expect("a rejection");
+    assert_eq!(
+        rollout.code,
+        code,
+        "rejected as {:?} ({:?}), expected {code:?}; log:\n{}",
+        rollout.code,
+        rollout.reason,
         node.log()
+    );
+    assert!(
+        rollout.reason.contains(words),
+        "rejection reason {:?} should mention {words:?}",
+        rollout.reason
     );
     assert!(serves(&status, VERSION_1), "{status:?}");
     let result = classify_ok(broker.port(), id).await;
@@ -404,8 +480,8 @@ fn v2_bytes() -> Vec<u8> {
 
 fn signed(
     keys: &Keys,
-    mut package: isomesh_node::package::Package,
-) -> isomesh_node::package::Package {
+    mut package: isomesh_module::package::Package,
+) -> isomesh_module::package::Package {
     keys.secret.sign(&mut package.manifest);
     package
 }
@@ -422,6 +498,7 @@ async fn a_manifest_altered_after_signing_is_rejected() {
             package.manifest.target_nodes = vec!["b1".into()];
             package
         },
+        "signature",
         "signature does not match",
         &[],
     )
@@ -438,6 +515,7 @@ async fn a_manifest_signed_by_an_unknown_key_is_rejected() {
             stranger.sign(&mut package.manifest);
             package
         },
+        "signature",
         "does not trust",
         &[],
     )
@@ -461,6 +539,7 @@ async fn chunks_that_do_not_hash_to_the_manifest_are_rejected() {
             }
             signed(keys, package)
         },
+        "transfer",
         "sha256 mismatch",
         &[],
     )
@@ -479,6 +558,7 @@ async fn a_rollout_with_a_missing_chunk_is_abandoned_with_the_chunk_named() {
             package.chunks.remove(7);
             package
         },
+        "stalled",
         "chunks 7",
         &["--fetch-timeout-s", "4"],
     )
@@ -496,6 +576,7 @@ async fn a_truncated_module_is_rejected() {
                 rollout::package(&v2[..v2.len() / 3], MODULE_NAME, VERSION_2, &[]),
             )
         },
+        "load",
         "does not compile",
         &[],
     )
@@ -512,6 +593,7 @@ async fn a_file_that_is_not_wasm_is_rejected() {
                 rollout::package(b"#!/bin/sh\nrm -rf /\n", MODULE_NAME, VERSION_2, &[]),
             )
         },
+        "not-wasm",
         "not a WebAssembly module",
         &[],
     )
@@ -526,6 +608,7 @@ async fn a_wasm_module_without_the_classifier_exports_is_rejected() {
             let empty = wat::parse_str("(module (memory (export \"memory\") 1))").unwrap();
             signed(keys, rollout::package(&empty, MODULE_NAME, VERSION_2, &[]))
         },
+        "load",
         "does not fit the isomesh guest ABI",
         &[],
     )
@@ -542,6 +625,7 @@ async fn a_module_whose_self_test_traps_is_rejected() {
                 rollout::package(&fault_module(Fault::AlwaysTrap), "faulty", "t1", &[]),
             )
         },
+        "load",
         "failed its self-test",
         &[],
     )
@@ -558,6 +642,7 @@ async fn a_module_whose_self_test_loops_is_rejected() {
                 rollout::package(&fault_module(Fault::AlwaysLoop), "faulty", "t1", &[]),
             )
         },
+        "load",
         "deadline",
         &["--call-timeout-ms", "1500"],
     )
@@ -572,6 +657,7 @@ async fn a_module_that_misreads_the_known_photo_is_rejected() {
             let module = fault_module(Fault::MissesThePhoto);
             signed(keys, rollout::package(&module, "faulty", "t1", &[]))
         },
+        "load",
         "known photo of a pelican came out as \"a\"",
         &[],
     )
@@ -588,6 +674,7 @@ async fn a_manifest_whose_name_does_not_match_the_module_is_rejected() {
                 rollout::package(&v2_bytes(), MODULE_NAME, "7.0.0", &[]),
             )
         },
+        "mislabelled",
         "says it is",
         &[],
     )
@@ -605,16 +692,13 @@ async fn a_manifest_for_another_tier_is_ignored() {
         rollout::package(&v2_bytes(), MODULE_NAME, VERSION_2, &[Tier::Cloud]),
     );
     rollout::publish(&client, &package).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Only the log says the node heard the manifest and ignored it: its status keeps no rollout.
+    node.wait_for_log("manifest is not for this node", CONVERGE_WITHIN)
+        .await;
     let status = wait_status(broker.port(), "b11", Duration::from_secs(10), |s| s.online).await;
     assert!(
         serves(&status, VERSION_1) && status.rollout.is_none(),
         "{status:?}"
-    );
-    assert!(
-        node.log().contains("manifest is not for this node"),
-        "{}",
-        node.log()
     );
 }
 
@@ -626,7 +710,7 @@ async fn an_older_version_is_refused_unless_forced() {
     let mut spec = node_with_keys("b12", "edge", broker.port(), &keys);
     spec.modules = vec![ModuleFile::guest_v2()];
     let _node = TestNode::start(spec).await;
-    let v1 = std::fs::read(isomesh_tests::guest_module()).unwrap();
+    let v1 = std::fs::read(isomesh_testkit::guest_module()).unwrap();
     let client = Client::connect(broker.port(), "b12-publisher").await;
     let old = signed(&keys, rollout::package(&v1, MODULE_NAME, VERSION_1, &[]));
     rollout::publish(&client, &old).await;
@@ -634,6 +718,7 @@ async fn an_older_version_is_refused_unless_forced() {
         rejected(s).is_some()
     })
     .await;
+    assert!(rejected_with(&status, "downgrade"), "{status:?}");
     assert!(
         rejected(&status)
             .unwrap_or_default()

@@ -5,15 +5,16 @@
 //! `--allow-unsigned`. The sandbox's limits are public in every status. The broker asks for a
 //! login and enforces the roles of deploy/acl.conf; the same files configure Mosquitto.
 
-use isomesh_node::signing::SecretKey;
+use isomesh_module::signing::SecretKey;
 use isomesh_protos::NodeStatus;
-use isomesh_tests::broker::{Access, BrokerKind, Tls};
-use isomesh_tests::mqtt::Client;
-use isomesh_tests::node::{
-    classify_photo, rejected, serves, wait_status, wait_status_as, ModuleFile, NodeSpec, TestNode,
+use isomesh_testkit::broker::{Access, BrokerKind, Tls};
+use isomesh_testkit::mqtt::Client;
+use isomesh_testkit::node::{
+    classify_photo, rejected, rejected_with, serves, swapped_in, wait_status, wait_status_as,
+    ModuleFile, NodeSpec, TestNode,
 };
-use isomesh_tests::rollout::{self, guest_module_v2, MODULE_NAME, VERSION_1, VERSION_2};
-use isomesh_tests::{broker::TestBroker, photos};
+use isomesh_testkit::rollout::{self, guest_module_v2, MODULE_NAME, VERSION_1, VERSION_2};
+use isomesh_testkit::{broker::TestBroker, photos};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
@@ -21,8 +22,10 @@ use std::time::Duration;
 
 const WITHIN: Duration = Duration::from_secs(240);
 
-fn rejected_because(status: &NodeStatus, words: &str) -> bool {
-    rejected(status).is_some_and(|reason| reason.contains(words))
+/// Whether `status` says a module file was refused as untrusted, for a reason mentioning
+/// `words` (the code is the same for every trust failure; the words tell them apart).
+fn untrusted_because(status: &NodeStatus, words: &str) -> bool {
+    rejected_with(status, "untrusted") && rejected(status).is_some_and(|r| r.contains(words))
 }
 
 /// Writes `bytes` as module file `name` into `dir` in one step (as a rollout does).
@@ -42,7 +45,7 @@ async fn modules_copied_in_without_a_trusted_signature_never_run() {
 
     // Unsigned: refused, with a reason that says what to do; 0.1.0 keeps serving.
     drop_in(&dir, "mobilenet_v2-0.2.0.wasm", &v2);
-    let status = wait_status(port, "s1", WITHIN, |s| rejected_because(s, "unsigned")).await;
+    let status = wait_status(port, "s1", WITHIN, |s| untrusted_because(s, "unsigned")).await;
     assert!(serves(&status, VERSION_1), "{status:?}");
     let reason = status.rollout.map(|r| r.reason).unwrap_or_default();
     assert!(reason.contains("isomesh sign"), "{reason}");
@@ -50,11 +53,11 @@ async fn modules_copied_in_without_a_trusted_signature_never_run() {
     // Signed by a key the node does not trust, as a forger with broker or disk access would.
     let forger = SecretKey::generate().expect("key");
     let path = dir.join("mobilenet_v2-0.2.0.wasm");
-    isomesh_node::trust::write_signed_manifest(&path, &v2, MODULE_NAME, VERSION_2, &forger)
+    isomesh_module::trust::write_signed_manifest(&path, &v2, MODULE_NAME, VERSION_2, &forger)
         .expect("forged manifest");
     drop_in(&dir, "mobilenet_v2-0.2.0.wasm", &v2);
     wait_status(port, "s1", WITHIN, |s| {
-        rejected_because(s, "does not trust") && serves(s, VERSION_1)
+        untrusted_because(s, "does not trust") && serves(s, VERSION_1)
     })
     .await;
 
@@ -62,7 +65,7 @@ async fn modules_copied_in_without_a_trusted_signature_never_run() {
     rollout::sign_file(&path, b"\0asm other bytes", MODULE_NAME, VERSION_2);
     drop_in(&dir, "mobilenet_v2-0.2.0.wasm", &v2);
     wait_status(port, "s1", WITHIN, |s| {
-        rejected_because(s, "not for this file") && serves(s, VERSION_1)
+        untrusted_because(s, "not for this file") && serves(s, VERSION_1)
     })
     .await;
     let answer = classify_photo(port, "s1", WITHIN).await;
@@ -71,9 +74,10 @@ async fn modules_copied_in_without_a_trusted_signature_never_run() {
     // Signed by the trusted key: swapped in.
     rollout::sign_file(&path, &v2, MODULE_NAME, VERSION_2);
     drop_in(&dir, "mobilenet_v2-0.2.0.wasm", &v2);
-    wait_status(port, "s1", WITHIN, |s| serves(s, VERSION_2)).await;
-    let log = node.log();
-    assert!(log.contains("module swapped in"), "{log}");
+    wait_status(port, "s1", WITHIN, |s| {
+        serves(s, VERSION_2) && swapped_in(s, VERSION_2)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,7 +85,7 @@ async fn an_unsigned_module_runs_only_with_allow_unsigned_and_a_warning() {
     let broker = TestBroker::start().await;
     let port = broker.port();
     let unsigned = || {
-        let bytes = std::fs::read(isomesh_tests::guest_module()).expect("guest module");
+        let bytes = std::fs::read(isomesh_testkit::guest_module()).expect("guest module");
         vec![ModuleFile::unsigned("mobilenet_v2.wasm", bytes)]
     };
 
@@ -102,6 +106,7 @@ async fn an_unsigned_module_runs_only_with_allow_unsigned_and_a_warning() {
             .is_some_and(|e| e.contains("no classifier module")),
         "{answer}"
     );
+    // Only the log says why: a file refused at start-up leaves no rollout state.
     let log = strict.log();
     assert!(
         log.contains("module refused") && log.contains("unsigned"),
@@ -122,6 +127,7 @@ async fn an_unsigned_module_runs_only_with_allow_unsigned_and_a_warning() {
     assert!(status.sandbox.expect("limits").allow_unsigned);
     let answer = classify_photo(port, "s3", WITHIN).await;
     assert!(answer["top"][0]["index"].is_u64(), "{answer}");
+    // The warning on every load is the promise itself: only the log can show it.
     let log = lax.log();
     assert!(
         log.contains("running a module without a valid signature because of --allow-unsigned"),
@@ -165,7 +171,7 @@ async fn statuses_show_the_sandbox_limits_the_node_was_given() {
     );
 
     // `isomesh status --json` shows them too.
-    let out = std::process::Command::new(isomesh_tests::bin_path("isomesh"))
+    let out = std::process::Command::new(isomesh_testkit::bin_path("isomesh"))
         .args(["status", "--broker", &broker.url(), "--json"])
         .output()
         .expect("isomesh status");
@@ -215,7 +221,7 @@ impl Accounts {
         let dir = tempfile::tempdir().expect("tempdir");
         let password_file = dir.path().join("passwd");
         for user in ["d1", "e1", "camera", "rollout"] {
-            let out = std::process::Command::new(isomesh_tests::bin_path("isomesh-broker"))
+            let out = std::process::Command::new(isomesh_testkit::bin_path("isomesh-broker"))
                 .arg("passwd")
                 .arg(&password_file)
                 .arg(user)
@@ -234,7 +240,7 @@ impl Accounts {
         assert!(out.status.success(), "{out:?}");
         let acl_file = dir.path().join("acl.conf");
         std::fs::copy(
-            isomesh_tests::workspace_root().join("deploy/acl.conf"),
+            isomesh_testkit::workspace_root().join("deploy/acl.conf"),
             &acl_file,
         )
         .expect("deploy/acl.conf");
@@ -287,6 +293,7 @@ async fn logins_are_required_and_refusals_say_why() {
     // Both tools' hashes log in.
     login(port, "ok-1", "d1").await;
     login(port, "ok-2", "operator").await;
+    // Only the broker's log says why it refused each (the CONNACKs above carry a code).
     if broker.kind == BrokerKind::Isomesh {
         let log = broker.log();
         assert!(
@@ -386,7 +393,7 @@ async fn roles_keep_modules_and_jobs_out_of_reach_and_nodes_serve_on() {
         camera
             .publish(
                 "isomesh/jobs/tier/edge",
-                isomesh_tests::photo_job(n, &format!("tier-{n}"), "isomesh/results/cam", 0),
+                isomesh_testkit::photo_job(n, &format!("tier-{n}"), "isomesh/results/cam", 0),
             )
             .await;
     }
@@ -426,6 +433,7 @@ async fn roles_keep_modules_and_jobs_out_of_reach_and_nodes_serve_on() {
         serves(s, VERSION_2)
     })
     .await;
+    // A refused subscription of the node shows only in its log (it would miss that topic).
     let log = edge.log();
     assert!(!log.contains("refused a subscription"), "{log}");
 }
@@ -438,6 +446,7 @@ async fn a_node_with_a_wrong_password_says_so_and_stays_out() {
         extra_args: vec!["--password".into(), "not it".into()],
         ..NodeSpec::with_guest("e1", "edge", broker.port())
     });
+    // Only the node's log can say why it stays out (it publishes nothing).
     node.wait_for_log("the broker refused this node's login", WITHIN)
         .await;
     assert!(!node.log().contains("not it"), "the password was logged");
@@ -513,7 +522,7 @@ impl Certs {
     fn new() -> Certs {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = std::process::Command::new("python3")
-            .arg(isomesh_tests::workspace_root().join("scripts/test_certs.py"))
+            .arg(isomesh_testkit::workspace_root().join("scripts/test_certs.py"))
             .arg(dir.path())
             .output()
             .expect("python3");
@@ -545,7 +554,7 @@ const NO_ENV: &[(&str, &str)] = &[];
 
 /// `isomesh status` against `url`, with only the login and TLS variables of `env`; its output.
 fn status_command<V: AsRef<std::ffi::OsStr>>(url: &str, env: &[(&str, V)]) -> std::process::Output {
-    let mut command = std::process::Command::new(isomesh_tests::bin_path("isomesh"));
+    let mut command = std::process::Command::new(isomesh_testkit::bin_path("isomesh"));
     command.args(["status", "--broker", url]);
     for var in [
         "ISOMESH_USERNAME",
@@ -584,11 +593,12 @@ async fn nodes_and_the_cli_work_over_tls_and_plain_clients_cannot_use_its_port()
         certs.path("ca.pem"),
     ];
     let node = TestNode::start(spec).await;
+    // Its only broker URL is mqtts://; the log line names the URL it connected to.
     assert!(node.log().contains("mqtts://127.0.0.1"), "{}", node.log());
 
     // A photo classified end to end over TLS, by the CLI.
     let photo = &photos()[0];
-    let out = std::process::Command::new(isomesh_tests::bin_path("isomesh"))
+    let out = std::process::Command::new(isomesh_testkit::bin_path("isomesh"))
         .args([
             "classify",
             "--json",
@@ -648,6 +658,7 @@ async fn expired_and_self_signed_broker_certificates_are_refused() {
         ],
         ..NodeSpec::with_guest("t2", "edge", selfsigned.port())
     });
+    // Only the node's log can say why it never comes online.
     node.wait_for_log("UnknownIssuer", WITHIN).await;
 }
 

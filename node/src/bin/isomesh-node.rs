@@ -1,5 +1,5 @@
 //! `isomesh-node`: the daemon every tier runs. Parses settings, then hands over to
-//! `isomesh_node::node::run` until SIGTERM or Ctrl-C.
+//! `isomesh_node::daemon::run` until SIGTERM or Ctrl-C.
 
 use clap::Parser;
 use isomesh_node::config::{apply_config_file, NodeConfig};
@@ -40,7 +40,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(isomesh_node::node::run(flags.node, shutdown_signal())) {
+    let node = async {
+        let metrics = isomesh_node::daemon::bind_metrics(&flags.node).await?;
+        isomesh_node::daemon::run(flags.node, metrics, shutdown_signal()).await
+    };
+    match runtime.block_on(node) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("isomesh-node: {e}");

@@ -1,0 +1,344 @@
+//! `isomesh bench infer`: what the sandbox costs. In one run, on the same images: MobileNetV2
+//! latency inside Wasm and natively (the same guest crate linked into this binary), what a call
+//! across the sandbox boundary costs next to the work it carries (an empty call, decoding only,
+//! a whole classification), compile time, cached load time and resident memory; with
+//! `--onnxruntime`, the same model in onnxruntime too, the tool a user would pick instead (through
+//! its Python package: a baseline, not a dependency). With `--cpu-cores`, all of it runs under a
+//! CPU quota, as on a device or an edge box. Writes JSON.
+
+use crate::common::{machine, ms, read_files, stats, tempdir};
+use anyhow::Context;
+use isomesh_sandbox::{Sandbox, SandboxConfig};
+use isomesh_testkit::harness::CpuQuota;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Args)]
+pub struct InferArgs {
+    /// The classifier module.
+    #[arg(long)]
+    pub module: PathBuf,
+    /// Images to classify (each is run --iterations times).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Timed runs per image and runtime.
+    #[arg(long, default_value_t = 20)]
+    pub iterations: usize,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-out/infer.json")]
+    pub out: PathBuf,
+    /// Also run this ONNX model (the one the guest embeds) in onnxruntime, single-threaded, on
+    /// the same images; needs python3 with onnxruntime, numpy and pillow.
+    #[arg(long, value_name = "MODEL.onnx")]
+    pub onnxruntime: Option<PathBuf>,
+    /// Run the measurements (not the compile) limited to this many cores of CPU time (0.25 =
+    /// a quarter of one), by a cgroup quota with 10 ms periods: needs root.
+    #[arg(long, value_name = "CORES")]
+    pub cpu_cores: Option<f64>,
+    /// Keep compiled code here, so runs after the first skip the compile (default: a temporary
+    /// directory, removed after the run).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The onnxruntime baseline, carried in the binary so it runs from any directory.
+const ONNXRUNTIME_SCRIPT: &str = include_str!("../../scripts/bench_onnxruntime.py");
+
+pub fn infer(args: InferArgs) -> anyhow::Result<()> {
+    let images = read_files(&args.images)?;
+    let scratch = tempdir()?;
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| scratch.join("cache"));
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: Some(cache.clone()),
+        ..SandboxConfig::default()
+    })?;
+
+    eprintln!("loading {} ...", args.module.display());
+    let rss_before = crate::common::own_status_kib("VmRSS:");
+    let started = Instant::now();
+    let module = sandbox.load_file(&args.module, |probe, info| {
+        isomesh_module::selftest::run(&mut probe.classifier(), info)
+    })?;
+    let cold_load = started.elapsed();
+    let compile = (!module.compiled.from_cache).then_some(module.compiled.elapsed);
+    let rss_after_compile = crate::common::own_status_kib("VmHWM:");
+    let started = Instant::now();
+    let cached = sandbox.load_file(&args.module, |probe, info| {
+        isomesh_module::selftest::run(&mut probe.classifier(), info)
+    })?;
+    let warm_load = started.elapsed();
+    anyhow::ensure!(
+        cached.compiled.from_cache,
+        "the second load did not come from the cache"
+    );
+    let cached_load = cached.compiled.elapsed;
+    // Only now: the compile is a publisher's or a first start's cost, not a tier's.
+    let quota = match args.cpu_cores {
+        Some(cores) => Some(SelfQuota::enter(cores)?),
+        None => None,
+    };
+
+    let started = Instant::now();
+    let mut instance = sandbox.instantiate(&module).map_err(anyhow::Error::msg)?;
+    let instantiate = started.elapsed();
+    let calls = 100_000;
+    let started = Instant::now();
+    for _ in 0..calls {
+        instance.ping().map_err(anyhow::Error::msg)?;
+    }
+    let empty_call_ns = started.elapsed().as_nanos() as f64 / calls as f64;
+
+    let mut wasm = Vec::new();
+    let mut native = Vec::new();
+    let mut wasm_top1 = Vec::new();
+    let mut classify_calls = Boundary::default();
+    let mut preprocess_calls = Boundary::default();
+    let native_classifier = native_baseline()?;
+    for image in &images {
+        // One untimed run each to warm caches, then alternate so drift hits both alike.
+        let warm = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
+        wasm_top1.push(warm.top.first().map(|score| score.index));
+        native_classifier(image)?;
+        for _ in 0..args.iterations {
+            let t = Instant::now();
+            let answer = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
+            classify_calls.add(t.elapsed(), answer.decode_us + answer.infer_us);
+            wasm.push(answer.infer_us as f64 / 1000.0);
+            native.push(native_classifier(image)?);
+            let t = Instant::now();
+            if let Some(answer) = instance.preprocess(image) {
+                let answer = answer.map_err(anyhow::Error::msg)?;
+                preprocess_calls.add(t.elapsed(), answer.decode_us);
+            }
+        }
+    }
+    let rss_end = crate::common::own_status_kib("VmRSS:");
+    let (w, n) = (stats(&mut wasm), stats(&mut native));
+    let ratio = w.median / n.median;
+    let call_overhead = json!([
+        {"task": "empty call", "call_us": empty_call_ns / 1000.0, "work_us": 0.0,
+         "overhead_us": empty_call_ns / 1000.0, "overhead_fraction": 1.0},
+        preprocess_calls.to_json("decode + resize only"),
+        classify_calls.to_json("MobileNetV2 (decode + resize + inference)"),
+    ]);
+    // After the Wasm and native runs, so that neither shares the CPU with it.
+    let onnxruntime = match &args.onnxruntime {
+        Some(model) => {
+            eprintln!("running the onnxruntime baseline...");
+            Some(onnxruntime_baseline(model, &args, &wasm_top1, &scratch)?)
+        }
+        None => None,
+    };
+    let over_onnxruntime = onnxruntime
+        .as_ref()
+        .and_then(|o| o["infer_ms"]["median"].as_f64())
+        .map(|median| w.median / median);
+    let report = json!({
+        "machine": machine(),
+        "module": {"path": args.module.display().to_string(), "sha256": module.sha256, "bytes": std::fs::metadata(&args.module)?.len()},
+        "images": args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "iterations_per_image": args.iterations,
+        "cpu_cores": args.cpu_cores,
+        "call_overhead": call_overhead,
+        "infer_ms": {"wasm": w.to_json(), "native": n.to_json(), "wasm_over_native_median": ratio,
+                     "wasm_over_onnxruntime_median": over_onnxruntime},
+        "onnxruntime": onnxruntime,
+        "empty_call_ns": empty_call_ns,
+        "compile_ms": compile.map(ms),
+        "first_load_with_selftest_ms": ms(cold_load),
+        "cached_load_ms": ms(cached_load),
+        "cached_load_with_selftest_ms": ms(warm_load),
+        "instantiate_with_model_plan_ms": ms(instantiate),
+        "rss_kib": {"before": rss_before, "peak_after_compile": rss_after_compile, "end": rss_end},
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!(
+        "MobileNetV2 inference, {} images x {} runs",
+        images.len(),
+        args.iterations
+    );
+    println!("  wasm   median {:.1} ms  p95 {:.1} ms", w.median, w.p95);
+    println!("  native median {:.1} ms  p95 {:.1} ms", n.median, n.p95);
+    println!("  wasm / native (median): {ratio:.2}x");
+    if let (Some(o), Some(over)) = (&onnxruntime, over_onnxruntime) {
+        println!(
+            "  onnxruntime (1 thread) median {:.1} ms; wasm / onnxruntime {over:.2}x",
+            o["infer_ms"]["median"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!("  empty call into the module: {empty_call_ns:.0} ns");
+    for (what, calls) in [
+        ("decode only", &preprocess_calls),
+        ("classification", &classify_calls),
+    ] {
+        if let Some((call_us, overhead_us)) = calls.medians() {
+            println!(
+                "  call overhead, {what}: {overhead_us:.1} us of {call_us:.0} us ({:.3}%)",
+                100.0 * overhead_us / call_us
+            );
+        }
+    }
+    match compile {
+        Some(compile) => println!("  compile {:.0} ms", ms(compile)),
+        None => println!("  compiled code from {}", cache.display()),
+    }
+    println!(
+        "  cached load {:.1} ms, instantiate + model plan {:.0} ms",
+        ms(cached_load),
+        ms(instantiate)
+    );
+    println!("  peak RSS {} MiB", rss_after_compile.unwrap_or(0) / 1024);
+    println!("report: {}", args.out.display());
+    drop(quota);
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// Calls across the sandbox boundary: the time the host saw each take, and the work the guest
+/// measured inside it. The difference is what the boundary costs (copying the image in, the
+/// call, the protobuf answer out, freeing it).
+#[derive(Default)]
+struct Boundary {
+    call_us: Vec<f64>,
+    work_us: Vec<f64>,
+    overhead_us: Vec<f64>,
+}
+
+impl Boundary {
+    fn add(&mut self, call: Duration, work_us: u64) {
+        let call_us = call.as_secs_f64() * 1e6;
+        self.call_us.push(call_us);
+        self.work_us.push(work_us as f64);
+        self.overhead_us.push(call_us - work_us as f64);
+    }
+
+    /// Median call and median overhead, us.
+    fn medians(&self) -> Option<(f64, f64)> {
+        if self.call_us.is_empty() {
+            return None;
+        }
+        let median = |v: &[f64]| stats(&mut v.to_vec()).median;
+        Some((median(&self.call_us), median(&self.overhead_us)))
+    }
+
+    fn to_json(&self, task: &str) -> serde_json::Value {
+        let Some((call_us, overhead_us)) = self.medians() else {
+            return json!({"task": task, "missing": "the module exports no isomesh_preprocess"});
+        };
+        json!({"task": task, "call_us": call_us,
+               "work_us": stats(&mut self.work_us.clone()).median,
+               "overhead_us": overhead_us, "overhead_fraction": overhead_us / call_us,
+               "n": self.call_us.len()})
+    }
+}
+
+/// This process, moved into a CPU-limited cgroup for as long as the value lives (then out of
+/// it, so the group can be removed).
+struct SelfQuota(CpuQuota);
+
+impl SelfQuota {
+    fn enter(cores: f64) -> anyhow::Result<SelfQuota> {
+        // 10 ms periods: every job runs slower, as on a slower CPU, rather than a job that fits
+        // a 100 ms allowance running at full speed (native tract's 20 ms did, at 0.5 cores).
+        let quota = CpuQuota::with_period(
+            &format!("infer-{}", std::process::id()),
+            cores,
+            Duration::from_millis(10),
+        )?;
+        quota.add(std::process::id())?;
+        eprintln!("measuring on {cores} cores of CPU time");
+        Ok(SelfQuota(quota))
+    }
+}
+
+impl Drop for SelfQuota {
+    fn drop(&mut self) {
+        self.0.release(std::process::id());
+    }
+}
+
+/// Runs `scripts/bench_onnxruntime.py` on `model` and the bench's images, and counts the images
+/// where it picks the same top-1 class as the module (`wasm_top1`, in image order): a baseline
+/// that classifies differently would not be the same work.
+fn onnxruntime_baseline(
+    model: &std::path::Path,
+    args: &InferArgs,
+    wasm_top1: &[Option<u32>],
+    scratch: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    let script = scratch.join("bench_onnxruntime.py");
+    std::fs::write(&script, ONNXRUNTIME_SCRIPT)?;
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(model)
+        .arg(args.iterations.to_string())
+        .args(&args.images)
+        .output()
+        .context("cannot run python3 for the onnxruntime baseline")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the onnxruntime baseline failed (pip install onnxruntime numpy pillow?): {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let mut report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("the onnxruntime baseline printed no JSON")?;
+    let agree = args
+        .images
+        .iter()
+        .zip(wasm_top1)
+        .filter(|(path, wasm)| {
+            let theirs = report["top1"][path.display().to_string()].as_u64();
+            theirs.is_some() && theirs == wasm.map(u64::from)
+        })
+        .count();
+    if agree < args.images.len() {
+        eprintln!(
+            "note: onnxruntime's top-1 matches the module's on {agree} of {} images",
+            args.images.len()
+        );
+    }
+    report["top1_agrees_with_wasm"] = json!(agree);
+    Ok(report)
+}
+
+/// Runs the native classifier on a thread of its own. tract's native kernels are hand-written
+/// AVX assembly that can leave the upper halves of the vector registers dirty; on the thread that
+/// runs them, the SSE code Cranelift emits for Wasm then ran ~250x slower here (9.3 s instead of
+/// 35 ms per image). Apart, each keeps its own register state.
+fn native_baseline() -> anyhow::Result<impl Fn(&[u8]) -> anyhow::Result<f64>> {
+    let (images, requests) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (results, answers) = std::sync::mpsc::channel::<Result<f64, String>>();
+    std::thread::Builder::new()
+        .name("native-baseline".into())
+        .spawn(move || {
+            let classifier = match isomesh_guest::Classifier::load() {
+                Ok(classifier) => classifier,
+                Err(e) => {
+                    let _ = results.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            while let Ok(image) = requests.recv() {
+                let answer = classifier
+                    .classify(&image, 5)
+                    .map(|a| a.infer_us as f64 / 1000.0)
+                    .map_err(|e| e.to_string());
+                if results.send(answer).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(move |image: &[u8]| {
+        images.send(image.to_vec())?;
+        answers
+            .recv()?
+            .map_err(|e| anyhow::anyhow!("native classifier: {e}"))
+    })
+}

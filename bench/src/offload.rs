@@ -1,0 +1,517 @@
+//! `isomesh bench offload`: deadline hits and latency of the offload policies under load.
+//!
+//! One run on this machine: an `isomesh-broker`, a device, two edge nodes and a cloud node, each
+//! held to a CPU quota (cgroups) so the tiers differ as real ones do, the edge and cloud nodes
+//! reaching the broker through TCP links that delay every byte as a LAN and a WAN would. The
+//! device's capacity is measured first (its median service time, jobs one at a time); then, for
+//! each policy (every node runs the same one), Poisson arrivals at multiples of that capacity go
+//! to the device, each job with the same budget. The arrival times come from a seeded generator,
+//! so every policy sees the same sequence. Measured per policy and load: share of jobs answered
+//! within the budget (as the sender sees it), latency percentiles, where jobs ran, jobs lost.
+//! Writes JSON, with every latency, for `scripts/plot_offload.py`.
+
+use crate::common::{listen, machine, ms, precompile_into, read_files, stats, tempdir, Listener};
+use anyhow::Context;
+use isomesh_mesh::offload::Policy;
+use isomesh_mesh::topics::Topics;
+use isomesh_protos::{Job, JobResult, NodeStatus, Tier};
+use isomesh_testkit::harness::{
+    delayed_link, start_broker, start_node, BenchKey, CpuQuota, NodeSetup, Proc,
+};
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+#[derive(Debug, clap::Args)]
+pub struct OffloadArgs {
+    /// The classifier module every node serves.
+    #[arg(long)]
+    pub module: PathBuf,
+    /// Photos sent as jobs (cycled).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Offered loads, as multiples of the device's measured capacity.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4")]
+    pub loads: Vec<f64>,
+    /// Policies compared (every node runs the one under test).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "budget,local-only,always-up"
+    )]
+    pub policies: Vec<Policy>,
+    /// Seconds of arrivals per policy and load.
+    #[arg(long, default_value_t = 20)]
+    pub duration_s: u64,
+    /// Budget of every job, ms.
+    #[arg(long, default_value_t = 500)]
+    pub budget_ms: u32,
+    /// CPU quota of the device node, in cores.
+    #[arg(long, default_value_t = 0.25)]
+    pub device_cores: f64,
+    /// CPU quota of each of the two edge nodes, in cores.
+    #[arg(long, default_value_t = 0.5)]
+    pub edge_cores: f64,
+    /// CPU quota of the cloud node, in cores.
+    #[arg(long, default_value_t = 1.0)]
+    pub cloud_cores: f64,
+    /// Delay each way between the edge nodes and the broker, ms.
+    #[arg(long, default_value_t = 5)]
+    pub edge_link_ms: u64,
+    /// Delay each way between the cloud node and the broker, ms.
+    #[arg(long, default_value_t = 40)]
+    pub cloud_link_ms: u64,
+    /// Run every node at full speed (no cgroups, no root needed); the tiers then differ only
+    /// by their links.
+    #[arg(long)]
+    pub no_cpu_quota: bool,
+    /// Seed of the arrival times.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-out/offload.json")]
+    pub out: PathBuf,
+    /// Keep the working directory (node logs) instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// One benchmark node: where it lives, how it reaches the broker, its CPU quota.
+struct BenchNode {
+    setup: NodeSetup,
+    port: u16,
+    cores: f64,
+}
+
+/// The client side of the run: publishes jobs, receives results and statuses.
+struct Sender {
+    client: AsyncClient,
+    events: UnboundedReceiver<Publish>,
+    topics: Topics,
+    replies: String,
+    images: Vec<Vec<u8>>,
+}
+
+/// One job of a run and its answer.
+struct Sent {
+    at: Instant,
+    answer: Option<Answer>,
+}
+
+struct Answer {
+    latency_ms: f64,
+    tier: Tier,
+    ok: bool,
+}
+
+pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
+    let images = read_files(&args.images)?;
+    let module = std::fs::read(&args.module)
+        .with_context(|| format!("reading {}", args.module.display()))?;
+    let work = tempdir()?;
+    let port = isomesh_testkit::try_free_port()?;
+    let broker = start_broker(port)?;
+    let edge_port = delayed_link(port, Duration::from_millis(args.edge_link_ms)).await?;
+    let cloud_port = delayed_link(port, Duration::from_millis(args.cloud_link_ms)).await?;
+
+    // One compiled-code cache for every node: compiled once here, loaded in milliseconds there.
+    let cache = work.join("cache");
+    let info = precompile_into(&cache, &module)?;
+    let key = BenchKey::new(&work)?;
+    let plan = [
+        ("bo-d1", Tier::Device, port, args.device_cores),
+        ("bo-e1", Tier::Edge, edge_port, args.edge_cores),
+        ("bo-e2", Tier::Edge, edge_port, args.edge_cores),
+        ("bo-c1", Tier::Cloud, cloud_port, args.cloud_cores),
+    ];
+    let mut nodes = Vec::new();
+    for (id, tier, port, cores) in plan {
+        let dir = work.join(id);
+        let setup = NodeSetup {
+            id: id.into(),
+            tier,
+            modules: dir.join("modules"),
+            cache: cache.clone(),
+            log: dir.join("node.log"),
+        };
+        std::fs::create_dir_all(&setup.modules)?;
+        key.place(&setup.modules, "module.wasm", &module, &info)?;
+        nodes.push(BenchNode { setup, port, cores });
+    }
+    let quotas = if args.no_cpu_quota {
+        None
+    } else {
+        Some(
+            nodes
+                .iter()
+                .map(|n| CpuQuota::new(&n.setup.id, n.cores))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        )
+    };
+    // The broker is not limited (a group as wide as the machine), only given the same weight
+    // as the nodes, so that other work on the machine does not slow it either.
+    let broker_group = match quotas {
+        Some(_) => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let group = CpuQuota::new("broker", cores as f64)?;
+            group.add(broker.pid())?;
+            Some(group)
+        }
+        None => None,
+    };
+
+    let Listener {
+        client,
+        topics,
+        replies,
+        events,
+        ..
+    } = listen(port, "bench-offload").await?;
+    let mut sender = Sender {
+        client,
+        events,
+        topics,
+        replies,
+        images,
+    };
+
+    // The device's capacity: its median service time, one job at a time, nothing forwarded.
+    let mut procs = start_mesh(
+        &nodes,
+        &key,
+        quotas.as_deref(),
+        Policy::LocalOnly,
+        &mut sender,
+    )
+    .await?;
+    let mut service = Vec::new();
+    for n in 0..12 {
+        let result = sender.one_job(&format!("calibrate-{n}"), n).await?;
+        if n >= 2 {
+            service.push(result.timing.map(|t| t.total_ms).unwrap_or(f64::NAN));
+        }
+    }
+    stop_mesh(&mut procs);
+    let device_service_ms = stats(&mut service).median;
+    let capacity = 1000.0 / device_service_ms;
+    eprintln!("device: {device_service_ms:.1} ms a job, capacity {capacity:.2} jobs/s");
+
+    let mut runs = Vec::new();
+    for &policy in &args.policies {
+        let mut procs = start_mesh(&nodes, &key, quotas.as_deref(), policy, &mut sender).await?;
+        for (load_index, &load) in args.loads.iter().enumerate() {
+            let rate = load * capacity;
+            eprintln!(
+                "{}: {load}x = {rate:.1} jobs/s for {} s",
+                policy.name(),
+                args.duration_s
+            );
+            let seed = args.seed.wrapping_add(load_index as u64);
+            let sent = sender.poisson_run(policy, load, rate, seed, &args).await?;
+            runs.push(summary(policy, load, rate, &sent, args.budget_ms));
+        }
+        stop_mesh(&mut procs);
+    }
+    drop(quotas);
+    // A group is removed once empty.
+    drop(broker);
+    drop(broker_group);
+
+    let find = |policy: Policy, load: f64| {
+        runs.iter()
+            .find(|r| r["policy"] == policy.name() && r["load"].as_f64() == Some(load))
+    };
+    let (low, high) = (
+        args.loads.iter().cloned().fold(f64::INFINITY, f64::min),
+        args.loads.iter().cloned().fold(0.0, f64::max),
+    );
+    let ratio = |a: Option<&serde_json::Value>, b: Option<&serde_json::Value>, key: &str| {
+        let get = |v: Option<&serde_json::Value>| {
+            v.and_then(|v| v["latency_ms"][key].as_f64())
+                .unwrap_or(f64::NAN)
+        };
+        get(a) / get(b)
+    };
+    let report = json!({
+        "machine": machine(),
+        "setup": {
+            "budget_ms": args.budget_ms,
+            "duration_s": args.duration_s,
+            "cores": {"device": args.device_cores, "edge": args.edge_cores, "cloud": args.cloud_cores,
+                      "quota": !args.no_cpu_quota},
+            "link_delay_ms_each_way": {"device": 0, "edge": args.edge_link_ms, "cloud": args.cloud_link_ms},
+            "nodes": nodes.iter().map(|n| json!({"id": n.setup.id, "tier": n.setup.tier.name()})).collect::<Vec<_>>(),
+            "seed": args.seed,
+        },
+        "device_service_ms": device_service_ms,
+        "device_capacity_per_s": capacity,
+        "runs": runs,
+        "summary": {
+            "hit_rate_at_highest_load": args.policies.iter().map(|p| (p.name(), find(*p, high).map(|r| r["hit_rate"].clone()))).collect::<HashMap<_, _>>(),
+            "p50_at_lowest_load_ms": args.policies.iter().map(|p| (p.name(), find(*p, low).map(|r| r["latency_ms"]["median"].clone()))).collect::<HashMap<_, _>>(),
+            "p50_budget_over_always_up_at_lowest_load": ratio(find(Policy::Budget, low), find(Policy::AlwaysUp, low), "median"),
+            "p99_budget_over_local_only_at_highest_load": ratio(find(Policy::Budget, high), find(Policy::LocalOnly, high), "p99"),
+        },
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    let mut brief = report.clone();
+    if let Some(runs) = brief["runs"].as_array_mut() {
+        for run in runs {
+            if let Some(run) = run.as_object_mut() {
+                run.remove("latencies_ms");
+            }
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&brief)?);
+    eprintln!("report written to {}", args.out.display());
+    if args.keep {
+        eprintln!("node logs kept in {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(())
+}
+
+/// Starts every node under `policy`, each in its CPU quota, and waits until all are online.
+async fn start_mesh(
+    nodes: &[BenchNode],
+    key: &BenchKey,
+    quotas: Option<&[CpuQuota]>,
+    policy: Policy,
+    sender: &mut Sender,
+) -> anyhow::Result<Vec<Proc>> {
+    let mut flags = ["--offload", policy.name(), "--workers", "1"]
+        .map(String::from)
+        .to_vec();
+    flags.extend(key.node_flags());
+    let mut procs = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let proc = start_node(&node.setup, node.port, &flags)?;
+        if let Some(quota) = quotas.and_then(|q| q.get(n)) {
+            quota.add(proc.pid())?;
+        }
+        procs.push(proc);
+    }
+    let mut online: HashMap<String, bool> = HashMap::new();
+    let by = Instant::now() + Duration::from_secs(300);
+    while !nodes
+        .iter()
+        .all(|n| online.get(&n.setup.id).copied().unwrap_or(false))
+    {
+        anyhow::ensure!(Instant::now() < by, "nodes not ready within 300 s");
+        if let Ok(Some(p)) =
+            tokio::time::timeout(Duration::from_secs(1), sender.events.recv()).await
+        {
+            if p.topic.starts_with(b"isomesh/status/") {
+                if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
+                    let ready = status.online && status.module.is_some();
+                    online.insert(status.node_id, ready);
+                }
+            }
+        }
+    }
+    // Statuses reach every node within a status interval.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(procs)
+}
+
+fn stop_mesh(procs: &mut Vec<Proc>) {
+    for proc in procs.iter_mut() {
+        proc.stop();
+    }
+    procs.clear();
+}
+
+impl Sender {
+    fn job(&self, job_id: &str, n: usize, budget_ms: u32) -> Vec<u8> {
+        Job {
+            job_id: job_id.into(),
+            image: self.images[n % self.images.len()].clone(),
+            reply_to: self.replies.clone(),
+            budget_ms,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    async fn publish(&self, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.client
+            .publish(self.topics.jobs("bo-d1"), QoS::AtLeastOnce, false, payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Sends one job and waits for its result.
+    async fn one_job(&mut self, job_id: &str, n: usize) -> anyhow::Result<JobResult> {
+        self.publish(self.job(job_id, n, 0)).await?;
+        let by = Instant::now() + Duration::from_secs(60);
+        while let Ok(Some(p)) = tokio::time::timeout(
+            by.saturating_duration_since(Instant::now()),
+            self.events.recv(),
+        )
+        .await
+        {
+            if let Ok(result) = JobResult::decode(p.payload.as_ref()) {
+                if result.job_id == job_id {
+                    anyhow::ensure!(result.error.is_empty(), "job failed: {}", result.error);
+                    return Ok(result);
+                }
+            }
+        }
+        anyhow::bail!("no answer to {job_id} within 60 s")
+    }
+
+    /// Poisson arrivals at `rate` per second for the run's duration, then waits for every
+    /// answer (120 s at most: what is missing then counts as lost).
+    async fn poisson_run(
+        &mut self,
+        policy: Policy,
+        load: f64,
+        rate: f64,
+        seed: u64,
+        args: &OffloadArgs,
+    ) -> anyhow::Result<Vec<Sent>> {
+        let prefix = format!("{}-{load}-", policy.name());
+        let mut random = SplitMix(seed);
+        let mut sent: Vec<Sent> = Vec::new();
+        let started = Instant::now();
+        let end = started + Duration::from_secs(args.duration_s);
+        let mut next = started;
+        loop {
+            let now = Instant::now();
+            if now >= next {
+                if next >= end {
+                    break;
+                }
+                let n = sent.len();
+                self.publish(self.job(&format!("{prefix}{n}"), n, args.budget_ms))
+                    .await?;
+                sent.push(Sent {
+                    at: Instant::now(),
+                    answer: None,
+                });
+                next += Duration::from_secs_f64(random.exponential(rate));
+                continue;
+            }
+            if let Ok(Some(p)) = tokio::time::timeout(next - now, self.events.recv()).await {
+                take_answer(&p, &prefix, &mut sent);
+            }
+        }
+        let by = Instant::now() + Duration::from_secs(120);
+        while sent.iter().any(|s| s.answer.is_none()) && Instant::now() < by {
+            if let Ok(Some(p)) =
+                tokio::time::timeout(Duration::from_secs(1), self.events.recv()).await
+            {
+                take_answer(&p, &prefix, &mut sent);
+            }
+        }
+        // Let the queues empty before the next run.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        while let Ok(p) = self.events.try_recv() {
+            take_answer(&p, &prefix, &mut sent);
+        }
+        Ok(sent)
+    }
+}
+
+fn take_answer(p: &Publish, prefix: &str, sent: &mut [Sent]) {
+    let Ok(result) = JobResult::decode(p.payload.as_ref()) else {
+        return;
+    };
+    let Some(index) = result
+        .job_id
+        .strip_prefix(prefix)
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        return;
+    };
+    if let Some(job) = sent.get_mut(index) {
+        job.answer.get_or_insert(Answer {
+            latency_ms: ms(job.at.elapsed()),
+            tier: Tier::try_from(result.tier).unwrap_or(Tier::Unspecified),
+            ok: result.error.is_empty(),
+        });
+    }
+}
+
+fn summary(
+    policy: Policy,
+    load: f64,
+    rate: f64,
+    sent: &[Sent],
+    budget_ms: u32,
+) -> serde_json::Value {
+    let answered: Vec<&Answer> = sent.iter().filter_map(|s| s.answer.as_ref()).collect();
+    let mut latencies: Vec<f64> = answered.iter().map(|a| a.latency_ms).collect();
+    let hits = answered
+        .iter()
+        .filter(|a| a.ok && a.latency_ms <= budget_ms as f64)
+        .count();
+    let ran_on = |tier: Tier| answered.iter().filter(|a| a.tier == tier).count();
+    let missed_on = |tier: Tier| {
+        answered
+            .iter()
+            .filter(|a| a.tier == tier && !(a.ok && a.latency_ms <= budget_ms as f64))
+            .count()
+    };
+    let latency = stats(&mut latencies);
+    json!({
+        "policy": policy.name(),
+        "load": load,
+        "rate_per_s": rate,
+        "sent": sent.len(),
+        "answered": answered.len(),
+        "lost": sent.len() - answered.len(),
+        "failed": answered.iter().filter(|a| !a.ok).count(),
+        "hit_rate": hits as f64 / sent.len().max(1) as f64,
+        "ran_on": {"device": ran_on(Tier::Device), "edge": ran_on(Tier::Edge), "cloud": ran_on(Tier::Cloud)},
+        "missed_on": {"device": missed_on(Tier::Device), "edge": missed_on(Tier::Edge), "cloud": missed_on(Tier::Cloud)},
+        "latency_ms": latency.to_json(),
+        "latencies_ms": latencies,
+    })
+}
+
+/// A small seeded generator (splitmix64): the same arrivals for every policy.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// An exponentially distributed gap, in seconds, for arrivals at `rate` per second.
+    fn exponential(&mut self, rate: f64) -> f64 {
+        // Uniform in (0, 1]: never ln(0).
+        let uniform = ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        -uniform.ln() / rate.max(1e-9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exponential_gaps_average_one_over_the_rate() {
+        let mut random = SplitMix(7);
+        let n = 20_000;
+        let mean = (0..n).map(|_| random.exponential(4.0)).sum::<f64>() / n as f64;
+        assert!((mean - 0.25).abs() < 0.01, "mean gap {mean}");
+        let (mut a, mut b) = (SplitMix(1), SplitMix(1));
+        assert_eq!(a.next(), b.next());
+    }
+}

@@ -1,0 +1,363 @@
+//! `isomesh camera DIR`: a camera that sends the photos of a folder to the mesh at a steady rate,
+//! each with a latency budget, and prints where each one ran: the load of the compose demo and
+//! of the container fault tests.
+//!
+//! It is an ordinary MQTT client like `isomesh classify`, with two differences that let it live
+//! through broker trouble. Its session is persistent and it subscribes again after every
+//! (re)connection, so answers published while it reconnects still reach it. And it owns its
+//! jobs end to end: a broker restarted without persistence loses the jobs and answers it held,
+//! so `--ask-again-after-s` after a reconnection the camera publishes again, under the same job
+//! id, every job still unanswered that it sent before, or in the first half of that wait (the
+//! nodes may not have subscribed to the new broker yet). A node that answered it already sends the same answer
+//! again (see `answered`); one still running it ignores the copy. The camera prints the first
+//! answer of each job and counts any later one as a duplicate.
+//!
+//! Ctrl-C (or SIGTERM) stops the shutter: the camera then waits for the answers still due, as
+//! after its last photo, and prints its summary.
+//!
+//! The last line is a JSON summary (`{"summary":{...}}`): sent, answered, missing, errors,
+//! late, duplicates, asked_again, reconnects, and answers by node. Exit code 0 when every photo
+//! got an answer and none was an error, 1 otherwise, 2 when the camera itself failed.
+
+use crate::classify::{print_answer, print_header};
+use anyhow::Context;
+use isomesh_mesh::report;
+use isomesh_mesh::topics::parse_tier;
+use isomesh_mesh::topics::Topics;
+use isomesh_protos::{Job, JobResult, NodeStatus, Tier};
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Send the photos of a folder to the mesh at a steady rate.
+#[derive(Debug, clap::Args)]
+pub struct CameraArgs {
+    /// Folder of JPEG/PNG photos, sent in name order, round and round.
+    pub dir: PathBuf,
+    /// Broker URL.
+    #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+    /// Send to these nodes in turn (repeat the flag or separate ids with commas).
+    #[arg(long = "node", value_delimiter = ',', conflicts_with = "tier")]
+    pub nodes: Vec<String>,
+    /// Send to any node of this tier (device, edge, cloud).
+    #[arg(long, value_parser = parse_tier)]
+    pub tier: Option<Tier>,
+    /// Photos per second.
+    #[arg(long, env = "ISOMESH_CAMERA_RATE", default_value_t = 1.0)]
+    pub rate: f64,
+    /// Latency budget of each photo, ms (0 = the node's default).
+    #[arg(long, env = "ISOMESH_CAMERA_BUDGET_MS", default_value_t = 0)]
+    pub budget_ms: u32,
+    /// Photos to send before stopping (0 = never stop).
+    #[arg(long, env = "ISOMESH_CAMERA_COUNT", default_value_t = 0)]
+    pub count: u64,
+    /// After a reconnection, jobs still unanswered this long afterwards are published again, s.
+    #[arg(long, default_value_t = 10)]
+    pub ask_again_after_s: u64,
+    /// Before the first photo, wait up to this long for the target nodes (or one node of the
+    /// target tier) to be online with a module, s: a job sent to a node that never connected
+    /// is dropped by the broker.
+    #[arg(long, default_value_t = 300)]
+    pub wait_ready_s: u64,
+    /// Once the last photo is sent, how long to wait for the remaining answers, s.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
+    /// Print one JSON line per answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// MQTT client id (and job id prefix) [default: isomesh-camera-PID-N].
+    #[arg(long, env = "ISOMESH_CAMERA_ID")]
+    pub id: Option<String>,
+    /// Topic prefix of the mesh.
+    #[arg(long, env = "ISOMESH_PREFIX", default_value = "isomesh")]
+    pub prefix: String,
+}
+
+/// A job sent and not answered yet.
+struct Pending {
+    photo: usize,
+    target: String,
+    job: Vec<u8>,
+    sent: Instant,
+    asked_again: bool,
+}
+
+/// Counts for the summary line.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    answered: u64,
+    errors: u64,
+    late: u64,
+    duplicates: u64,
+    asked_again: u64,
+    reconnects: u64,
+    by_node: BTreeMap<String, u64>,
+}
+
+/// Runs the camera; `Ok(false)` when a photo got an error or no answer.
+pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        args.rate.is_finite() && args.rate > 0.0,
+        "--rate must be a positive number of photos per second, not {}",
+        args.rate
+    );
+    let photos = read_photos(&args.dir)?;
+    let topics = Topics::new(args.prefix.clone());
+    let targets: Vec<String> = match (&args.nodes[..], args.tier) {
+        ([], Some(tier)) => vec![topics.tier_jobs(tier)],
+        ([], None) => anyhow::bail!("name where to send: --node ID (repeatable) or --tier T"),
+        (nodes, _) => nodes.iter().map(|n| topics.jobs(n)).collect(),
+    };
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| isomesh_mqtt::connect::client_id("camera"));
+    let reply_to = topics.replies(&id);
+    // Job ids unique to this run: a node remembers the answers it gave (to answer again a job
+    // asked again), so a restarted camera must not reuse the ids of its previous run.
+    let run_tag = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() % 1_000_000_000)
+        .unwrap_or_default();
+    let broker = isomesh_mqtt::login::BrokerAddress::parse(&args.broker)?;
+    let mut options = broker.options(&id, &isomesh_mqtt::login::Login::from_env(), None)?;
+    options
+        .set_keep_alive(Duration::from_secs(10))
+        .set_max_packet_size(Some(256 << 20))
+        // Answers published while the camera reconnects wait in its session.
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(3600));
+    // Room for every job sent while the broker is away: they go out once it is back.
+    let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    match first {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => anyhow::bail!("cannot connect to the broker at {}: {e}", args.broker),
+        Err(_) => anyhow::bail!("no answer from the broker at {} within 10 s", args.broker),
+    }
+    client.try_subscribe(reply_to.clone(), QoS::AtLeastOnce)?;
+    client.try_subscribe(topics.all_status(), QoS::AtMostOnce)?;
+    // From here the connection is polled by a task of its own: the shutter's ticks below
+    // would otherwise cancel a reconnection half-way (isomesh_mqtt::link).
+    let mut link = isomesh_mqtt::link::Link::spawn(eventloop);
+    // Nodes heard online with a module, by id and tier.
+    let mut serving: HashMap<String, Tier> = HashMap::new();
+    let is_ready = |serving: &HashMap<String, Tier>| match args.tier {
+        Some(tier) => serving.values().any(|t| *t == tier),
+        None => args.nodes.iter().all(|n| serving.contains_key(n)),
+    };
+    let ready_by = Instant::now() + Duration::from_secs(args.wait_ready_s);
+    let mut ready = false;
+
+    if !args.json {
+        print_header();
+    }
+    let mut tally = Tally::default();
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    let mut answered: HashSet<String> = HashSet::new();
+    let mut shutter = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    shutter.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set at a reconnection: when to ask again, and for jobs sent before when.
+    let mut ask_again: Option<(Instant, Instant)> = None;
+    let mut last_sent = Instant::now();
+    let wait = Duration::from_secs(args.timeout_s);
+    let mut stop_requested = std::pin::pin!(stop_signal());
+    let mut stopped = false;
+    loop {
+        let done_sending = stopped || (args.count > 0 && tally.sent >= args.count);
+        if done_sending && pending.is_empty() {
+            break;
+        }
+        let ask_at = ask_again.map(|(at, _)| at);
+        tokio::select! {
+            _ = tokio::time::sleep_until(ready_by), if !ready => {
+                let mut waiting: Vec<&String> = args.nodes.iter().filter(|n| !serving.contains_key(*n)).collect();
+                waiting.sort();
+                anyhow::bail!(
+                    "target nodes not online with a module within {} s (--wait-ready-s): {}",
+                    args.wait_ready_s,
+                    if waiting.is_empty() { format!("no {} node", args.tier.map(Tier::name).unwrap_or("")) } else { format!("{waiting:?}") }
+                );
+            }
+            _ = shutter.tick(), if ready && !done_sending => {
+                let n = tally.sent;
+                let photo = (n % photos.len() as u64) as usize;
+                let target = targets[(n % targets.len() as u64) as usize].clone();
+                let job = Job {
+                    job_id: format!("{id}-{run_tag}-{n}"),
+                    image: photos[photo].1.clone(),
+                    reply_to: reply_to.clone(),
+                    budget_ms: args.budget_ms,
+                    top_k: 5,
+                    ..Default::default()
+                };
+                let bytes = job.encode_to_vec();
+                if let Err(e) = client.try_publish(target.clone(), QoS::AtLeastOnce, false, bytes.clone()) {
+                    eprintln!("isomesh camera: photo {n} not sent now ({e}); it is asked again later");
+                }
+                pending.insert(job.job_id, Pending { photo, target, job: bytes, sent: Instant::now(), asked_again: false });
+                tally.sent += 1;
+                last_sent = Instant::now();
+            }
+            _ = sleep_until(ask_at) => {
+                if let Some((_, before)) = ask_again.take() {
+                    for p in pending.values_mut().filter(|p| p.sent < before) {
+                        let _ = client.try_publish(p.target.clone(), QoS::AtLeastOnce, false, p.job.clone());
+                        p.asked_again = true;
+                        tally.asked_again += 1;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(last_sent + wait), if done_sending => break,
+            _ = &mut stop_requested, if !stopped => {
+                stopped = true;
+                last_sent = Instant::now();
+                eprintln!("isomesh camera: stopping; waiting for {} answer(s) still due", pending.len());
+            }
+            Some(event) = link.next() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // The broker may have lost the subscription with everything else.
+                    tally.reconnects += 1;
+                    let _ = client.try_subscribe(reply_to.clone(), QoS::AtLeastOnce);
+                    // Jobs sent in the first half of the wait are asked again too: the nodes
+                    // may not have subscribed again yet when they reached the new broker.
+                    let wait = Duration::from_secs(args.ask_again_after_s);
+                    let now = Instant::now();
+                    ask_again = Some((now + wait, now + wait / 2));
+                    eprintln!("isomesh camera: reconnected to {}", args.broker);
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    if let Some(node) = topics.status_of(&topic) {
+                        match NodeStatus::decode(publish.payload.as_ref()) {
+                            Ok(s) if s.online && s.module.is_some() => {
+                                serving.insert(node.to_string(), Tier::try_from(s.tier).unwrap_or(Tier::Unspecified));
+                            }
+                            _ => { serving.remove(node); }
+                        }
+                        if !ready && is_ready(&serving) {
+                            ready = true;
+                            // The shutter starts now, not when the camera was started.
+                            shutter.reset_immediately();
+                        }
+                        continue;
+                    }
+                    let Ok(result) = JobResult::decode(publish.payload.as_ref()) else {
+                        eprintln!("isomesh camera: ignoring an unreadable reply on {reply_to}");
+                        continue;
+                    };
+                    let Some(p) = pending.remove(&result.job_id) else {
+                        if answered.contains(&result.job_id) {
+                            tally.duplicates += 1;
+                        }
+                        continue;
+                    };
+                    answered.insert(result.job_id.clone());
+                    tally.answered += 1;
+                    *tally.by_node.entry(result.node.clone()).or_default() += 1;
+                    if !result.error.is_empty() {
+                        tally.errors += 1;
+                    } else if !result.deadline_met {
+                        tally.late += 1;
+                    }
+                    let path = &photos[p.photo].0;
+                    if args.json {
+                        let mut line = report::to_json(&result);
+                        line["file"] = path.display().to_string().into();
+                        line["round_trip_ms"] = (p.sent.elapsed().as_secs_f64() * 1000.0).into();
+                        line["asked_again"] = p.asked_again.into();
+                        println!("{line}");
+                    } else {
+                        print_answer(false, args.budget_ms, path, &result, p.sent.elapsed());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("isomesh camera: broker connection lost ({e}); retrying"),
+            }
+        }
+    }
+    let missing = pending.len() as u64;
+    let mut missing_ids: Vec<&String> = pending.keys().collect();
+    missing_ids.sort();
+    println!(
+        "{}",
+        serde_json::json!({"summary": {
+            "sent": tally.sent, "answered": tally.answered, "missing": missing,
+            "missing_ids": missing_ids, "errors": tally.errors, "late": tally.late,
+            "duplicates": tally.duplicates, "asked_again": tally.asked_again,
+            // The first connection is not a reconnection.
+            "reconnects": tally.reconnects, "by_node": tally.by_node,
+        }})
+    );
+    link.close(&client, Duration::from_secs(1)).await;
+    Ok(missing == 0 && tally.errors == 0)
+}
+
+/// Resolves at the first Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The photos of `dir` (`.jpg`, `.jpeg`, `.png`), by name, read once.
+fn read_photos(dir: &std::path::Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the photo folder {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase);
+            matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png"))
+        })
+        .collect();
+    paths.sort();
+    anyhow::ensure!(
+        !paths.is_empty(),
+        "no .jpg, .jpeg or .png photos in {}",
+        dir.display()
+    );
+    paths
+        .into_iter()
+        .map(|path| {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            Ok((path, bytes))
+        })
+        .collect()
+}

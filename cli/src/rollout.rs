@@ -1,0 +1,363 @@
+//! `isomesh keygen` and `isomesh rollout`: signing keys, and publishing a module to the mesh.
+//!
+//! A rollout compiles the module once here (checking that it is a classifier and that it calls
+//! itself what `--name` and `--version` say), then publishes, all retained: the module's chunks,
+//! the chunks of the compiled code for this machine's engine (nodes with the same engine load it
+//! in milliseconds instead of compiling for seconds), and last the signed manifest, which is what
+//! nodes act on. With `--wait` it follows the nodes' status until each targeted node serves the
+//! module or says why it refused it.
+
+use isomesh_mesh::topics::Topics;
+use isomesh_module::package::{Package, PackageSpec, DEFAULT_CHUNK_SIZE};
+use isomesh_module::signing::SecretKey;
+use isomesh_protos::rollout_state::Phase;
+use isomesh_protos::{NodeStatus, Tier};
+use isomesh_sandbox::{Sandbox, SandboxConfig};
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::Event;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Make a signing key pair.
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Path of the secret key; the public key goes beside it with `.pub` appended.
+    #[arg(long, default_value = "isomesh.key")]
+    pub out: PathBuf,
+}
+
+pub fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let secret = SecretKey::generate()?;
+    let mut public_path = args.out.clone().into_os_string();
+    public_path.push(".pub");
+    let public_path = PathBuf::from(public_path);
+    if public_path.exists() {
+        anyhow::bail!(
+            "{} already exists; pick another --out or remove the old key pair",
+            public_path.display()
+        );
+    }
+    secret.write(&args.out)?;
+    secret.public().write(&public_path)?;
+    println!(
+        "secret key: {} (keep it where you run `isomesh rollout`)\npublic key: {} (give it to every node: --trusted-key {})\nkey id:     {}",
+        args.out.display(),
+        public_path.display(),
+        public_path.display(),
+        secret.public().id()
+    );
+    Ok(())
+}
+
+/// Publish a module to the mesh.
+#[derive(Debug, clap::Args)]
+pub struct RolloutArgs {
+    #[command(flatten)]
+    pub signed: crate::common::SignedModule,
+    /// Only nodes of this tier (repeatable).
+    #[arg(long, value_parser = isomesh_mesh::topics::parse_tier)]
+    pub tier: Vec<Tier>,
+    /// Only this node (repeatable).
+    #[arg(long)]
+    pub node: Vec<String>,
+    /// Allow nodes to install it even if they serve a newer version.
+    #[arg(long)]
+    pub force: bool,
+    /// Chunk size in bytes; keep it under the broker's message limit.
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+    pub chunk_size: u32,
+    /// Publish chunks uncompressed: about 3x the bytes on the wire, no inflating on the nodes.
+    #[arg(long)]
+    pub no_compress: bool,
+    /// Do not publish code compiled here (nodes then compile the module themselves).
+    #[arg(long)]
+    pub no_precompile: bool,
+    /// Cache for precompiling: unchanged functions of a new version are not compiled again
+    /// [default: $XDG_CACHE_HOME/isomesh or ~/.cache/isomesh].
+    #[arg(long, env = "ISOMESH_COMPILE_CACHE")]
+    pub compile_cache: Option<PathBuf>,
+    /// Wait until every targeted node serves the module; exit 1 if one refuses or the time runs out.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, s.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_s: u64,
+    /// Broker URL.
+    #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+    /// Topic prefix of the mesh.
+    #[arg(long, env = "ISOMESH_PREFIX", default_value = "isomesh")]
+    pub prefix: String,
+}
+
+/// Runs the rollout; `Ok(false)` when `--wait` saw a node refuse it or time run out.
+pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let key = SecretKey::read(&args.signed.key)?;
+    let module = crate::common::read_module(&args.signed.module)?;
+    if args.chunk_size < 1024 {
+        anyhow::bail!(
+            "--chunk-size {} is too small (at least 1024 bytes)",
+            args.chunk_size
+        );
+    }
+    let artifacts = if args.no_precompile {
+        Vec::new()
+    } else {
+        let compiling = Instant::now();
+        eprintln!(
+            "compiling {} for this machine's engine...",
+            args.signed.module.display()
+        );
+        let bytes = module.clone();
+        let cache_dir = args.compile_cache.clone().or_else(default_compile_cache);
+        let (engine, info, code) = tokio::task::spawn_blocking(move || {
+            let sandbox = Sandbox::new(SandboxConfig {
+                cache_dir,
+                ..SandboxConfig::default()
+            })?;
+            let (info, code) = sandbox.precompile(&bytes)?;
+            anyhow::Ok((sandbox.engine_id(), info, code))
+        })
+        .await??;
+        if info.name != args.signed.name || info.version != args.signed.version {
+            anyhow::bail!(
+                "{} calls itself {}@{}, not {}@{}: fix --name/--version (nodes would refuse it)",
+                args.signed.module.display(),
+                info.name,
+                info.version,
+                args.signed.name,
+                args.signed.version
+            );
+        }
+        eprintln!(
+            "compiled in {:.1} s ({} MiB of machine code, engine {engine})",
+            compiling.elapsed().as_secs_f64(),
+            code.len() >> 20
+        );
+        vec![(engine, code)]
+    };
+    let spec = PackageSpec {
+        name: &args.signed.name,
+        version: &args.signed.version,
+        chunk_size: args.chunk_size,
+        target_tiers: args.tier.clone(),
+        target_nodes: args.node.clone(),
+        force: args.force,
+        compress: !args.no_compress,
+    };
+    let mut package = Package::new(&spec, &module, &artifacts);
+    isomesh_module::package::check_manifest(&package.manifest)?;
+    key.sign(&mut package.manifest);
+    let manifest = package.manifest.clone();
+
+    let topics = Topics::new(args.prefix.clone());
+    let (client, mut eventloop) =
+        isomesh_mqtt::connect::connect(&args.broker, &isomesh_mqtt::connect::client_id("rollout"))
+            .await?;
+    // One task owns the connection: it counts acknowledgements and forwards node statuses.
+    let acked = Arc::new(AtomicU64::new(0));
+    let acked_signal = Arc::new(tokio::sync::Notify::new());
+    let (status_tx, mut statuses) = tokio::sync::mpsc::unbounded_channel::<NodeStatus>();
+    let poller = {
+        let (acked, acked_signal) = (acked.clone(), acked_signal.clone());
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        acked_signal.notify_one();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if let Ok(status) = NodeStatus::decode(publish.payload.as_ref()) {
+                            let _ = status_tx.send(status);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return e,
+                }
+            }
+        })
+    };
+    if args.wait {
+        client
+            .subscribe(topics.all_status(), QoS::AtLeastOnce)
+            .await?;
+    }
+
+    let total = package.chunks.len() as u64 + 1;
+    let raw: u64 = manifest.size + manifest.artifacts.iter().map(|a| a.size).sum::<u64>();
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "publishing {bar:40} {pos}/{len} chunks {bytes_per_sec} {elapsed}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let publishing = Instant::now();
+    let mut bytes = 0u64;
+    for chunk in &package.chunks {
+        bytes += chunk.data.len() as u64;
+        client
+            .publish(
+                topics.chunk(&chunk.sha256, chunk.index),
+                QoS::AtLeastOnce,
+                true,
+                chunk.encode_to_vec(),
+            )
+            .await?;
+        bar.set_position(acked.load(Ordering::Relaxed));
+    }
+    // The manifest last: a node acting on it finds every chunk already retained.
+    wait_acked(&acked, &acked_signal, total - 1, &bar, &poller).await?;
+    client
+        .publish(
+            topics.manifest(&manifest.name),
+            QoS::AtLeastOnce,
+            true,
+            manifest.encode_to_vec(),
+        )
+        .await?;
+    wait_acked(&acked, &acked_signal, total, &bar, &poller).await?;
+    bar.finish_and_clear();
+    eprintln!(
+        "published {}@{} ({} MiB stored as {} MiB in {} chunks, {} precompiled artifact(s)) in {:.2} s, signed by key {}; targets: {}",
+        manifest.name,
+        manifest.version,
+        raw >> 20,
+        bytes >> 20,
+        package.chunks.len(),
+        manifest.artifacts.len(),
+        publishing.elapsed().as_secs_f64(),
+        manifest.key_id,
+        isomesh_module::package::describe_targets(&manifest)
+    );
+    if !args.wait {
+        let _ = client.disconnect().await;
+        return Ok(true);
+    }
+
+    // Follow the nodes' statuses until each targeted node serves the module or refused it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
+    let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
+    let mut outcome: BTreeMap<String, Result<Duration, String>> = BTreeMap::new();
+    let targeted = |status: &NodeStatus| {
+        let tier = Tier::try_from(status.tier).unwrap_or(Tier::Unspecified);
+        isomesh_module::package::is_target(&manifest, tier, &status.node_id)
+    };
+    // Retained statuses arrive first; give them a moment so the set of targets is known.
+    let settle = tokio::time::Instant::now() + Duration::from_millis(500);
+    loop {
+        let waiting: Vec<&String> = nodes
+            .iter()
+            .filter(|(id, s)| s.online && targeted(s) && !outcome.contains_key(*id))
+            .map(|(id, _)| id)
+            .chain(args.node.iter().filter(|id| !outcome.contains_key(*id)))
+            .collect();
+        if tokio::time::Instant::now() >= settle && waiting.is_empty() {
+            break;
+        }
+        let status = match tokio::time::timeout_at(deadline.max(settle), statuses.recv()).await {
+            Ok(Some(status)) => status,
+            Ok(None) => anyhow::bail!("lost the broker connection while waiting for the nodes"),
+            Err(_) if tokio::time::Instant::now() < settle => continue,
+            Err(_) => {
+                for id in waiting.into_iter().cloned().collect::<Vec<_>>() {
+                    let last = nodes
+                        .get(&id)
+                        .and_then(|s| s.rollout.as_ref())
+                        .map(crate::status::describe_rollout)
+                        .unwrap_or_else(|| "no status".into());
+                    outcome.insert(
+                        id,
+                        Err(format!(
+                            "timed out after {} s; last: {last}",
+                            args.timeout_s
+                        )),
+                    );
+                }
+                break;
+            }
+        };
+        let id = status.node_id.clone();
+        if status
+            .module
+            .as_ref()
+            .is_some_and(|m| m.sha256 == manifest.sha256)
+        {
+            outcome.entry(id.clone()).or_insert(Ok(started.elapsed()));
+        } else if let Some(state) = status.rollout.as_ref().filter(|r| {
+            r.module
+                .as_ref()
+                .is_some_and(|m| m.sha256 == manifest.sha256)
+        }) {
+            if state.phase == Phase::Rejected as i32 {
+                outcome
+                    .entry(id.clone())
+                    .or_insert(Err(format!("rejected: {}", state.reason)));
+            }
+        }
+        nodes.insert(id, status);
+    }
+    let _ = client.disconnect().await;
+    println!("{:<12} {:<8} RESULT", "NODE", "TIER");
+    let mut all_ok = !outcome.is_empty();
+    for (id, result) in &outcome {
+        let tier = nodes
+            .get(id)
+            .map(|s| Tier::try_from(s.tier).unwrap_or(Tier::Unspecified).name())
+            .unwrap_or("?");
+        match result {
+            Ok(after) => println!(
+                "{id:<12} {tier:<8} serving {}@{} {:.2} s after the rollout started",
+                manifest.name,
+                manifest.version,
+                after.as_secs_f64()
+            ),
+            Err(reason) => {
+                all_ok = false;
+                println!("{id:<12} {tier:<8} FAILED: {reason}");
+            }
+        }
+    }
+    if outcome.is_empty() {
+        println!(
+            "no online node is targeted by this rollout ({})",
+            isomesh_module::package::describe_targets(&manifest)
+        );
+    }
+    Ok(all_ok)
+}
+
+/// `$XDG_CACHE_HOME/isomesh`, else `~/.cache/isomesh`.
+fn default_compile_cache() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .map(|dir| dir.join("isomesh"))
+}
+
+/// Waits until `want` publishes are acknowledged, moving the progress bar.
+async fn wait_acked(
+    acked: &AtomicU64,
+    signal: &tokio::sync::Notify,
+    want: u64,
+    bar: &indicatif::ProgressBar,
+    poller: &tokio::task::JoinHandle<rumqttc::v5::ConnectionError>,
+) -> anyhow::Result<()> {
+    loop {
+        let now = acked.load(Ordering::Relaxed);
+        bar.set_position(now);
+        if now >= want {
+            return Ok(());
+        }
+        if poller.is_finished() {
+            anyhow::bail!("the broker connection closed while publishing (is a chunk over the broker's message limit? try a smaller --chunk-size)");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), signal.notified()).await;
+    }
+}

@@ -1,0 +1,173 @@
+//! `isomesh status`: the retained status of every node, as a table (`--watch` keeps it live).
+
+use isomesh_mesh::topics::Topics;
+use isomesh_protos::rollout_state::Phase;
+use isomesh_protos::{NodeStatus, RolloutState, Tier};
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::Event;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Show the nodes of the mesh.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Broker URL.
+    #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+    /// Keep the table live, redrawing every 2 s.
+    #[arg(long)]
+    pub watch: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Topic prefix of the mesh.
+    #[arg(long, env = "ISOMESH_PREFIX", default_value = "isomesh")]
+    pub prefix: String,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let topics = Topics::new(args.prefix.clone());
+    let (client, mut eventloop) =
+        isomesh_mqtt::connect::connect(&args.broker, &isomesh_mqtt::connect::client_id("status"))
+            .await?;
+    client
+        .subscribe(topics.all_status(), QoS::AtLeastOnce)
+        .await?;
+    let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
+    let mut redraw = tokio::time::interval(Duration::from_secs(2));
+    redraw.tick().await;
+    loop {
+        tokio::select! {
+            event = eventloop.poll() => {
+                if let Event::Incoming(Packet::Publish(publish)) = event? {
+                    match NodeStatus::decode(publish.payload.as_ref()) {
+                        Ok(status) => { nodes.insert(status.node_id.clone(), status); }
+                        Err(e) => eprintln!("isomesh: unreadable status on {}: {e}", String::from_utf8_lossy(&publish.topic)),
+                    }
+                }
+            }
+            _ = redraw.tick() => {
+                if args.watch {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print_nodes(&nodes, args.json);
+                if !args.watch {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(())
+}
+
+fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
+    if json {
+        for s in nodes.values() {
+            let module = s.module.clone().unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "node": s.node_id, "tier": tier_name(s.tier), "online": s.online,
+                    "module": {"name": module.name, "version": module.version, "sha256": module.sha256},
+                    "queue": s.queue_len, "ewma_ms": s.ewma_ms, "done": s.jobs_done,
+                    "failed": s.jobs_failed, "uptime_s": s.uptime_s,
+                    "rollout": s.rollout.as_ref().map(|r| serde_json::json!({
+                        "module": r.module.as_ref().map(|m| serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256})),
+                        "phase": phase_name(r.phase), "chunks_done": r.chunks_done,
+                        "chunk_count": r.chunk_count, "reason": r.reason,
+                    })),
+                    "sandbox": s.sandbox.as_ref().map(|l| serde_json::json!({
+                        "memory_limit_bytes": l.memory_limit_bytes,
+                        "call_timeout_ms": l.call_timeout_ms,
+                        "max_table_elements": l.max_table_elements,
+                        "max_tables": l.max_tables, "max_memories": l.max_memories,
+                        "max_instances": l.max_instances, "wasi": l.wasi,
+                        "max_payload_bytes": l.max_payload_bytes,
+                        "allow_unsigned": l.allow_unsigned,
+                    })),
+                })
+            );
+        }
+        return;
+    }
+    println!(
+        "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9} {:>7} {:>7}  {:<18} ROLLOUT",
+        "NODE", "TIER", "STATE", "MODULE", "QUEUE", "EWMA_MS", "DONE", "FAILED", "SANDBOX"
+    );
+    for s in nodes.values() {
+        let module = s
+            .module
+            .as_ref()
+            .map(|m| format!("{}@{}", m.name, m.version))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {:<18} {}",
+            s.node_id,
+            tier_name(s.tier),
+            if s.online { "online" } else { "offline" },
+            module,
+            s.queue_len,
+            s.ewma_ms,
+            s.jobs_done,
+            s.jobs_failed,
+            s.sandbox.as_ref().map(describe_limits).unwrap_or_default(),
+            s.rollout.as_ref().map(describe_rollout).unwrap_or_default()
+        );
+    }
+}
+
+/// A node's sandbox in a few characters: `768MiB 10.0s`, with `UNSIGNED` when it runs modules
+/// nobody signed.
+pub fn describe_limits(limits: &isomesh_protos::SandboxLimits) -> String {
+    format!(
+        "{}MiB {:.1}s{}",
+        limits.memory_limit_bytes >> 20,
+        limits.call_timeout_ms as f64 / 1000.0,
+        if limits.allow_unsigned {
+            " UNSIGNED"
+        } else {
+            ""
+        }
+    )
+}
+
+/// One line on a node's latest rollout: `fetching m@2 (12/130)`, `rejected m@2: reason`.
+pub fn describe_rollout(state: &RolloutState) -> String {
+    let module = state
+        .module
+        .as_ref()
+        .map(|m| {
+            if m.name.is_empty() {
+                m.sha256.chars().take(12).collect()
+            } else {
+                format!("{}@{}", m.name, m.version)
+            }
+        })
+        .unwrap_or_default();
+    match Phase::try_from(state.phase).unwrap_or(Phase::Unspecified) {
+        Phase::Fetching => format!(
+            "fetching {module} ({}/{})",
+            state.chunks_done, state.chunk_count
+        ),
+        Phase::Rejected => format!("rejected {module}: {}", state.reason),
+        phase => format!("{} {module}", phase_name(phase as i32)),
+    }
+}
+
+/// Lower-case name of a rollout phase.
+pub fn phase_name(phase: i32) -> &'static str {
+    match Phase::try_from(phase).unwrap_or(Phase::Unspecified) {
+        Phase::Unspecified => "-",
+        Phase::Fetching => "fetching",
+        Phase::Loading => "loading",
+        Phase::Serving => "serving",
+        Phase::Rejected => "rejected",
+    }
+}
+
+fn tier_name(tier: i32) -> &'static str {
+    Tier::try_from(tier).unwrap_or(Tier::Unspecified).name()
+}

@@ -1,0 +1,475 @@
+//! The node's side of a rollout, as a state machine without I/O: events and the time in,
+//! [`Action`]s out (rumqttc's `state.rs` is the model). The node's event loop feeds it every
+//! module message, every connect, a tick a few times a second and what became of each install,
+//! and carries out what it returns; the tests at the bottom of this file drive it the same way,
+//! with no broker, no disk and no clock.
+//!
+//! What it checks when a manifest arrives, in order: that it targets this node, that it is
+//! signed by a trusted key, that it is well formed, and that it is not the module already
+//! served, one being fetched or installed, one this node refused before, a downgrade or a
+//! second build of the served version (unless forced). Then it [`Fetch`]es the chunks, asking
+//! for a window at a time and again after a quiet spell; once all are in it hands the fetch over
+//! ([`Action::Install`]): the node checks the bytes ([`Fetch::finish`]), writes them to its
+//! [`crate::store::ModuleStore`], and its module manager compiles, self-tests and swaps them in,
+//! exactly as for a file copied in by hand. Every phase is reported ([`Action::Report`]) so the
+//! node's status tells operators where the rollout stands.
+//!
+//! The agent also keeps rollouts alive across a broker that forgets its retained messages (a
+//! restart without persistence): after connecting, a node that serves a rolled-out module and
+//! sees no manifest for it publishes that manifest and its chunks again ([`Action::Reseed`]),
+//! so nodes that join later still converge with no operator action.
+
+use crate::fetch::{ChunkRef, Fetch, Taken};
+use crate::package::{check_manifest, describe_targets, is_target, label, module_ref};
+use crate::rejection::Rejection;
+use crate::signing::TrustedKeys;
+use crate::version::compare_versions;
+use isomesh_mesh::topics::Topics;
+use isomesh_protos::rollout_state::Phase;
+use isomesh_protos::{
+    ModuleChunk, ModuleManifest, ModuleRef, PrecompiledArtifact, RolloutState, Tier,
+};
+use prost::Message;
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// With nothing but the precompiled artifact missing for this long, compile instead.
+pub const ARTIFACT_PATIENCE: Duration = Duration::from_secs(5);
+/// After connecting, how long to listen for retained manifests before re-seeding.
+pub const RESEED_DELAY: Duration = Duration::from_secs(3);
+/// Report fetch progress every this many chunks.
+const PROGRESS_EVERY: u32 = 16;
+
+/// Something that happened, for the agent to act on.
+pub enum Event<'a> {
+    /// The broker (re)connected.
+    Connected,
+    /// A message on a module topic (`{prefix}/modules/...`).
+    Publish { topic: &'a str, payload: &'a [u8] },
+    /// Time passed: ask again for missing chunks, give up on stalled fetches, re-seed.
+    Tick,
+    /// The node serves this module now (on start, and after every swap).
+    Serving(Serving),
+    /// The module manager refused the module an [`Action::Install`] wrote; `marked` says the
+    /// refusal is remembered (the bytes themselves are bad), with its reason.
+    Refused {
+        module: ModuleRef,
+        marked: Option<String>,
+    },
+    /// The fetched module could not be installed (its bytes are not the signed ones, or the
+    /// disk refused them).
+    InstallFailed {
+        module: ModuleRef,
+        reason: Rejection,
+    },
+}
+
+/// What the node serves, as the agent needs to know it.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    pub module: ModuleRef,
+    /// The signed manifest the module file came with (`None` for a file dropped in by hand
+    /// under `--allow-unsigned`): what a re-seed publishes.
+    pub manifest: Option<ModuleManifest>,
+}
+
+/// Something the node must do for the agent.
+#[derive(Debug)]
+pub enum Action {
+    Subscribe(String),
+    Unsubscribe(String),
+    /// Check the finished fetch and write it into the module directory (blocking work).
+    Install(Box<Fetch>),
+    /// Publish the served module's chunks and manifest again.
+    Reseed(Box<Reseed>),
+    /// Show this rollout state in the node's status.
+    Report(RolloutState),
+    /// Remember that these bytes were refused, so they are never fetched or compiled again.
+    MarkRejected {
+        sha256: String,
+        reason: String,
+    },
+}
+
+/// The module this node serves, to publish again because the broker lost it.
+#[derive(Debug)]
+pub struct Reseed {
+    pub manifest: ModuleManifest,
+    /// The manifest's precompiled artifact for this node's engine, if it has one.
+    pub artifact: Option<PrecompiledArtifact>,
+}
+
+/// Settings of the agent.
+pub struct AgentConfig {
+    pub node: String,
+    pub tier: Tier,
+    pub topics: Topics,
+    pub trusted: TrustedKeys,
+    /// This node's engine id: which precompiled artifact it can load.
+    pub engine: String,
+    /// A fetch with no chunk arriving for this long is abandoned and reported.
+    pub give_up_after: Duration,
+}
+
+/// Follows manifests and fetches the modules meant for this node.
+pub struct RolloutAgent {
+    config: AgentConfig,
+    serving: Option<Serving>,
+    fetch: Option<Fetch>,
+    /// Digest of the module handed over for installing and not yet served or refused.
+    installing: Option<String>,
+    /// Modules refused before, by digest, with the reason.
+    rejected: HashMap<String, String>,
+    /// Names of the modules whose manifest the broker handed over since the last connect.
+    manifests_seen: HashSet<String>,
+    reseed_at: Option<Instant>,
+}
+
+impl RolloutAgent {
+    /// An agent that knows of the modules refused before (the module directory's markers).
+    pub fn new(
+        config: AgentConfig,
+        rejected: impl IntoIterator<Item = (String, String)>,
+    ) -> RolloutAgent {
+        RolloutAgent {
+            config,
+            serving: None,
+            fetch: None,
+            installing: None,
+            rejected: rejected.into_iter().collect(),
+            manifests_seen: HashSet::new(),
+            reseed_at: None,
+        }
+    }
+
+    /// The fetch in progress, if any.
+    pub fn fetching(&self) -> Option<&Fetch> {
+        self.fetch.as_ref()
+    }
+
+    /// Takes one event at time `now` and says what to do about it.
+    pub fn handle(&mut self, event: Event<'_>, now: Instant) -> Vec<Action> {
+        match event {
+            Event::Connected => self.on_connected(now),
+            Event::Publish { topic, payload } => self.on_publish(topic, payload, now),
+            Event::Tick => self.on_tick(now),
+            Event::Serving(serving) => {
+                if self.installing.as_deref() == Some(serving.module.sha256.as_str()) {
+                    self.installing = None;
+                }
+                self.serving = Some(serving);
+                Vec::new()
+            }
+            Event::Refused { module, marked } => {
+                if self.installing.as_deref() == Some(module.sha256.as_str()) {
+                    self.installing = None;
+                }
+                if let Some(reason) = marked {
+                    self.rejected.insert(module.sha256, reason);
+                }
+                Vec::new()
+            }
+            Event::InstallFailed { module, reason } => {
+                if self.installing.as_deref() == Some(module.sha256.as_str()) {
+                    self.installing = None;
+                }
+                let text = reason.to_string();
+                self.rejected.insert(module.sha256.clone(), text.clone());
+                let mut actions = vec![Action::MarkRejected {
+                    sha256: module.sha256.clone(),
+                    reason: text,
+                }];
+                actions.extend(self.reject(module, reason));
+                actions
+            }
+        }
+    }
+
+    /// Ask again for what a fetch still misses, and plan a re-seed check once the retained
+    /// manifests have had time to arrive.
+    fn on_connected(&mut self, now: Instant) -> Vec<Action> {
+        self.manifests_seen.clear();
+        // Spread the nodes' checks so one of them re-seeds and the others see its manifest.
+        let jitter = self
+            .config
+            .node
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+            % 2000;
+        self.reseed_at = Some(now + RESEED_DELAY + Duration::from_millis(jitter));
+        match &self.fetch {
+            Some(fetch) => self.subscribe(fetch.outstanding()),
+            None => Vec::new(),
+        }
+    }
+
+    fn on_publish(&mut self, topic: &str, payload: &[u8], now: Instant) -> Vec<Action> {
+        if payload.is_empty() {
+            return Vec::new(); // a retained message being cleared
+        }
+        if topic.ends_with("/manifest") {
+            match ModuleManifest::decode(payload) {
+                Ok(manifest) => self.on_manifest(manifest, now),
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "unreadable module manifest ignored");
+                    Vec::new()
+                }
+            }
+        } else {
+            match ModuleChunk::decode(payload) {
+                Ok(chunk) => self.on_chunk(chunk, now),
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "unreadable module chunk ignored");
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    fn on_manifest(&mut self, manifest: ModuleManifest, now: Instant) -> Vec<Action> {
+        let module = module_ref(&manifest);
+        let verified = self.config.trusted.verify(&manifest);
+        if verified.is_ok() {
+            // Only a verified manifest proves the name's retained topic is in use, and any one
+            // does, whichever nodes it is for: re-seeding must never write over a rollout to
+            // other nodes (a device re-seeding 0.1.0 over an edge-only 0.2.0).
+            self.manifests_seen.insert(manifest.name.clone());
+        }
+        if !is_target(&manifest, self.config.tier, &self.config.node) {
+            tracing::info!(module = %label(&module), targets = %describe_targets(&manifest), "manifest is not for this node; ignored");
+            return Vec::new();
+        }
+        if let Err(e) = verified {
+            return self.reject(module, e.into());
+        }
+        if let Err(e) = check_manifest(&manifest) {
+            return self.reject(module, e.into());
+        }
+        let served = self.serving.as_ref().map(|s| s.module.clone());
+        if served.as_ref().is_some_and(|s| s.sha256 == manifest.sha256) {
+            tracing::debug!(module = %label(&module), "manifest for the module already served");
+            return Vec::new();
+        }
+        if self.installing.as_deref() == Some(&manifest.sha256)
+            || self
+                .fetch
+                .as_ref()
+                .is_some_and(|f| f.manifest.sha256 == manifest.sha256)
+        {
+            return Vec::new();
+        }
+        if let Some(reason) = self.rejected.get(&manifest.sha256) {
+            let reason = Rejection::RejectedBefore(reason.clone());
+            return self.reject(module, reason);
+        }
+        if let Some(served) = served.filter(|s| s.name == manifest.name) {
+            let order = compare_versions(&manifest.version, &served.version);
+            if order == Ordering::Less && !manifest.force {
+                let reason = Rejection::Downgrade {
+                    offered: manifest.version.clone(),
+                    served: served.version,
+                };
+                return self.reject(module, reason);
+            }
+            if order == Ordering::Equal && !manifest.force {
+                let reason = Rejection::SameVersion {
+                    version: manifest.version.clone(),
+                    served: crate::digest::short(&served.sha256).to_string(),
+                };
+                return self.reject(module, reason);
+            }
+        }
+        let artifact = manifest
+            .artifacts
+            .iter()
+            .find(|a| a.engine == self.config.engine)
+            .cloned();
+        tracing::info!(
+            module = %label(&module),
+            sha256 = %manifest.sha256,
+            bytes = manifest.size,
+            chunks = manifest.chunk_count,
+            precompiled = artifact.is_some(),
+            "fetching a rolled-out module"
+        );
+        let mut actions = self.abandon_fetch();
+        let mut fetch = Fetch::new(manifest, artifact, now);
+        let wanted = fetch.next_requests(now);
+        actions.push(report(&fetch, Phase::Fetching));
+        self.fetch = Some(fetch);
+        actions.extend(self.subscribe(wanted));
+        actions
+    }
+
+    fn on_chunk(&mut self, chunk: ModuleChunk, now: Instant) -> Vec<Action> {
+        let Some(fetch) = &mut self.fetch else {
+            return Vec::new();
+        };
+        let key = (chunk.sha256.clone(), chunk.index);
+        match fetch.take(chunk, now) {
+            Taken::Stored => {}
+            Taken::Duplicate | Taken::Foreign => return Vec::new(),
+            Taken::Malformed(problem) => {
+                tracing::warn!(chunk = key.1, %problem, "malformed module chunk ignored");
+                return Vec::new();
+            }
+        }
+        let wanted = fetch.next_requests(now);
+        let (done, _) = fetch.progress();
+        let mut actions = self.unsubscribe(vec![key]);
+        actions.extend(self.subscribe(wanted));
+        match self.fetch.take() {
+            Some(fetch) if fetch.is_complete() => {
+                tracing::info!(
+                    module = %label(&module_ref(&fetch.manifest)),
+                    chunks = done,
+                    ms = now.saturating_duration_since(fetch.started).as_millis() as u64,
+                    "all chunks in"
+                );
+                actions.extend(self.install(fetch));
+            }
+            Some(fetch) => {
+                if done % PROGRESS_EVERY == 0 {
+                    actions.push(report(&fetch, Phase::Fetching));
+                }
+                self.fetch = Some(fetch);
+            }
+            None => {}
+        }
+        actions
+    }
+
+    fn on_tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(mut fetch) = self.fetch.take() {
+            let again = fetch.retry(now);
+            if fetch.only_artifact_missing() && fetch.stalled_for(now) > ARTIFACT_PATIENCE {
+                tracing::warn!("precompiled artifact chunks missing; fetching the module alone and compiling it");
+                let dropped = fetch.drop_artifact(now);
+                actions.extend(self.unsubscribe(dropped));
+                if fetch.is_complete() {
+                    actions.extend(self.install(fetch));
+                } else {
+                    self.fetch = Some(fetch);
+                }
+            } else if fetch.stalled_for(now) > self.config.give_up_after {
+                let reason = Rejection::Stalled {
+                    after_s: self.config.give_up_after.as_secs(),
+                    missing: fetch.missing(),
+                };
+                actions.extend(self.unsubscribe(fetch.outstanding()));
+                actions.extend(self.reject(module_ref(&fetch.manifest), reason));
+            } else {
+                if !again.is_empty() {
+                    tracing::debug!(chunks = again.len(), "asking again for missing chunks");
+                    actions.extend(self.subscribe(again));
+                }
+                self.fetch = Some(fetch);
+            }
+        }
+        if self.reseed_at.is_some_and(|at| now >= at) {
+            self.reseed_at = None;
+            actions.extend(self.reseed_if_lost());
+        }
+        actions
+    }
+
+    /// Hands a complete fetch over for checking and writing.
+    fn install(&mut self, fetch: Fetch) -> Vec<Action> {
+        self.installing = Some(fetch.manifest.sha256.clone());
+        let (done, all) = fetch.progress();
+        let loading = RolloutState {
+            module: Some(module_ref(&fetch.manifest)),
+            phase: Phase::Loading as i32,
+            chunks_done: done,
+            chunk_count: all,
+            ..Default::default()
+        };
+        vec![Action::Report(loading), Action::Install(Box::new(fetch))]
+    }
+
+    fn reseed_if_lost(&self) -> Vec<Action> {
+        let Some(Serving {
+            module,
+            manifest: Some(manifest),
+        }) = &self.serving
+        else {
+            return Vec::new(); // nothing served, or dropped in by hand: nothing signed to publish
+        };
+        if manifest.sha256 != module.sha256 || self.manifests_seen.contains(&manifest.name) {
+            return Vec::new();
+        }
+        let artifact = manifest
+            .artifacts
+            .iter()
+            .find(|a| a.engine == self.config.engine)
+            .cloned();
+        tracing::warn!(
+            module = %label(module),
+            "the broker holds no manifest for the module served here (restarted without persistence?); publishing it again"
+        );
+        vec![Action::Reseed(Box::new(Reseed {
+            manifest: manifest.clone(),
+            artifact,
+        }))]
+    }
+
+    fn reject(&self, module: ModuleRef, reason: Rejection) -> Vec<Action> {
+        tracing::error!(
+            module = %label(&module),
+            sha256 = %module.sha256,
+            %reason,
+            "rollout rejected; the current module keeps serving"
+        );
+        vec![Action::Report(rejected(module, &reason))]
+    }
+
+    /// Drops the fetch in progress, if any, with its subscriptions.
+    fn abandon_fetch(&mut self) -> Vec<Action> {
+        match self.fetch.take() {
+            Some(fetch) => self.unsubscribe(fetch.outstanding()),
+            None => Vec::new(),
+        }
+    }
+
+    fn subscribe(&self, chunks: Vec<ChunkRef>) -> Vec<Action> {
+        chunks
+            .into_iter()
+            .map(|(sha, index)| Action::Subscribe(self.config.topics.chunk(&sha, index)))
+            .collect()
+    }
+
+    fn unsubscribe(&self, chunks: Vec<ChunkRef>) -> Vec<Action> {
+        chunks
+            .into_iter()
+            .map(|(sha, index)| Action::Unsubscribe(self.config.topics.chunk(&sha, index)))
+            .collect()
+    }
+}
+
+/// The state of a fetch in progress.
+fn report(fetch: &Fetch, phase: Phase) -> Action {
+    let (done, all) = fetch.progress();
+    Action::Report(RolloutState {
+        module: Some(module_ref(&fetch.manifest)),
+        phase: phase as i32,
+        chunks_done: done,
+        chunk_count: all,
+        ..Default::default()
+    })
+}
+
+/// The state of a refused module: its reason as a sentence and as a code.
+pub fn rejected(module: ModuleRef, reason: &Rejection) -> RolloutState {
+    RolloutState {
+        module: Some(module),
+        phase: Phase::Rejected as i32,
+        reason: reason.to_string(),
+        code: reason.code().to_string(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

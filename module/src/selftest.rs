@@ -1,0 +1,171 @@
+//! The self-test every module passes before it may serve: classify known images and check the
+//! answers. The policy of what a module must show lives here, beside the other reasons a module
+//! is refused; the sandbox only runs the calls it asks for.
+//!
+//! First a 32x32 PNG drawn here (a colour gradient, stored without compression): the answer must be
+//! well formed (k classes, valid indices, probabilities in [0, 1] that sum to at most 1). Then, for
+//! a module whose labels are ImageNet's (it has a "pelican" class), a real photo embedded in the
+//! node (`assets/pelican.jpeg`, CC BY 2.0, see `assets/README.md`) must come out as "pelican": a
+//! module with scrambled weights or a broken preprocessing passes the first check, not this one.
+
+use isomesh_protos::{GuestClassification, GuestInfo};
+use std::time::{Duration, Instant};
+
+const SIDE: u32 = 32;
+
+/// The known image, built once.
+pub static IMAGE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(gradient_png);
+
+/// A real photo and the label an ImageNet classifier must give it.
+pub const PHOTO: &[u8] = include_bytes!("../assets/pelican.jpeg");
+pub const PHOTO_LABEL: &str = "pelican";
+
+/// A module's classify call: an encoded image and how many classes to return.
+pub type Classify<'a> = dyn FnMut(&[u8], u32) -> Result<GuestClassification, String> + 'a;
+
+/// Runs the self-test through `classify` on a freshly loaded module described by `info`: the
+/// drawn image, then the photo if the module's labels are ImageNet's. Returns how long the last
+/// classification took, the node's service-time estimate until it has run a job.
+pub fn run(classify: &mut Classify<'_>, info: &GuestInfo) -> Result<Duration, String> {
+    let timed = Instant::now();
+    let answer = classify(&IMAGE, 5)?;
+    let mut service = timed.elapsed();
+    check(&answer, info.labels.len())?;
+    if knows_photo(&info.labels) {
+        let timed = Instant::now();
+        let answer = classify(PHOTO, 1)?;
+        service = timed.elapsed();
+        check_photo(&answer, &info.labels)?;
+    }
+    Ok(service)
+}
+
+/// Whether a module with these labels must recognise [`PHOTO`].
+pub fn knows_photo(labels: &[String]) -> bool {
+    labels.iter().any(|l| l == PHOTO_LABEL)
+}
+
+/// Checks the answer to [`PHOTO`]: its top-1 must be [`PHOTO_LABEL`].
+pub fn check_photo(answer: &GuestClassification, labels: &[String]) -> Result<(), String> {
+    let top = answer.top.first().ok_or("no class for the known photo")?;
+    let label = labels
+        .get(top.index as usize)
+        .map(String::as_str)
+        .unwrap_or("?");
+    if label == PHOTO_LABEL {
+        Ok(())
+    } else {
+        Err(format!(
+            "the known photo of a {PHOTO_LABEL} came out as {label:?} (p={:.3})",
+            top.prob
+        ))
+    }
+}
+
+/// Checks that `answer` is a well-formed top-5 over `label_count` classes.
+pub fn check(answer: &GuestClassification, label_count: usize) -> Result<(), String> {
+    if answer.top.len() != 5 {
+        return Err(format!("asked for 5 classes, got {}", answer.top.len()));
+    }
+    let mut sum = 0.0f32;
+    let mut previous = f32::INFINITY;
+    for score in &answer.top {
+        if score.index as usize >= label_count {
+            return Err(format!(
+                "class index {} is past the {label_count} labels",
+                score.index
+            ));
+        }
+        if !(0.0..=1.0).contains(&score.prob) || score.prob > previous {
+            return Err(format!(
+                "probabilities are not ranked values in [0, 1]: {:?}",
+                answer.top
+            ));
+        }
+        previous = score.prob;
+        sum += score.prob;
+    }
+    if sum > 1.0 + 1e-3 {
+        return Err(format!("top-5 probabilities sum to {sum} > 1"));
+    }
+    Ok(())
+}
+
+fn gradient_png() -> Vec<u8> {
+    let mut raw = Vec::with_capacity(((SIDE * 3 + 1) * SIDE) as usize);
+    for y in 0..SIDE {
+        raw.push(0); // filter: none
+        for x in 0..SIDE {
+            raw.extend_from_slice(&[(x * 8) as u8, (y * 8) as u8, 128]);
+        }
+    }
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&SIDE.to_be_bytes());
+    ihdr.extend_from_slice(&SIDE.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    push_chunk(&mut png, b"IHDR", &ihdr);
+    push_chunk(&mut png, b"IDAT", &zlib_stored(&raw));
+    push_chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+/// PNG chunk: length, type, data, CRC-32 of type and data.
+fn push_chunk(png: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(kind);
+    crc.update(data);
+    png.extend_from_slice(kind);
+    png.extend_from_slice(data);
+    png.extend_from_slice(&crc.sum().to_be_bytes());
+}
+
+/// A zlib stream of `data`, stored without compression (the image is tiny).
+fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::none());
+    // Writing into a Vec cannot fail.
+    let _ = encoder.write_all(data);
+    encoder.finish().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isomesh_protos::GuestScore;
+
+    #[test]
+    fn gradient_is_a_png() {
+        assert!(IMAGE.starts_with(b"\x89PNG\r\n\x1a\n"));
+        assert!(IMAGE.ends_with(&[0xae, 0x42, 0x60, 0x82])); // CRC of an empty IEND
+    }
+
+    #[test]
+    fn malformed_answers_fail_the_check() {
+        let score = |index, prob| GuestScore { index, prob };
+        let good = GuestClassification {
+            top: vec![
+                score(1, 0.5),
+                score(2, 0.2),
+                score(3, 0.1),
+                score(4, 0.1),
+                score(5, 0.05),
+            ],
+            ..Default::default()
+        };
+        assert!(check(&good, 1000).is_ok());
+        assert!(check(&good, 3).is_err(), "index past the labels");
+        let unranked = GuestClassification {
+            top: vec![
+                score(1, 0.1),
+                score(2, 0.2),
+                score(3, 0.1),
+                score(4, 0.1),
+                score(5, 0.05),
+            ],
+            ..Default::default()
+        };
+        assert!(check(&unranked, 1000).is_err());
+    }
+}

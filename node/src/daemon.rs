@@ -1,0 +1,288 @@
+//! A running node: builds every part from its settings and wires them to the broker.
+//!
+//! [`run`] is what `isomesh-node` calls: it opens the module directory, reads the trusted keys,
+//! builds the sandbox, serves the newest good module, starts the scheduler's workers, the module
+//! manager and the directory watcher, the metrics endpoint on a listener the caller bound, and
+//! the rollout agent, then hands everything to the [`crate::event_loop`] until `shutdown`
+//! completes, and finally lets the workers finish.
+
+use crate::config::NodeConfig;
+use crate::event_loop::{self, LoopSettings};
+use crate::executor::RolloutExecutor;
+use crate::jobs::{JobContext, JobSettings};
+use crate::manager::{self, ModuleManager};
+use crate::metrics::Metrics;
+use crate::scheduler::Scheduler;
+use crate::slot::{ModuleSlot, RolloutBoard};
+use crate::status::StatusReporter;
+use isomesh_mesh::answered::Answered;
+use isomesh_mesh::relay::Relay;
+use isomesh_mesh::report::Responder;
+use isomesh_mesh::topics::Topics;
+use isomesh_module::agent::{AgentConfig, RolloutAgent};
+use isomesh_module::signing::TrustedKeys;
+use isomesh_module::store::ModuleStore;
+use isomesh_module::trust::ModuleTrust;
+use isomesh_mqtt::login::{BrokerAddress, Login, LoginError};
+use isomesh_protos::NodeStatus;
+use isomesh_sandbox::{Sandbox, SandboxConfig};
+use prost::Message;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, MqttOptions};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// Largest MQTT packet this node accepts; bigger images get an error answer, not silence.
+const MQTT_PACKET_LIMIT: u32 = 256 << 20;
+
+/// Why a node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Broker(#[from] LoginError),
+    #[error(transparent)]
+    Sandbox(#[from] isomesh_sandbox::LoadError),
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
+    #[error("module directory {path} is not usable: {source}")]
+    ModuleDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    TrustedKey(#[from] isomesh_module::signing::SigningError),
+    #[error("cannot watch the module directory {path}: {source}")]
+    Watch {
+        path: std::path::PathBuf,
+        source: notify::Error,
+    },
+    #[error("cannot serve metrics on {addr} (--metrics-listen): {source}")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Binds `--metrics-listen`, if given, so a wrong address stops the start instead of a later
+/// scrape; give the listener to [`run`]. Port 0 picks a free port (logged).
+pub async fn bind_metrics(config: &NodeConfig) -> Result<Option<TcpListener>, NodeError> {
+    match &config.metrics_listen {
+        Some(addr) => crate::metrics::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| NodeError::Metrics {
+                addr: addr.clone(),
+                source,
+            }),
+        None => Ok(None),
+    }
+}
+
+/// Runs a node until `shutdown` completes, then drains and returns. `metrics` is the bound
+/// listener of `--metrics-listen` ([`bind_metrics`]), if any.
+pub async fn run(
+    config: NodeConfig,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let broker = BrokerAddress::parse(&config.broker)?;
+    let store = ModuleStore::open(&config.modules).map_err(|source| NodeError::ModuleDir {
+        path: config.modules.clone(),
+        source,
+    })?;
+    let trusted = TrustedKeys::read(&config.trusted_keys)?;
+    let trust = ModuleTrust::new(trusted.clone(), config.allow_unsigned);
+    if config.allow_unsigned {
+        tracing::warn!(
+            "--allow-unsigned: this node runs modules nobody signed; never use it in production"
+        );
+    } else if trusted.is_empty() {
+        tracing::warn!("no --trusted-key given: this node installs no rollouts and runs no module (give it the public key of `isomesh keygen`)");
+    }
+    let sandbox = Arc::new(Sandbox::new(SandboxConfig {
+        memory_limit_bytes: config.memory_limit_mb << 20,
+        call_timeout: config.call_timeout(),
+        cache_dir: Some(config.cache_dir()),
+    })?);
+    let slot = Arc::new(ModuleSlot::default());
+    let loading = {
+        let (sandbox, trust, store) = (sandbox.clone(), trust.clone(), store.clone());
+        tokio::task::spawn_blocking(move || manager::load_newest(&sandbox, &trust, &store))
+    };
+    match loading.await {
+        Ok(Some(module)) => slot.install(module),
+        _ => tracing::warn!(
+            dir = %config.modules.display(),
+            "no usable classifier module yet; jobs get an error answer until one is installed"
+        ),
+    }
+    let scheduler = Scheduler::start(config.workers, sandbox.clone(), slot.clone())
+        .map_err(NodeError::Workers)?;
+    let board = Arc::new(RolloutBoard::default());
+    // Files found by the directory watcher (or written by a rollout) go to the manager thread.
+    let (found_tx, found_rx) = std::sync::mpsc::channel();
+    let (considered_tx, considered_rx) = tokio::sync::mpsc::unbounded_channel();
+    ModuleManager {
+        sandbox: sandbox.clone(),
+        slot: slot.clone(),
+        board: board.clone(),
+        store: store.clone(),
+        trust,
+        workers: config.workers,
+        keep: config.keep_modules,
+    }
+    .spawn(found_rx, considered_tx)
+    .map_err(NodeError::Workers)?;
+    let _watch = crate::watcher::watch(&config.modules, found_tx.clone()).map_err(|source| {
+        NodeError::Watch {
+            path: config.modules.clone(),
+            source,
+        }
+    })?;
+    let topics = Topics::new(config.prefix.clone());
+    let responder = Responder {
+        node: config.id.clone(),
+        tier: config.tier,
+    };
+    let relay = Arc::new(Relay::default());
+    let metrics = Arc::new(Metrics::new(
+        &config.id,
+        config.tier,
+        scheduler.load(),
+        slot.clone(),
+        relay.clone(),
+    ));
+    let _metrics_server = metrics_listener.map(|listener| {
+        AbortOnDrop(tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+        )))
+    });
+    let limits = isomesh_protos::SandboxLimits {
+        max_payload_bytes: config.max_payload_bytes as u64,
+        allow_unsigned: config.allow_unsigned,
+        ..sandbox.limits()
+    };
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, &topics, &broker)?, 256);
+    let agent = RolloutAgent::new(
+        AgentConfig {
+            node: config.id.clone(),
+            tier: config.tier,
+            topics: topics.clone(),
+            trusted,
+            engine: sandbox.engine_id(),
+            give_up_after: Duration::from_secs(config.fetch_timeout_s.max(1)),
+        },
+        store.rejected(),
+    );
+    let mut rollouts = RolloutExecutor {
+        agent,
+        sandbox: sandbox.clone(),
+        store,
+        slot: slot.clone(),
+        board: board.clone(),
+        client: client.clone(),
+        topics: topics.clone(),
+        found: found_tx,
+        considered: considered_rx,
+        failed: tokio::sync::mpsc::unbounded_channel(),
+    };
+    if let Some(module) = slot.current() {
+        rollouts.serving(&module);
+    }
+    let status = StatusReporter {
+        responder: responder.clone(),
+        topics: topics.clone(),
+        client: client.clone(),
+        load: scheduler.load(),
+        slot: slot.clone(),
+        board,
+        limits,
+        budget_ms: config.budget_ms,
+        workers: config.workers,
+        started: Instant::now(),
+        published: std::cell::Cell::new(Instant::now()),
+    };
+    let settings = LoopSettings {
+        broker: config.broker.clone(),
+        status_interval_s: config.status_interval_s,
+    };
+    let ctx = Arc::new(JobContext {
+        responder,
+        topics,
+        client,
+        scheduler,
+        slot,
+        relay,
+        answered: Answered::default(),
+        metrics,
+        settings: JobSettings {
+            budget_ms: config.budget_ms,
+            max_payload_bytes: config.max_payload_bytes,
+            offload: config.offload,
+            max_hops: config.max_hops,
+            max_queue: config.max_queue,
+            workers: config.workers,
+            offload_grace: config.offload_grace(),
+        },
+    });
+    event_loop::run(ctx.clone(), status, rollouts, settings, eventloop, shutdown).await;
+    let _ = tokio::task::spawn_blocking(move || ctx.scheduler.shutdown()).await;
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+/// Stops a background task when the node stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn mqtt_options(
+    config: &NodeConfig,
+    topics: &Topics,
+    broker: &BrokerAddress,
+) -> Result<MqttOptions, NodeError> {
+    let login = Login {
+        username: config.username.clone(),
+        password: config.password.clone(),
+        ca_file: config.ca_file.clone(),
+        cert_file: config.cert_file.clone(),
+        key_file: config.key_file.clone(),
+    };
+    let mut options = broker.options(
+        &format!("isomesh-node-{}", config.id),
+        &login,
+        Some(&config.id),
+    )?;
+    options
+        .set_keep_alive(Duration::from_secs(15))
+        // A persistent session: jobs not yet acknowledged survive a crash of this node.
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(config.session_expiry_s))
+        .set_manual_acks(true)
+        // Back-pressure: the broker holds further jobs until earlier ones are answered.
+        .set_receive_maximum(Some(config.receive_maximum.max(1)))
+        // Far above --max-payload-bytes: an MQTT 5 broker silently drops what exceeds the
+        // client's packet limit, and an oversized image must get an error answer instead.
+        .set_max_packet_size(Some(MQTT_PACKET_LIMIT))
+        .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            topics.status(&config.id),
+            NodeStatus {
+                node_id: config.id.clone(),
+                tier: config.tier as i32,
+                online: false,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+    Ok(options)
+}

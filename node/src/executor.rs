@@ -1,0 +1,223 @@
+//! The rollout executor: the I/O around the node's rollout agent.
+//!
+//! The agent ([`isomesh_module::agent`]) decides and never touches anything; this module feeds
+//! it the node's events with the time and carries out its actions: subscribing to chunk topics,
+//! showing rollout phases in the status, remembering refused modules in the store, installing a
+//! finished fetch on a thread of its own (inflate, check, write the file; the module manager
+//! then compiles, self-tests and swaps it in), and publishing the served module again when the
+//! broker lost it.
+
+use crate::manager::{background_priority, Considered};
+use crate::slot::{ModuleSlot, RolloutBoard};
+use isomesh_mesh::topics::Topics;
+use isomesh_module::agent::{Action, Event, Reseed, RolloutAgent, Serving};
+use isomesh_module::digest::sha256_hex;
+use isomesh_module::fetch::Fetch;
+use isomesh_module::package::{self, label, module_ref};
+use isomesh_module::rejection::Rejection;
+use isomesh_module::store::{read_sidecar, ModuleStore};
+use isomesh_protos::ModuleRef;
+use isomesh_sandbox::{LoadedModule, Sandbox};
+use prost::Message;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// A fetched module that could not be installed, and why.
+type InstallFailure = (ModuleRef, Rejection);
+
+/// The agent and the channels of its background work.
+pub struct RolloutExecutor {
+    pub agent: RolloutAgent,
+    pub sandbox: Arc<Sandbox>,
+    pub store: ModuleStore,
+    pub slot: Arc<ModuleSlot>,
+    pub board: Arc<RolloutBoard>,
+    pub client: AsyncClient,
+    pub topics: Topics,
+    /// To the module manager: a module file to consider.
+    pub found: std::sync::mpsc::Sender<PathBuf>,
+    /// From the module manager: a file was served or rejected.
+    pub considered: mpsc::UnboundedReceiver<Considered>,
+    /// From install threads: a fetched module could not be written.
+    pub failed: (
+        mpsc::UnboundedSender<InstallFailure>,
+        mpsc::UnboundedReceiver<InstallFailure>,
+    ),
+}
+
+impl RolloutExecutor {
+    /// Hands `event` to the agent and carries out what it says.
+    pub fn handle(&mut self, event: Event<'_>) {
+        let actions = self.agent.handle(event, Instant::now());
+        for action in actions {
+            self.apply(action);
+        }
+    }
+
+    /// Tells the agent what the node serves now.
+    pub fn serving(&mut self, module: &LoadedModule) {
+        let manifest = read_sidecar(&module.path).filter(|m| m.sha256 == module.sha256);
+        self.handle(Event::Serving(Serving {
+            module: module.module_ref(),
+            manifest,
+        }));
+    }
+
+    /// What the module manager made of a file.
+    pub fn considered(&mut self, considered: Considered) {
+        match considered {
+            Considered::Served(module) => self.serving(&module),
+            Considered::Rejected { module, marked } => {
+                self.handle(Event::Refused { module, marked })
+            }
+            Considered::Skipped => {}
+        }
+    }
+
+    fn apply(&self, action: Action) {
+        match action {
+            Action::Subscribe(topic) => {
+                if let Err(e) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
+                    tracing::warn!(%topic, error = %e, "cannot subscribe to a module chunk");
+                }
+            }
+            Action::Unsubscribe(topic) => {
+                let _ = self.client.try_unsubscribe(topic);
+            }
+            Action::Report(state) => self.board.show(state),
+            Action::MarkRejected { sha256, reason } => self.store.mark_rejected(&sha256, &reason),
+            Action::Install(fetch) => self.install(*fetch),
+            Action::Reseed(reseed) => {
+                let Some(current) = self.slot.current() else {
+                    return;
+                };
+                let artifact = self.sandbox.cached_code_path(&current.sha256);
+                tokio::spawn(reseed_module(
+                    self.client.clone(),
+                    self.topics.clone(),
+                    *reseed,
+                    current.path.clone(),
+                    artifact,
+                ));
+            }
+        }
+    }
+
+    /// Checks and writes a finished fetch on a thread of its own, at background priority.
+    fn install(&self, fetch: Fetch) {
+        let module = module_ref(&fetch.manifest);
+        let (sandbox, store) = (self.sandbox.clone(), self.store.clone());
+        let (found, failed) = (self.found.clone(), self.failed.0.clone());
+        let failing = module.clone();
+        let spawned = std::thread::Builder::new()
+            .name("module-install".into())
+            .spawn(move || {
+                background_priority();
+                match install(fetch, &store, &sandbox) {
+                    // Straight to the manager: no need to wait for the watcher's event.
+                    Ok(path) => {
+                        let _ = found.send(path);
+                    }
+                    Err(reason) => {
+                        let _ = failed.send((module, reason));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            let reason = Rejection::Write {
+                path: "a thread to install the module".into(),
+                error: e.to_string(),
+            };
+            let _ = self.failed.0.send((failing, reason));
+        }
+    }
+}
+
+/// Checks a finished fetch and writes it into the store, with its precompiled artifact in the
+/// sandbox's cache. Returns the module's path. Blocking.
+fn install(fetch: Fetch, store: &ModuleStore, sandbox: &Sandbox) -> Result<PathBuf, Rejection> {
+    let started = Instant::now();
+    let manifest = fetch.manifest.clone();
+    let fetched = fetch.finish()?;
+    let checked = started.elapsed();
+    if let Some((artifact, code)) = &fetched.artifact {
+        // Its digest was checked against the signed manifest by `finish`.
+        if let Err(e) = sandbox.store_precompiled(&manifest.sha256, code) {
+            tracing::warn!(artifact = %artifact.sha256, error = %e, "cannot store the precompiled artifact; the module will be compiled");
+        }
+    }
+    let path = store
+        .install(&manifest, &fetched.module)
+        .map_err(|e| Rejection::Write {
+            path: store.dir().display().to_string(),
+            error: e.to_string(),
+        })?;
+    tracing::info!(
+        file = %path.display(),
+        inflate_and_check_ms = checked.as_millis() as u64,
+        write_ms = (started.elapsed() - checked).as_millis() as u64,
+        "module written"
+    );
+    Ok(path)
+}
+
+/// Publishes a module's chunks (and its precompiled artifact's), then its manifest, retained.
+async fn reseed_module(
+    client: AsyncClient,
+    topics: Topics,
+    reseed: Reseed,
+    module: PathBuf,
+    artifact: Option<PathBuf>,
+) {
+    let manifest = reseed.manifest;
+    let module_bytes = match tokio::fs::read(&module).await {
+        Ok(bytes) if sha256_hex(&bytes) == manifest.sha256 => bytes,
+        _ => {
+            tracing::warn!(file = %module.display(), "module file changed; not re-seeding it");
+            return;
+        }
+    };
+    let mut blobs = vec![module_bytes];
+    if let (Some(described), Some(path)) = (reseed.artifact, artifact) {
+        // The cache may hold code compiled here rather than the published artifact: only the
+        // published bytes match the manifest.
+        if let Ok(code) = tokio::fs::read(path).await {
+            if sha256_hex(&code) == described.sha256 {
+                blobs.push(code);
+            }
+        }
+    }
+    let started = Instant::now();
+    let mut chunks = 0;
+    for blob in &blobs {
+        let (_, pieces) = package::cut(blob, manifest.chunk_size, &manifest.encoding);
+        for chunk in pieces {
+            let topic = topics.chunk(&chunk.sha256, chunk.index);
+            chunks += 1;
+            if let Err(e) = client
+                .publish(topic, QoS::AtLeastOnce, true, chunk.encode_to_vec())
+                .await
+            {
+                tracing::error!(error = %e, "re-seeding stopped: cannot publish a chunk");
+                return;
+            }
+        }
+    }
+    let topic = topics.manifest(&manifest.name);
+    match client
+        .publish(topic, QoS::AtLeastOnce, true, manifest.encode_to_vec())
+        .await
+    {
+        Ok(()) => tracing::info!(
+            module = %label(&module_ref(&manifest)),
+            chunks,
+            ms = started.elapsed().as_millis() as u64,
+            "module re-seeded on the broker"
+        ),
+        Err(e) => tracing::error!(error = %e, "re-seeding stopped: cannot publish the manifest"),
+    }
+}

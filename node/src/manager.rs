@@ -1,0 +1,237 @@
+//! The module manager: which classifier module a node serves, and how it changes.
+//!
+//! Modules are `.wasm` files in the node's [`ModuleStore`]. On start, [`load_newest`] serves the
+//! newest file that is trusted, loads and passes its [`crate::selftest`]. After that the
+//! [`ModuleManager`] thread takes every complete new file the directory watcher (or the rollout
+//! executor) reports, checks its signature ([`ModuleTrust`]: also for files copied in by hand),
+//! compiles it in the background, self-tests it, builds the workers' instances ahead of time,
+//! and only then swaps it into the [`ModuleSlot`]. Jobs already running finish on the module they
+//! started with; the next job runs on the new one and waits for nothing. A file that fails any
+//! step is rejected: the reason goes to the logs and the node's status, a marker keeps bytes
+//! that failed to load from being tried again (also after a restart), and the previous module
+//! keeps serving.
+
+use crate::slot::{ModuleSlot, RolloutBoard};
+use isomesh_module::digest::sha256_hex;
+use isomesh_module::rejection::{check_identity, Rejection};
+use isomesh_module::selftest;
+use isomesh_module::store::{read_sidecar, ModuleStore};
+use isomesh_module::trust::ModuleTrust;
+use isomesh_protos::rollout_state::Phase;
+use isomesh_protos::ModuleRef;
+use isomesh_sandbox::{LoadedModule, Sandbox};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Loads the newest good module of `store` that `trust` lets run, logging every file it had to
+/// skip or reject.
+pub fn load_newest(
+    sandbox: &Sandbox,
+    trust: &ModuleTrust,
+    store: &ModuleStore,
+) -> Option<Arc<LoadedModule>> {
+    let files = match store.module_files() {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::error!(dir = %store.dir().display(), error = %e, "cannot list the module directory");
+            return None;
+        }
+    };
+    for path in files {
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read a module file");
+                continue;
+            }
+        };
+        let sha256 = sha256_hex(&bytes);
+        if let Some(reason) = store.rejected_before(&sha256) {
+            tracing::info!(file = %path.display(), %reason, "skipping a module rejected before");
+            continue;
+        }
+        if let Err(reason) = trust.check(&path, &sha256) {
+            tracing::error!(file = %path.display(), %reason, "module refused");
+            continue;
+        }
+        match sandbox.load(&path, &bytes, sha256, self_test) {
+            Ok(module) => {
+                tracing::info!(
+                    file = %path.display(),
+                    module = %module.label(),
+                    sha256 = %module.sha256,
+                    from_cache = module.compiled.from_cache,
+                    compile_ms = module.compiled.elapsed.as_millis() as u64,
+                    "module loaded"
+                );
+                return Some(module);
+            }
+            Err(e) => tracing::error!(error = %e, "module rejected"),
+        }
+    }
+    None
+}
+
+/// The self-test a module passes before it serves, on its probe instance.
+pub fn self_test(
+    probe: &mut isomesh_sandbox::Instance,
+    info: &isomesh_protos::GuestInfo,
+) -> Result<std::time::Duration, String> {
+    selftest::run(&mut probe.classifier(), info)
+}
+
+/// Lowers the calling thread's CPU priority (nice 10): compiling, inflating and checking a new
+/// module must not slow the jobs the current module is serving meanwhile.
+pub fn background_priority() {
+    // SAFETY: setpriority has no memory-safety preconditions; on Linux PRIO_PROCESS with id 0
+    // applies to the calling thread only. Failure just leaves the priority as it was.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}
+
+/// Swaps modules in as the directory watcher finds them.
+pub struct ModuleManager {
+    pub sandbox: Arc<Sandbox>,
+    pub slot: Arc<ModuleSlot>,
+    pub board: Arc<RolloutBoard>,
+    pub store: ModuleStore,
+    /// Which files may run at all.
+    pub trust: ModuleTrust,
+    /// Instances to build before a swap: one per worker.
+    pub workers: usize,
+    /// Module files kept on disk (the newest ones); older ones are deleted after a swap.
+    pub keep: usize,
+}
+
+/// How a module file the manager considered ended.
+pub enum Considered {
+    Served(Arc<LoadedModule>),
+    Rejected {
+        module: ModuleRef,
+        /// The reason, when the refusal is remembered in the store (the bytes failed to load).
+        marked: Option<String>,
+    },
+    /// Already served, rejected before, or gone.
+    Skipped,
+}
+
+impl ModuleManager {
+    /// Runs on its own thread, one file at a time, until `found` closes. `done` hears of every
+    /// file that was served or rejected.
+    pub fn spawn(
+        self,
+        found: std::sync::mpsc::Receiver<PathBuf>,
+        done: tokio::sync::mpsc::UnboundedSender<Considered>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("module-manager".into())
+            .spawn(move || {
+                background_priority();
+                // A file is often reported twice (by the rollout executor and by the watcher):
+                // an unchanged file (same path, size and time) is not read and hashed again.
+                let mut last_seen = None;
+                while let Ok(path) = found.recv() {
+                    let stamp = std::fs::metadata(&path)
+                        .ok()
+                        .map(|m| (path.clone(), m.len(), m.modified().ok()));
+                    if stamp.is_some() && stamp == last_seen {
+                        continue;
+                    }
+                    last_seen = stamp;
+                    let outcome = self.consider(&path);
+                    if !matches!(outcome, Considered::Skipped) && done.send(outcome).is_err() {
+                        return;
+                    }
+                }
+            })
+    }
+
+    /// Loads, self-tests and swaps in one module file, or rejects it.
+    pub fn consider(&self, path: &Path) -> Considered {
+        let Ok(bytes) = std::fs::read(path) else {
+            return Considered::Skipped; // gone again
+        };
+        let sha256 = sha256_hex(&bytes);
+        if self.slot.current().is_some_and(|m| m.sha256 == sha256) {
+            return Considered::Skipped;
+        }
+        if let Some(reason) = self.store.rejected_before(&sha256) {
+            tracing::info!(file = %path.display(), %reason, "skipping a module rejected before");
+            return Considered::Skipped;
+        }
+        let trusted = self.trust.check(path, &sha256);
+        // The name and version to report: the verified manifest's, else what the unchecked
+        // sidecar says.
+        let label = match &trusted {
+            Ok(Some(verified)) => Some(verified.clone()),
+            _ => read_sidecar(path).filter(|m| m.sha256 == sha256),
+        };
+        let module_ref = ModuleRef {
+            name: label.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+            version: label
+                .as_ref()
+                .map(|m| m.version.clone())
+                .unwrap_or_default(),
+            sha256: sha256.clone(),
+        };
+        let manifest = match trusted {
+            Ok(verified) => verified,
+            // No marker: signing the file (or trusting its key) and restarting fixes this.
+            Err(untrusted) => return self.reject(path, module_ref, untrusted.into(), false),
+        };
+        self.board.set(module_ref.clone(), Phase::Loading);
+        let started = Instant::now();
+        let module = match self.sandbox.load(path, &bytes, sha256.clone(), self_test) {
+            Ok(module) => module,
+            // The module itself is bad: remember it so it is never compiled again.
+            Err(e) => return self.reject(path, module_ref, Rejection::Load(e.to_string()), true),
+        };
+        if let Some(manifest) = &manifest {
+            if let Err(mislabelled) =
+                check_identity(manifest, &module.info.name, &module.info.version)
+            {
+                // The pairing is wrong, not the module: no marker (the same module may yet come
+                // with a true manifest), but the mislabelled file goes, so no restart serves it.
+                self.store.remove(path);
+                return self.reject(path, module_ref, mislabelled, false);
+            }
+        }
+        if let Err(e) = self.sandbox.prewarm(&module, self.workers) {
+            return self.reject(path, module_ref, Rejection::Start(e.to_string()), false);
+        }
+        let previous = self.slot.current();
+        tracing::info!(
+            file = %path.display(),
+            module = %module.label(),
+            sha256 = %module.sha256,
+            previous = %previous.map(|p| p.label()).unwrap_or_default(),
+            from_cache = module.compiled.from_cache,
+            compile_ms = module.compiled.elapsed.as_millis() as u64,
+            ready_ms = started.elapsed().as_millis() as u64,
+            "module swapped in"
+        );
+        // After the log line, so whoever sees the new module in a status finds the swap logged.
+        self.slot.install(module.clone());
+        self.board.set(module.module_ref(), Phase::Serving);
+        self.store.prune(self.keep, &module.path);
+        Considered::Served(module)
+    }
+
+    fn reject(&self, path: &Path, module: ModuleRef, reason: Rejection, mark: bool) -> Considered {
+        tracing::error!(
+            file = %path.display(),
+            %reason,
+            "module rejected; the previous module keeps serving"
+        );
+        let text = reason.to_string();
+        if mark {
+            self.store.mark_rejected(&module.sha256, &text);
+        }
+        self.board
+            .show(isomesh_module::agent::rejected(module.clone(), &reason));
+        Considered::Rejected {
+            module,
+            marked: mark.then_some(text),
+        }
+    }
+}

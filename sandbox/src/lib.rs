@@ -1,0 +1,376 @@
+//! The Wasm sandbox: one wasmtime [`Sandbox`] (engine and linker) per node, compiled modules
+//! cached on disk ([`cache`]), and [`Instance`]s that run one classification at a time under a
+//! deadline and a memory cap ([`instance`]).
+//!
+//! Who calls it: the node's module manager loads and probes module files through
+//! [`Sandbox::load`], giving it the self-test a module must pass; each scheduler worker owns one
+//! [`Instance`] and calls [`Instance::classify`] for every job it runs; `isomesh rollout` and
+//! `isomesh compile` precompile modules with [`Sandbox::precompile`].
+//!
+//! An instance lives across calls because building the model plan inside the guest costs far
+//! more than a call; it is thrown away after any trap, so a bad call never leaks into the next.
+
+pub mod cache;
+pub mod instance;
+
+pub use instance::Instance;
+
+use isomesh_module::digest::is_wasm;
+use isomesh_protos::{GuestError, GuestInfo, ModuleRef, GUEST_ABI_VERSION};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::{Config, Engine, Linker, Module};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// A classifier needs one memory and one function table; more is a module up to no good.
+pub const MAX_MEMORIES: usize = 1;
+pub const MAX_TABLES: usize = 1;
+pub const MAX_INSTANCES: usize = 1;
+/// Elements of a function table: the model's few thousand functions fit many times over.
+pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// What WASI gives the guest (see [`Instance::new`]): no preopened directory, no socket, no
+/// environment variable, no argument.
+pub const WASI_CAPABILITIES: [&str; 3] = ["stderr (captured, 1 MiB)", "clocks", "random"];
+
+/// Limits every instance runs under.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Largest linear memory an instance may grow to, in bytes. Default 768 MiB.
+    pub memory_limit_bytes: usize,
+    /// Longest a single guest call may run before it is interrupted. Default 10 s.
+    pub call_timeout: Duration,
+    /// Where compiled modules are cached, with Cranelift's per-function incremental cache in its
+    /// `incremental/` folder; `None` disables both.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            memory_limit_bytes: 768 << 20,
+            call_timeout: Duration::from_secs(10),
+            cache_dir: None,
+        }
+    }
+}
+
+/// Why a module could not be loaded. The module is rejected; the node keeps what it had.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read module {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a WebAssembly module (it does not start with \\0asm)")]
+    NotWasm { path: PathBuf },
+    #[error("module {path} does not compile: {reason}")]
+    Compile { path: PathBuf, reason: String },
+    #[error("module {path} does not fit the isomesh guest ABI: {reason}")]
+    Abi { path: PathBuf, reason: String },
+    #[error("module {path} failed its self-test: {reason}")]
+    SelfTest { path: PathBuf, reason: String },
+    #[error("creating the wasmtime engine: {0}")]
+    Engine(String),
+}
+
+/// Why one guest call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The guest answered with an error (bad image, ...): the instance is fine.
+    #[error("{}", .0.message)]
+    Guest(GuestError),
+    /// The guest trapped or was interrupted: the instance must be discarded.
+    #[error("{0}")]
+    Trapped(String),
+}
+
+impl CallError {
+    /// Whether the instance that produced this error must be thrown away.
+    pub fn poisons_instance(&self) -> bool {
+        matches!(self, CallError::Trapped(_))
+    }
+}
+
+/// A node's wasmtime engine and linker, shared by every module and instance.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<instance::HostState>,
+    config: SandboxConfig,
+    /// Tells the epoch ticker thread to stop when the sandbox is dropped.
+    ticker_stop: Arc<AtomicBool>,
+}
+
+/// A compiled, probed module, ready to be instantiated by any worker.
+pub struct LoadedModule {
+    /// Hex sha256 of the module file.
+    pub sha256: String,
+    /// What the module says about itself (name, version, labels).
+    pub info: GuestInfo,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Whether compiled code came from the on-disk cache, and how long getting it took.
+    pub compiled: CompileReport,
+    /// How long the self-test's last classification took: the service-time estimate a node
+    /// uses for offload decisions before it has run a job of its own.
+    pub self_test_service: Duration,
+    module: Module,
+    /// Instances built ahead of time (the self-test's among them), handed to workers on a swap
+    /// so the first jobs on a new module do not wait for an instance to be built.
+    warm: std::sync::Mutex<Vec<Instance>>,
+}
+
+impl LoadedModule {
+    /// A ready instance built ahead of time, if one is left.
+    pub fn take_warm(&self) -> Option<Instance> {
+        self.warm.lock().ok().and_then(|mut warm| warm.pop())
+    }
+
+    /// Instances built ahead of time and not yet taken.
+    pub fn warm_count(&self) -> usize {
+        self.warm.lock().map(|warm| warm.len()).unwrap_or(0)
+    }
+
+    /// Names this module as statuses and results do.
+    pub fn module_ref(&self) -> ModuleRef {
+        ModuleRef {
+            name: self.info.name.clone(),
+            version: self.info.version.clone(),
+            sha256: self.sha256.clone(),
+        }
+    }
+
+    /// `name@version`, as logs write it.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.info.name, self.info.version)
+    }
+
+    /// Whether a job pinned to `pin` may run on this module: `pin` is `name@version`, a bare
+    /// version, or the module's sha256 (a prefix of 12 or more hex digits will do).
+    pub fn matches(&self, pin: &str) -> bool {
+        if pin.is_empty() {
+            return true;
+        }
+        if let Some((name, version)) = pin.split_once('@') {
+            return name == self.info.name && version == self.info.version;
+        }
+        pin == self.info.version || (pin.len() >= 12 && self.sha256.starts_with(pin))
+    }
+}
+
+/// How a module's machine code was obtained.
+#[derive(Debug, Clone, Copy)]
+pub struct CompileReport {
+    pub from_cache: bool,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Debug for LoadedModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModule")
+            .field("name", &self.info.name)
+            .field("version", &self.info.version)
+            .field("sha256", &self.sha256)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Sandbox {
+    /// Builds the engine (Cranelift, SIMD, epoch interruption) and starts its epoch ticker.
+    pub fn new(config: SandboxConfig) -> Result<Sandbox, LoadError> {
+        let mut wasm = Config::new();
+        wasm.epoch_interruption(true)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed)
+            .wasm_simd(true)
+            .wasm_relaxed_simd(true)
+            // Maps from machine code back to Wasm offsets only serve backtraces, which trap
+            // reports do not use; without them compiled code is ~6 MB (10%) smaller to ship.
+            .generate_address_map(false)
+            // No .eh_frame for the system unwinder: wasmtime walks Wasm frames itself for traps.
+            // In the static musl build that unwinder is LLVM's libunwind, where wasmtime
+            // registers every function's FDE one by one and each deregistration scans the whole
+            // table: dropping a swapped-out module of ~26,500 functions took ~1.8 s of CPU, a
+            // 7-10 s stall of the first job after a hot swap on a 0.25-CPU device container.
+            .native_unwind_info(false);
+        if let Some(dir) = &config.cache_dir {
+            // A new version that changes only weights or a little code reuses the machine code
+            // of every unchanged function instead of compiling all of them again.
+            wasm.enable_incremental_compilation(Arc::new(cache::FunctionCache {
+                dir: dir.join("incremental"),
+            }))
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        }
+        let engine = Engine::new(&wasm).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut instance::HostState| {
+            &mut state.wasi
+        })
+        .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (ticking, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| LoadError::Engine(format!("starting the epoch ticker: {e}")))?;
+        Ok(Sandbox {
+            engine,
+            linker,
+            config,
+            ticker_stop,
+        })
+    }
+
+    /// The limits this sandbox applies.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// The limits, as status reports publish them.
+    pub fn limits(&self) -> isomesh_protos::SandboxLimits {
+        isomesh_protos::SandboxLimits {
+            memory_limit_bytes: self.config.memory_limit_bytes as u64,
+            call_timeout_ms: self.config.call_timeout.as_millis() as u64,
+            max_table_elements: MAX_TABLE_ELEMENTS as u32,
+            max_tables: MAX_TABLES as u32,
+            max_memories: MAX_MEMORIES as u32,
+            max_instances: MAX_INSTANCES as u32,
+            wasi: WASI_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// [`Sandbox::load`] of a module file, read here.
+    pub fn load_file(
+        &self,
+        path: &Path,
+        self_test: impl FnOnce(&mut Instance, &GuestInfo) -> Result<Duration, String>,
+    ) -> Result<Arc<LoadedModule>, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let sha256 = isomesh_module::digest::sha256_hex(&bytes);
+        self.load(path, &bytes, sha256, self_test)
+    }
+
+    /// Compiles (or loads from the cache) and probes a module whose bytes are `bytes` and digest
+    /// `sha256`: ABI version, self-description, model plan, then the caller's `self_test` on the
+    /// probe instance, which returns how long a classification took (the node's first service-
+    /// time estimate). What a module must show to pass is the caller's policy, not the sandbox's.
+    /// Slow on a cache miss: call it from a blocking thread.
+    pub fn load(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        sha256: String,
+        self_test: impl FnOnce(&mut Instance, &GuestInfo) -> Result<Duration, String>,
+    ) -> Result<Arc<LoadedModule>, LoadError> {
+        if !is_wasm(bytes) {
+            return Err(LoadError::NotWasm {
+                path: path.to_owned(),
+            });
+        }
+        let started = Instant::now();
+        let (module, from_cache) = self.compile_cached(path, bytes, &sha256)?;
+        let compiled = CompileReport {
+            from_cache,
+            elapsed: started.elapsed(),
+        };
+        let abi_error = |reason: String| LoadError::Abi {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut probe = Instance::new(self, &module).map_err(abi_error)?;
+        let version = probe.abi_version().map_err(abi_error)?;
+        if version != GUEST_ABI_VERSION {
+            return Err(abi_error(format!(
+                "it speaks ABI version {version}, this node speaks {GUEST_ABI_VERSION}"
+            )));
+        }
+        let info = probe.info().map_err(abi_error)?;
+        let self_test_error = |reason: String| LoadError::SelfTest {
+            path: path.to_owned(),
+            reason,
+        };
+        probe
+            .load_model()
+            .map_err(|e| self_test_error(e.to_string()))?;
+        let self_test_service = self_test(&mut probe, &info).map_err(self_test_error)?;
+        Ok(Arc::new(LoadedModule {
+            sha256,
+            info,
+            path: path.to_owned(),
+            compiled,
+            self_test_service,
+            module,
+            warm: std::sync::Mutex::new(vec![probe]),
+        }))
+    }
+
+    /// Builds instances of `module` until `count` are waiting for workers.
+    pub fn prewarm(&self, module: &LoadedModule, count: usize) -> Result<(), CallError> {
+        while module.warm_count() < count {
+            let instance = self.instantiate(module)?;
+            if let Ok(mut warm) = module.warm.lock() {
+                warm.push(instance);
+            }
+        }
+        Ok(())
+    }
+
+    /// Names this engine's machine-code format: a precompiled artifact is usable exactly by
+    /// engines with the same id (same wasmtime, target CPU features and settings).
+    pub fn engine_id(&self) -> String {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
+
+    /// Compiles a module ahead of time and reads its self-description: what `isomesh rollout`
+    /// publishes beside the `.wasm` for nodes with this engine.
+    pub fn precompile(&self, bytes: &[u8]) -> Result<(GuestInfo, Vec<u8>), LoadError> {
+        let path = PathBuf::from("<module>");
+        if !is_wasm(bytes) {
+            return Err(LoadError::NotWasm { path });
+        }
+        let compile_error = |e: wasmtime::Error| LoadError::Compile {
+            path: path.clone(),
+            reason: format!("{e:#}"),
+        };
+        let module = Module::new(&self.engine, bytes).map_err(compile_error)?;
+        let code = module.serialize().map_err(compile_error)?;
+        let abi_error = |reason: String| LoadError::Abi {
+            path: path.clone(),
+            reason,
+        };
+        let info = Instance::new(self, &module)
+            .and_then(|mut probe| probe.info())
+            .map_err(abi_error)?;
+        Ok((info, code))
+    }
+
+    /// A fresh instance of `module`, with the model plan built and ready to classify.
+    pub fn instantiate(&self, module: &LoadedModule) -> Result<Instance, CallError> {
+        let mut instance = Instance::new(self, &module.module).map_err(CallError::Trapped)?;
+        instance.load_model()?;
+        Ok(instance)
+    }
+}

@@ -1,0 +1,118 @@
+//! Rollouts for tests: a signing key pair on disk, the classifier at a second version, and
+//! rollouts published by hand (so a test can tamper with any part of them).
+
+use crate::mqtt::Client;
+use isomesh_module::package::{Package, PackageSpec, DEFAULT_CHUNK_SIZE};
+use isomesh_module::signing::SecretKey;
+use isomesh_protos::Tier;
+use prost::Message;
+use std::path::PathBuf;
+
+/// Name the classifier module reports.
+pub const MODULE_NAME: &str = "mobilenet_v2";
+/// Version of `target/wasm32-wasip1/release/isomesh_guest.wasm`.
+pub const VERSION_1: &str = "0.1.0";
+/// Version of [`guest_module_v2`].
+pub const VERSION_2: &str = "0.2.0";
+
+/// A key pair in a temporary directory.
+pub struct Keys {
+    _dir: tempfile::TempDir,
+    pub secret_path: PathBuf,
+    pub public_path: PathBuf,
+    pub secret: SecretKey,
+}
+
+impl Keys {
+    pub fn new() -> Keys {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = SecretKey::generate().expect("a key");
+        let secret_path = dir.path().join("rollout.key");
+        let public_path = dir.path().join("rollout.key.pub");
+        secret.write(&secret_path).expect("write secret key");
+        secret
+            .public()
+            .write(&public_path)
+            .expect("write public key");
+        Keys {
+            _dir: dir,
+            secret_path,
+            public_path,
+            secret,
+        }
+    }
+
+    /// The node flags that make it trust this key.
+    pub fn node_args(&self) -> Vec<String> {
+        vec![
+            "--trusted-key".into(),
+            self.public_path.display().to_string(),
+        ]
+    }
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys::new()
+    }
+}
+
+/// The key every test node trusts and the harness signs the modules it places with.
+pub fn test_key() -> &'static Keys {
+    static KEY: std::sync::OnceLock<Keys> = std::sync::OnceLock::new();
+    KEY.get_or_init(Keys::new)
+}
+
+/// Writes the signed manifest (by [`test_key`]) beside the module file `path` will hold, as
+/// `isomesh sign` does. Written before the module, so the node finds it when the file appears.
+pub fn sign_file(path: &std::path::Path, module: &[u8], name: &str, version: &str) {
+    isomesh_module::trust::write_signed_manifest(path, module, name, version, &test_key().secret)
+        .expect("sign the module");
+}
+
+/// The classifier built at version 0.2.0 (same model): `make module` puts it in `target/modules/`.
+pub fn guest_module_v2() -> PathBuf {
+    let path =
+        crate::workspace_root().join(format!("target/modules/{MODULE_NAME}-{VERSION_2}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make module` (or `make test`) first",
+        path.display()
+    );
+    path
+}
+
+/// An unsigned rollout of `module` for `tiers` (empty: every tier), without precompiled code.
+pub fn package(module: &[u8], name: &str, version: &str, tiers: &[Tier]) -> Package {
+    Package::new(
+        &PackageSpec {
+            name,
+            version,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            target_tiers: tiers.to_vec(),
+            target_nodes: vec![],
+            force: false,
+            compress: true,
+        },
+        module,
+        &[],
+    )
+}
+
+/// Publishes `package` as `isomesh rollout` does: chunks, then the manifest, all retained.
+pub async fn publish(client: &Client, package: &Package) {
+    for chunk in &package.chunks {
+        client
+            .publish_retained(
+                &format!("isomesh/modules/blobs/{}/{}", chunk.sha256, chunk.index),
+                chunk.encode_to_vec(),
+            )
+            .await;
+    }
+    client
+        .publish_retained(
+            &format!("isomesh/modules/{}/manifest", package.manifest.name),
+            package.manifest.encode_to_vec(),
+        )
+        .await;
+}
