@@ -101,7 +101,7 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
         let module = s
             .module
             .as_ref()
-            .map(|m| format!("{}@{}", m.name, m.version))
+            .map(isomesh_module::package::label)
             .unwrap_or_else(|| "-".into());
         println!(
             "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {:<18} {}",
@@ -141,9 +141,9 @@ pub fn describe_rollout(state: &RolloutState) -> String {
         .as_ref()
         .map(|m| {
             if m.name.is_empty() {
-                m.sha256.chars().take(12).collect()
+                isomesh_module::digest::short(&m.sha256).to_string()
             } else {
-                format!("{}@{}", m.name, m.version)
+                isomesh_module::package::label(m)
             }
         })
         .unwrap_or_default();

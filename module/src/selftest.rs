@@ -23,17 +23,37 @@ pub const PHOTO_LABEL: &str = "pelican";
 /// A module's classify call: an encoded image and how many classes to return.
 pub type Classify<'a> = dyn FnMut(&[u8], u32) -> Result<GuestClassification, String> + 'a;
 
+/// Why a module failed its self-test.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SelfTestError {
+    /// The classify call itself failed (a trap, the deadline, an error answer).
+    #[error("{0}")]
+    Call(String),
+    #[error("asked for 5 classes, got {0}")]
+    ClassCount(usize),
+    #[error("class index {index} is past the {labels} labels")]
+    PastLabels { index: u32, labels: usize },
+    #[error("probabilities are not ranked values in [0, 1]: {0}")]
+    NotRanked(String),
+    #[error("top-5 probabilities sum to {0} > 1")]
+    SumAboveOne(f32),
+    #[error("no class for the known photo")]
+    NoClass,
+    #[error("the known photo of a {PHOTO_LABEL} came out as {label:?} (p={prob:.3})")]
+    Misread { label: String, prob: f32 },
+}
+
 /// Runs the self-test through `classify` on a freshly loaded module described by `info`: the
 /// drawn image, then the photo if the module's labels are ImageNet's. Returns how long the last
 /// classification took, the node's service-time estimate until it has run a job.
-pub fn run(classify: &mut Classify<'_>, info: &GuestInfo) -> Result<Duration, String> {
+pub fn run(classify: &mut Classify<'_>, info: &GuestInfo) -> Result<Duration, SelfTestError> {
     let timed = Instant::now();
-    let answer = classify(&IMAGE, 5)?;
+    let answer = classify(&IMAGE, 5).map_err(SelfTestError::Call)?;
     let mut service = timed.elapsed();
     check(&answer, info.labels.len())?;
     if knows_photo(&info.labels) {
         let timed = Instant::now();
-        let answer = classify(PHOTO, 1)?;
+        let answer = classify(PHOTO, 1).map_err(SelfTestError::Call)?;
         service = timed.elapsed();
         check_photo(&answer, &info.labels)?;
     }
@@ -46,8 +66,8 @@ pub fn knows_photo(labels: &[String]) -> bool {
 }
 
 /// Checks the answer to [`PHOTO`]: its top-1 must be [`PHOTO_LABEL`].
-pub fn check_photo(answer: &GuestClassification, labels: &[String]) -> Result<(), String> {
-    let top = answer.top.first().ok_or("no class for the known photo")?;
+pub fn check_photo(answer: &GuestClassification, labels: &[String]) -> Result<(), SelfTestError> {
+    let top = answer.top.first().ok_or(SelfTestError::NoClass)?;
     let label = labels
         .get(top.index as usize)
         .map(String::as_str)
@@ -55,38 +75,35 @@ pub fn check_photo(answer: &GuestClassification, labels: &[String]) -> Result<()
     if label == PHOTO_LABEL {
         Ok(())
     } else {
-        Err(format!(
-            "the known photo of a {PHOTO_LABEL} came out as {label:?} (p={:.3})",
-            top.prob
-        ))
+        Err(SelfTestError::Misread {
+            label: label.to_string(),
+            prob: top.prob,
+        })
     }
 }
 
 /// Checks that `answer` is a well-formed top-5 over `label_count` classes.
-pub fn check(answer: &GuestClassification, label_count: usize) -> Result<(), String> {
+pub fn check(answer: &GuestClassification, label_count: usize) -> Result<(), SelfTestError> {
     if answer.top.len() != 5 {
-        return Err(format!("asked for 5 classes, got {}", answer.top.len()));
+        return Err(SelfTestError::ClassCount(answer.top.len()));
     }
     let mut sum = 0.0f32;
     let mut previous = f32::INFINITY;
     for score in &answer.top {
         if score.index as usize >= label_count {
-            return Err(format!(
-                "class index {} is past the {label_count} labels",
-                score.index
-            ));
+            return Err(SelfTestError::PastLabels {
+                index: score.index,
+                labels: label_count,
+            });
         }
         if !(0.0..=1.0).contains(&score.prob) || score.prob > previous {
-            return Err(format!(
-                "probabilities are not ranked values in [0, 1]: {:?}",
-                answer.top
-            ));
+            return Err(SelfTestError::NotRanked(format!("{:?}", answer.top)));
         }
         previous = score.prob;
         sum += score.prob;
     }
     if sum > 1.0 + 1e-3 {
-        return Err(format!("top-5 probabilities sum to {sum} > 1"));
+        return Err(SelfTestError::SumAboveOne(sum));
     }
     Ok(())
 }
@@ -155,7 +172,13 @@ mod tests {
             ..Default::default()
         };
         assert!(check(&good, 1000).is_ok());
-        assert!(check(&good, 3).is_err(), "index past the labels");
+        assert_eq!(
+            check(&good, 3),
+            Err(SelfTestError::PastLabels {
+                index: 3,
+                labels: 3
+            })
+        );
         let unranked = GuestClassification {
             top: vec![
                 score(1, 0.1),
@@ -166,6 +189,9 @@ mod tests {
             ],
             ..Default::default()
         };
-        assert!(check(&unranked, 1000).is_err());
+        assert!(matches!(
+            check(&unranked, 1000),
+            Err(SelfTestError::NotRanked(_))
+        ));
     }
 }

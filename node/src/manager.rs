@@ -77,7 +77,7 @@ pub fn load_newest(
 pub fn self_test(
     probe: &mut isomesh_sandbox::Instance,
     info: &isomesh_protos::GuestInfo,
-) -> Result<std::time::Duration, String> {
+) -> Result<std::time::Duration, selftest::SelfTestError> {
     selftest::run(&mut probe.classifier(), info)
 }
 

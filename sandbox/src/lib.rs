@@ -256,10 +256,10 @@ impl Sandbox {
     }
 
     /// [`Sandbox::load`] of a module file, read here.
-    pub fn load_file(
+    pub fn load_file<E: std::fmt::Display>(
         &self,
         path: &Path,
-        self_test: impl FnOnce(&mut Instance, &GuestInfo) -> Result<Duration, String>,
+        self_test: impl FnOnce(&mut Instance, &GuestInfo) -> Result<Duration, E>,
     ) -> Result<Arc<LoadedModule>, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_owned(),
@@ -274,12 +274,12 @@ impl Sandbox {
     /// probe instance, which returns how long a classification took (the node's first service-
     /// time estimate). What a module must show to pass is the caller's policy, not the sandbox's.
     /// Slow on a cache miss: call it from a blocking thread.
-    pub fn load(
+    pub fn load<E: std::fmt::Display>(
         &self,
         path: &Path,
         bytes: &[u8],
         sha256: String,
-        self_test: impl FnOnce(&mut Instance, &GuestInfo) -> Result<Duration, String>,
+        self_test: impl FnOnce(&mut Instance, &GuestInfo) -> Result<Duration, E>,
     ) -> Result<Arc<LoadedModule>, LoadError> {
         if !is_wasm(bytes) {
             return Err(LoadError::NotWasm {
@@ -311,7 +311,8 @@ impl Sandbox {
         probe
             .load_model()
             .map_err(|e| self_test_error(e.to_string()))?;
-        let self_test_service = self_test(&mut probe, &info).map_err(self_test_error)?;
+        let self_test_service =
+            self_test(&mut probe, &info).map_err(|e| self_test_error(e.to_string()))?;
         Ok(Arc::new(LoadedModule {
             sha256,
             info,

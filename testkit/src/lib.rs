@@ -161,7 +161,11 @@ fn parse_expected(dir: &std::path::Path, table: &str) -> Vec<Photo> {
             }
         })
         .collect();
-    assert!(!photos.is_empty(), "expected.tsv in {} lists no photo", dir.display());
+    assert!(
+        !photos.is_empty(),
+        "expected.tsv in {} lists no photo",
+        dir.display()
+    );
     photos
 }
 

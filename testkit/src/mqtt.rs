@@ -1,8 +1,6 @@
 //! Small MQTT helpers for tests: connect, subscribe, and collect messages with a timeout.
 
-use rumqttc::v5::mqttbytes::v5::{
-    Packet, Publish, PublishProperties, SubAck, SubscribeReasonCode,
-};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties, SubAck, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use std::time::Duration;

@@ -10,6 +10,7 @@ use isomesh_testkit::broker::{BrokerKind, TestBroker};
 use isomesh_testkit::camera::Camera;
 use isomesh_testkit::compose::{statuses, Mesh, NODES};
 use isomesh_testkit::metrics;
+use isomesh_testkit::node::wait_status;
 use std::time::{Duration, Instant};
 
 /// Compose projects share the machine's two cores and one subnet: one at a time. (A tokio
@@ -35,6 +36,41 @@ async fn mesh(name: &str) -> Mesh {
 /// A number from a node's metrics (0 when absent).
 fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     metrics::sum(text, name, labels)
+}
+
+/// The metrics endpoints of `nodes`, to scrape from the host.
+fn metrics_addrs(mesh: &Mesh, nodes: &[&str]) -> Vec<String> {
+    nodes.iter().map(|n| mesh.metrics_addr(n)).collect()
+}
+
+/// Jobs answered so far by the nodes at `addrs` (their `isomesh_jobs_total`, every outcome).
+fn answered(addrs: &[String]) -> f64 {
+    addrs
+        .iter()
+        .map(|addr| {
+            let text = metrics::scrape(addr).unwrap_or_else(|e| panic!("scraping {addr}: {e}"));
+            metric(&text, "isomesh_jobs_total", &[])
+        })
+        .sum()
+}
+
+/// Waits until the nodes at `addrs` have answered `more` jobs beyond `before`: a fault injected
+/// then hits a load that is flowing.
+async fn wait_answered(addrs: &[String], before: f64, more: f64) {
+    let within = Duration::from_secs(120);
+    let deadline = Instant::now() + within;
+    loop {
+        let now = answered(addrs);
+        if now >= before + more {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addrs:?} answered {} of {more} jobs of the load within {within:?}",
+            now - before
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -74,7 +110,8 @@ async fn compose_up_classifies_offloads_and_reports() {
         "{text}"
     );
 
-    // The compose camera has been classifying all along, on the devices and above them.
+    // The compose camera has been classifying all along, on the devices and above them (what it
+    // prints is its only output).
     let camera_log = mesh.logs("camera");
     let rows = camera_log
         .lines()
@@ -102,6 +139,7 @@ async fn the_same_containers_run_unchanged_on_mosquitto() {
     eprintln!("mosquitto: serving after {:?}", started.elapsed());
     burst_at_d1(&mesh, "mosquitto");
     assert_status_lists_every_node(&mesh, "0.1.0");
+    // What the compose camera prints is its only output.
     let camera_log = mesh.logs("camera");
     assert!(
         camera_log.lines().any(|l| l.contains("0.1.0")),
@@ -181,9 +219,11 @@ async fn a_partitioned_device_classifies_and_delivers_after_it_returns() {
         assert!(Instant::now() < deadline, "d1 never held 20 jobs:\n{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Counted in d1's log: cut off, its metrics endpoint is out of reach too.
     let classified = |log: &str| log.lines().filter(|l| l.contains("classified")).count();
     let ip = mesh.disconnect("d1");
     let before = classified(&mesh.logs("d1"));
+    // The fault's length (d1 stays cut off this long), not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let during = classified(&mesh.logs("d1")) - before;
     mesh.reconnect("d1", &ip);
@@ -214,6 +254,8 @@ async fn a_broker_restart_under_load_loses_nothing() {
         String::from_utf8_lossy(&rollout.stdout),
         String::from_utf8_lossy(&rollout.stderr)
     );
+    let devices = metrics_addrs(&mesh, &["d1", "d2", "d3"]);
+    let before = answered(&devices);
     let camera = Camera::start(
         &mesh.broker_url(),
         &[
@@ -229,7 +271,8 @@ async fn a_broker_restart_under_load_loses_nothing() {
             "8",
         ],
     );
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The restart comes once answers flow (8 of the 48 jobs, sent over 12 s).
+    wait_answered(&devices, before, 8.0).await;
     let restarted = Instant::now();
     mesh.restart("broker");
     eprintln!(
@@ -283,6 +326,7 @@ async fn a_rollout_while_a_node_is_partitioned_converges_when_it_returns() {
     );
     mesh.wait_serving(&others, "0.2.0", Duration::from_secs(120))
         .await;
+    // Cut off, d2 publishes no status anyone could read: only its log can tell.
     let d2_log = mesh.logs("d2");
     assert!(
         !d2_log.contains("0.2.0"),
@@ -339,7 +383,11 @@ async fn with_the_cloud_stopped_edges_run_their_jobs_themselves() {
     );
     assert!(to_cloud > 0, "no job went to the cloud while it was up");
     mesh.stop("c1");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Its retained status says offline: the edges have been sent that before the next burst.
+    wait_status(mesh.broker_port(), "c1", Duration::from_secs(60), |s| {
+        !s.online
+    })
+    .await;
     let seen = Camera::start(&mesh.broker_url(), &burst).finish();
     eprintln!(
         "cloud-stop: without the cloud: by node {}",
@@ -360,11 +408,14 @@ async fn with_the_cloud_stopped_edges_run_their_jobs_themselves() {
 /// while it is down wait in its persistent session on the broker, and it answers every one
 /// when it is back, once.
 async fn restart_a_device_under_load(mesh: &Mesh, name: &str) {
+    let d2 = metrics_addrs(mesh, &["d2"]);
+    let before = answered(&d2);
     let camera = Camera::start(
         &mesh.broker_url(),
         &["--node", "d2", "--rate", "2", "--count", "24"],
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The restart comes once d2 answers the load (3 of the 24 jobs, sent over 12 s).
+    wait_answered(&d2, before, 3.0).await;
     let restarted = Instant::now();
     mesh.restart("d2");
     eprintln!("{name}: d2 restarted in {:?}", restarted.elapsed());

@@ -306,7 +306,8 @@ async fn mqtt_311_and_5_clients_exchange_messages_both_ways_on_one_port() {
 #[tokio::test(flavor = "multi_thread")]
 async fn keepalive_zero_is_accepted() {
     let broker = TestBroker::start().await;
-    let mut quiet = Client311::connect_with(broker.port(), "ka0", false, Duration::ZERO, None).await;
+    let mut quiet =
+        Client311::connect_with(broker.port(), "ka0", false, Duration::ZERO, None).await;
     quiet.subscribe("ka0/in").await;
     let publisher = Client::connect(broker.port(), "ka0-pub").await;
     publisher.publish("ka0/in", b"still here".to_vec()).await;

@@ -95,7 +95,9 @@ async fn a_killed_node_is_marked_offline_by_its_last_will() {
 
 /// The `module loaded` lines of a node's log, in order (one per start).
 fn module_loaded_lines(log: &str) -> Vec<&str> {
-    log.lines().filter(|l| l.contains("module loaded")).collect()
+    log.lines()
+        .filter(|l| l.contains("module loaded"))
+        .collect()
 }
 
 /// The compiled code in a compiled-module cache: each `.cwasm` file and when it was written.

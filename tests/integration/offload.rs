@@ -6,9 +6,7 @@
 use isomesh_protos::{hop, Job, JobResult};
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
-use isomesh_testkit::node::{
-    wait_status, wait_statuses_published, ModuleFile, NodeSpec, TestNode,
-};
+use isomesh_testkit::node::{wait_status, wait_statuses_published, ModuleFile, NodeSpec, TestNode};
 use isomesh_testkit::photos;
 use prost::Message;
 use std::collections::{HashMap, HashSet};
@@ -279,7 +277,10 @@ async fn an_edge_node_killed_while_holding_jobs_costs_no_job() {
         let result = &results[&id];
         assert_correct(&id, n, result);
         if n >= JOBS {
-            assert_ne!(result.node, "o4e1", "{id} was sent after o4e1 died: {result:?}");
+            assert_ne!(
+                result.node, "o4e1",
+                "{id} was sent after o4e1 died: {result:?}"
+            );
             after_the_kill += 1;
         } else if !answered_before_the_kill.contains(&id) {
             held_at_the_kill += 1;

@@ -5,11 +5,11 @@
 //! reason while the old module keeps serving.
 
 use isomesh_module::signing::SecretKey;
+use isomesh_protos::NodeStatus;
 use isomesh_protos::Tier;
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::faults::{fault_module, Fault};
 use isomesh_testkit::mqtt::Client;
-use isomesh_protos::NodeStatus;
 use isomesh_testkit::node::{
     classify_photo, rejected, rejected_with, rejection, serves, swapped_in, wait_status,
     ModuleFile, NodeSpec, TestNode,
@@ -422,8 +422,8 @@ async fn statuses_until(
         let Some(publish) = watcher.next(left).await else {
             panic!("{node}: condition not met within {CONVERGE_WITHIN:?}; statuses: {seen:?}");
         };
-        let status = <NodeStatus as prost::Message>::decode(publish.payload.as_ref())
-            .expect("NodeStatus");
+        let status =
+            <NodeStatus as prost::Message>::decode(publish.payload.as_ref()).expect("NodeStatus");
         let finished = done(&status);
         seen.push(status);
         if finished {
