@@ -10,6 +10,10 @@ use isomesh_broker::BrokerConfig;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// mimalloc: musl's allocator serialises threads that allocate at once (the Wasm compiler's).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The embedded MQTT 3.1.1 + 5 broker of isomesh.
 #[derive(Debug, Parser)]
 #[command(name = "isomesh-broker", version)]

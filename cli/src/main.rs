@@ -12,6 +12,10 @@ mod status;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// mimalloc: musl's allocator serialises threads that allocate at once (the Wasm compiler's).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "isomesh",

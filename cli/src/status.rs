@@ -77,7 +77,7 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
                     "rollout": s.rollout.as_ref().map(|r| serde_json::json!({
                         "module": r.module.as_ref().map(|m| serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256})),
                         "phase": phase_name(r.phase), "chunks_done": r.chunks_done,
-                        "chunk_count": r.chunk_count, "reason": r.reason,
+                        "chunk_count": r.chunk_count, "reason": r.reason, "code": r.code,
                     })),
                     "sandbox": s.sandbox.as_ref().map(|l| serde_json::json!({
                         "memory_limit_bytes": l.memory_limit_bytes,

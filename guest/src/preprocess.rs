@@ -114,18 +114,6 @@ fn check_jpeg_complete(bytes: &[u8]) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    /// A PNG whose header declares `width` x `height` and which carries no pixel data: a
-    /// decompression bomb's header, written by the `png` crate's encoder.
-    fn png_header_declaring(width: u32, height: u32) -> Vec<u8> {
-        let mut png = Vec::new();
-        let mut encoder = png::Encoder::new(&mut png, width, height);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        // Dropping the writer ends the file (IEND) without a single row.
-        drop(encoder.write_header().expect("a PNG header"));
-        png
-    }
-
     #[test]
     fn empty_and_random_bytes_are_rejected() {
         assert_eq!(image_to_input(&[]), Err(Error::EmptyInput));
@@ -137,7 +125,7 @@ mod tests {
 
     #[test]
     fn decompression_bomb_is_rejected_from_its_header() {
-        let bomb = png_header_declaring(30_000, 30_000);
+        let bomb = isomesh_testkit::png_declaring(30_000, 30_000);
         assert!(matches!(
             image_to_input(&bomb),
             Err(Error::ImageTooLarge(_))

@@ -108,16 +108,33 @@ impl TestBroker {
         tls: Option<Tls>,
     ) -> TestBroker {
         let dir = tempfile::tempdir().expect("a temp dir for the broker");
-        let port = crate::free_port();
-        let tls = tls.map(|tls| (tls, crate::free_port()));
-        let child = spawn_listening(
-            kind,
-            (bind, port),
-            dir.path(),
-            access.as_ref(),
-            tls.as_ref().map(|(t, p)| (t, *p)),
-        )
-        .await;
+        // A free port is free only until someone else binds it: a broker that finds its port
+        // taken exits, and is started again on another one.
+        let mut attempts = 0;
+        let (child, port, tls) = loop {
+            attempts += 1;
+            let port = crate::free_port();
+            let tls_port = tls.as_ref().map(|_| crate::free_port());
+            let started = spawn_listening(
+                kind,
+                (bind, port),
+                dir.path(),
+                access.as_ref(),
+                tls.as_ref().zip(tls_port),
+            )
+            .await;
+            match started {
+                Ok(child) => {
+                    break (
+                        child,
+                        port,
+                        tls.map(|tls| (tls, tls_port.unwrap_or_default())),
+                    )
+                }
+                Err(NotListening::PortTaken(_)) if attempts < 5 => continue,
+                Err(NotListening::PortTaken(why) | NotListening::Failed(why)) => panic!("{why}"),
+            }
+        };
         TestBroker {
             kind,
             port,
@@ -148,6 +165,7 @@ impl TestBroker {
     pub async fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The same port: the nodes are configured with it.
         self.child = spawn_listening(
             self.kind,
             (self.bind, self.port),
@@ -155,7 +173,8 @@ impl TestBroker {
             self.access.as_ref(),
             self.tls.as_ref().map(|(t, p)| (t, *p)),
         )
-        .await;
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
     }
 
     pub fn port(&self) -> u16 {
@@ -184,16 +203,37 @@ impl Drop for TestBroker {
     }
 }
 
-/// Starts a broker on `(bind, port)`, logging into `dir/broker.log`, and waits until it
-/// listens.
+/// Why a broker did not come up.
+#[derive(Debug)]
+enum NotListening {
+    /// Another process had its port: start it again on another one.
+    PortTaken(String),
+    Failed(String),
+}
+
+/// The line each broker logs once every listener is open.
+fn ready_line(kind: BrokerKind) -> &'static str {
+    match kind {
+        BrokerKind::Isomesh => "isomesh-broker serving MQTT",
+        BrokerKind::Mosquitto => " running",
+    }
+}
+
+/// Starts a broker on `(bind, port)`, logging into `dir/broker.log`, and waits until it says
+/// it listens (its own log line, not just an open port, which another process may hold).
 async fn spawn_listening(
     kind: BrokerKind,
     (bind, port): (&str, u16),
     dir: &std::path::Path,
     access: Option<&Access>,
     tls: Option<(&Tls, u16)>,
-) -> Child {
+) -> Result<Child, NotListening> {
     let log_path = dir.join("broker.log");
+    // The log is appended to across restarts: count the ready lines already in it.
+    let ready_before = std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .matches(ready_line(kind))
+        .count();
     let log = std::fs::File::options()
         .create(true)
         .append(true)
@@ -253,23 +293,34 @@ async fn spawn_listening(
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start the {kind:?} broker: {e}"));
+        .map_err(|e| NotListening::Failed(format!("cannot start the {kind:?} broker: {e}")))?;
     let deadline = Instant::now() + START_WITHIN;
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-    while !listening(port) || tls.is_some_and(|(_, tls_port)| !listening(tls_port)) {
+    loop {
+        let ready = log().matches(ready_line(kind)).count() > ready_before;
+        if ready && listening(port) && tls.is_none_or(|(_, tls_port)| listening(tls_port)) {
+            return Ok(child);
+        }
         let exited = child.try_wait().ok().flatten();
         if exited.is_some() || Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            panic!(
+            let log = log();
+            let why = format!(
                 "the {kind:?} broker did not listen on 127.0.0.1:{port} within \
                  {START_WITHIN:?} (exit: {exited:?}); its log:\n{log}"
             );
+            let taken = log.to_lowercase().contains("address already in use")
+                || log.to_lowercase().contains("addrinuse");
+            return Err(if exited.is_some() && taken {
+                NotListening::PortTaken(why)
+            } else {
+                NotListening::Failed(why)
+            });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    child
 }
 
 /// Mosquitto's executable: Debian installs it in /usr/sbin, often not on a user's PATH.

@@ -231,6 +231,18 @@ impl Photo {
     }
 }
 
+/// A PNG whose header declares `width` x `height` RGB pixels and which carries no pixel data:
+/// a decompression bomb's header, written by the `png` crate's encoder.
+pub fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    let mut encoder = png::Encoder::new(&mut png, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    // Dropping the writer ends the file (IEND) without a single row.
+    drop(encoder.write_header().expect("a PNG header"));
+    png
+}
+
 /// A port nobody listens on right now.
 pub fn try_free_port() -> std::io::Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")

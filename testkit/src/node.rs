@@ -205,6 +205,18 @@ impl TestNode {
     }
 
     /// Everything the node logged so far.
+    /// The address its `--metrics-listen` endpoint is bound to, as the node logged it (with
+    /// port 0 the node picks the port). Call once the node is ready.
+    pub fn metrics_addr(&self) -> String {
+        let log = self.log();
+        log.lines()
+            .find(|l| l.contains("serving Prometheus metrics"))
+            .and_then(|l| l.split("listen=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("the node logged no metrics address; its log:\n{log}"))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
     }

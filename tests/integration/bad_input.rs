@@ -12,34 +12,6 @@ use std::time::Duration;
 
 const ANSWER_WITHIN: Duration = Duration::from_secs(240);
 
-/// A PNG signature and IHDR chunk declaring `width` x `height` RGB pixels, and no pixel data.
-fn png_bomb_header(width: u32, height: u32) -> Vec<u8> {
-    let mut ihdr = b"IHDR".to_vec();
-    ihdr.extend_from_slice(&width.to_be_bytes());
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    png.extend_from_slice(&13u32.to_be_bytes());
-    png.extend_from_slice(&ihdr);
-    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
-    png
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in data {
-        crc ^= byte as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// Deterministic noise.
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -71,7 +43,7 @@ async fn malformed_images_each_get_one_clear_error_and_the_node_keeps_serving() 
         ),
         (
             "png-bomb",
-            png_bomb_header(30_000, 30_000),
+            isomesh_testkit::png_declaring(30_000, 30_000),
             "image too large",
         ),
     ];

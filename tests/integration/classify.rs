@@ -38,16 +38,7 @@ async fn photos_published_raw_with_a_response_topic_match_the_reference() {
             .expect("the reply carries the request's correlation data");
         let n: usize = std::str::from_utf8(&correlation).unwrap().parse().unwrap();
         let photo = &photos[n];
-        let result: Value = serde_json::from_slice(&reply.payload).expect("JSON result");
-        let top1 = result["top"][0]["index"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{}: {result}", photo.file)) as u32;
-        assert!(
-            photo.accepts(top1),
-            "{}: got {top1}, expected {}: {result}",
-            photo.file,
-            photo.acceptable()
-        );
+        let result = classified(photo, &reply.payload);
         assert_eq!(result["node"], "d1");
         assert_eq!(result["tier"], "device");
         assert_eq!(result["module"]["name"], "mobilenet_v2");
@@ -96,16 +87,7 @@ async fn mosquitto_pub_f_over_mqtt311_gets_json_on_the_results_topic() {
             .next(ANSWER_WITHIN)
             .await
             .expect("a result on isomesh/results/d2");
-        let result: Value = serde_json::from_slice(&reply.payload).expect("JSON result");
-        let top1 = result["top"][0]["index"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{}: {result}", photo.file)) as u32;
-        assert!(
-            photo.accepts(top1),
-            "{}: got {top1}, expected {}: {result}",
-            photo.file,
-            photo.acceptable()
-        );
+        classified(&photo, &reply.payload);
     }
 }
 
@@ -170,4 +152,19 @@ async fn the_cli_exits_1_with_the_error_when_a_job_fails() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("cannot decode image"), "{stdout}");
+}
+
+/// The JSON answer to `photo`, whose top-1 must be the photo's expected class.
+fn classified(photo: &isomesh_testkit::Photo, payload: &[u8]) -> Value {
+    let result: Value = serde_json::from_slice(payload).expect("JSON result");
+    let top1 = result["top"][0]["index"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{}: {result}", photo.file)) as u32;
+    assert!(
+        photo.accepts(top1),
+        "{}: got {top1}, expected {}: {result}",
+        photo.file,
+        photo.acceptable()
+    );
+    result
 }

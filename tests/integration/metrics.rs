@@ -4,7 +4,6 @@
 
 use isomesh_protos::{Job, JobResult};
 use isomesh_testkit::broker::TestBroker;
-use isomesh_testkit::free_port;
 use isomesh_testkit::metrics::{scrape, sum, value};
 use isomesh_testkit::mqtt::Client;
 use isomesh_testkit::node::{wait_statuses_published, NodeSpec, TestNode};
@@ -18,18 +17,13 @@ fn job(n: usize, id: &str, budget_ms: u32) -> Vec<u8> {
     isomesh_testkit::photo_job(n, id, REPLIES, budget_ms)
 }
 
-/// A node with a metrics endpoint on a free port; returns it and the endpoint's address.
-fn node_with_metrics<'a>(
-    id: &'a str,
-    tier: &'a str,
-    port: u16,
-    extra: &[&str],
-) -> (NodeSpec<'a>, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
+/// A node with a metrics endpoint on a port the node picks itself (`127.0.0.1:0`, so no other
+/// process can take it between picking and binding); [`TestNode::metrics_addr`] reads it back.
+fn node_with_metrics<'a>(id: &'a str, tier: &'a str, port: u16, extra: &[&str]) -> NodeSpec<'a> {
     let mut spec = NodeSpec::with_guest(id, tier, port);
-    spec.extra_args = vec!["--metrics-listen".into(), addr.clone()];
+    spec.extra_args = vec!["--metrics-listen".into(), "127.0.0.1:0".into()];
     spec.extra_args.extend(extra.iter().map(|a| a.to_string()));
-    (spec, addr)
+    spec
 }
 
 async fn answers(client: &mut Client, n: usize) -> Vec<JobResult> {
@@ -49,8 +43,9 @@ async fn answers(client: &mut Client, n: usize) -> Vec<JobResult> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scrape_counts_jobs_stages_and_module_swaps() {
     let broker = TestBroker::start().await;
-    let (spec, addr) = node_with_metrics("m1", "edge", broker.port(), &[]);
+    let spec = node_with_metrics("m1", "edge", broker.port(), &[]);
     let node = TestNode::start(spec).await;
+    let addr = node.metrics_addr();
     let fresh = scrape(&addr).expect("scrape");
     assert_eq!(
         value(&fresh, "isomesh_jobs_total{outcome=\"ok\",where=\"here\"}"),
@@ -174,13 +169,13 @@ async fn a_scrape_counts_jobs_stages_and_module_swaps() {
 async fn offloads_are_counted_where_they_leave_and_where_they_run() {
     let broker = TestBroker::start().await;
     let port = broker.port();
-    let (device, device_addr) =
-        node_with_metrics("m2d", "device", port, &["--offload", "always-up"]);
-    let (edge, edge_addr) = node_with_metrics("m2e", "edge", port, &[]);
+    let device = node_with_metrics("m2d", "device", port, &["--offload", "always-up"]);
+    let edge = node_with_metrics("m2e", "edge", port, &[]);
     let nodes = [TestNode::spawn(&device), TestNode::spawn(&edge)];
     for node in &nodes {
         node.wait_ready(port).await;
     }
+    let (device_addr, edge_addr) = (nodes[0].metrics_addr(), nodes[1].metrics_addr());
     // The device has been sent the edge node's status before the jobs below.
     wait_statuses_published(port, &["m2d", "m2e"], Duration::from_secs(30)).await;
     let mut client = Client::connect(port, "metrics-offload").await;

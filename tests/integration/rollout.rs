@@ -353,15 +353,8 @@ async fn a_node_outside_a_rollout_never_writes_over_its_manifest() {
     // it rightly published one.)
     assert!(device.terminate(), "clean exit:\n{}", device.log());
     wait_status(broker.port(), "r6d", Duration::from_secs(10), |s| !s.online).await;
-    let mut client = Client::connect(broker.port(), "r6-manifest").await;
-    client
-        .subscribe(&format!("isomesh/modules/{MODULE_NAME}/manifest"))
-        .await;
-    let retained = client
-        .next(Duration::from_secs(10))
-        .await
-        .expect("a retained manifest");
-    assert_eq!(decode_manifest(&retained.payload).version, VERSION_2);
+    let (mut client, retained) = watch_manifest(broker.port(), "r6-manifest").await;
+    assert_eq!(retained.version, VERSION_2);
     device.start_again();
     // Its retained status says offline (above): the next online one is the new connection's.
     wait_status(broker.port(), "r6d", CONVERGE_WITHIN, |s| s.online).await;
@@ -390,6 +383,12 @@ fn decode_manifest(payload: &[u8]) -> isomesh_protos::ModuleManifest {
 
 /// The manifest of the module retained on the broker (panics if there is none).
 async fn retained_manifest(port: u16, client_id: &str) -> isomesh_protos::ModuleManifest {
+    watch_manifest(port, client_id).await.1
+}
+
+/// A client subscribed to the module's manifest topic, and the retained manifest it got first
+/// (panics if there is none); later publishes on the topic reach the client.
+async fn watch_manifest(port: u16, client_id: &str) -> (Client, isomesh_protos::ModuleManifest) {
     let mut client = Client::connect(port, client_id).await;
     client
         .subscribe(&format!("isomesh/modules/{MODULE_NAME}/manifest"))
@@ -399,7 +398,8 @@ async fn retained_manifest(port: u16, client_id: &str) -> isomesh_protos::Module
         .await
         .expect("a retained manifest");
     assert!(retained.retain, "the manifest is not a retained message");
-    decode_manifest(&retained.payload)
+    let manifest = decode_manifest(&retained.payload);
+    (client, manifest)
 }
 
 /// A client subscribed to `node`'s status.

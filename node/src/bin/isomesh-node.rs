@@ -6,6 +6,10 @@ use isomesh_node::config::{apply_config_file, NodeConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc: musl's allocator serialises threads that allocate at once (the Wasm compiler's).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An isomesh node: classifies images from MQTT in a sandboxed Wasm module.
 #[derive(Debug, Parser)]
 #[command(name = "isomesh-node", version)]
