@@ -211,7 +211,8 @@ enum NotListening {
     Failed(String),
 }
 
-/// The line each broker logs once every listener is open.
+/// The line each broker logs once every listener is open (Mosquitto's at `log_type
+/// information`).
 fn ready_line(kind: BrokerKind) -> &'static str {
     match kind {
         BrokerKind::Isomesh => "isomesh-broker serving MQTT",
@@ -354,6 +355,7 @@ fn mosquitto_config(bind: &str, port: u16) -> String {
          log_dest stderr\n\
          log_type error\n\
          log_type warning\n\
-         log_type notice\n"
+         log_type notice\n\
+         log_type information\n"
     )
 }

@@ -157,7 +157,10 @@ struct MosquittoSub {
 
 impl MosquittoSub {
     fn spawn(broker: &TestBroker, args: &[&str]) -> MosquittoSub {
-        let mut child = tokio::process::Command::new("mosquitto_sub")
+        // Line-buffered: into a pipe, mosquitto_sub would hold its lines (the SUBACK among them)
+        // until it exits.
+        let mut child = tokio::process::Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
             .args(cli_args(broker))
             .arg("-d")
             .args(args)
