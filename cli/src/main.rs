@@ -43,9 +43,13 @@ enum Command {
     Compile(compile::CompileArgs),
     /// Show every node's status.
     Status(status::StatusArgs),
-    /// Measure the sandbox and the model.
-    #[command(subcommand)]
-    Bench(isomesh_bench::BenchCommand),
+    /// Measure the sandbox, the model and the mesh (`isomesh bench --help`): runs
+    /// `isomesh-bench` from beside `isomesh`, the one binary that links tract natively.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,7 +63,7 @@ fn main() -> ExitCode {
         .init();
     let flags = Flags::parse();
     let result = match flags.command {
-        Command::Bench(command) => isomesh_bench::run(command).map(|()| true),
+        Command::Bench { args } => bench(args),
         Command::Classify(args) => on_runtime(classify::run(args)),
         Command::Camera(args) => on_runtime(camera::run(args)),
         Command::Compile(args) => compile::run(args).map(|()| true),
@@ -75,6 +79,27 @@ fn main() -> ExitCode {
             eprintln!("isomesh: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// `isomesh bench ARGS`: `isomesh-bench ARGS`, a binary of its own so that `isomesh` (which the
+/// container images ship) links no native inference engine.
+fn bench(args: Vec<std::ffi::OsString>) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let exe = std::env::current_exe()?.with_file_name("isomesh-bench");
+    anyhow::ensure!(
+        exe.is_file(),
+        "{} is missing: `isomesh bench` runs it (`make build` puts it beside isomesh)",
+        exe.display()
+    );
+    let status = std::process::Command::new(&exe)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
+    // It printed its own error; exit as it did.
+    match status.code() {
+        Some(0) => Ok(true),
+        code => std::process::exit(code.unwrap_or(2)),
     }
 }
 
