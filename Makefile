@@ -117,7 +117,7 @@ report: bench-python
 # CI runs it for 10 s a target (`make fuzz FUZZ_SECONDS=10`) to keep the targets building and
 # their seeds passing; the long runs are by hand.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := job manifest chunks image guest_outcome relayed_result
+FUZZ_TARGETS := job manifest chunks image guest_outcome relayed_result rollout_agent version_order broker_files offload
 fuzz: module build
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	python3 scripts/fuzz_seeds.py target/fuzz-corpus $(BIN)/isomesh $(MODULE) ../shared/images/*.jp*g

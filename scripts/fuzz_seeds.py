@@ -8,6 +8,9 @@ image/     the real photos, and a small real PNG
 manifest/  a real signed manifest of MODULE, written by `isomesh sign`
 chunks/    the plain (mode byte 0) rollout of fuzz/fuzz_targets/chunks.rs, whole and shuffled
 guest_outcome/, relayed_result/: protobuf messages shaped like the real ones
+version_order/  versions one a line, release candidates and builds among them
+broker_files/   the deploy ACL file (part byte 0), a password line (1), filter checks (2)
+rollout_agent/, offload/: a few arbitrary byte strings (their input is a script of events)
 """
 import hashlib
 import os
@@ -97,6 +100,18 @@ def main():
     result = (field(1, "job-1") + field(2, "e1") + field(3, 2) + field(5, score)
               + field(7, "d1") + field(7, "e1") + field(10, b"corr"))
     write(f"{corpus}/relayed_result", "result", result)
+
+    write(f"{corpus}/version_order", "release-after-rc", b"1.0.0-rc1\n1.0.0\n1.0.1")
+    write(f"{corpus}/version_order", "builds", b"1.0.0+b2\n1.0.0+b1\n0.10.0-alpha.1")
+    acl_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "deploy", "acl.conf")
+    if os.path.exists(acl_path):
+        write(f"{corpus}/broker_files", "acl", b"\0" + open(acl_path, "rb").read())
+    write(f"{corpus}/broker_files", "passwd",
+          b"\1d1:$7$101$c2FsdHNhbHRzYWx0$" + b"A" * 86 + b"==\n")
+    write(f"{corpus}/broker_files", "covers", b"\2isomesh/#\nisomesh/status/+\nisomesh/status/d1")
+    for n, seed in enumerate([bytes(range(256)), bytes(range(255, -1, -1)) * 2]):
+        write(f"{corpus}/rollout_agent", f"script-{n}", seed)
+        write(f"{corpus}/offload", f"script-{n}", seed)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ cp "$module" "$ctx/lib/modules/mobilenet_v2.wasm"
 cp "$module_v2" "$ctx/rollout/mobilenet_v2-0.2.0.wasm"
 # The machine code of module 0.1.0, compiled by the very binary the nodes run (the cache key
 # includes the engine's settings and this CPU's features; a node on another CPU compiles).
+# `compile` MACs it with a key made beside the cache, lib/cache.cache-key, which lands at the
+# nodes' default --cache-key (/var/lib/isomesh/cache.cache-key): the baked code is trusted as
+# far as the image is; a node whose cache was changed refuses the entry and compiles.
 "$bins/isomesh" compile "$ctx/lib/modules/mobilenet_v2.wasm" --cache-dir "$ctx/lib/cache"
 rm -rf "$ctx/lib/cache/incremental" "$ctx"/lib/cache/*.lock
 

@@ -45,9 +45,11 @@ pub async fn listen(port: u16, name: &str) -> anyhow::Result<Listener> {
     use rumqttc::v5::Event;
     let topics = isomesh_mesh::topics::Topics::new("isomesh");
     let broker_url = format!("mqtt://127.0.0.1:{port}");
-    let (client, mut eventloop) =
-        isomesh_mqtt::connect::connect(&broker_url, &isomesh_mqtt::connect::client_id(name))
-            .await?;
+    let (client, mut eventloop) = isomesh_mqtt::connect::connect(
+        &broker_url,
+        &isomesh_mqtt::connect::client_id_at(&broker_url, name),
+    )
+    .await?;
     let replies = topics.replies(name);
     client.subscribe(replies.clone(), QoS::AtLeastOnce).await?;
     client

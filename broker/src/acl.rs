@@ -238,6 +238,11 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 
 /// Whether every topic that `filter` matches is also matched by `rule`.
 pub fn filter_covers(rule: &str, filter: &str) -> bool {
+    // As in `filter_matches`: a rule starting with a wildcard does not reach `$`-topics, so it
+    // must not grant a subscription to them either (`#` would otherwise cover `$SYS/#`).
+    if filter.starts_with('$') && (rule.starts_with('+') || rule.starts_with('#')) {
+        return false;
+    }
     let mut wanted = filter.split('/');
     for level in rule.split('/') {
         match (level, wanted.next()) {
@@ -353,6 +358,10 @@ pattern read isomesh/replies/%c
         assert!(!filter_matches("#", "$SYS/x"));
         assert!(filter_covers("a/+/c", "a/+/c"));
         assert!(!filter_covers("a/+/c", "a/#"));
+        // `#` matches no `$` topic, so it grants no subscription to them either.
+        assert!(!filter_covers("#", "$SYS/#"));
+        assert!(!filter_covers("+/x", "$SYS/x"));
+        assert!(filter_covers("$SYS/#", "$SYS/x"));
         assert!(filters_overlap("a/+/c", "a/b/#"));
         assert!(!filters_overlap("a/b", "a/c"));
     }

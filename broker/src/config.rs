@@ -22,9 +22,22 @@ pub struct BrokerConfig {
     pub max_inflight: u16,
 
     /// Messages queued per client (offline persistent sessions included) before new ones are
-    /// dropped. Default 100 000.
-    #[arg(long, env = "ISOMESH_MAX_QUEUE", default_value_t = 100_000)]
+    /// dropped. rmqtt counts messages, not bytes, so this bounds memory only with
+    /// --max-packet-bytes: 1 000 photos of ~100 KB are ~100 MB per stalled client. Default 1 000.
+    #[arg(long, env = "ISOMESH_MAX_QUEUE", default_value_t = 1_000)]
     pub max_queue: usize,
+
+    /// Retained messages the broker keeps, all topics together; past it new retained messages
+    /// are not stored. Default 10 000 (a rollout retains one manifest and ~60 chunks per
+    /// module version; each node one status). 0: unlimited.
+    #[arg(long, env = "ISOMESH_MAX_RETAINED", default_value_t = 10_000)]
+    pub max_retained: usize,
+
+    /// Largest retained payload kept, bytes (larger ones are delivered but not retained).
+    /// Default 5 MiB: module chunks are 256 KiB, and `isomesh rollout --chunk-size` allows 4 MiB
+    /// at most (plus the chunk's protobuf fields).
+    #[arg(long, env = "ISOMESH_MAX_RETAINED_BYTES", default_value_t = 5 << 20)]
+    pub max_retained_bytes: u32,
 
     /// How long an undelivered message waits in a persistent session, seconds. Default one day.
     /// Retained messages never expire, whatever this says.

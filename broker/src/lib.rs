@@ -17,14 +17,18 @@
 //! builds the rmqtt context, registers the plugins, binds the one listener and serves until the
 //! caller's shutdown future completes; [`health`] is the CONNECT + PING check a container's
 //! HEALTHCHECK runs. Who may connect and what they may touch: [`passwords`] and [`acl`] read
-//! Mosquitto's file formats (one set of files serves both brokers), [`access`] enforces them
-//! through rmqtt's hooks. The binary in `main.rs` only parses flags and calls these.
+//! Mosquitto's file formats (one set of files serves both brokers), [`owner`] says which account
+//! owns a client id, [`publishing`] what a publish or a will may carry beyond the ACL (retained
+//! places, status tiers), and [`access`] enforces all of them through rmqtt's hooks; SIGHUP
+//! reloads the files. The binary in `main.rs` only parses flags and calls these.
 
 pub mod access;
 pub mod acl;
 pub mod config;
 pub mod health;
+pub mod owner;
 pub mod passwords;
+pub mod publishing;
 mod server;
 
 pub use config::BrokerConfig;

@@ -126,9 +126,12 @@ pub fn check_username(name: &str) -> Result<(), PasswordFileError> {
 }
 
 /// The accounts of a password file.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Passwords {
     users: HashMap<String, Hash>,
+    /// Checked against when the user is unknown, so that an unknown user costs as much PBKDF2
+    /// work as a wrong password: timing does not tell which usernames exist.
+    dummy: Hash,
 }
 
 impl Passwords {
@@ -158,7 +161,26 @@ impl Passwords {
             check_username(user).map_err(|e| error(e.to_string()))?;
             users.insert(user.to_string(), Hash::parse(hash).map_err(error)?);
         }
-        Ok(Passwords { users })
+        // As many rounds as the costliest real entry, so no entry is faster to reject.
+        let iterations = users
+            .values()
+            .filter_map(|h| match h {
+                Hash::Pbkdf2 { iterations, .. } => Some(*iterations),
+                Hash::Sha512 { .. } => None,
+            })
+            .max()
+            .unwrap_or(DEFAULT_ITERATIONS);
+        let dummy = Hash::Pbkdf2 {
+            iterations,
+            salt: vec![0; SALT_LEN],
+            hash: vec![0; 64],
+        };
+        Ok(Passwords { users, dummy })
+    }
+
+    /// Whether `user` is an account of the file.
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(user)
     }
 
     pub fn len(&self) -> usize {
@@ -169,10 +191,15 @@ impl Passwords {
         self.users.is_empty()
     }
 
-    /// Whether `user` exists and `password` is theirs.
+    /// Whether `user` exists and `password` is theirs. Costs PBKDF2 work (milliseconds): call
+    /// it off the async runtime (`spawn_blocking`).
     pub fn check(&self, user: &str, password: &[u8]) -> Login {
         match self.users.get(user) {
-            None => Login::UnknownUser,
+            None => {
+                // The same work as for a real account, whose result does not matter.
+                let _ = std::hint::black_box(self.dummy.matches(password));
+                Login::UnknownUser
+            }
             Some(hash) if hash.matches(password) => Login::Ok,
             Some(_) => Login::WrongPassword,
         }

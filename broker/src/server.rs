@@ -20,7 +20,9 @@ const SHARED_SUBSCRIPTION_CONFIG: &str = "strategy = \"round_robin\"\n";
 /// Reads the password and ACL files, refusing a setup nobody could connect to.
 fn access_control(config: &BrokerConfig) -> Result<crate::access::AccessControl, BrokerError> {
     let passwords = match &config.password_file {
-        Some(path) => Some(crate::passwords::Passwords::read(path)?),
+        Some(path) => Some(std::sync::Arc::new(crate::passwords::Passwords::read(
+            path,
+        )?)),
         None => None,
     };
     let acl = match &config.acl_file {
@@ -30,7 +32,45 @@ fn access_control(config: &BrokerConfig) -> Result<crate::access::AccessControl,
     if passwords.is_none() && !config.allow_anonymous {
         return Err(BrokerError::NoAccess);
     }
-    Ok(crate::access::AccessControl { passwords, acl })
+    Ok(crate::access::AccessControl {
+        passwords,
+        acl,
+        allow_anonymous: config.allow_anonymous,
+    })
+}
+
+/// Reads the password and ACL files again on every SIGHUP and puts them in force. A file that
+/// cannot be used is logged (with its line) and the rules in force stay as they were: a typo
+/// must not lock every node out, nor let everyone in.
+#[cfg(unix)]
+fn reload_on_sighup(config: BrokerConfig, shared: crate::access::Shared) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP: the password and ACL files will not be reloaded");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match access_control(&config) {
+                Ok(access) => {
+                    let accounts = access.passwords.as_ref().map(|p| p.len());
+                    crate::access::replace(&shared, access);
+                    tracing::info!(
+                        password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                        acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                        accounts = accounts.unwrap_or_default(),
+                        "reloaded the password and ACL files"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: cannot reload, keeping the password and ACL files in force")
+                }
+            }
+        }
+    });
 }
 
 /// Serves MQTT on `config.listen` until `shutdown` completes.
@@ -39,9 +79,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
     // Retained module chunks and manifests must outlive any TTL: they are the rollout's state.
+    // rmqtt's retainer bounds their count and each one's size, not their total bytes: the
+    // worst case is the product of the two.
     let retainer_config = format!(
-        "max_retained_messages = 0\nmax_payload_size = \"{}B\"\nretained_message_ttl = \"0s\"\n",
-        config.max_packet_bytes
+        "max_retained_messages = {}\nmax_payload_size = \"{}B\"\nretained_message_ttl = \"0s\"\n",
+        config.max_retained,
+        config.max_retained_bytes.min(config.max_packet_bytes)
     );
     let access = access_control(&config)?;
     let scx = ServerContext::new()
@@ -62,14 +105,22 @@ pub async fn run(
             reason: e.to_string(),
         })?;
     let secured = access.passwords.is_some() || access.acl.is_some();
+    if access.passwords.is_none() && access.acl.is_some() && config.allow_anonymous {
+        tracing::warn!("--acl-file with --allow-anonymous and no --password-file: usernames are whatever clients claim, so anyone who reaches this port can take any role of the ACL (rollout included); add --password-file");
+    }
     if secured {
-        crate::access::register(&scx, access).await;
+        let shared: crate::access::Shared =
+            std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(access)));
+        #[cfg(unix)]
+        reload_on_sighup(config.clone(), shared.clone());
+        crate::access::register(&scx, shared).await;
     }
     let listen_error = |addr, reason: String| BrokerError::Listen { addr, reason };
     let mut server = MqttServer::new(scx);
     if !config.tls_only {
         let listener = limits(
             &config,
+            secured,
             Builder::new().name("mqtt/tcp").laddr(config.listen),
         )
         .bind()
@@ -79,16 +130,20 @@ pub async fn run(
         server = server.listener(listener);
     }
     if let Some(addr) = config.tls_listen {
-        let builder = limits(&config, Builder::new().name("mqtt/tls").laddr(addr))
-            .tls_cert(config.tls_cert.as_ref().map(|p| p.display().to_string()))
-            .tls_key(config.tls_key.as_ref().map(|p| p.display().to_string()))
-            .tls_cross_certificate(config.tls_client_ca.is_some())
-            .tls_client_ca_certs(
-                config
-                    .tls_client_ca
-                    .as_ref()
-                    .map(|p| p.display().to_string()),
-            );
+        let builder = limits(
+            &config,
+            secured,
+            Builder::new().name("mqtt/tls").laddr(addr),
+        )
+        .tls_cert(config.tls_cert.as_ref().map(|p| p.display().to_string()))
+        .tls_key(config.tls_key.as_ref().map(|p| p.display().to_string()))
+        .tls_cross_certificate(config.tls_client_ca.is_some())
+        .tls_client_ca_certs(
+            config
+                .tls_client_ca
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        );
         let listener = builder
             .bind()
             .map_err(|e| listen_error(addr, e.to_string()))?
@@ -104,6 +159,9 @@ pub async fn run(
         tls_listen = %config.tls_listen.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         client_certificates = config.tls_client_ca.is_some(),
         max_packet_bytes = config.max_packet_bytes,
+        max_queue = config.max_queue,
+        max_retained = config.max_retained,
+        max_retained_bytes = config.max_retained_bytes,
         password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         allow_anonymous = config.allow_anonymous,
@@ -123,15 +181,17 @@ pub async fn run(
     }
 }
 
-/// The limits and socket options every listener shares.
-fn limits(config: &BrokerConfig, builder: Builder) -> Builder {
+/// The limits and socket options every listener shares. With access control on (`secured`)
+/// the listener lets no one in by itself: rmqtt would skip the authentication hook for clients
+/// without a username, and [`crate::access`] must see their client id and will too.
+fn limits(config: &BrokerConfig, secured: bool, builder: Builder) -> Builder {
     builder
         .max_packet_size(config.max_packet_bytes)
         .max_inflight(NonZeroU16::new(config.max_inflight.max(1)).unwrap_or(NonZeroU16::MIN))
         .max_mqueue_len(config.max_queue)
         .message_expiry_interval(config.message_expiry())
         .allow_zero_keepalive(true)
-        .allow_anonymous(config.allow_anonymous)
+        .allow_anonymous(config.allow_anonymous && !secured)
         // Replies and job hand-offs are small packets: do not let Nagle hold them back.
         .nodelay(true)
         // A restarted broker must get its port back while the old connections sit in TIME_WAIT.

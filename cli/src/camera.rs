@@ -118,7 +118,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     let id = args
         .id
         .clone()
-        .unwrap_or_else(|| isomesh_mqtt::connect::client_id("camera"));
+        .unwrap_or_else(|| isomesh_mqtt::connect::client_id_at(&args.broker, "camera"));
     let reply_to = topics.replies(&id);
     // Job ids unique to this run: a node remembers the answers it gave (to answer again a job
     // asked again), so a restarted camera must not reuse the ids of its previous run.

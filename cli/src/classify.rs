@@ -59,7 +59,7 @@ pub async fn run(args: ClassifyArgs) -> anyhow::Result<bool> {
             anyhow::bail!("name where to classify: --node ID or --tier device|edge|cloud")
         }
     };
-    let id = isomesh_mqtt::connect::client_id("classify");
+    let id = isomesh_mqtt::connect::client_id_at(&args.broker, "classify");
     let reply_to = topics.replies(&id);
     let (client, mut eventloop) = isomesh_mqtt::connect::connect(&args.broker, &id).await?;
     client.subscribe(reply_to.clone(), QoS::AtLeastOnce).await?;

@@ -2,7 +2,9 @@
 //! same cache a node reads with `--cache-dir`, so a node started on it serves at once instead of
 //! compiling for ~10 s (more under a CPU quota). `make images` runs it to bake the machine code
 //! into the container image; the code is used only by nodes whose engine matches (same wasmtime,
-//! settings and CPU features), and any other node compiles the module itself as usual.
+//! settings and CPU features), and any other node compiles the module itself as usual. The code
+//! is MAC-ed with the cache's key (`DIR.cache-key`, made if missing): nodes load it only with
+//! that key (their default `--cache-key` for `--cache-dir DIR`).
 
 use anyhow::Context;
 use isomesh_sandbox::{Sandbox, SandboxConfig};

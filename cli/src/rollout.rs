@@ -68,7 +68,8 @@ pub struct RolloutArgs {
     /// Allow nodes to install it even if they serve a newer version.
     #[arg(long)]
     pub force: bool,
-    /// Chunk size in bytes; keep it under the broker's message limit.
+    /// Chunk size in bytes (1 KiB to 4 MiB, what nodes accept); keep it under the broker's
+    /// message limit.
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
     pub chunk_size: u32,
     /// Publish chunks uncompressed: about 3x the bytes on the wire, no inflating on the nodes.
@@ -95,14 +96,28 @@ pub struct RolloutArgs {
     pub prefix: String,
 }
 
+/// The largest chunk nodes accept: isomesh-node's `LARGEST_MODULE_CHUNK`.
+const MAX_CHUNK_SIZE: u32 = 4 << 20;
+
 /// Runs the rollout; `Ok(false)` when `--wait` saw a node refuse it or time run out.
 pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let key = SecretKey::read(&args.signed.key)?;
     let module = crate::common::read_module(&args.signed.module)?;
+    // Nodes order versions by semver precedence and refuse to order anything else: say so here,
+    // before anything is published.
+    isomesh_module::version::parse(&args.signed.version)?;
     if args.chunk_size < 1024 {
         anyhow::bail!(
             "--chunk-size {} is too small (at least 1024 bytes)",
+            args.chunk_size
+        );
+    }
+    // Nodes size their MQTT packet limit for chunks of at most this (isomesh-node's
+    // LARGEST_MODULE_CHUNK); the broker would drop bigger ones on the way to them.
+    if args.chunk_size > MAX_CHUNK_SIZE {
+        anyhow::bail!(
+            "--chunk-size {} is too large (at most {MAX_CHUNK_SIZE} bytes, what nodes accept)",
             args.chunk_size
         );
     }
@@ -157,9 +172,11 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
     let manifest = package.manifest.clone();
 
     let topics = Topics::new(args.prefix.clone());
-    let (client, mut eventloop) =
-        isomesh_mqtt::connect::connect(&args.broker, &isomesh_mqtt::connect::client_id("rollout"))
-            .await?;
+    let (client, mut eventloop) = isomesh_mqtt::connect::connect(
+        &args.broker,
+        &isomesh_mqtt::connect::client_id_at(&args.broker, "rollout"),
+    )
+    .await?;
     // One task owns the connection: it counts acknowledgements and forwards node statuses.
     let acked = Arc::new(AtomicU64::new(0));
     let acked_signal = Arc::new(tokio::sync::Notify::new());

@@ -29,9 +29,11 @@ pub struct StatusArgs {
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let topics = Topics::new(args.prefix.clone());
-    let (client, mut eventloop) =
-        isomesh_mqtt::connect::connect(&args.broker, &isomesh_mqtt::connect::client_id("status"))
-            .await?;
+    let (client, mut eventloop) = isomesh_mqtt::connect::connect(
+        &args.broker,
+        &isomesh_mqtt::connect::client_id_at(&args.broker, "status"),
+    )
+    .await?;
     client
         .subscribe(topics.all_status(), QoS::AtLeastOnce)
         .await?;

@@ -1,5 +1,7 @@
-//! The answers a node gave lately, kept by job id so that a user who asks again gets the same
-//! answer again.
+//! The answers a node gave lately, kept by job (its reply topic and id, see
+//! [`Request::key`](crate::request::Request::key)) so that a user who asks again gets the same
+//! answer again, and nobody else does: ids are chosen by senders and may be guessed or reused,
+//! so a second sender who reuses an id with its own reply topic gets its own job run.
 //!
 //! Why: a broker that restarts without persistence loses what it held at that moment: a job it
 //! acknowledged but had not delivered, or an answer on its way back. The only party that can
@@ -19,7 +21,7 @@ use std::sync::Mutex;
 /// MB at most.
 const KEEP: usize = 4096;
 
-/// Recent answers by job id; shared by the request tasks (which add) and the MQTT loop (which
+/// Recent answers by job key; shared by the request tasks (which add) and the MQTT loop (which
 /// looks up).
 #[derive(Default)]
 pub struct Answered {
@@ -33,18 +35,18 @@ struct Recent {
 }
 
 impl Answered {
-    /// Remembers the answer just sent for `result.job_id`.
-    pub fn insert(&self, result: &JobResult) {
+    /// Remembers the answer just sent for the job with `key`.
+    pub fn insert(&self, key: &str, result: &JobResult) {
         let mut recent = match self.inner.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
         if recent
             .by_id
-            .insert(result.job_id.clone(), result.clone())
+            .insert(key.to_string(), result.clone())
             .is_none()
         {
-            recent.order.push_back(result.job_id.clone());
+            recent.order.push_back(key.to_string());
         }
         while recent.order.len() > KEEP {
             if let Some(old) = recent.order.pop_front() {
@@ -53,13 +55,13 @@ impl Answered {
         }
     }
 
-    /// The answer given for `job_id`, if it is still remembered.
-    pub fn get(&self, job_id: &str) -> Option<JobResult> {
+    /// The answer given for the job with `key`, if it is still remembered.
+    pub fn get(&self, key: &str) -> Option<JobResult> {
         let recent = match self.inner.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        recent.by_id.get(job_id).cloned()
+        recent.by_id.get(key).cloned()
     }
 }
 
@@ -71,10 +73,14 @@ mod tests {
     fn keeps_the_newest_answers() {
         let answered = Answered::default();
         for n in 0..KEEP + 10 {
-            answered.insert(&JobResult {
-                job_id: format!("j{n}"),
-                ..Default::default()
-            });
+            let job_id = format!("j{n}");
+            answered.insert(
+                &job_id,
+                &JobResult {
+                    job_id: job_id.clone(),
+                    ..Default::default()
+                },
+            );
         }
         assert!(answered.get("j0").is_none());
         assert!(answered.get("j9").is_none());

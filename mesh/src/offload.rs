@@ -123,6 +123,9 @@ pub enum Reason {
     AlwaysUp,
     /// This node serves no module the job may run on.
     CannotServe,
+    /// The job would go up, but as many forwarded jobs as `--max-queue` already await their
+    /// answers here (the tier above is slow or gone): each holds its image until answered.
+    ForwardLimit,
 }
 
 impl Reason {
@@ -136,6 +139,7 @@ impl Reason {
             Reason::OverBudget => "would miss the budget here",
             Reason::AlwaysUp => "policy is always-up",
             Reason::CannotServe => "this node serves no module the job may run on",
+            Reason::ForwardLimit => "too many forwarded jobs await their answers (--max-queue)",
         }
     }
 }

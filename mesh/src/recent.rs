@@ -1,8 +1,9 @@
-//! Recognising redelivered jobs: the last few thousand job ids a node took.
+//! Recognising redelivered jobs: the last few thousand jobs a node took, by key (reply topic
+//! and job id, see [`Request::key`](crate::request::Request::key)).
 //!
 //! A broker hands a QoS 1 message again when it did not see its acknowledgement (the node
 //! restarted, the connection dropped); a node must answer each job once, so it drops a job
-//! whose id it has taken already. Bounded: the oldest ids are forgotten first.
+//! whose key it has taken already. Bounded: the oldest keys are forgotten first.
 
 use std::collections::{HashSet, VecDeque};
 

@@ -28,6 +28,7 @@ pub fn job_result(
         tier: responder.tier as i32,
         path,
         correlation: job.correlation.clone(),
+        relay_token: job.relay_token.clone(),
         ..Default::default()
     };
     match outcome {
@@ -95,6 +96,7 @@ pub fn rejection(responder: &Responder, job: &Job, message: String) -> JobResult
         path,
         error: message,
         correlation: job.correlation.clone(),
+        relay_token: job.relay_token.clone(),
         ..Default::default()
     }
 }

@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const DEFAULT_TOP_K: u32 = 5;
 /// Most classes a request may ask for.
 pub const MAX_TOP_K: u32 = 1000;
+/// Longest budget a job may carry, ms (10 min). A node forwarding a job waits for its answer
+/// about this long at most before running it itself, so a job claiming `u32::MAX` ms (49 days)
+/// must not pin its image and its wait in the node for that long.
+pub const MAX_BUDGET_MS: u32 = 600_000;
 
 /// Where and how to send the answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +43,16 @@ impl ReplyRoute {
 pub struct Request {
     pub job: Job,
     pub reply: ReplyRoute,
+}
+
+impl Request {
+    /// What identifies this job to the node that takes it: its reply topic and its id. Ids are
+    /// the sender's choice (and guessable: `{client}-{n}`), so two senders may pick the same
+    /// one; the reply topic tells them apart, and a sender who names another's reply topic can
+    /// only make the node answer there again. MQTT topics never contain U+0000.
+    pub fn key(&self) -> String {
+        format!("{}\0{}", self.reply.topic(), self.job.job_id)
+    }
 }
 
 /// A message that could not become a job, and where to say so.
@@ -142,10 +156,26 @@ pub fn from_job(
             job,
         }));
     }
+    // Only a node forwarding a job aims its answer at a relay topic, and it always sends a
+    // token with it (see `relay`); anyone else doing so is trying to answer in a node's place.
+    if topics.is_relay_topic(&job.reply_to) && job.relay_token.is_empty() {
+        return Err(Box::new(Unreadable {
+            message: format!(
+                "reply_to {:?} is a node's relay topic, which only forwarded jobs (with a relay \
+                 token) may name; use a topic under results/ or replies/",
+                job.reply_to
+            ),
+            reply: ReplyRoute::Proto {
+                topic: topics.results(node),
+            },
+            job,
+        }));
+    }
     job.top_k = match job.top_k {
         0 => DEFAULT_TOP_K,
         k => k.min(MAX_TOP_K),
     };
+    job.budget_ms = job.budget_ms.min(MAX_BUDGET_MS);
     Ok(Request { job, reply })
 }
 
@@ -200,5 +230,35 @@ mod tests {
         assert_eq!(r.reply.topic(), "cli/1");
         assert_eq!(r.job.top_k, MAX_TOP_K);
         assert!(!r.job.job_id.is_empty());
+    }
+
+    #[test]
+    fn budgets_are_capped_at_ten_minutes() {
+        let (ids, topics) = setup();
+        let job = Job {
+            budget_ms: u32::MAX,
+            ..Default::default()
+        };
+        let r = from_job(&job.encode_to_vec(), &ids, &topics, "d1").unwrap();
+        assert_eq!(r.job.budget_ms, MAX_BUDGET_MS);
+    }
+
+    #[test]
+    fn a_relay_topic_as_reply_to_needs_a_relay_token() {
+        let (ids, topics) = setup();
+        let aimed = Job {
+            job_id: "j".into(),
+            reply_to: "isomesh/relay/e1".into(),
+            ..Default::default()
+        };
+        let err = from_job(&aimed.encode_to_vec(), &ids, &topics, "d1").unwrap_err();
+        assert_eq!(err.reply.topic(), "isomesh/results/d1");
+        assert!(err.message.contains("relay topic"), "{}", err.message);
+        let forwarded = Job {
+            relay_token: vec![1; 16],
+            ..aimed
+        };
+        let r = from_job(&forwarded.encode_to_vec(), &ids, &topics, "d1").unwrap();
+        assert_eq!(r.reply.topic(), "isomesh/relay/e1");
     }
 }

@@ -66,6 +66,13 @@ impl Topics {
         format!("{}/relay/{node}", self.prefix)
     }
 
+    /// Whether `topic` is some node's relay topic.
+    pub fn is_relay_topic(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.starts_with("/relay/"))
+    }
+
     /// Retained, signed `ModuleManifest` of the module called `name`.
     pub fn manifest(&self, name: &str) -> String {
         format!("{}/modules/{name}/manifest", self.prefix)

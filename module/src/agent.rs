@@ -6,13 +6,24 @@
 //!
 //! What it checks when a manifest arrives, in order: that it targets this node, that it is
 //! signed by a trusted key, that it is well formed, and that it is not the module already
-//! served, one being fetched or installed, one this node refused before, a downgrade or a
-//! second build of the served version (unless forced). Then it [`Fetch`]es the chunks, asking
-//! for a window at a time and again after a quiet spell; once all are in it hands the fetch over
+//! served, one being fetched or installed, one this node refused before, a replay (not
+//! published after the manifest accepted last), a downgrade or a second build of the version
+//! accepted last (unless forced): the rules of [`crate::history`]. Then it [`Fetch`]es the
+//! chunks, asking for a window at a time and again after a quiet spell; a chunk that fails its
+//! signed digest is dropped and asked for again. Once all are in it hands the fetch over
 //! ([`Action::Install`]): the node checks the bytes ([`Fetch::finish`]), writes them to its
 //! [`crate::store::ModuleStore`], and its module manager compiles, self-tests and swaps them in,
 //! exactly as for a file copied in by hand. Every phase is reported ([`Action::Report`]) so the
 //! node's status tells operators where the rollout stands.
+//!
+//! Only a failure of the signed bytes themselves condemns a module
+//! ([`Rejection::condemns_module`]); a fetch that stalled, chunks that did not add up without
+//! per-chunk digests to say which was bad, or a disk that refused the file are tried again
+//! later, waiting longer each time ([`RETRY_FIRST`] doubling up to [`RETRY_MAX`]).
+//!
+//! The node restores the history of accepted manifests ([`RolloutAgent::restore_history`])
+//! before the first event; every module served with a signed manifest extends it, and the agent
+//! asks for it to be saved ([`Action::SaveHistory`]).
 //!
 //! The agent also keeps rollouts alive across a broker that forgets its retained messages (a
 //! restart without persistence): after connecting, a node that serves a rolled-out module and
@@ -20,6 +31,7 @@
 //! so nodes that join later still converge with no operator action.
 
 use crate::fetch::{ChunkRef, Fetch, Taken};
+use crate::history::History;
 use crate::package::{check_manifest, describe_targets, is_target, label, module_ref};
 use crate::rejection::Rejection;
 use crate::signing::TrustedKeys;
@@ -38,6 +50,10 @@ use std::time::{Duration, Instant};
 pub const ARTIFACT_PATIENCE: Duration = Duration::from_secs(5);
 /// After connecting, how long to listen for retained manifests before re-seeding.
 pub const RESEED_DELAY: Duration = Duration::from_secs(3);
+/// First wait before trying again a rollout that failed for a passing reason.
+pub const RETRY_FIRST: Duration = Duration::from_secs(10);
+/// Longest wait between two tries of such a rollout.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Report fetch progress every this many chunks.
 const PROGRESS_EVERY: u32 = 16;
 
@@ -50,7 +66,8 @@ pub enum Event<'a> {
     /// Time passed: ask again for missing chunks, give up on stalled fetches, re-seed.
     Tick,
     /// The node serves this module now (on start, and after every swap).
-    Serving(Serving),
+    /// Boxed: a signed manifest is large beside the other events.
+    Serving(Box<Serving>),
     /// The module manager refused the module an [`Action::Install`] wrote; `marked` says the
     /// refusal is remembered (the bytes themselves are bad), with its reason.
     Refused {
@@ -90,6 +107,8 @@ pub enum Action {
         sha256: String,
         reason: String,
     },
+    /// Keep this history of accepted manifests (in the module directory), for after a restart.
+    SaveHistory(History),
 }
 
 /// The module this node serves, to publish again because the broker lost it.
@@ -117,8 +136,15 @@ pub struct RolloutAgent {
     config: AgentConfig,
     serving: Option<Serving>,
     fetch: Option<Fetch>,
-    /// Digest of the module handed over for installing and not yet served or refused.
-    installing: Option<String>,
+    /// The manifest of the module handed over for installing and not yet served or refused.
+    installing: Option<ModuleManifest>,
+    /// The signed manifests accepted before: what a replay or a downgrade is measured against.
+    history: History,
+    history_restored: bool,
+    /// A rollout that failed for a passing reason, to try again at the given time.
+    again: Option<(ModuleManifest, Instant)>,
+    /// The wait before the next such try.
+    backoff: Duration,
     /// Modules refused before, by digest, with the reason.
     rejected: HashMap<String, String>,
     /// Names of the modules whose manifest the broker handed over since the last connect.
@@ -137,10 +163,36 @@ impl RolloutAgent {
             serving: None,
             fetch: None,
             installing: None,
+            history: History::default(),
+            history_restored: false,
+            again: None,
+            backoff: RETRY_FIRST,
             rejected: rejected.into_iter().collect(),
             manifests_seen: HashSet::new(),
             reseed_at: None,
         }
+    }
+
+    /// Whether [`RolloutAgent::restore_history`] was called.
+    pub fn history_restored(&self) -> bool {
+        self.history_restored
+    }
+
+    /// Takes the history of accepted manifests kept from before a restart (merged with what the
+    /// agent learnt since it started).
+    pub fn restore_history(&mut self, kept: History) -> Vec<Action> {
+        self.history_restored = true;
+        self.history = kept;
+        // What the agent learnt before: only the served module, whose manifest counts again.
+        match self.serving.take() {
+            Some(serving) => self.on_serving(serving),
+            None => Vec::new(),
+        }
+    }
+
+    /// The history of accepted manifests.
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     /// The fetch in progress, if any.
@@ -154,25 +206,23 @@ impl RolloutAgent {
             Event::Connected => self.on_connected(now),
             Event::Publish { topic, payload } => self.on_publish(topic, payload, now),
             Event::Tick => self.on_tick(now),
-            Event::Serving(serving) => {
-                if self.installing.as_deref() == Some(serving.module.sha256.as_str()) {
-                    self.installing = None;
-                }
-                self.serving = Some(serving);
-                Vec::new()
-            }
+            Event::Serving(serving) => self.on_serving(*serving),
             Event::Refused { module, marked } => {
-                if self.installing.as_deref() == Some(module.sha256.as_str()) {
-                    self.installing = None;
-                }
+                self.take_installing(&module.sha256);
                 if let Some(reason) = marked {
                     self.rejected.insert(module.sha256, reason);
                 }
                 Vec::new()
             }
             Event::InstallFailed { module, reason } => {
-                if self.installing.as_deref() == Some(module.sha256.as_str()) {
-                    self.installing = None;
+                let manifest = self.take_installing(&module.sha256);
+                if !reason.condemns_module() {
+                    // The transport or the disk, not the module: try again later.
+                    let mut actions = self.reject(module, reason);
+                    if let Some(manifest) = manifest {
+                        actions.extend(self.try_again_later(manifest, now));
+                    }
+                    return actions;
                 }
                 let text = reason.to_string();
                 self.rejected.insert(module.sha256.clone(), text.clone());
@@ -184,6 +234,46 @@ impl RolloutAgent {
                 actions
             }
         }
+    }
+
+    /// The manifest being installed, if it is the one of `sha256`; it is no longer installing.
+    fn take_installing(&mut self, sha256: &str) -> Option<ModuleManifest> {
+        if self.installing.as_ref().is_some_and(|m| m.sha256 == sha256) {
+            return self.installing.take();
+        }
+        None
+    }
+
+    /// The node serves `serving` now: a signed one joins the history of accepted manifests.
+    fn on_serving(&mut self, serving: Serving) -> Vec<Action> {
+        self.take_installing(&serving.module.sha256);
+        let mut actions = Vec::new();
+        if let Some(manifest) = &serving.manifest {
+            // The sidecar is read unchecked: only a manifest signed by a trusted key may move the
+            // history forward (a forged far-future date would block every later rollout).
+            let signed = manifest.sha256 == serving.module.sha256
+                && self.config.trusted.verify(manifest).is_ok();
+            if signed && self.history.accept(manifest) {
+                actions.push(Action::SaveHistory(self.history.clone()));
+            }
+        }
+        // Whatever was waiting to be tried again is superseded by what serves now.
+        self.again = None;
+        self.backoff = RETRY_FIRST;
+        self.serving = Some(serving);
+        actions
+    }
+
+    /// Plans another try of `manifest` after a failure that was not the module's fault.
+    fn try_again_later(&mut self, manifest: ModuleManifest, now: Instant) -> Vec<Action> {
+        tracing::warn!(
+            module = %label(&module_ref(&manifest)),
+            in_s = self.backoff.as_secs(),
+            "the rollout failed for a passing reason; trying again later"
+        );
+        self.again = Some((manifest, now + self.backoff));
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        Vec::new()
     }
 
     /// Ask again for what a fetch still misses, and plan a re-seed check once the retained
@@ -251,7 +341,10 @@ impl RolloutAgent {
             tracing::debug!(module = %label(&module), "manifest for the module already served");
             return Vec::new();
         }
-        if self.installing.as_deref() == Some(&manifest.sha256)
+        if self
+            .installing
+            .as_ref()
+            .is_some_and(|m| m.sha256 == manifest.sha256)
             || self
                 .fetch
                 .as_ref()
@@ -263,8 +356,17 @@ impl RolloutAgent {
             let reason = Rejection::RejectedBefore(reason.clone());
             return self.reject(module, reason);
         }
+        if let Err(reason) = self.history.check(&manifest) {
+            return self.reject(module, reason);
+        }
+        // A module served without a signed manifest (dropped in by hand under
+        // --allow-unsigned) is not in the history: its version still counts.
         if let Some(served) = served.filter(|s| s.name == manifest.name) {
-            let order = compare_versions(&manifest.version, &served.version);
+            let order = match compare_versions(&manifest.version, &served.version) {
+                Ok(order) => order,
+                Err(e) if e.version == manifest.version => return self.reject(module, e.into()),
+                Err(_) => Ordering::Greater, // the served version is not semver: the new one wins
+            };
             if order == Ordering::Less && !manifest.force {
                 let reason = Rejection::Downgrade {
                     offered: manifest.version.clone(),
@@ -294,6 +396,13 @@ impl RolloutAgent {
             "fetching a rolled-out module"
         );
         let mut actions = self.abandon_fetch();
+        if self
+            .again
+            .as_ref()
+            .is_some_and(|(m, _)| m.sha256 != manifest.sha256)
+        {
+            self.again = None; // a newer rollout supersedes the one waiting to be tried again
+        }
         let mut fetch = Fetch::new(manifest, artifact, now);
         let wanted = fetch.next_requests(now);
         actions.push(report(&fetch, Phase::Fetching));
@@ -312,6 +421,11 @@ impl RolloutAgent {
             Taken::Duplicate | Taken::Foreign => return Vec::new(),
             Taken::Malformed(problem) => {
                 tracing::warn!(chunk = key.1, %problem, "malformed module chunk ignored");
+                return Vec::new();
+            }
+            Taken::Corrupt(problem) => {
+                // Kept outstanding: asked for again after a quiet spell, like a missing chunk.
+                tracing::warn!(chunk = key.1, %problem, "module chunk does not match its signed digest; dropped, asking again");
                 return Vec::new();
             }
         }
@@ -360,12 +474,20 @@ impl RolloutAgent {
                 };
                 actions.extend(self.unsubscribe(fetch.outstanding()));
                 actions.extend(self.reject(module_ref(&fetch.manifest), reason));
+                actions.extend(self.try_again_later(fetch.manifest, now));
             } else {
                 if !again.is_empty() {
                     tracing::debug!(chunks = again.len(), "asking again for missing chunks");
                     actions.extend(self.subscribe(again));
                 }
                 self.fetch = Some(fetch);
+            }
+        }
+        let due = self.again.as_ref().is_some_and(|(_, at)| now >= *at);
+        if due && self.fetch.is_none() && self.installing.is_none() {
+            if let Some((manifest, _)) = self.again.take() {
+                tracing::info!(module = %label(&module_ref(&manifest)), "trying a rollout again");
+                actions.extend(self.on_manifest(manifest, now));
             }
         }
         if self.reseed_at.is_some_and(|at| now >= at) {
@@ -377,7 +499,7 @@ impl RolloutAgent {
 
     /// Hands a complete fetch over for checking and writing.
     fn install(&mut self, fetch: Fetch) -> Vec<Action> {
-        self.installing = Some(fetch.manifest.sha256.clone());
+        self.installing = Some(fetch.manifest.clone());
         let (done, all) = fetch.progress();
         let loading = RolloutState {
             module: Some(module_ref(&fetch.manifest)),

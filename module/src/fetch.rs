@@ -9,11 +9,16 @@
 //! spell are asked for again.
 
 //!
+//! A manifest that lists a digest per chunk (`chunk_sha256`, signed with the rest) lets the fetch
+//! check every chunk as it arrives: one whose bytes do not match is dropped and asked for again,
+//! and never condemns the module. When every chunk matched and the whole still fails its check,
+//! the signed bytes themselves are bad ([`Fetch::chunks_verified`]).
+//!
 //! Time comes in from the caller (`now`), as everywhere in the rollout agent: the tests drive a
 //! fetch through retries and stalls without waiting.
 
 use crate::digest::{is_wasm, sha256_hex};
-use crate::package::{chunk_len, decode, stored_size, DecodeError};
+use crate::package::{chunk_len, decode, stored_size, DecodeError, MAX_CHUNKS};
 use isomesh_protos::{ModuleChunk, ModuleManifest, PrecompiledArtifact};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -46,19 +51,38 @@ struct Blob {
     stored: u64,
     encoding: String,
     chunks: Vec<Option<Vec<u8>>>,
+    /// The signed digest of each stored chunk; empty when the manifest has none.
+    digests: Vec<String>,
     received: u32,
     /// The last malformed chunk seen, for the error if the blob never completes.
     last_problem: Option<String>,
 }
 
 impl Blob {
-    fn new(sha256: &str, size: u64, stored: u64, encoding: &str, count: u32) -> Blob {
+    fn new(
+        sha256: &str,
+        size: u64,
+        stored: u64,
+        encoding: &str,
+        count: u32,
+        digests: &[String],
+    ) -> Blob {
+        // `check_manifest` refuses more chunks than this before a fetch starts; the bound here
+        // keeps a fetch made from an unchecked manifest from allocating billions of slots (its
+        // chunks then fail the count check and the fetch stalls).
+        let count = count.min(MAX_CHUNKS);
+        let digests = if digests.len() == count as usize {
+            digests.to_vec()
+        } else {
+            Vec::new()
+        };
         Blob {
             sha256: sha256.to_string(),
             size,
             stored: stored_size(size, stored),
             encoding: encoding.to_string(),
             chunks: vec![None; count as usize],
+            digests,
             received: 0,
             last_problem: None,
         }
@@ -105,6 +129,9 @@ pub enum Taken {
     Foreign,
     /// Part of this fetch but malformed; kept missing.
     Malformed(String),
+    /// Of the right shape, but its bytes do not hash to the chunk's signed digest: dropped, kept
+    /// missing, and asked for again.
+    Corrupt(String),
 }
 
 /// The bytes a finished fetch produced, checked against the manifest.
@@ -142,9 +169,17 @@ impl Fetch {
             manifest.stored_size,
             &encoding,
             manifest.chunk_count,
+            &manifest.chunk_sha256,
         );
         let artifact = artifact.map(|a| {
-            let blob = Blob::new(&a.sha256, a.size, a.stored_size, &encoding, a.chunk_count);
+            let blob = Blob::new(
+                &a.sha256,
+                a.size,
+                a.stored_size,
+                &encoding,
+                a.chunk_count,
+                &a.chunk_sha256,
+            );
             (a, blob)
         });
         Fetch {
@@ -230,10 +265,23 @@ impl Fetch {
             blob.last_problem = Some(problem.clone());
             return Taken::Malformed(problem);
         }
-        let slot = &mut blob.chunks[chunk.index as usize];
-        if slot.is_some() {
+        if blob.chunks[chunk.index as usize].is_some() {
             return Taken::Duplicate;
         }
+        if let Some(signed) = blob.digests.get(chunk.index as usize) {
+            let got = sha256_hex(&chunk.data);
+            if &got != signed {
+                let problem = format!(
+                    "chunk {} hashes to {}, its signed digest is {}",
+                    chunk.index,
+                    crate::digest::short(&got),
+                    crate::digest::short(signed)
+                );
+                blob.last_problem = Some(problem.clone());
+                return Taken::Corrupt(problem);
+            }
+        }
+        let slot = &mut blob.chunks[chunk.index as usize];
         *slot = Some(chunk.data);
         blob.received += 1;
         self.outstanding.remove(&(chunk.sha256, chunk.index));
@@ -286,6 +334,12 @@ impl Fetch {
         }
         self.last_progress = now;
         dropped
+    }
+
+    /// Whether every chunk of the module was checked against a signed per-chunk digest: then a
+    /// failure of the whole is the signed bytes' fault, not the transport's.
+    pub fn chunks_verified(&self) -> bool {
+        !self.module.digests.is_empty()
     }
 
     /// Whether only the artifact is holding the fetch up.
@@ -427,6 +481,62 @@ mod tests {
             missing.contains("chunks 1, 2") && missing.contains("10 bytes"),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn a_chunk_that_fails_its_signed_digest_is_dropped_and_asked_for_again() {
+        let start = Instant::now();
+        let package = package(250, false);
+        assert_eq!(package.manifest.chunk_sha256.len(), 3);
+        let mut fetch = Fetch::new(package.manifest.clone(), None, start);
+        fetch.next_requests(start);
+        let mut forged = package.chunks[1].clone();
+        forged.data[5] ^= 1;
+        assert!(matches!(fetch.take(forged, start), Taken::Corrupt(_)));
+        assert_eq!(fetch.take(package.chunks[0].clone(), start), Taken::Stored);
+        assert_eq!(fetch.take(package.chunks[2].clone(), start), Taken::Stored);
+        assert!(!fetch.is_complete());
+        // Still outstanding: asked for again after a quiet spell.
+        let again = fetch.retry(start + RETRY_AFTER);
+        assert_eq!(again, vec![(package.manifest.sha256.clone(), 1)]);
+        assert!(
+            fetch.missing().contains("signed digest"),
+            "{}",
+            fetch.missing()
+        );
+        assert_eq!(fetch.take(package.chunks[1].clone(), start), Taken::Stored);
+        assert!(fetch.chunks_verified());
+        assert_eq!(fetch.finish().unwrap().module.len(), 250);
+    }
+
+    #[test]
+    fn a_manifest_without_chunk_digests_still_fetches_by_the_whole_digest() {
+        let now = Instant::now();
+        let package = package(250, false);
+        let mut legacy = package.manifest.clone();
+        legacy.chunk_sha256.clear();
+        let mut fetch = Fetch::new(legacy, None, now);
+        let mut forged = package.chunks[1].clone();
+        forged.data[5] ^= 1;
+        for chunk in [&package.chunks[0], &forged, &package.chunks[2]] {
+            assert_eq!(fetch.take(chunk.clone(), now), Taken::Stored);
+        }
+        assert!(!fetch.chunks_verified());
+        assert!(matches!(fetch.finish(), Err(TransferError::Digest { .. })));
+    }
+
+    #[test]
+    fn a_fetch_of_an_unchecked_manifest_never_allocates_past_the_chunk_bound() {
+        let now = Instant::now();
+        let manifest = ModuleManifest {
+            sha256: "ab".repeat(32),
+            size: 1 << 30,
+            chunk_size: 1,
+            chunk_count: u32::MAX,
+            ..Default::default()
+        };
+        let fetch = Fetch::new(manifest, None, now);
+        assert_eq!(fetch.progress(), (0, MAX_CHUNKS));
     }
 
     #[test]

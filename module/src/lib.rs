@@ -5,7 +5,8 @@
 //! 1. [`package`]: `isomesh rollout` cuts the module (and precompiled machine code) into chunks
 //!    named by [`digest`], and describes them in a manifest that [`signing`] signs;
 //! 2. [`agent`]: on a node, the rollout agent checks each manifest (target, signature, form,
-//!    [`version`]) and [`fetch`]es its chunks; every refusal is a [`rejection::Rejection`];
+//!    [`version`], and its [`history`] against rollbacks and replays) and [`fetch`]es its
+//!    chunks; every refusal is a [`rejection::Rejection`];
 //! 3. [`store`]: the checked bytes are written into the module directory, whose layout only the
 //!    store knows;
 //! 4. [`trust`]: before any file of that directory is compiled (rolled out or copied in by hand),
@@ -15,6 +16,7 @@
 pub mod agent;
 pub mod digest;
 pub mod fetch;
+pub mod history;
 pub mod package;
 pub mod rejection;
 pub mod selftest;

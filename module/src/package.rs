@@ -19,6 +19,12 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
 pub const DEFLATE: &str = "deflate";
 /// Largest module a node accepts, bytes.
 pub const MAX_MODULE_SIZE: u64 = 1 << 30;
+/// Largest chunk a manifest may announce: beyond every common broker's message limit anyway.
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Most chunks one manifest may announce, module and artifacts together. A node keeps a slot per
+/// chunk while fetching, so this bounds what a signed but hostile manifest (chunk size 1, size
+/// 1 GiB) can make it allocate: 1 GiB in the default 256 KiB chunks is 4096 of them.
+pub const MAX_CHUNKS: u32 = 1 << 16;
 
 /// A module (and optional precompiled artifacts) ready to publish.
 pub struct Package {
@@ -46,6 +52,7 @@ impl Package {
         let chunk_size = spec.chunk_size.max(1);
         let encoding = if spec.compress { DEFLATE } else { "" };
         let (stored, mut chunks) = cut(module, chunk_size, encoding);
+        let module_chunks = chunks.len();
         let mut described = Vec::new();
         for (engine, code) in artifacts {
             let (artifact_stored, artifact_chunks) = cut(code, chunk_size, encoding);
@@ -55,6 +62,7 @@ impl Package {
                 size: code.len() as u64,
                 chunk_count: artifact_chunks.len() as u32,
                 stored_size: artifact_stored,
+                chunk_sha256: chunk_digests(&artifact_chunks),
             });
             chunks.extend(artifact_chunks);
         }
@@ -77,6 +85,7 @@ impl Package {
             artifacts: described,
             encoding: encoding.to_string(),
             stored_size: stored,
+            chunk_sha256: chunk_digests(&chunks[..module_chunks]),
         };
         Package { manifest, chunks }
     }
@@ -99,6 +108,12 @@ pub fn cut(blob: &[u8], chunk_size: u32, encoding: &str) -> (u64, Vec<ModuleChun
         })
         .collect();
     (stored.len() as u64, chunks)
+}
+
+/// The digest of each chunk's stored bytes, for the signed manifest: what lets a node tell one
+/// bad chunk (dropped and asked for again) from bad signed bytes (refused for good).
+pub fn chunk_digests(chunks: &[ModuleChunk]) -> Vec<String> {
+    chunks.iter().map(|c| sha256_hex(&c.data)).collect()
 }
 
 /// `blob` as stored in chunks under `encoding`.
@@ -133,8 +148,11 @@ pub fn decode(stored: Vec<u8>, encoding: &str, size: u64) -> Result<Vec<u8>, Dec
         "" => Ok(stored),
         DEFLATE => {
             use std::io::Read;
-            // Capacity bounded by what can be true of the input, not by the announced size.
-            let mut decoded = Vec::with_capacity(size.min(MAX_MODULE_SIZE) as usize);
+            // Capacity bounded by what can be true of the input, not only by the announced size:
+            // a signed manifest announcing 1 GiB over a few bytes of deflate must not allocate
+            // 1 GiB up front (the weights and code of a real module inflate about 3x).
+            let likely = (stored.len() as u64).saturating_mul(4);
+            let mut decoded = Vec::with_capacity(size.min(likely).min(MAX_MODULE_SIZE) as usize);
             flate2::read::DeflateDecoder::new(stored.as_slice())
                 .take(size + 1)
                 .read_to_end(&mut decoded)
@@ -207,8 +225,16 @@ pub enum ManifestError {
     Digest(String),
     #[error("module size {0} is outside 1..={MAX_MODULE_SIZE} bytes")]
     Size(u64),
-    #[error("chunk size is 0")]
-    ChunkSize,
+    #[error("chunk size {0} is outside 1..={MAX_CHUNK_SIZE} bytes")]
+    ChunkSize(u32),
+    #[error("{0} chunks announced, more than the {MAX_CHUNKS} a node fetches")]
+    TooManyChunks(u64),
+    #[error("{what} lists {listed} chunk digests for {chunks} chunks")]
+    ChunkDigests {
+        what: String,
+        listed: usize,
+        chunks: u32,
+    },
     #[error("unknown encoding {0:?}")]
     Encoding(String),
     #[error("{announced} chunks announced, but {stored} bytes in chunks of {chunk_size} make {expected}")]
@@ -230,8 +256,8 @@ pub fn check_manifest(manifest: &ModuleManifest) -> Result<(), ManifestError> {
     if manifest.size == 0 || manifest.size > MAX_MODULE_SIZE {
         return Err(ManifestError::Size(manifest.size));
     }
-    if manifest.chunk_size == 0 {
-        return Err(ManifestError::ChunkSize);
+    if manifest.chunk_size == 0 || manifest.chunk_size > MAX_CHUNK_SIZE {
+        return Err(ManifestError::ChunkSize(manifest.chunk_size));
     }
     if !matches!(manifest.encoding.as_str(), "" | DEFLATE) {
         return Err(ManifestError::Encoding(manifest.encoding.clone()));
@@ -246,6 +272,10 @@ pub fn check_manifest(manifest: &ModuleManifest) -> Result<(), ManifestError> {
             expected,
         });
     }
+    check_chunk_digests("the module", &manifest.chunk_sha256, manifest.chunk_count)?;
+    // Counted in u64 over the module and every artifact: the bound is on the sum, before any
+    // fetch allocates a slot per chunk.
+    let mut total = u64::from(manifest.chunk_count);
     for artifact in &manifest.artifacts {
         check_digest(&artifact.sha256)?;
         let stored = stored_size(artifact.size, artifact.stored_size);
@@ -255,6 +285,15 @@ pub fn check_manifest(manifest: &ModuleManifest) -> Result<(), ManifestError> {
         {
             return Err(ManifestError::Artifact(artifact.sha256.clone()));
         }
+        check_chunk_digests(
+            &format!("artifact {}", artifact.sha256),
+            &artifact.chunk_sha256,
+            artifact.chunk_count,
+        )?;
+        total += u64::from(artifact.chunk_count);
+    }
+    if total > u64::from(MAX_CHUNKS) {
+        return Err(ManifestError::TooManyChunks(total));
     }
     Ok(())
 }
@@ -275,6 +314,22 @@ fn check_name(what: &'static str, value: &str) -> Result<(), ManifestError> {
             value: value.to_string(),
         })
     }
+}
+
+/// Per-chunk digests are optional (older manifests have none), but when present there is one
+/// well-formed digest per chunk.
+fn check_chunk_digests(what: &str, digests: &[String], chunks: u32) -> Result<(), ManifestError> {
+    if digests.is_empty() {
+        return Ok(());
+    }
+    if digests.len() != chunks as usize {
+        return Err(ManifestError::ChunkDigests {
+            what: what.to_string(),
+            listed: digests.len(),
+            chunks,
+        });
+    }
+    digests.iter().try_for_each(|d| check_digest(d))
 }
 
 fn check_digest(digest: &str) -> Result<(), ManifestError> {
@@ -358,5 +413,62 @@ mod tests {
             check_manifest(&bad),
             Err(ManifestError::ChunkCount { announced: 3, .. })
         ));
+        let mut bad = package.manifest.clone();
+        bad.chunk_sha256.pop();
+        assert!(matches!(
+            check_manifest(&bad),
+            Err(ManifestError::ChunkDigests {
+                listed: 3,
+                chunks: 4,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_publisher_signs_a_digest_per_chunk() {
+        let spec = PackageSpec {
+            name: "m",
+            version: "1.0.0",
+            chunk_size: 300,
+            target_tiers: vec![],
+            target_nodes: vec![],
+            force: false,
+            compress: false,
+        };
+        let code = vec![7u8; 700];
+        let package = Package::new(&spec, &[1u8; 1000], &[("e".into(), code)]);
+        assert_eq!(package.manifest.chunk_sha256.len(), 4);
+        assert_eq!(package.manifest.artifacts[0].chunk_sha256.len(), 3);
+        for (chunk, digest) in package.chunks.iter().zip(&package.manifest.chunk_sha256) {
+            assert_eq!(&sha256_hex(&chunk.data), digest);
+        }
+    }
+
+    #[test]
+    fn a_manifest_announcing_huge_counts_is_refused_before_anything_is_allocated() {
+        // Signed or not, chunk size 1 and a 1 GiB module would be 2^30 chunk slots.
+        let manifest = ModuleManifest {
+            name: "m".into(),
+            version: "1.0.0".into(),
+            sha256: "ab".repeat(32),
+            size: MAX_MODULE_SIZE,
+            chunk_size: 1,
+            chunk_count: MAX_MODULE_SIZE as u32,
+            ..Default::default()
+        };
+        assert_eq!(
+            check_manifest(&manifest),
+            Err(ManifestError::TooManyChunks(MAX_MODULE_SIZE))
+        );
+        let mut huge_chunks = manifest.clone();
+        huge_chunks.chunk_size = u32::MAX;
+        huge_chunks.chunk_count = 1;
+        assert_eq!(
+            check_manifest(&huge_chunks),
+            Err(ManifestError::ChunkSize(u32::MAX))
+        );
+        let err = check_manifest(&manifest).unwrap_err().to_string();
+        assert!(err.contains("more than the 65536"), "{err}");
     }
 }

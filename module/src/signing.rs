@@ -66,6 +66,15 @@ impl SecretKey {
         })
     }
 
+    /// The key of a fixed 32-byte seed. Deterministic, so never for real rollouts: it lets the
+    /// fuzz targets sign hostile manifests with a key their agent trusts, so they reach past the
+    /// signature check into the fetch and the rollout rules.
+    pub fn from_seed(seed: [u8; 32]) -> SecretKey {
+        SecretKey {
+            key: SigningKey::from_bytes(&seed),
+        }
+    }
+
     pub fn read(path: &Path) -> Result<SecretKey, SigningError> {
         let seed = read_tagged(path, SECRET_TAG, "secret")?;
         Ok(SecretKey {

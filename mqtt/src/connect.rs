@@ -6,13 +6,34 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use std::time::Duration;
 
-/// A unique client id for one run of the tool.
+/// A unique client id for one run of the tool, logged in as `$ISOMESH_USERNAME` if set; prefer
+/// [`client_id_at`] when there is a broker URL, which may carry the username.
 pub fn client_id(command: &str) -> String {
+    client_id_as(Login::from_env().username.as_deref(), command)
+}
+
+/// A unique client id for one run of the tool against `broker`: owned by the username that
+/// will log in (the URL's, else `$ISOMESH_USERNAME`), as isomesh-broker requires (a client id
+/// belongs to one account: `{username}:...`). The replies topic `isomesh/replies/{client id}`
+/// is then readable through deploy/acl.conf's `pattern read isomesh/replies/%c`.
+pub fn client_id_at(broker: &str, command: &str) -> String {
+    let from_url = BrokerAddress::parse(broker).ok().and_then(|a| a.username);
+    let username = from_url.or(Login::from_env().username);
+    client_id_as(username.as_deref(), command)
+}
+
+/// `{username}:{command}-{pid}-{nanos}` with a username, `isomesh-{command}-{pid}-{nanos}`
+/// without one (an anonymous client: no account may own it).
+pub fn client_id_as(username: Option<&str>, command: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or_default();
-    format!("isomesh-{command}-{}-{nanos:x}", std::process::id())
+    let pid = std::process::id();
+    match username {
+        Some(user) => format!("{user}:{command}-{pid}-{nanos:x}"),
+        None => format!("isomesh-{command}-{pid}-{nanos:x}"),
+    }
 }
 
 /// Connects a clean-session MQTT 5 client and waits for the broker's CONNACK.
@@ -44,5 +65,18 @@ pub async fn connect(broker: &str, id: &str) -> anyhow::Result<(AsyncClient, Eve
             "no answer from the broker at {} within 10 s",
             address.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_belong_to_the_username_that_logs_in() {
+        assert!(client_id_as(Some("camera"), "classify").starts_with("camera:classify-"));
+        assert!(client_id_as(None, "status").starts_with("isomesh-status-"));
+        let id = client_id_at("mqtt://operator:pw@127.0.0.1:1883", "status");
+        assert!(id.starts_with("operator:status-"), "{id}");
     }
 }

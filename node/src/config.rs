@@ -15,6 +15,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The largest module chunk a node must receive; `isomesh rollout --chunk-size` refuses more
+/// (the default chunk is 256 KiB).
+pub const LARGEST_MODULE_CHUNK: usize = 4 << 20;
+
 /// Settings of one node.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NodeConfig {
@@ -95,6 +99,14 @@ pub struct NodeConfig {
     #[arg(long, env = "ISOMESH_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 
+    /// Secret key (32 bytes) that MACs the compiled-module cache: machine code is loaded only
+    /// with a MAC this key made, so writing the cache or the module directory does not run native
+    /// code. Created (mode 0600) if missing; must not lie inside the module or cache directory.
+    /// Nodes sharing a --cache-dir share it [default: CACHE_DIR.cache-key beside an explicit
+    /// --cache-dir, else MODULES.cache-key beside the module directory].
+    #[arg(long, env = "ISOMESH_CACHE_KEY")]
+    pub cache_key: Option<PathBuf>,
+
     /// Topic prefix.
     #[arg(long, env = "ISOMESH_PREFIX", default_value = "isomesh")]
     pub prefix: String,
@@ -107,7 +119,10 @@ pub struct NodeConfig {
     #[arg(long, env = "ISOMESH_CALL_TIMEOUT_MS", default_value_t = 10_000)]
     pub call_timeout_ms: u64,
 
-    /// Largest image accepted, bytes; larger payloads get an error answer.
+    /// Largest image accepted, bytes; larger payloads get an error answer. It also sizes the
+    /// largest MQTT packet the node accepts (MQTT 5 Maximum Packet Size): this or a module chunk,
+    /// (at most 4 MiB) whichever is larger, plus 1 MiB for the job's other fields; the broker drops bigger
+    /// packets instead of delivering them, so an image that much too large gets no answer.
     #[arg(long, env = "ISOMESH_MAX_PAYLOAD_BYTES", default_value_t = 16 << 20)]
     pub max_payload_bytes: usize,
 
@@ -154,6 +169,38 @@ impl NodeConfig {
         self.cache_dir
             .clone()
             .unwrap_or_else(|| self.modules.join(".cache"))
+    }
+
+    /// Where the key that MACs the compiled-module cache is (see `--cache-key`).
+    pub fn cache_key_file(&self) -> Result<PathBuf, isomesh_sandbox::CacheKeyError> {
+        use isomesh_sandbox::CacheKey;
+        match (&self.cache_key, &self.cache_dir) {
+            (Some(key), _) => Ok(key.clone()),
+            (None, Some(dir)) => {
+                // A cache inside the module directory gets the module directory's key, which
+                // lies outside both.
+                let beside = CacheKey::beside(dir)?;
+                let modules = self
+                    .modules
+                    .canonicalize()
+                    .unwrap_or_else(|_| self.modules.clone());
+                if beside.starts_with(&modules) {
+                    CacheKey::beside(&self.modules)
+                } else {
+                    Ok(beside)
+                }
+            }
+            (None, None) => CacheKey::beside(&self.modules),
+        }
+    }
+
+    /// The largest MQTT packet this node must receive: an image of `--max-payload-bytes` or a
+    /// module chunk, whichever is larger, with headroom for topic, properties and the job's
+    /// other fields.
+    pub fn mqtt_packet_limit(&self) -> u32 {
+        const HEADROOM: usize = 1 << 20;
+        let largest = self.max_payload_bytes.max(LARGEST_MODULE_CHUNK);
+        u32::try_from(largest.saturating_add(HEADROOM)).unwrap_or(u32::MAX)
     }
 
     pub fn call_timeout(&self) -> Duration {

@@ -9,7 +9,7 @@
 use crate::config::NodeConfig;
 use crate::event_loop::{self, LoopSettings};
 use crate::executor::RolloutExecutor;
-use crate::jobs::{JobContext, JobSettings};
+use crate::jobs::{InFlight, JobContext, JobSettings};
 use crate::manager::{self, ModuleManager};
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
@@ -34,9 +34,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
-/// Largest MQTT packet this node accepts; bigger images get an error answer, not silence.
-const MQTT_PACKET_LIMIT: u32 = 256 << 20;
-
 /// Why a node could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -58,11 +55,40 @@ pub enum NodeError {
         path: std::path::PathBuf,
         source: notify::Error,
     },
+    #[error("the compiled-code cache key {} (--cache-key) must not lie inside {}: whoever writes that directory could swap it", .key.display(), .dir.display())]
+    CacheKeyPlace {
+        key: std::path::PathBuf,
+        dir: std::path::PathBuf,
+    },
     #[error("cannot serve metrics on {addr} (--metrics-listen): {source}")]
     Metrics {
         addr: String,
         source: std::io::Error,
     },
+}
+
+/// Where the cache key is, refusing a place inside the module or cache directory: whoever may
+/// write those could then swap the key together with the machine code it vouches for.
+fn cache_key_file(config: &NodeConfig) -> Result<std::path::PathBuf, NodeError> {
+    let path = config
+        .cache_key_file()
+        .map_err(isomesh_sandbox::LoadError::from)?;
+    // The key file may not exist yet: compare the directory it goes in.
+    let resolve = |p: &std::path::Path| p.canonicalize().unwrap_or_else(|_| p.to_owned());
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let place = resolve(parent);
+    for dir in [config.modules.clone(), config.cache_dir()] {
+        if place.starts_with(resolve(&dir)) {
+            return Err(NodeError::CacheKeyPlace {
+                key: path,
+                dir: dir.clone(),
+            });
+        }
+    }
+    Ok(path)
 }
 
 /// Binds `--metrics-listen`, if given, so a wrong address stops the start instead of a later
@@ -101,10 +127,12 @@ pub async fn run(
     } else if trusted.is_empty() {
         tracing::warn!("no --trusted-key given: this node installs no rollouts and runs no module (give it the public key of `isomesh keygen`)");
     }
+    let cache_key_file = cache_key_file(&config)?;
     let sandbox = Arc::new(Sandbox::new(SandboxConfig {
         memory_limit_bytes: config.memory_limit_mb << 20,
         call_timeout: config.call_timeout(),
         cache_dir: Some(config.cache_dir()),
+        cache_key_file: Some(cache_key_file),
     })?);
     let slot = Arc::new(ModuleSlot::default());
     let loading = {
@@ -217,6 +245,7 @@ pub async fn run(
         slot,
         relay,
         answered: Answered::default(),
+        in_flight: InFlight::default(),
         metrics,
         settings: JobSettings {
             budget_ms: config.budget_ms,
@@ -268,9 +297,11 @@ fn mqtt_options(
         .set_manual_acks(true)
         // Back-pressure: the broker holds further jobs until earlier ones are answered.
         .set_receive_maximum(Some(config.receive_maximum.max(1)))
-        // Far above --max-payload-bytes: an MQTT 5 broker silently drops what exceeds the
-        // client's packet limit, and an oversized image must get an error answer instead.
-        .set_max_packet_size(Some(MQTT_PACKET_LIMIT))
+        // Sized for the largest image or module chunk plus 1 MiB (`NodeConfig::mqtt_packet_limit`),
+        // not hundreds of MiB: whatever this allows, a peer may make the node buffer. An image a
+        // little over --max-payload-bytes still arrives and gets an error answer; the broker
+        // drops (MQTT 5) what exceeds the limit itself.
+        .set_max_packet_size(Some(config.mqtt_packet_limit()))
         .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
             topics.status(&config.id),
             NodeStatus {

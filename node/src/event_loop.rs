@@ -9,7 +9,7 @@
 //! persistent session for its return.
 
 use crate::executor::RolloutExecutor;
-use crate::jobs::{self, JobContext};
+use crate::jobs::{self, JobContext, Taken};
 use crate::status::{read_status, StatusReporter};
 use isomesh_mesh::peers::Peers;
 use isomesh_mesh::recent::RecentIds;
@@ -126,10 +126,17 @@ pub async fn run(
                         rollouts.handle(RolloutEvent::Publish { topic: &topic, payload: &publish.payload });
                         continue;
                     }
-                    if let Some(accepted) = jobs::accept(&ctx, &ids, &mut recent, &peers, &publish) {
-                        tasks.spawn(jobs::serve(ctx.clone(), accepted, publish));
-                    } else {
-                        let _ = ctx.client.try_ack(&publish);
+                    match jobs::accept(&ctx, &ids, &mut recent, &peers, &publish) {
+                        Taken::Serve(accepted) => {
+                            tasks.spawn(jobs::serve(ctx.clone(), accepted, publish));
+                        }
+                        Taken::Answer(answer) => {
+                            tasks.spawn(jobs::answer_now(ctx.clone(), answer, publish));
+                        }
+                        Taken::HeldWithRunningJob => {}
+                        Taken::AlreadyAnswered => {
+                            let _ = ctx.client.try_ack(&publish);
+                        }
                     }
                 }
                 Ok(_) => {}

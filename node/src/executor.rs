@@ -5,14 +5,17 @@
 //! showing rollout phases in the status, remembering refused modules in the store, installing a
 //! finished fetch on a thread of its own (inflate, check, write the file; the module manager
 //! then compiles, self-tests and swaps it in), and publishing the served module again when the
-//! broker lost it.
+//! broker lost it. It also keeps the agent's history of accepted manifests in the module
+//! directory ([`isomesh_module::history`]): restored before the agent's first event, saved
+//! whenever a newly served module extends it.
 
 use crate::manager::{background_priority, Considered};
 use crate::slot::{ModuleSlot, RolloutBoard};
 use isomesh_mesh::topics::Topics;
 use isomesh_module::agent::{Action, Event, Reseed, RolloutAgent, Serving};
 use isomesh_module::digest::sha256_hex;
-use isomesh_module::fetch::Fetch;
+use isomesh_module::fetch::{Fetch, TransferError};
+use isomesh_module::history::History;
 use isomesh_module::package::{self, label, module_ref};
 use isomesh_module::rejection::Rejection;
 use isomesh_module::store::{read_sidecar, ModuleStore};
@@ -52,6 +55,14 @@ pub struct RolloutExecutor {
 impl RolloutExecutor {
     /// Hands `event` to the agent and carries out what it says.
     pub fn handle(&mut self, event: Event<'_>) {
+        if !self.agent.history_restored() {
+            // Before anything else: a manifest must be measured against what this node accepted
+            // before it restarted, not only since.
+            let kept = History::load(self.store.dir());
+            for action in self.agent.restore_history(kept) {
+                self.apply(action);
+            }
+        }
         let actions = self.agent.handle(event, Instant::now());
         for action in actions {
             self.apply(action);
@@ -61,10 +72,10 @@ impl RolloutExecutor {
     /// Tells the agent what the node serves now.
     pub fn serving(&mut self, module: &LoadedModule) {
         let manifest = read_sidecar(&module.path).filter(|m| m.sha256 == module.sha256);
-        self.handle(Event::Serving(Serving {
+        self.handle(Event::Serving(Box::new(Serving {
             module: module.module_ref(),
             manifest,
-        }));
+        })));
     }
 
     /// What the module manager made of a file.
@@ -90,6 +101,13 @@ impl RolloutExecutor {
             }
             Action::Report(state) => self.board.show(state),
             Action::MarkRejected { sha256, reason } => self.store.mark_rejected(&sha256, &reason),
+            Action::SaveHistory(history) => {
+                // A few hundred bytes: written on the loop. Failing to keep it only weakens the
+                // replay check after a restart, so the node carries on.
+                if let Err(e) = history.save(self.store.dir()) {
+                    tracing::warn!(dir = %self.store.dir().display(), error = %e, "cannot save the rollout history");
+                }
+            }
             Action::Install(fetch) => self.install(*fetch),
             Action::Reseed(reseed) => {
                 let Some(current) = self.slot.current() else {
@@ -128,10 +146,8 @@ impl RolloutExecutor {
                 }
             });
         if let Err(e) = spawned {
-            let reason = Rejection::Write {
-                path: "a thread to install the module".into(),
-                error: e.to_string(),
-            };
+            // Out of threads for now: the agent tries the rollout again later.
+            let reason = Rejection::Install(format!("no thread to install it: {e}"));
             let _ = self.failed.0.send((failing, reason));
         }
     }
@@ -142,7 +158,17 @@ impl RolloutExecutor {
 fn install(fetch: Fetch, store: &ModuleStore, sandbox: &Sandbox) -> Result<PathBuf, Rejection> {
     let started = Instant::now();
     let manifest = fetch.manifest.clone();
-    let fetched = fetch.finish()?;
+    // With every chunk checked against its signed digest, a whole that still fails is the signed
+    // bytes' fault (condemned); without per-chunk digests it may be a corrupted chunk (tried
+    // again). Not Wasm is always the signed bytes: the whole digest matched first.
+    let verified = fetch.chunks_verified();
+    let fetched = fetch.finish().map_err(|e| {
+        if verified || e == TransferError::NotWasm {
+            Rejection::Transfer(e)
+        } else {
+            Rejection::Garbled(e)
+        }
+    })?;
     let checked = started.elapsed();
     if let Some((artifact, code)) = &fetched.artifact {
         // Its digest was checked against the signed manifest by `finish`.
@@ -193,8 +219,28 @@ async fn reseed_module(
     }
     let started = Instant::now();
     let mut chunks = 0;
-    for blob in &blobs {
+    for (n, blob) in blobs.iter().enumerate() {
         let (_, pieces) = package::cut(blob, manifest.chunk_size, &manifest.encoding);
+        // Chunks are cut (and deflated) again here: with per-chunk digests in the manifest they
+        // must come out byte for byte as the publisher's, or fetching nodes would drop every one.
+        let signed = match n {
+            0 => &manifest.chunk_sha256,
+            _ => match manifest
+                .artifacts
+                .iter()
+                .find(|a| a.sha256 == sha256_hex(blob))
+            {
+                Some(artifact) => &artifact.chunk_sha256,
+                None => continue,
+            },
+        };
+        if !signed.is_empty() && *signed != package::chunk_digests(&pieces) {
+            tracing::error!(
+                module = %label(&module_ref(&manifest)),
+                "cannot re-seed: this node's compressor does not reproduce the published chunks"
+            );
+            return;
+        }
         for chunk in pieces {
             let topic = topics.chunk(&chunk.sha256, chunk.index);
             chunks += 1;

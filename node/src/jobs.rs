@@ -1,34 +1,39 @@
 //! The job pipeline of a node: from an accepted MQTT message to its one answer.
 //!
 //! The event loop calls [`accept`] for every job message, in arrival order: it reads the request,
-//! drops a redelivered copy (or sends the kept answer again to a user who asks again), refuses an
-//! oversized image or an overloaded queue with an error answer, and asks the offload policy
-//! where the job runs, queueing it here at once so the next decision sees it. Then a task per job
-//! runs [`serve`]: it waits for the outcome here or the answer from the tier above (the job stays
-//! owned by this node in the relay, and runs here after all when no answer comes in time),
-//! publishes the one answer, and only then acknowledges the message. A node that dies before
-//! answering therefore leaves the job unacknowledged in its persistent session, and the broker
-//! hands it over again when the node is back.
+//! recognises a copy of a job taken already (see [`Taken`]), refuses an oversized image or an
+//! overloaded queue with an error answer, and asks the offload policy where the job runs,
+//! queueing it here at once so the next decision sees it. Then a task per job runs [`serve`]: it
+//! waits for the outcome here or the answer from the tier above (the job stays owned by this node
+//! in the relay, and runs here after all when no answer comes in time), publishes the one answer,
+//! and only then acknowledges the message. Error answers go the same way ([`answer_now`]), and a
+//! redelivered copy of a job still running is acknowledged only with that job's answer. A node
+//! that dies before answering therefore leaves every copy of the job unacknowledged in its
+//! persistent session, and the broker hands it over again when the node is back.
+//!
+//! A job is known by its reply topic and id ([`Request::key`]): ids are the sender's choice, so
+//! two senders may pick the same one, and each must get the answer to its own job.
 
 use crate::metrics::Metrics;
-use crate::replies::{publish_reply, send_reply};
+use crate::replies::publish_reply;
 use crate::scheduler::Scheduler;
 use crate::slot::ModuleSlot;
 use isomesh_mesh::answered::Answered;
-use isomesh_mesh::offload::{self, remaining_budget, Decision, Policy, Situation};
+use isomesh_mesh::offload::{self, remaining_budget, Decision, Policy, Reason, Situation};
 use isomesh_mesh::outcome::{JobFailure, Outcome};
 use isomesh_mesh::peers::Peers;
 use isomesh_mesh::recent::RecentIds;
-use isomesh_mesh::relay::{Delivery, Relay};
+use isomesh_mesh::relay::{Awaited, Delivery, Relay, TOKEN_BYTES};
 use isomesh_mesh::report::{self, Responder};
-use isomesh_mesh::request::{self, JobIds, Request};
+use isomesh_mesh::request::{self, JobIds, ReplyRoute, Request};
 use isomesh_mesh::topics::Topics;
 use isomesh_protos::{hop, Job, JobResult, Tier};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -47,6 +52,8 @@ pub struct JobContext {
     pub relay: Arc<Relay>,
     /// Answers given lately, for users who ask again.
     pub answered: Answered,
+    /// Jobs taken and not answered yet, with the copies of them that arrived meanwhile.
+    pub in_flight: InFlight,
     /// Counters served on `--metrics-listen`.
     pub metrics: Arc<Metrics>,
     pub settings: JobSettings,
@@ -67,18 +74,75 @@ pub struct JobSettings {
     pub offload_grace: Duration,
 }
 
+/// Jobs taken and not answered yet, by [`Request::key`], each with the redelivered copies of it
+/// that arrived meanwhile: those are acknowledged together with the job, once it is answered,
+/// so a node that dies first leaves them all to the broker.
+#[derive(Default)]
+pub struct InFlight(Mutex<HashMap<String, Vec<Publish>>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Publish>>> {
+        // Each operation is one call on the map: a panicking holder leaves it consistent.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn start(&self, key: &str) {
+        self.lock().insert(key.to_string(), Vec::new());
+    }
+
+    /// Holds `copy` back if its job is still running; `false` if it is not.
+    fn hold_copy(&self, key: &str, copy: &Publish) -> bool {
+        match self.lock().get_mut(key) {
+            Some(copies) => {
+                copies.push(copy.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The job is answered: the copies held back, to acknowledge.
+    fn finish(&self, key: &str) -> Vec<Publish> {
+        self.lock().remove(key).unwrap_or_default()
+    }
+}
+
+/// What [`accept`] made of a job message.
+pub enum Taken {
+    /// A job to serve: a task runs [`serve`], which answers it and then acknowledges.
+    Serve(Box<Accepted>),
+    /// An answer due at once (an error, or the answer given before to a user who asks again): a
+    /// task runs [`answer_now`], which publishes it and then acknowledges.
+    Answer(Box<Answer>),
+    /// A copy of a job still running here: acknowledged with it, once it is answered.
+    HeldWithRunningJob,
+    /// A redelivered copy of a job answered already: nothing to do but acknowledge it.
+    AlreadyAnswered,
+}
+
 /// A request and how it will be served, decided as it arrived.
 pub struct Accepted {
     request: Request,
+    key: String,
     plan: Plan,
     at: Instant,
+}
+
+/// An answer to send without running anything.
+pub struct Answer {
+    reply: ReplyRoute,
+    result: JobResult,
+    /// The job's key, when it has one, so a user who asks again gets this answer again.
+    key: Option<String>,
 }
 
 enum Plan {
     /// Queued here; the receiver yields the outcome.
     Run(oneshot::Receiver<Outcome>),
-    /// To be published to this tier's shared job topic.
-    Forward(Tier),
+    /// To be published to this tier's shared job topic; the relay already waits for its answer.
+    Forward(Tier, Awaited),
 }
 
 /// What the offload policy needs to know about `job` here and now.
@@ -108,15 +172,15 @@ fn situation(ctx: &JobContext, peers: &Peers, job: &Job) -> Situation {
     }
 }
 
-/// Turns a publish into a request, or answers it at once when it cannot be one. `None` means
-/// nothing is left to do but acknowledge it.
+/// Turns a publish into a request to serve, or an answer to give at once, or recognises a copy
+/// of a job taken already.
 pub fn accept(
     ctx: &Arc<JobContext>,
     ids: &JobIds,
     recent: &mut RecentIds,
     peers: &Peers,
     publish: &Publish,
-) -> Option<Accepted> {
+) -> Taken {
     let at = Instant::now();
     let topic = String::from_utf8_lossy(&publish.topic);
     let node = &ctx.responder.node;
@@ -136,26 +200,34 @@ pub fn accept(
             Err(unreadable) => {
                 tracing::warn!(%topic, error = %unreadable.message, "unreadable job");
                 let result = report::rejection(&ctx.responder, &unreadable.job, unreadable.message);
-                ctx.metrics.answered(&result);
-                send_reply(&ctx.client, &unreadable.reply, &result);
-                return None;
+                return Taken::Answer(Box::new(Answer {
+                    reply: unreadable.reply,
+                    result,
+                    key: None,
+                }));
             }
         }
     };
-    if !recent.insert(&request.job.job_id) {
+    let key = request.key();
+    if !recent.insert(&key) {
+        if ctx.in_flight.hold_copy(&key, publish) {
+            tracing::info!(job_id = %request.job.job_id, "another copy of a job running here; acknowledged with its answer");
+            return Taken::HeldWithRunningJob;
+        }
         // A new publish (no DUP flag) of a job answered before: the user asks again, having
         // lost the answer (a broker restarted); see `answered`.
-        if let Some(mut result) = (!publish.dup)
-            .then(|| ctx.answered.get(&request.job.job_id))
-            .flatten()
-        {
+        if let Some(mut result) = (!publish.dup).then(|| ctx.answered.get(&key)).flatten() {
             tracing::info!(job_id = %request.job.job_id, "job asked again; sending its answer again");
             result.correlation = request.job.correlation.clone();
-            send_reply(&ctx.client, &request.reply, &result);
-            return None;
+            result.relay_token = request.job.relay_token.clone();
+            return Taken::Answer(Box::new(Answer {
+                reply: request.reply,
+                result,
+                key: None,
+            }));
         }
-        tracing::info!(job_id = %request.job.job_id, "duplicate delivery of a job already taken; ignored");
-        return None;
+        tracing::info!(job_id = %request.job.job_id, "duplicate delivery of a job already answered; ignored");
+        return Taken::AlreadyAnswered;
     }
     if request.job.image.len() > ctx.settings.max_payload_bytes {
         let message = format!(
@@ -163,64 +235,124 @@ pub fn accept(
             request.job.image.len(),
             ctx.settings.max_payload_bytes
         );
-        reject(ctx, &request, message);
-        return None;
+        return reject(ctx, request, key, message);
     }
     if request.job.budget_ms == 0 {
         request.job.budget_ms = ctx.settings.budget_ms;
     }
     let situation = situation(ctx, peers, &request.job);
-    let plan = match offload::decide(ctx.settings.offload, &situation) {
-        Decision::Run(_) if situation.local.in_system >= ctx.settings.max_queue => {
-            let message = format!(
-                "node {node} is overloaded: {} jobs are queued (--max-queue); send the job again \
-                 later or to its tier",
-                situation.local.in_system
-            );
-            reject(ctx, &request, message);
-            return None;
-        }
-        Decision::Run(reason) => {
-            tracing::debug!(job_id = %request.job.job_id, reason = reason.describe(), "running the job here");
-            // Queued now, not in the task, so the next job's decision sees this one in the queue.
-            let job = &mut request.job;
-            let image = std::mem::take(&mut job.image);
-            Plan::Run(
-                ctx.scheduler
-                    .submit(image, job.top_k, job.module_version.clone()),
-            )
-        }
-        Decision::Forward(tier, reason) => {
-            tracing::info!(
+    let decision = match offload::decide(ctx.settings.offload, &situation) {
+        // Each forwarded job holds its image here until answered: with the tier above slow or
+        // gone (and `always-up`), they would pile up without end.
+        Decision::Forward(..) if ctx.relay.outstanding() >= ctx.settings.max_queue => {
+            tracing::warn!(
                 job_id = %request.job.job_id,
-                to = tier.name(),
-                reason = reason.describe(),
-                budget_ms = request.job.budget_ms,
-                estimate_ms = situation.local.estimate_ms().unwrap_or_default(),
-                "forwarding the job up"
+                awaiting = ctx.relay.outstanding(),
+                "too many forwarded jobs await their answers (--max-queue); running this one here"
             );
-            Plan::Forward(tier)
+            Decision::Run(Reason::ForwardLimit)
         }
+        decision => decision,
     };
-    Some(Accepted { request, plan, at })
+    let plan = match decision {
+        Decision::Forward(tier, reason) => match relay_token() {
+            Ok(token) => {
+                tracing::info!(
+                    job_id = %request.job.job_id,
+                    to = tier.name(),
+                    reason = reason.describe(),
+                    budget_ms = request.job.budget_ms,
+                    estimate_ms = situation.local.estimate_ms().unwrap_or_default(),
+                    "forwarding the job up"
+                );
+                // The wait starts now, not in the job's task, so the next job's decision counts
+                // this one among those awaiting answers.
+                Plan::Forward(tier, ctx.relay.expect(&request.job.job_id, token))
+            }
+            Err(e) => {
+                tracing::error!(job_id = %request.job.job_id, error = %e, "no random bytes for a relay token; running the job here");
+                match queue_here(ctx, &mut request, &situation, reason) {
+                    Ok(plan) => plan,
+                    Err(message) => return reject(ctx, request, key, message),
+                }
+            }
+        },
+        Decision::Run(reason) => match queue_here(ctx, &mut request, &situation, reason) {
+            Ok(plan) => plan,
+            Err(message) => return reject(ctx, request, key, message),
+        },
+    };
+    ctx.in_flight.start(&key);
+    Taken::Serve(Box::new(Accepted {
+        request,
+        key,
+        plan,
+        at,
+    }))
 }
 
-/// Answers `request` with an error at once, from the event loop.
-fn reject(ctx: &JobContext, request: &Request, message: String) {
+/// Queues `request` here, or says why it cannot be: the node already holds `--max-queue` jobs.
+fn queue_here(
+    ctx: &JobContext,
+    request: &mut Request,
+    situation: &Situation,
+    reason: Reason,
+) -> Result<Plan, String> {
+    if situation.local.in_system >= ctx.settings.max_queue {
+        return Err(format!(
+            "node {} is overloaded: {} jobs are queued (--max-queue); send the job again later or \
+             to its tier",
+            ctx.responder.node, situation.local.in_system
+        ));
+    }
+    tracing::debug!(job_id = %request.job.job_id, reason = reason.describe(), "running the job here");
+    // Queued now, not in the task, so the next job's decision sees this one in the queue.
+    let job = &mut request.job;
+    let image = std::mem::take(&mut job.image);
+    Ok(Plan::Run(ctx.scheduler.submit(
+        image,
+        job.top_k,
+        job.module_version.clone(),
+    )))
+}
+
+/// The error answer to `request`, to send at once.
+fn reject(ctx: &JobContext, request: Request, key: String, message: String) -> Taken {
     let result = report::rejection(&ctx.responder, &request.job, message);
+    Taken::Answer(Box::new(Answer {
+        reply: request.reply,
+        result,
+        key: Some(key),
+    }))
+}
+
+/// Publishes an answer given without running anything, then acknowledges the message.
+pub async fn answer_now(ctx: Arc<JobContext>, answer: Box<Answer>, publish: Publish) {
+    let Answer { reply, result, key } = *answer;
+    publish_reply(&ctx.client, &reply, &result).await;
     ctx.metrics.answered(&result);
-    send_reply(&ctx.client, &request.reply, &result);
+    if let Some(key) = key {
+        ctx.answered.insert(&key, &result);
+    }
+    if let Err(e) = ctx.client.ack(&publish).await {
+        tracing::warn!(error = %e, "cannot acknowledge a job message");
+    }
 }
 
 /// Runs one request to its single answer, here or above, then acknowledges the message that
-/// carried it.
-pub async fn serve(ctx: Arc<JobContext>, accepted: Accepted, publish: Publish) {
-    let Accepted { request, plan, at } = accepted;
-    let result = match plan {
+/// carried it (and the copies of it that arrived meanwhile).
+pub async fn serve(ctx: Arc<JobContext>, accepted: Box<Accepted>, publish: Publish) {
+    let Accepted {
+        request,
+        key,
+        plan,
+        at,
+    } = *accepted;
+    let mut result = match plan {
         Plan::Run(outcome) => run_here(&ctx, &request.job, outcome, at, hop::Action::Ran).await,
-        Plan::Forward(tier) => {
+        Plan::Forward(tier, awaited) => {
             ctx.metrics.offloaded(tier);
-            forward(&ctx, &request.job, tier, at).await
+            forward(&ctx, &request.job, tier, awaited, at).await
         }
     };
     if result.error.is_empty() {
@@ -235,11 +367,17 @@ pub async fn serve(ctx: Arc<JobContext>, accepted: Accepted, publish: Publish) {
     } else {
         tracing::warn!(job_id = %result.job_id, node = %result.node, error = %result.error, "job failed");
     }
+    // An answer relayed from above carries the token of the copy this node sent up; the one
+    // this job came with (if a node below forwarded it) is the one its sender checks.
+    result.relay_token = request.job.relay_token.clone();
     publish_reply(&ctx.client, &request.reply, &result).await;
     ctx.metrics.answered(&result);
-    ctx.answered.insert(&result);
-    if let Err(e) = ctx.client.ack(&publish).await {
-        tracing::warn!(error = %e, "cannot acknowledge a job message");
+    // Remembered before the copies are let go, so a copy arriving in between finds the answer.
+    ctx.answered.insert(&key, &result);
+    for message in ctx.in_flight.finish(&key).iter().chain([&publish]) {
+        if let Err(e) = ctx.client.ack(message).await {
+            tracing::warn!(error = %e, "cannot acknowledge a job message");
+        }
     }
 }
 
@@ -270,7 +408,13 @@ async fn run_here(
 
 /// Publishes `job` to `tier` and waits for its answer; runs it here if none comes within its
 /// remaining budget plus `--offload-grace-ms`, and then takes whichever answer is first.
-async fn forward(ctx: &JobContext, job: &Job, tier: Tier, accepted: Instant) -> JobResult {
+async fn forward(
+    ctx: &JobContext,
+    job: &Job,
+    tier: Tier,
+    mut awaited: Awaited,
+    accepted: Instant,
+) -> JobResult {
     let me = &ctx.responder.node;
     let mut up = job.clone();
     up.hops += 1;
@@ -283,7 +427,7 @@ async fn forward(ctx: &JobContext, job: &Job, tier: Tier, accepted: Instant) -> 
         0 => 0,
         left => left.saturating_sub(transit).max(1),
     };
-    let mut awaited = ctx.relay.expect(&job.job_id);
+    up.relay_token = awaited.token().to_vec();
     let sent = ctx
         .client
         .publish(
@@ -344,13 +488,26 @@ async fn forward(ctx: &JobContext, job: &Job, tier: Tier, accepted: Instant) -> 
     }
 }
 
+/// A fresh secret for one forwarded copy of a job (see [`Relay`]).
+fn relay_token() -> Result<[u8; TOKEN_BYTES], getrandom::Error> {
+    let mut token = [0u8; TOKEN_BYTES];
+    getrandom::fill(&mut token)?;
+    Ok(token)
+}
+
 /// Hands a result from the tier above to the forwarded job waiting for it.
 pub fn take_relayed(ctx: &JobContext, payload: &[u8]) {
     match JobResult::decode(payload) {
         Ok(result) => {
             let (job_id, node) = (result.job_id.clone(), result.node.clone());
-            if ctx.relay.deliver(result) == Delivery::Unclaimed {
-                tracing::info!(%job_id, from = %node, "answer from above for a job already answered; dropped");
+            match ctx.relay.deliver(result) {
+                Delivery::Taken => {}
+                Delivery::Unclaimed => {
+                    tracing::info!(%job_id, from = %node, "answer on the relay topic that no forwarded job awaits (answered already, or without its relay token); dropped");
+                }
+                Delivery::WrongJob => {
+                    tracing::warn!(%job_id, from = %node, "answer on the relay topic with the token of another job; dropped");
+                }
             }
         }
         Err(e) => tracing::warn!(error = %e, "unreadable result on the relay topic; dropped"),

@@ -1,7 +1,9 @@
 //! The module manager: which classifier module a node serves, and how it changes.
 //!
 //! Modules are `.wasm` files in the node's [`ModuleStore`]. On start, [`load_newest`] serves the
-//! newest file that is trusted, loads and passes its [`crate::selftest`]. After that the
+//! newest file that is trusted, loads and passes its [`crate::selftest`]: newest by its signed
+//! manifest's publication time (what the rollout history orders by), not by the file's
+//! modification time, which anyone copying a file sets. After that the
 //! [`ModuleManager`] thread takes every complete new file the directory watcher (or the rollout
 //! executor) reports, checks its signature ([`ModuleTrust`]: also for files copied in by hand),
 //! compiles it in the background, self-tests it, builds the workers' instances ahead of time,
@@ -9,10 +11,13 @@
 //! started with; the next job runs on the new one and waits for nothing. A file that fails any
 //! step is rejected: the reason goes to the logs and the node's status, a marker keeps bytes
 //! that failed to load from being tried again (also after a restart), and the previous module
-//! keeps serving.
+//! keeps serving. A file copied in by hand obeys the rollout rules too
+//! ([`isomesh_module::history`]): its signed manifest must be newer than the served module's,
+//! and not a downgrade unless forced.
 
 use crate::slot::{ModuleSlot, RolloutBoard};
 use isomesh_module::digest::sha256_hex;
+use isomesh_module::history::History;
 use isomesh_module::rejection::{check_identity, Rejection};
 use isomesh_module::selftest;
 use isomesh_module::store::{read_sidecar, ModuleStore};
@@ -32,7 +37,7 @@ pub fn load_newest(
     store: &ModuleStore,
 ) -> Option<Arc<LoadedModule>> {
     let files = match store.module_files() {
-        Ok(files) => files,
+        Ok(files) => newest_signed_first(files),
         Err(e) => {
             tracing::error!(dir = %store.dir().display(), error = %e, "cannot list the module directory");
             return None;
@@ -71,6 +76,23 @@ pub fn load_newest(
         }
     }
     None
+}
+
+/// Orders module files (given newest modification first) by the publication time of the manifest
+/// beside them, newest first; files without one (unsigned, for `--allow-unsigned`) come last,
+/// and ties keep the modification order. The manifests are not checked here: a forged one fails
+/// the trust check that follows, and the next file is tried.
+fn newest_signed_first(files: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut keyed: Vec<(u64, PathBuf)> = files
+        .into_iter()
+        .map(|path| {
+            let published = read_sidecar(&path).map_or(0, |m| m.published_at_ms);
+            (published, path)
+        })
+        .collect();
+    // Stable: equal times keep the modification order.
+    keyed.sort_by_key(|(published, _)| std::cmp::Reverse(*published));
+    keyed.into_iter().map(|(_, path)| path).collect()
 }
 
 /// The self-test a module passes before it serves, on its probe instance.
@@ -179,6 +201,19 @@ impl ModuleManager {
             // No marker: signing the file (or trusting its key) and restarting fixes this.
             Err(untrusted) => return self.reject(path, module_ref, untrusted.into(), false),
         };
+        if let Some(offered) = &manifest {
+            // The manifest of the module served now (it passed the trust check when loaded).
+            let served = self.slot.current().and_then(|current| {
+                read_sidecar(&current.path).filter(|m| m.sha256 == current.sha256)
+            });
+            if let Some(served) = served {
+                if let Err(reason) = History::serving(&served).check(offered) {
+                    // An older signed file copied in: refused, not marked (the same bytes may
+                    // come again with a newer manifest).
+                    return self.reject(path, module_ref, reason, false);
+                }
+            }
+        }
         self.board.set(module_ref.clone(), Phase::Loading);
         let started = Instant::now();
         let module = match self.sandbox.load(path, &bytes, sha256.clone(), self_test) {
@@ -233,5 +268,42 @@ impl ModuleManager {
             module,
             marked: mark.then_some(text),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isomesh_protos::ModuleManifest;
+
+    #[test]
+    fn at_start_the_newest_signed_manifest_wins_not_the_newest_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModuleStore::open(dir.path()).unwrap();
+        let install = |version: &str, published_at_ms: u64| {
+            let manifest = ModuleManifest {
+                name: "m".into(),
+                version: version.into(),
+                sha256: sha256_hex(version.as_bytes()),
+                published_at_ms,
+                ..Default::default()
+            };
+            store.install(&manifest, version.as_bytes()).unwrap()
+        };
+        let newer = install("0.2.0", 200);
+        let older = install("0.1.0", 100);
+        // The old one copied back by hand: the newest file on disk.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&older)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        let unsigned = dir.path().join("hand.wasm");
+        std::fs::write(&unsigned, b"x").unwrap();
+        let by_mtime = store.module_files().unwrap();
+        assert_eq!(by_mtime[0], older);
+        assert_eq!(newest_signed_first(by_mtime), vec![newer, older, unsigned]);
     }
 }

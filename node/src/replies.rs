@@ -43,21 +43,3 @@ pub async fn publish_reply(client: &AsyncClient, route: &ReplyRoute, result: &Jo
         tracing::error!(topic = route.topic(), error = %e, "cannot publish a result");
     }
 }
-
-/// Like [`publish_reply`] but from the event loop itself, which must never wait on its own queue.
-pub fn send_reply(client: &AsyncClient, route: &ReplyRoute, result: &JobResult) {
-    let (payload, props) = encode_reply(route, result);
-    let sent = match props {
-        Some(props) => client.try_publish_with_properties(
-            route.topic(),
-            QoS::AtLeastOnce,
-            false,
-            payload,
-            props,
-        ),
-        None => client.try_publish(route.topic(), QoS::AtLeastOnce, false, payload),
-    };
-    if let Err(e) = sent {
-        tracing::error!(topic = route.topic(), error = %e, "cannot publish an error result");
-    }
-}

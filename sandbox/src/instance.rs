@@ -25,6 +25,19 @@ pub(crate) struct HostState {
     limiter: MemoryCap,
 }
 
+impl HostState {
+    /// WASI with only `stderr` (into the pipe) besides clocks and randomness, and the memory cap.
+    pub(crate) fn new(memory_limit: usize, stderr: MemoryOutputPipe) -> HostState {
+        HostState {
+            wasi: wasmtime_wasi::WasiCtx::builder().stderr(stderr).build_p1(),
+            limiter: MemoryCap {
+                limit: memory_limit,
+                refused: false,
+            },
+        }
+    }
+}
+
 /// Caps linear memory and remembers that it refused, so an out-of-memory trap can say so.
 struct MemoryCap {
     limit: usize,
@@ -86,16 +99,7 @@ pub struct Instance {
 impl Instance {
     pub(crate) fn new(sandbox: &Sandbox, module: &Module) -> Result<Instance, String> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        let wasi = wasmtime_wasi::WasiCtx::builder()
-            .stderr(stderr.clone())
-            .build_p1();
-        let state = HostState {
-            wasi,
-            limiter: MemoryCap {
-                limit: sandbox.config.memory_limit_bytes,
-                refused: false,
-            },
-        };
+        let state = HostState::new(sandbox.config.memory_limit_bytes, stderr.clone());
         let mut store = Store::new(&sandbox.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();

@@ -11,8 +11,10 @@
 //! more than a call; it is thrown away after any trap, so a bad call never leaks into the next.
 
 pub mod cache;
+pub mod host_calls;
 pub mod instance;
 
+pub use cache::{CacheKey, CacheKeyError};
 pub use instance::Instance;
 
 use isomesh_module::digest::is_wasm;
@@ -33,7 +35,8 @@ pub const MAX_INSTANCES: usize = 1;
 /// Elements of a function table: the model's few thousand functions fit many times over.
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// What WASI gives the guest (see [`Instance::new`]): no preopened directory, no socket, no
-/// environment variable, no argument.
+/// environment variable, no argument, and no call that can block ([`host_calls`]: the clocks
+/// can be read, not waited on).
 pub const WASI_CAPABILITIES: [&str; 3] = ["stderr (captured, 1 MiB)", "clocks", "random"];
 
 /// Limits every instance runs under.
@@ -46,6 +49,9 @@ pub struct SandboxConfig {
     /// Where compiled modules are cached, with Cranelift's per-function incremental cache in its
     /// `incremental/` folder; `None` disables both.
     pub cache_dir: Option<PathBuf>,
+    /// The secret that MACs the cache's entries ([`cache`]), read or created on
+    /// [`Sandbox::new`]; `None`: `{cache_dir}.cache-key`, beside the cache. Never inside it.
+    pub cache_key_file: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -54,6 +60,7 @@ impl Default for SandboxConfig {
             memory_limit_bytes: 768 << 20,
             call_timeout: Duration::from_secs(10),
             cache_dir: None,
+            cache_key_file: None,
         }
     }
 }
@@ -76,6 +83,8 @@ pub enum LoadError {
     SelfTest { path: PathBuf, reason: String },
     #[error("creating the wasmtime engine: {0}")]
     Engine(String),
+    #[error(transparent)]
+    CacheKey(#[from] CacheKeyError),
 }
 
 /// Why one guest call failed.
@@ -101,6 +110,8 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<instance::HostState>,
     config: SandboxConfig,
+    /// MACs the compiled-code cache; `Some` exactly when there is a cache.
+    cache_key: Option<Arc<CacheKey>>,
     /// Tells the epoch ticker thread to stop when the sandbox is dropped.
     ticker_stop: Arc<AtomicBool>,
 }
@@ -203,12 +214,23 @@ impl Sandbox {
             // table: dropping a swapped-out module of ~26,500 functions took ~1.8 s of CPU, a
             // 7-10 s stall of the first job after a hot swap on a 0.25-CPU device container.
             .native_unwind_info(false);
-        if let Some(dir) = &config.cache_dir {
+        let cache_key = match &config.cache_dir {
+            Some(dir) => {
+                let path = match &config.cache_key_file {
+                    Some(path) => path.clone(),
+                    None => CacheKey::beside(dir)?,
+                };
+                Some(Arc::new(CacheKey::load_or_create(&path)?))
+            }
+            None => None,
+        };
+        if let (Some(dir), Some(key)) = (&config.cache_dir, &cache_key) {
             // A new version that changes only weights or a little code reuses the machine code
             // of every unchanged function instead of compiling all of them again.
-            wasm.enable_incremental_compilation(Arc::new(cache::FunctionCache {
-                dir: dir.join("incremental"),
-            }))
+            wasm.enable_incremental_compilation(Arc::new(cache::FunctionCache::new(
+                dir.join("incremental"),
+                key.clone(),
+            )))
             .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         }
         let engine = Engine::new(&wasm).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
@@ -217,6 +239,8 @@ impl Sandbox {
             &mut state.wasi
         })
         .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        host_calls::refuse_blocking(&mut linker)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (ticking, stop) = (engine.clone(), ticker_stop.clone());
         std::thread::Builder::new()
@@ -232,6 +256,7 @@ impl Sandbox {
             engine,
             linker,
             config,
+            cache_key,
             ticker_stop,
         })
     }

@@ -181,6 +181,11 @@ impl TestBroker {
         self.port
     }
 
+    /// The broker's process id (to send it a signal, e.g. SIGHUP to reload its files).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn host(&self) -> &'static str {
         "127.0.0.1"
     }

@@ -157,6 +157,26 @@ impl TestNode {
         self.child = start_process(self.dir.path(), &self.args);
     }
 
+    /// Freezes the node (SIGSTOP): its connection and retained status stay, so the mesh still
+    /// counts it online, but it answers nothing until [`TestNode::resume`]: a node that hangs.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused node go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill {signal} {} failed", self.id);
+    }
+
     /// Waits until the node's log contains `needle`; panics with the log after `within`.
     pub async fn wait_for_log(&self, needle: &str, within: Duration) {
         self.wait_for_log_times(needle, 1, within).await;
@@ -295,7 +315,12 @@ pub async fn wait_status_as(
     within: Duration,
     done: impl Fn(&NodeStatus) -> bool,
 ) -> NodeStatus {
-    let id = format!("wait-{node}-{}", unique());
+    // A logged-in watcher uses a client id its account owns (`{user}:...`), as isomesh-broker
+    // requires.
+    let id = match login {
+        Some((user, _)) => format!("{user}:wait-{node}-{}", unique()),
+        None => format!("wait-{node}-{}", unique()),
+    };
     let mut watcher = match login {
         Some((user, password)) => Client::connect_as(port, &id, user, password).await,
         None => Client::connect(port, &id).await,

@@ -1,6 +1,7 @@
 //! The one integration-test binary. Each module drives real processes: `isomesh-broker` (or
 //! Mosquitto, with `ISOMESH_TEST_BROKER=mosquitto`), `isomesh-node`, `isomesh`, `mosquitto_pub`.
 
+mod answers;
 mod bad_input;
 mod broker;
 mod classify;
@@ -10,3 +11,4 @@ mod module_faults;
 mod offload;
 mod rollout;
 mod security;
+mod trust_broker;

@@ -736,3 +736,65 @@ async fn an_older_version_is_refused_unless_forced() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_manifest_replayed_with_force_is_refused_and_nodes_keep_serving_the_new_one() {
+    let broker = TestBroker::start().await;
+    let keys = Keys::new();
+    let node = TestNode::start(node_with_keys("r1", "edge", broker.port(), &keys)).await;
+    let client = Client::connect(broker.port(), "r1-publisher").await;
+    // An old, deliberate rollout of 0.1.0 with --force (the node already serves those bytes):
+    // its retained manifest is what anyone allowed to read the module topics could record.
+    let v1 = std::fs::read(isomesh_testkit::guest_module()).unwrap();
+    let mut old = rollout::package(&v1, MODULE_NAME, VERSION_1, &[]);
+    old.manifest.force = true;
+    let old = signed(&keys, old);
+    rollout::publish(&client, &old).await;
+    let recorded = prost::Message::encode_to_vec(&old.manifest);
+    // The real upgrade.
+    let new = signed(
+        &keys,
+        rollout::package(&v2_bytes(), MODULE_NAME, VERSION_2, &[]),
+    );
+    assert!(new.manifest.published_at_ms > old.manifest.published_at_ms);
+    rollout::publish(&client, &new).await;
+    wait_status(broker.port(), "r1", CONVERGE_WITHIN, |s| {
+        serves(s, VERSION_2)
+    })
+    .await;
+    // The node's rollout agent hears of the swap a moment after the status shows it; until then
+    // the old manifest names the module it serves and is merely ignored. It knows once its
+    // history, kept in the module directory for restarts, names 0.2.0.
+    let history = node.modules_dir().join(".history");
+    let deadline = tokio::time::Instant::now() + CONVERGE_WITHIN;
+    while !std::fs::read_to_string(&history).is_ok_and(|h| h.contains(VERSION_2)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no history naming {VERSION_2} in {}",
+            history.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The replay: the old retained manifest's bytes, published again.
+    client
+        .publish_retained(&format!("isomesh/modules/{MODULE_NAME}/manifest"), recorded)
+        .await;
+    let status = wait_status(broker.port(), "r1", CONVERGE_WITHIN, |s| {
+        rejected(s).is_some()
+    })
+    .await;
+    assert!(
+        rejected_with(&status, "replay"),
+        "{status:?}\nlog:\n{}",
+        node.log()
+    );
+    assert!(
+        rejected(&status)
+            .unwrap_or_default()
+            .contains("is not newer than"),
+        "{status:?}"
+    );
+    assert!(serves(&status, VERSION_2), "{status:?}");
+    let result = classify_ok(broker.port(), "r1").await;
+    assert_eq!(result["module"]["version"], VERSION_2);
+}

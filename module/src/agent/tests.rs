@@ -8,9 +8,15 @@ const NODE: &str = "d1";
 /// A signing key the agent trusts, and the agent.
 fn agent() -> (SecretKey, RolloutAgent) {
     let key = SecretKey::generate().unwrap();
+    let agent = agent_trusting(&key);
+    (key, agent)
+}
+
+/// An agent trusting `key`.
+fn agent_trusting(key: &SecretKey) -> RolloutAgent {
     let mut trusted = TrustedKeys::default();
     trusted.add(key.public());
-    let agent = RolloutAgent::new(
+    RolloutAgent::new(
         AgentConfig {
             node: NODE.into(),
             tier: Tier::Device,
@@ -20,8 +26,7 @@ fn agent() -> (SecretKey, RolloutAgent) {
             give_up_after: Duration::from_secs(60),
         },
         Vec::new(),
-    );
-    (key, agent)
+    )
 }
 
 /// A Wasm-looking module of 1000 bytes whose content depends on `seed`.
@@ -65,9 +70,17 @@ impl Rollout {
             .map(|code| ("engine-a".to_string(), code.clone()))
             .collect();
         let mut package = Package::new(&spec, bytes, &artifacts);
+        // A publisher's clock that moves on between two packages, whatever the real one says.
+        package.manifest.published_at_ms = next_publish_time();
         key.sign(&mut package.manifest);
         package
     }
+}
+
+/// Publication times in the order the test makes packages.
+fn next_publish_time() -> u64 {
+    static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
+    CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn manifest_event(
@@ -140,10 +153,10 @@ fn deliver(
 
 fn serving(agent: &mut RolloutAgent, package: &Package, now: Instant) {
     agent.handle(
-        Event::Serving(Serving {
+        Event::Serving(Box::new(Serving {
             module: module_ref(&package.manifest),
             manifest: Some(package.manifest.clone()),
-        }),
+        })),
         now,
     );
 }
@@ -204,11 +217,39 @@ fn a_signed_but_malformed_manifest_is_refused() {
 }
 
 #[test]
-fn chunks_whose_bytes_are_not_the_signed_ones_fail_and_are_never_fetched_again() {
+fn a_chunk_that_fails_its_signed_digest_is_asked_for_again_and_the_module_installs() {
+    let (key, mut agent) = agent();
+    let start = Instant::now();
+    let package = Rollout::of("0.2.0").package(&key, &module(3));
+    let mut corrupt = package.chunks[2].clone();
+    corrupt.data[10] ^= 0xff;
+    manifest_event(&mut agent, &package.manifest, start);
+    assert!(chunk_event(&mut agent, &corrupt, start).is_empty());
+    assert!(deliver(&mut agent, &package, &[0, 1, 3], start).is_none());
+    let asked = agent.handle(Event::Tick, start + crate::fetch::RETRY_AFTER);
+    assert_eq!(
+        subscriptions(&asked),
+        vec![format!(
+            "isomesh/modules/blobs/{}/2",
+            package.manifest.sha256
+        )]
+    );
+    let fetch = deliver(&mut agent, &package, &[2], start).expect("install");
+    assert_eq!(fetch.finish().unwrap().module, module(3));
+}
+
+#[test]
+fn signed_bytes_that_do_not_hash_to_the_manifest_fail_and_are_never_fetched_again() {
     let (key, mut agent) = agent();
     let now = Instant::now();
+    // Every chunk matches its signed digest, but the signed whole digest names other bytes:
+    // the signed bytes themselves are bad.
     let mut package = Rollout::of("0.2.0").package(&key, &module(3));
-    package.chunks[2].data[10] ^= 0xff;
+    package.manifest.sha256 = crate::digest::sha256_hex(b"other bytes");
+    for chunk in &mut package.chunks {
+        chunk.sha256 = package.manifest.sha256.clone();
+    }
+    key.sign(&mut package.manifest);
     manifest_event(&mut agent, &package.manifest, now);
     let fetch = deliver(&mut agent, &package, &[0, 1, 2, 3], now).expect("install");
     let module = module_ref(&fetch.manifest);
@@ -228,6 +269,222 @@ fn chunks_whose_bytes_are_not_the_signed_ones_fail_and_are_never_fetched_again()
     let again = manifest_event(&mut agent, &package.manifest, now);
     assert_eq!(rejection(&again), Some("rejected-before"));
     assert!(subscriptions(&again).is_empty());
+}
+
+/// A failed install of `package`'s fetch, for `reason`.
+fn install_failed(
+    agent: &mut RolloutAgent,
+    fetch: &Fetch,
+    reason: Rejection,
+    now: Instant,
+) -> Vec<Action> {
+    agent.handle(
+        Event::InstallFailed {
+            module: module_ref(&fetch.manifest),
+            reason,
+        },
+        now,
+    )
+}
+
+fn marks(actions: &[Action]) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::MarkRejected { .. }))
+}
+
+#[test]
+fn garbled_chunks_without_chunk_digests_are_never_a_rejection_for_good() {
+    let (key, mut agent) = agent();
+    let start = Instant::now();
+    // A manifest from before chunk digests: a corrupt chunk only shows in the whole digest.
+    let mut package = Rollout::of("0.2.0").package(&key, &module(3));
+    package.manifest.chunk_sha256.clear();
+    key.sign(&mut package.manifest);
+    package.chunks[2].data[10] ^= 0xff;
+    manifest_event(&mut agent, &package.manifest, start);
+    let fetch = deliver(&mut agent, &package, &[0, 1, 2, 3], start).expect("install");
+    assert!(!fetch.chunks_verified());
+    let error = deliver_again(&package).finish().unwrap_err();
+    let actions = install_failed(&mut agent, &fetch, Rejection::Garbled(error), start);
+    assert_eq!(rejection(&actions), Some("garbled"));
+    assert!(!marks(&actions));
+    // Tried again once the wait is over, from the start.
+    assert!(agent
+        .handle(Event::Tick, start + RETRY_FIRST / 2)
+        .is_empty());
+    let again = agent.handle(Event::Tick, start + RETRY_FIRST);
+    assert_eq!(subscriptions(&again).len(), 4, "{again:?}");
+}
+
+/// A fresh fetch of `package` with all its chunks in (for an error to hand the agent).
+fn deliver_again(package: &Package) -> Fetch {
+    let now = Instant::now();
+    let mut fetch = Fetch::new(package.manifest.clone(), None, now);
+    for chunk in &package.chunks {
+        fetch.take(chunk.clone(), now);
+    }
+    fetch
+}
+
+#[test]
+fn a_full_disk_or_no_thread_is_tried_again_later_never_marked() {
+    for reason in [
+        Rejection::Write {
+            path: "/modules".into(),
+            error: "No space left on device (os error 28)".into(),
+        },
+        Rejection::Install("Resource temporarily unavailable".into()),
+    ] {
+        let (key, mut agent) = agent();
+        let start = Instant::now();
+        let package = Rollout::of("0.2.0").package(&key, &module(3));
+        manifest_event(&mut agent, &package.manifest, start);
+        let fetch = deliver(&mut agent, &package, &[0, 1, 2, 3], start).expect("install");
+        let actions = install_failed(&mut agent, &fetch, reason, start);
+        assert!(!marks(&actions));
+        let again = agent.handle(Event::Tick, start + RETRY_FIRST);
+        assert_eq!(subscriptions(&again).len(), 4);
+        // A second failure waits twice as long.
+        let fetch = deliver(&mut agent, &package, &[0, 1, 2, 3], start).expect("install");
+        install_failed(
+            &mut agent,
+            &fetch,
+            Rejection::Install("again".into()),
+            start + RETRY_FIRST,
+        );
+        assert!(agent
+            .handle(Event::Tick, start + RETRY_FIRST * 2)
+            .is_empty());
+        let again = agent.handle(Event::Tick, start + RETRY_FIRST * 3);
+        assert_eq!(subscriptions(&again).len(), 4);
+    }
+}
+
+#[test]
+fn a_stalled_fetch_is_tried_again_later() {
+    let (key, mut agent) = agent();
+    let start = Instant::now();
+    let package = Rollout::of("0.2.0").package(&key, &module(3));
+    manifest_event(&mut agent, &package.manifest, start);
+    let late = start + Duration::from_secs(61);
+    assert_eq!(rejection(&agent.handle(Event::Tick, late)), Some("stalled"));
+    let again = agent.handle(Event::Tick, late + RETRY_FIRST);
+    assert_eq!(subscriptions(&again).len(), 4);
+}
+
+#[test]
+fn an_old_manifest_replayed_with_force_is_refused_as_a_replay() {
+    let (key, mut agent) = agent();
+    let now = Instant::now();
+    let old_forced = Rollout {
+        force: true,
+        ..Rollout::of("0.1.0")
+    }
+    .package(&key, &module(4));
+    let current = Rollout::of("0.2.0").package(&key, &module(3));
+    serving(&mut agent, &current, now);
+    let actions = manifest_event(&mut agent, &old_forced.manifest, now);
+    assert_eq!(rejection(&actions), Some("replay"));
+    assert!(subscriptions(&actions).is_empty());
+}
+
+#[test]
+fn another_names_older_manifest_is_a_replay() {
+    let (key, mut agent) = agent();
+    let now = Instant::now();
+    let mut other = Package::new(
+        &PackageSpec {
+            name: "resnet",
+            version: "9.0.0",
+            chunk_size: 300,
+            target_tiers: vec![],
+            target_nodes: vec![],
+            force: false,
+            compress: false,
+        },
+        &module(5),
+        &[],
+    );
+    other.manifest.published_at_ms = next_publish_time();
+    key.sign(&mut other.manifest);
+    let current = Rollout::of("0.2.0").package(&key, &module(3));
+    serving(&mut agent, &current, now);
+    let actions = manifest_event(&mut agent, &other.manifest, now);
+    assert_eq!(rejection(&actions), Some("replay"));
+}
+
+#[test]
+fn the_history_is_saved_on_serving_and_restored_after_a_restart() {
+    let (key, mut agent) = agent();
+    let now = Instant::now();
+    let old = Rollout {
+        force: true,
+        ..Rollout::of("0.1.0")
+    }
+    .package(&key, &module(4));
+    let current = Rollout::of("0.2.0").package(&key, &module(3));
+    let actions = agent.handle(
+        Event::Serving(Box::new(Serving {
+            module: module_ref(&current.manifest),
+            manifest: Some(current.manifest.clone()),
+        })),
+        now,
+    );
+    let saved = actions
+        .into_iter()
+        .find_map(|a| match a {
+            Action::SaveHistory(history) => Some(history),
+            _ => None,
+        })
+        .expect("the history is saved");
+    // Restarted with its module file gone: without the history it would take the old
+    // manifest; with it, the old manifest is still a replay.
+    let mut restarted = agent_trusting(&key);
+    assert!(restarted.restore_history(saved).is_empty());
+    assert!(restarted.history_restored());
+    let actions = manifest_event(&mut restarted, &old.manifest, now);
+    assert_eq!(rejection(&actions), Some("replay"));
+    let mut forgetful = agent_trusting(&key);
+    let actions = manifest_event(&mut forgetful, &old.manifest, now);
+    assert_eq!(
+        rejection(&actions),
+        None,
+        "an empty node takes any signed manifest"
+    );
+}
+
+#[test]
+fn a_forged_serving_manifest_never_moves_the_history() {
+    let (key, mut agent) = agent();
+    let now = Instant::now();
+    let mut forged = Rollout::of("0.2.0").package(&key, &module(3));
+    forged.manifest.published_at_ms = u64::MAX;
+    let actions = agent.handle(
+        Event::Serving(Box::new(Serving {
+            module: module_ref(&forged.manifest),
+            manifest: Some(forged.manifest.clone()),
+        })),
+        now,
+    );
+    assert!(actions.is_empty());
+    assert!(agent.history().last().is_none());
+}
+
+#[test]
+fn a_version_that_is_not_semver_is_refused_when_it_must_be_ordered() {
+    let (key, mut agent) = agent();
+    let now = Instant::now();
+    serving(
+        &mut agent,
+        &Rollout::of("0.2.0").package(&key, &module(3)),
+        now,
+    );
+    let latest = Rollout::of("latest").package(&key, &module(4));
+    assert_eq!(
+        rejection(&manifest_event(&mut agent, &latest.manifest, now)),
+        Some("version")
+    );
 }
 
 #[test]
