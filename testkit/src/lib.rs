@@ -17,6 +17,7 @@
 //! next to `isomesh`, for the benchmarks); the module is
 //! `target/wasm32-wasip1/release/isomesh_guest.wasm`; `make test` builds both.
 
+pub mod accounts;
 pub mod broker;
 pub mod camera;
 pub mod compose;

@@ -87,6 +87,31 @@ impl<'a> NodeSpec<'a> {
             extra_args: Vec::new(),
         }
     }
+
+    /// [`NodeSpec::with_guest`] with these extra flags.
+    pub fn with_guest_and_args(
+        id: &'a str,
+        tier: &'a str,
+        broker_port: u16,
+        args: &[&str],
+    ) -> NodeSpec<'a> {
+        NodeSpec {
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            ..NodeSpec::with_guest(id, tier, broker_port)
+        }
+    }
+}
+
+/// Starts the nodes together (they share one compile cache) and waits until each is ready and
+/// the others have been sent its status.
+pub async fn start_all(port: u16, specs: Vec<NodeSpec<'_>>) -> Vec<TestNode> {
+    let nodes: Vec<TestNode> = specs.iter().map(TestNode::spawn).collect();
+    for node in &nodes {
+        node.wait_ready(port).await;
+    }
+    let ids: Vec<&str> = specs.iter().map(|s| s.id).collect();
+    wait_statuses_published(port, &ids, Duration::from_secs(30)).await;
+    nodes
 }
 
 impl TestNode {

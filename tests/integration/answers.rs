@@ -16,7 +16,7 @@
 use isomesh_protos::{hop, Job, JobResult};
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
-use isomesh_testkit::node::{wait_statuses_published, NodeSpec, TestNode};
+use isomesh_testkit::node::{start_all, NodeSpec, TestNode};
 use isomesh_testkit::{photo_job, photos};
 use prost::Message;
 use std::collections::HashMap;
@@ -25,19 +25,7 @@ use std::time::Duration;
 const WITHIN: Duration = Duration::from_secs(120);
 
 fn node<'a>(id: &'a str, tier: &'a str, port: u16, args: &[&str]) -> NodeSpec<'a> {
-    let mut spec = NodeSpec::with_guest(id, tier, port);
-    spec.extra_args = args.iter().map(|a| a.to_string()).collect();
-    spec
-}
-
-async fn start_all(port: u16, specs: Vec<NodeSpec<'_>>) -> Vec<TestNode> {
-    let nodes: Vec<TestNode> = specs.iter().map(TestNode::spawn).collect();
-    for node in &nodes {
-        node.wait_ready(port).await;
-    }
-    let ids: Vec<&str> = specs.iter().map(|s| s.id).collect();
-    wait_statuses_published(port, &ids, Duration::from_secs(30)).await;
-    nodes
+    NodeSpec::with_guest_and_args(id, tier, port, args)
 }
 
 fn decode(payload: &[u8]) -> JobResult {

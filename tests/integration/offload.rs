@@ -6,7 +6,7 @@
 use isomesh_protos::{hop, Job, JobResult};
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
-use isomesh_testkit::node::{wait_status, wait_statuses_published, ModuleFile, NodeSpec, TestNode};
+use isomesh_testkit::node::{start_all, wait_status, ModuleFile, NodeSpec};
 use isomesh_testkit::photos;
 use prost::Message;
 use std::collections::{HashMap, HashSet};
@@ -16,21 +16,7 @@ const ANSWERS_WITHIN: Duration = Duration::from_secs(180);
 const REPLIES: &str = "test/offload/replies";
 
 fn node<'a>(id: &'a str, tier: &'a str, port: u16, args: &[&str]) -> NodeSpec<'a> {
-    let mut spec = NodeSpec::with_guest(id, tier, port);
-    spec.extra_args = args.iter().map(|a| a.to_string()).collect();
-    spec
-}
-
-/// Starts the nodes together (they share one compile cache) and waits until each is ready and
-/// the others have been sent its status.
-async fn start_all(port: u16, specs: Vec<NodeSpec<'_>>) -> Vec<TestNode> {
-    let nodes: Vec<TestNode> = specs.iter().map(TestNode::spawn).collect();
-    for node in &nodes {
-        node.wait_ready(port).await;
-    }
-    let ids: Vec<&str> = specs.iter().map(|s| s.id).collect();
-    wait_statuses_published(port, &ids, Duration::from_secs(30)).await;
-    nodes
+    NodeSpec::with_guest_and_args(id, tier, port, args)
 }
 
 fn job(n: usize, id: &str, budget_ms: u32) -> Vec<u8> {

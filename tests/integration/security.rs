@@ -7,7 +7,8 @@
 
 use isomesh_module::signing::SecretKey;
 use isomesh_protos::NodeStatus;
-use isomesh_testkit::broker::{Access, BrokerKind, Tls};
+use isomesh_testkit::accounts::{login, puback_reason, readable_by_all, Accounts, PASSWORD};
+use isomesh_testkit::broker::{BrokerKind, Tls};
 use isomesh_testkit::mqtt::Client;
 use isomesh_testkit::node::{
     classify_photo, rejected, rejected_with, serves, swapped_in, wait_status, wait_status_as,
@@ -193,84 +194,9 @@ async fn statuses_show_the_sandbox_limits_the_node_was_given() {
 // The broker: logins and roles (deploy/acl.conf), on isomesh-broker and on Mosquitto alike.
 // ---------------------------------------------------------------------------------------------
 
-const PASSWORD: &str = "correct horse";
-
-/// Makes `dir` and its files readable by everyone: Mosquitto may drop to its own user before
-/// it reads its password, ACL and certificate files.
-fn readable_by_all(dir: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let chmod = |path: &std::path::Path, mode| {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
-    };
-    chmod(dir, 0o755);
-    for entry in std::fs::read_dir(dir).expect("read dir") {
-        chmod(&entry.expect("dir entry").path(), 0o644);
-    }
-}
-
-/// Accounts for every role of deploy/acl.conf, all with [`PASSWORD`]: made with
-/// `isomesh-broker passwd`, except `operator`, made with Mosquitto's own `mosquitto_passwd`, so
-/// both brokers are shown to read both tools' hashes.
-struct Accounts {
-    _dir: tempfile::TempDir,
-    access: Access,
-}
-
-impl Accounts {
-    fn new() -> Accounts {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let password_file = dir.path().join("passwd");
-        for user in ["d1", "e1", "camera", "rollout"] {
-            let out = std::process::Command::new(isomesh_testkit::bin_path("isomesh-broker"))
-                .arg("passwd")
-                .arg(&password_file)
-                .arg(user)
-                .args(["--iterations", "1000"])
-                .env("ISOMESH_NEW_PASSWORD", PASSWORD)
-                .output()
-                .expect("isomesh-broker passwd");
-            assert!(out.status.success(), "{out:?}");
-        }
-        let out = std::process::Command::new("mosquitto_passwd")
-            .arg("-b")
-            .arg(&password_file)
-            .args(["operator", PASSWORD])
-            .output()
-            .expect("mosquitto_passwd (apt-get install mosquitto)");
-        assert!(out.status.success(), "{out:?}");
-        let acl_file = dir.path().join("acl.conf");
-        std::fs::copy(
-            isomesh_testkit::workspace_root().join("deploy/acl.conf"),
-            &acl_file,
-        )
-        .expect("deploy/acl.conf");
-        readable_by_all(dir.path());
-        Accounts {
-            _dir: dir,
-            access: Access {
-                password_file,
-                acl_file,
-            },
-        }
-    }
-}
-
-/// Logs in as `user` with a client id `user` owns (`{user}:{id}`): isomesh-broker refuses ids
-/// owned by another account.
-async fn login(port: u16, id: &str, user: &str) -> Client {
-    Client::connect_as(port, &format!("{user}:{id}"), user, PASSWORD).await
-}
-
-fn puback_reason(ack: Option<Packet>) -> PubAckReason {
-    match ack {
-        Some(Packet::PubAck(ack)) => ack.reason,
-        other => panic!("expected a PUBACK, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn logins_are_required_and_refusals_say_why() {
-    let accounts = Accounts::new();
+    let accounts = Accounts::new(&["d1", "e1", "camera", "rollout"], &["operator"]);
     let broker = TestBroker::start_secured(accounts.access.clone()).await;
     let port = broker.port();
     let refused = |r: Result<Client, String>| match r {
@@ -330,7 +256,7 @@ async fn logins_are_required_and_refusals_say_why() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn roles_keep_modules_and_jobs_out_of_reach_and_nodes_serve_on() {
-    let accounts = Accounts::new();
+    let accounts = Accounts::new(&["d1", "e1", "camera", "rollout"], &["operator"]);
     let broker = TestBroker::start_secured(accounts.access.clone()).await;
     let port = broker.port();
     let node_password = ["--password".to_string(), PASSWORD.to_string()];
@@ -442,7 +368,7 @@ async fn roles_keep_modules_and_jobs_out_of_reach_and_nodes_serve_on() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_with_a_wrong_password_says_so_and_stays_out() {
-    let accounts = Accounts::new();
+    let accounts = Accounts::new(&["d1", "e1", "camera", "rollout"], &["operator"]);
     let broker = TestBroker::start_secured(accounts.access.clone()).await;
     let node = TestNode::spawn(&NodeSpec {
         extra_args: vec!["--password".into(), "not it".into()],

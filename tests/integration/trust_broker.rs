@@ -8,61 +8,16 @@
 //! `isomesh_broker_only` (the README's Mosquitto recipe says what Mosquitto offers instead).
 
 use isomesh_protos::{NodeStatus, Tier};
-use isomesh_testkit::broker::{Access, TestBroker};
+use isomesh_testkit::accounts::{login, Accounts, PASSWORD};
+use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use std::time::Duration;
 
-const PASSWORD: &str = "correct horse";
 const WITHIN: Duration = Duration::from_secs(240);
 const MANIFEST: &str = "isomesh/modules/mobilenet_v2/manifest";
-
-/// A password file with `users` (all with [`PASSWORD`]) and a copy of deploy/acl.conf.
-struct Accounts {
-    dir: tempfile::TempDir,
-    access: Access,
-}
-
-impl Accounts {
-    fn new(users: &[&str]) -> Accounts {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let password_file = dir.path().join("passwd");
-        for user in users {
-            let out = std::process::Command::new(isomesh_testkit::bin_path("isomesh-broker"))
-                .arg("passwd")
-                .arg(&password_file)
-                .arg(user)
-                .args(["--iterations", "1000"])
-                .env("ISOMESH_NEW_PASSWORD", PASSWORD)
-                .output()
-                .expect("isomesh-broker passwd");
-            assert!(out.status.success(), "{out:?}");
-        }
-        let acl_file = dir.path().join("acl.conf");
-        std::fs::copy(
-            isomesh_testkit::workspace_root().join("deploy/acl.conf"),
-            &acl_file,
-        )
-        .expect("deploy/acl.conf");
-        // Mosquitto may drop to its own user before it reads them.
-        use std::os::unix::fs::PermissionsExt;
-        let chmod = |path: &std::path::Path, mode| {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
-        };
-        chmod(dir.path(), 0o755);
-        chmod(&password_file, 0o644);
-        chmod(&acl_file, 0o644);
-        Accounts {
-            dir,
-            access: Access {
-                password_file,
-                acl_file,
-            },
-        }
-    }
-}
 
 /// An MQTT 5 connection made by hand, to give it a will; the event loop runs until dropped.
 struct Raw {
@@ -134,10 +89,6 @@ fn refused(result: Result<Raw, String>) -> String {
     }
 }
 
-async fn login(port: u16, id: &str, user: &str) -> Client {
-    Client::connect_as(port, id, user, PASSWORD).await
-}
-
 /// Waits until `broker` has logged `needle` (a condition, not a sleep).
 async fn wait_for_log(broker: &TestBroker, needle: &str) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -159,14 +110,14 @@ async fn wait_for_log(broker: &TestBroker, needle: &str) -> String {
 /// fires (its ACL checks the will's publish then): the retained manifest survives either way.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_will_the_account_may_not_publish_never_reaches_retained_messages() {
-    let accounts = Accounts::new(&["d1", "rollout", "operator"]);
+    let accounts = Accounts::new(&["d1", "rollout", "operator"], &[]);
     let broker = TestBroker::start_secured(accounts.access.clone()).await;
     let port = broker.port();
-    let rollout = login(port, "rollout:1", "rollout").await;
+    let rollout = login(port, "1", "rollout").await;
     rollout
         .publish_retained(MANIFEST, b"manifest v1".to_vec())
         .await;
-    let mut reader = login(port, "operator:reader", "operator").await;
+    let mut reader = login(port, "reader", "operator").await;
     reader.subscribe("isomesh/status/d1").await;
 
     // A stolen device account tries to wipe the retained manifest through its will.
@@ -208,7 +159,7 @@ async fn a_will_the_account_may_not_publish_never_reaches_retained_messages() {
     );
 
     // The manifest is still there for any fresh subscriber.
-    let mut fresh = login(port, "operator:fresh", "operator").await;
+    let mut fresh = login(port, "fresh", "operator").await;
     fresh.subscribe(MANIFEST).await;
     let kept = fresh.next(Duration::from_secs(20)).await.expect("retained");
     assert_eq!(kept.payload.as_ref(), b"manifest v1");
@@ -220,18 +171,12 @@ mod isomesh_broker_only {
     //! recipe: `use_username_as_clientid`), no retained-place rule and no status check.
 
     use super::*;
+    use isomesh_testkit::accounts::puback_reason;
     use isomesh_testkit::node::{wait_status_as, NodeSpec, TestNode};
-
-    fn puback_reason(ack: Option<Packet>) -> PubAckReason {
-        match ack {
-            Some(Packet::PubAck(ack)) => ack.reason,
-            other => panic!("expected a PUBACK, got {other:?}"),
-        }
-    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn accounts_cannot_pose_as_other_clients_or_tiers() {
-        let accounts = Accounts::new(&["d1", "d2", "camera", "operator"]);
+        let accounts = Accounts::new(&["d1", "d2", "camera", "operator"], &[]);
         let broker = TestBroker::start_secured(accounts.access.clone()).await;
         let port = broker.port();
         let operator = Some(("operator", PASSWORD));
@@ -258,7 +203,7 @@ mod isomesh_broker_only {
                 .unwrap_or_else(|| panic!("camera connected as {id}"));
             assert!(reason.contains("NotAuthorized"), "{id}: {reason}");
         }
-        let mut camera = login(port, "camera:x", "camera").await;
+        let mut camera = login(port, "x", "camera").await;
 
         // d1 was not disturbed: still online, and it answers a job.
         wait_status_as(port, operator, "d1", WITHIN, |s| s.online).await;
@@ -275,7 +220,7 @@ mod isomesh_broker_only {
         assert!(answer.error.is_empty() && answer.node == "d1", "{answer:?}");
 
         // d1's account claims to be a cloud node: refused; a device claim passes.
-        let mut liar = login(port, "d1:liar", "d1").await;
+        let mut liar = login(port, "liar", "d1").await;
         liar.client
             .publish(
                 "isomesh/status/d1",
@@ -307,10 +252,10 @@ mod isomesh_broker_only {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn retained_messages_only_where_the_mesh_keeps_them() {
-        let accounts = Accounts::new(&["camera", "operator"]);
+        let accounts = Accounts::new(&["camera", "operator"], &[]);
         let broker = TestBroker::start_secured(accounts.access.clone()).await;
         let port = broker.port();
-        let mut camera = login(port, "camera:retainer", "camera").await;
+        let mut camera = login(port, "retainer", "camera").await;
         let photo = isomesh_testkit::photos()[0].bytes();
         camera
             .client
@@ -333,7 +278,7 @@ mod isomesh_broker_only {
             puback_reason(camera.next_ack(Duration::from_secs(10)).await),
             PubAckReason::Success
         );
-        let mut fresh = login(port, "operator:fresh", "operator").await;
+        let mut fresh = login(port, "fresh", "operator").await;
         fresh.subscribe("isomesh/images/#").await;
         assert!(
             fresh.next(Duration::from_secs(2)).await.is_none(),
@@ -343,10 +288,10 @@ mod isomesh_broker_only {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn sighup_reloads_the_accounts_and_a_bad_file_keeps_the_old_ones() {
-        let accounts = Accounts::new(&["d1", "camera"]);
+        let accounts = Accounts::new(&["d1", "camera"], &[]);
         let broker = TestBroker::start_secured(accounts.access.clone()).await;
         let port = broker.port();
-        login(port, "camera:before", "camera").await;
+        login(port, "before", "camera").await;
         let hup = || {
             let out = std::process::Command::new("kill")
                 .args(["-HUP", &broker.pid().to_string()])
@@ -371,14 +316,14 @@ mod isomesh_broker_only {
             .err()
             .expect("a removed account still connects");
         assert!(reason.contains("BadUserNamePassword"), "{reason}");
-        login(port, "d1:after", "d1").await;
+        login(port, "after", "d1").await;
 
         // A broken file: logged with its line, and the accounts in force stay.
         std::fs::write(file, format!("{without_camera}mallory:hunter2\n")).expect("write");
         hup();
         let log = wait_for_log(&broker, "cannot reload").await;
         assert!(log.contains("plain-text"), "{log}");
-        login(port, "d1:after-bad", "d1").await;
+        login(port, "after-bad", "d1").await;
         let _ = &accounts.dir;
     }
 
