@@ -8,29 +8,35 @@ TARGET := x86_64-unknown-linux-musl
 BIN := target/$(TARGET)/release
 MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
 MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
+# The ARM device tier: the same static node for aarch64, cross-built with cargo-zigbuild (zig is
+# the C compiler and linker for musl; scripts/setup.sh installs it), run here under qemu.
+ARM_TARGET := aarch64-unknown-linux-musl
+ARM_BIN := target/$(ARM_TARGET)/release
 
-.PHONY: demo test setup module build images compose-test unit integration lint deny bench bench-quick bench-python report clean-demo fuzz
+.PHONY: demo test setup module build arm64-node arm64 images compose-test unit integration lint deny bench bench-quick bench-python report clean-demo fuzz
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
 	./scripts/demo.sh $(BIN)
 
-## Unit tests, the integration suite against isomesh-broker and again against Mosquitto, then
-## the container fault tests of the compose mesh (real containers, built by `make images`).
+## Unit tests, the integration suite against isomesh-broker and again against Mosquitto (with
+## the aarch64 node under qemu in the mixed-ISA tests), then the container fault tests of the
+## compose mesh (real containers, built by `make images`, an arm64 device among them).
 # Every cargo command selects the whole workspace so features resolve once and target/ is reused.
 # Tests of isomesh-broker alone (`isomesh_broker_only`) are filtered out of the Mosquitto run,
 # so cargo reports them as filtered out there rather than passed.
-test: setup module build images
+test: setup module build arm64-node images
 	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release --target $(TARGET) --workspace --lib --bins --test integration
 	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release --target $(TARGET) --workspace --test integration -- --skip isomesh_broker_only
 	$(CARGO) test --release --target $(TARGET) --workspace --test compose -- --nocapture
 
-## The container images of compose.yaml (static musl binaries + module, FROM scratch; no registry).
-images: setup module build
-	./scripts/images.sh $(BIN)
+## The container images of compose.yaml (static musl binaries + module, FROM scratch; no
+## registry), and isomesh:arm64, the linux/arm64 device node.
+images: setup module build arm64-node
+	./scripts/images.sh $(BIN) $(ARM_BIN)
 
 ## Only the container fault tests of the compose mesh.
-compose-test: module build images
+compose-test: module build arm64-node images
 	$(CARGO) test --release --target $(TARGET) --workspace --test compose -- --nocapture
 
 setup:
@@ -51,6 +57,16 @@ $(MODULE_V2): $(shell find guest -type f -not -path '*/target/*') models/MANIFES
 build: setup
 	$(CARGO) build --release --target $(TARGET) --workspace --bins
 
+## The aarch64 node alone: what the mixed-ISA tests and the arm64 image run. The slow part of
+## a fresh build (wasmtime and its Cranelift for aarch64: ~12 min on 2 cores), so only the node.
+arm64-node: setup
+	$(CARGO) zigbuild --release --target $(ARM_TARGET) -p isomesh-node
+
+## Everything for an aarch64 host (a Raspberry Pi, say): node, isomesh and isomesh-broker, in
+## $(ARM_BIN).
+arm64: setup
+	$(CARGO) zigbuild --release --target $(ARM_TARGET) -p isomesh-node -p isomesh-cli -p isomesh-broker
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
@@ -63,7 +79,8 @@ deny:
 
 ## The paper's evaluation and ours, one run each (README, Benchmarks): inference per tier CPU
 ## limit (Wasm vs native tract vs onnxruntime) and the call-overhead ladder; a rollout under load
-## vs process restarts (with precompiled code, then with every node compiling) and vs a
+## vs process restarts (with precompiled code, then with every node compiling), with an aarch64
+## node under qemu (with its precompiled code, then compiling itself), and vs a
 ## container restart in the compose mesh; the offload policies under Poisson load; mesh latency,
 ## throughput and scaling for 1/2/4 nodes on isomesh-broker and Mosquitto, and node memory.
 ## CPU quotas need root. JSON in bench-out/, then docs/benchmarks.md and its plots.
@@ -80,6 +97,8 @@ bench: module build images bench-python
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 1 --out $(BENCH_OUT)/infer-cloud.json $(PHOTOS)
 	$(ISOMESH) bench swap --before-s 20 --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap.json $(PHOTOS)
 	$(ISOMESH) bench swap --before-s 20 --no-precompile --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-compile.json $(PHOTOS)
+	$(ISOMESH) bench swap --before-s 20 --arm64 $(ARM_BIN)/isomesh-node --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-arm64.json $(PHOTOS)
+	$(ISOMESH) bench swap --before-s 20 --arm64 $(ARM_BIN)/isomesh-node --no-precompile --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-arm64-compile.json $(PHOTOS)
 	python3 scripts/bench_container.py --isomesh $(ISOMESH) --out $(BENCH_OUT)/container.json
 	$(ISOMESH) bench offload --module $(MODULE) --out $(BENCH_OUT)/offload.json $(PHOTOS)
 	$(ISOMESH) bench mesh --module $(MODULE) --out $(BENCH_OUT)/mesh.json $(MESH_PHOTOS)

@@ -158,6 +158,7 @@ def update(bench_dir, out):
         out.append(table(["process mesh, one run", "value"], rows))
     else:
         out.append("`swap.json`: not run.")
+    arm64(bench_dir, swap, out)
     container = load(bench_dir, "container.json")
     if container:
         out.append("\nIn the compose mesh (real containers, the device node at 0.25 CPU), one "
@@ -166,6 +167,71 @@ def update(bench_dir, out):
     else:
         out.append("\n`container.json`: not run.")
     out.append("")
+
+
+def secs(value_ms, digits=1):
+    """Milliseconds as seconds, "-" when missing."""
+    return fmt(None if value_ms is None else value_ms / 1000, digits, " s")
+
+
+def size(n):
+    """Bytes as MB, with the exact count."""
+    return f"{n / 1e6:.1f} MB ({n:,} B)"
+
+
+# `isomesh bench swap --arm64`: with the aarch64 code in the rollout, and with --no-precompile.
+ARM64_RUNS = [("swap-arm64.json", "with its precompiled artifact"),
+              ("swap-arm64-compile.json", "compiling itself")]
+
+
+def arm64(bench_dir, swap, out):
+    """The aarch64 node of `isomesh bench swap --arm64` and the published artifacts' sizes."""
+    runs = [(how, run) for name, how in ARM64_RUNS
+            for run in [load(bench_dir, name)] if run and run.get("arm64")]
+    if runs:
+        out.append("\nOne more node, the aarch64 `isomesh-node` as a device, run on this x86_64 "
+                   "machine by `qemu-aarch64-static` beside the x86_64 nodes of the same run "
+                   "(one run each). Emulated, not a board: its times are qemu's, far slower "
+                   "than a Raspberry Pi's, and only say what it does, not how fast a board "
+                   "would. It started on the first module's aarch64 code compiled here.\n")
+        rows = []
+        for how, run in runs:
+            arm = run["arm64"]
+            # The node's "module swapped in" line: the load (or compile), then until it served.
+            if arm.get("from_cache") is None:
+                compiled = "-"
+            elif arm["from_cache"]:
+                compiled = (f"no compile: loaded the published code in "
+                            f"{secs(arm.get('compile_ms'))}, ready after {secs(arm.get('ready_ms'))}")
+            else:
+                compiled = (f"compiled the module itself in {secs(arm.get('compile_ms'))}, "
+                            f"ready after {secs(arm.get('ready_ms'))}")
+            rows.append([f"aarch64 node under qemu (emulated, not a board): rollout to serving "
+                         f"{how}",
+                         secs(arm.get("rollout_to_serving_ms")),
+                         secs(arm.get("published_to_serving_ms")),
+                         compiled,
+                         secs(run.get("rollout_to_all_serving_ms"), 2)])
+        out.append(table(["run", "rollout start to serving", "published to serving",
+                          "on the node", "x86_64 nodes, same run: all serving"], rows))
+    # The manifest with the most artifacts (the --arm64 run's carries aarch64 code too).
+    manifests = [run["published_manifest"] for run in [r for _, r in runs] + [swap]
+                 if run and run.get("published_manifest")]
+    manifest = max(manifests, key=lambda m: len(m["artifacts"]), default=None)
+    if manifest:
+        module = manifest["module"]
+        stored = module.get("stored_size") or module["size"]
+        rows = [[f"module {manifest['name']} {manifest['version']} (.wasm)", "-",
+                 size(module["size"]), size(stored)]]
+        for artifact in manifest["artifacts"]:
+            stored = artifact.get("stored_size") or artifact["size"]
+            rows.append([f"precompiled for {artifact['target']} ({artifact['engine_kind']})",
+                         f"`{artifact['engine'][:16]}`", size(artifact["size"]), size(stored)])
+        encoding = manifest.get("encoding")
+        stored_as = f"{encoding}-compressed" if encoding else "as they are"
+        out.append(f"\nWhat the rollout published (its signed manifest, read back from the broker; "
+                   f"chunks stored {stored_as}):\n")
+        out.append(table(["blob", "engine", "size", "stored in chunks"], rows))
 
 
 def container_table(container):

@@ -7,17 +7,30 @@
 //! during the swap. Then the baseline the paper compares against: stop the first node, start it
 //! on B, and time until it answers its first job (cold: compiling B; warm: from the
 //! compiled-module cache). Writes JSON.
+//!
+//! With `--arm64 PATH`, one more node: the aarch64 `isomesh-node` at PATH, a device, run by
+//! `qemu-aarch64-static` on this machine (emulated, not a board). Its cache holds the starting
+//! module's aarch64 code, compiled here ([`CrossCompiler::compile_into_cache`]), so it starts
+//! without compiling; the rollout also publishes code for it unless `--no-precompile`. Its
+//! figures go to the report's own `arm64` object, apart from the x86_64 nodes' (whose fields keep
+//! their meaning: the during-swap window ends when the x86_64 nodes serve), and the restart
+//! baseline stays x86_64-only. The published manifest's sizes (the module, each precompiled
+//! artifact with its engine and target) are read from the retained manifest itself.
 
 use crate::common::{listen, machine, ms, read_files, stats, tempdir, Listener};
-use isomesh_protos::{NodeStatus, Tier};
+use isomesh_protos::{ModuleManifest, NodeStatus, Tier};
+use isomesh_sandbox::target::CrossCompiler;
 use isomesh_sandbox::{Sandbox, SandboxConfig};
-use isomesh_testkit::harness::{start_broker, start_node, BenchKey, NodeSetup};
+use isomesh_testkit::harness::{
+    qemu_aarch64, start_broker, start_node, start_node_as, BenchKey, NodeSetup, Proc,
+};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -50,6 +63,26 @@ pub struct SwapArgs {
     /// Keep the working directory (node logs, module dirs) instead of deleting it.
     #[arg(long)]
     pub keep: bool,
+    /// The aarch64 `isomesh-node` (`make arm64-node`): one more node, a device, run here by
+    /// `qemu-aarch64-static`, starting on the starting module's aarch64 code compiled here.
+    /// Unless --no-precompile, the rollout also publishes code for it. Its figures are
+    /// reported apart ("arm64"): emulated, not a board's.
+    #[arg(long, value_name = "PATH")]
+    pub arm64: Option<PathBuf>,
+}
+
+/// The target of `--arm64`'s node.
+const ARM_TARGET: &str = "aarch64-unknown-linux-musl";
+/// Its call deadline: an emulated classification takes about a second, not tens of ms.
+const ARM_CALL_TIMEOUT_MS: &str = "120000";
+
+/// The `--arm64` node: where it keeps its things and how it is run.
+struct ArmNode {
+    setup: NodeSetup,
+    qemu: PathBuf,
+    binary: PathBuf,
+    /// The engine id of the aarch64 code its cache was seeded with.
+    engine: String,
 }
 
 /// One job sent as load.
@@ -59,6 +92,18 @@ struct Sent {
 }
 
 pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
+    // The aarch64 node's emulator and binary, checked before any work.
+    let arm_program = match &args.arm64 {
+        Some(binary) => {
+            anyhow::ensure!(
+                binary.is_file(),
+                "--arm64 {}: no such file (the aarch64 isomesh-node: `make arm64-node`)",
+                binary.display()
+            );
+            Some((qemu_aarch64()?, binary.clone()))
+        }
+        None => None,
+    };
     let images = read_files(&args.images)?;
     let (from, to) = (std::fs::read(&args.from)?, std::fs::read(&args.to)?);
     let work = tempdir()?;
@@ -99,10 +144,30 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         node_sandbox.store_precompiled(&isomesh_module::digest::sha256_hex(&from), &from_code)?;
         setups.push(setup);
     }
+    let arm = match arm_program {
+        Some((qemu, binary)) => Some(arm_setup(&work, qemu, binary, &key, &from, &from_info)?),
+        None => None,
+    };
     let mut nodes = Vec::new();
     for setup in &setups {
         nodes.push(start_node(setup, port, &trusted_flag)?);
     }
+    let arm_started = Instant::now();
+    let mut arm_proc: Option<Proc> = match &arm {
+        Some(arm) => {
+            let mut flags = trusted_flag.clone();
+            flags.extend(["--call-timeout-ms".to_string(), ARM_CALL_TIMEOUT_MS.into()]);
+            let command: [OsString; 2] = [arm.qemu.clone().into(), arm.binary.clone().into()];
+            Some(start_node_as(&command, &arm.setup, port, &flags)?)
+        }
+        None => None,
+    };
+    // Every node's id, the x86_64 ones first; the aarch64 node last, if any.
+    let all_ids: Vec<String> = setups
+        .iter()
+        .chain(arm.as_ref().map(|a| &a.setup))
+        .map(|s| s.id.clone())
+        .collect();
 
     let Listener {
         client,
@@ -111,6 +176,11 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         replies,
         mut events,
     } = listen(port, "bench-swap").await?;
+    // The manifest the rollout publishes (retained): the sizes of what it carries.
+    client
+        .subscribe(topics.manifest(&to_info.name), QoS::AtLeastOnce)
+        .await?;
+    let mut manifest: Option<ModuleManifest> = None;
 
     let from_sha = isomesh_module::digest::sha256_hex(&from);
     let to_sha = isomesh_module::digest::sha256_hex(&to);
@@ -120,17 +190,20 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     let target = topics.images(&setups[0].id);
     let period = Duration::from_secs_f64(1.0 / args.rate.max(0.1));
 
-    // Wait until every node is up on the starting module.
-    eprintln!("starting {} nodes...", setups.len());
-    let up_by = Instant::now() + Duration::from_secs(300);
-    while !setups.iter().all(|s| {
+    // Wait until every node is up on the starting module (an emulated one takes longer).
+    eprintln!("starting {} nodes...", all_ids.len());
+    let up_within = if arm.is_some() { 900 } else { 300 };
+    let up_by = Instant::now() + Duration::from_secs(up_within);
+    let serving = |statuses: &HashMap<String, NodeStatus>, id: &str, sha: &str| {
         statuses
-            .get(&s.id)
-            .is_some_and(|st| st.online && st.module.as_ref().is_some_and(|m| m.sha256 == from_sha))
-    }) {
+            .get(id)
+            .is_some_and(|st| st.online && st.module.as_ref().is_some_and(|m| m.sha256 == sha))
+    };
+    let mut arm_up_ms: Option<f64> = None;
+    while !all_ids.iter().all(|id| serving(&statuses, id, &from_sha)) {
         anyhow::ensure!(
             Instant::now() < up_by,
-            "nodes not ready within 300 s (logs in {})",
+            "nodes not ready within {up_within} s (logs in {})",
             work.display()
         );
         if let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
@@ -138,11 +211,27 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                 statuses.insert(status.node_id.clone(), status);
             }
         }
+        if let Some(arm) = &arm {
+            if arm_up_ms.is_none() && serving(&statuses, &arm.setup.id, &from_sha) {
+                arm_up_ms = Some(ms(arm_started.elapsed()));
+            }
+        }
+    }
+    if arm.is_some() {
+        let up = *arm_up_ms.get_or_insert_with(|| ms(arm_started.elapsed()));
+        eprintln!(
+            "the aarch64 node serves the starting module {:.1} s after its start, under qemu",
+            up / 1000.0
+        );
     }
 
     // The run: load before, the rollout, load until every node serves the new module, a tail.
     let mut rollout_started: Option<Instant> = None;
+    // Every node serving the new module; the x86_64 nodes alone (the during-swap window).
     let mut all_serving_at: Option<Instant> = None;
+    let mut x86_serving_at: Option<Instant> = None;
+    // Compiling the classifier under emulation takes minutes.
+    let rollout_within = if arm.is_some() { 2400 } else { 600 };
     let run_started = Instant::now();
     let mut next_send = Instant::now();
     let mut rollout_task: Option<tokio::task::JoinHandle<anyhow::Result<(Instant, String)>>> = None;
@@ -168,6 +257,8 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                 .stderr(Stdio::piped());
             if args.no_precompile {
                 command.arg("--no-precompile");
+            } else if arm.is_some() {
+                command.args(["--target", ARM_TARGET]);
             }
             let child = command.spawn()?;
             rollout_task = Some(tokio::spawn(async move {
@@ -183,9 +274,9 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        if now >= run_started + Duration::from_secs(args.before_s + 600) {
+        if now >= run_started + Duration::from_secs(args.before_s + rollout_within) {
             anyhow::bail!(
-                "the rollout did not finish within 600 s (logs in {})",
+                "the rollout did not finish within {rollout_within} s (logs in {})",
                 work.display()
             );
         }
@@ -208,7 +299,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         }
         let wait = next_send.saturating_duration_since(Instant::now());
         if let Ok(Some(p)) = tokio::time::timeout(wait, events.recv()).await {
-            take_event(&p, &mut sent, &mut statuses);
+            take_event(&p, &mut sent, &mut statuses, &mut manifest);
         }
         if let Some(task) = &rollout_task {
             if task.is_finished() {
@@ -225,7 +316,10 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                         .or_insert_with(|| started.elapsed());
                 }
             }
-            if all_serving_at.is_none() && serving_to.len() == setups.len() {
+            if x86_serving_at.is_none() && setups.iter().all(|s| serving_to.contains_key(&s.id)) {
+                x86_serving_at = Some(Instant::now());
+            }
+            if all_serving_at.is_none() && all_ids.iter().all(|id| serving_to.contains_key(id)) {
                 all_serving_at = Some(Instant::now());
             }
         }
@@ -234,11 +328,28 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     let drain_by = Instant::now() + Duration::from_secs(60);
     while sent.iter().any(|s| s.answer.is_none()) && Instant::now() < drain_by {
         if let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
-            take_event(&p, &mut sent, &mut statuses);
+            take_event(&p, &mut sent, &mut statuses, &mut manifest);
         }
     }
+    // The retained manifest came with the rollout; wait a little if it is still on its way.
+    let manifest_by = Instant::now() + Duration::from_secs(10);
+    while manifest.as_ref().is_none_or(|m| m.sha256 != to_sha) && Instant::now() < manifest_by {
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            take_event(&p, &mut sent, &mut statuses, &mut manifest);
+        }
+    }
+    let manifest = manifest.filter(|m| m.sha256 == to_sha);
+    // The aarch64 node is done: stopped before the (x86_64-only) restart baseline, so it takes
+    // no CPU from it.
+    let arm_target = arm
+        .as_ref()
+        .and_then(|a| statuses.get(&a.setup.id))
+        .map(|s| s.target.clone());
+    if let Some(mut proc) = arm_proc.take() {
+        proc.stop();
+    }
     let rollout_started = rollout_started.unwrap_or(run_started);
-    let swapped_at = all_serving_at.unwrap_or_else(Instant::now);
+    let swapped_at = x86_serving_at.unwrap_or_else(Instant::now);
     let window = |from: Instant, to: Instant| -> Vec<f64> {
         sent.iter()
             .filter(|s| s.at >= from && s.at < to)
@@ -349,6 +460,49 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         .iter()
         .map(|total| total - published_ms.unwrap_or(f64::NAN))
         .collect();
+    let arm_json = arm.as_ref().map(|arm| {
+        let total = serving_to.get(&arm.setup.id).map(|d| ms(*d));
+        let log = std::fs::read_to_string(&arm.setup.log).unwrap_or_default();
+        let started = log_line(&log, "module loaded", &from_sha);
+        let swapped = log_line(&log, "module swapped in", &to_sha);
+        let fetching = log
+            .lines()
+            .find(|l| l.contains("fetching a rolled-out module"));
+        let artifact_bytes = manifest.as_ref().and_then(|m| {
+            m.artifacts
+                .iter()
+                .find(|a| a.engine == arm.engine)
+                .map(|a| a.size)
+        });
+        let flag = |line: Option<&str>, name: &str| {
+            line.and_then(|l| log_field(l, name)).map(|v| v == "true")
+        };
+        let number = |line: Option<&str>, name: &str| {
+            line.and_then(|l| log_field(l, name))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        json!({
+            "emulated": true,
+            "emulator": arm.qemu.display().to_string(),
+            "binary": arm.binary.display().to_string(),
+            "node": {"id": arm.setup.id, "tier": arm.setup.tier.name(), "target": arm_target},
+            "call_timeout_ms": ARM_CALL_TIMEOUT_MS.parse::<u64>().ok(),
+            "engine": arm.engine,
+            "precompiled_artifact_published": !args.no_precompile,
+            "artifact_bytes": artifact_bytes,
+            "start_to_serving_ms": arm_up_ms,
+            "started_from_cache": flag(started, "from_cache"),
+            "rollout_to_serving_ms": total,
+            "published_to_serving_ms": total.map(|t| t - published_ms.unwrap_or(f64::NAN)),
+            "fetched_precompiled": flag(fetching, "precompiled"),
+            "from_cache": flag(swapped, "from_cache"),
+            "compile_ms": number(swapped, "compile_ms"),
+            "ready_ms": number(swapped, "ready_ms"),
+        })
+    });
+    let published_manifest = manifest
+        .as_ref()
+        .map(|m| manifest_json(m, &sandbox, arm.as_ref()));
     let report = json!({
         "machine": machine(),
         "nodes": setups.iter().map(|s| json!({"id": s.id, "tier": s.tier.name()})).collect::<Vec<_>>(),
@@ -364,6 +518,8 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         "restart_baseline_ms": restarts,
         "restart_cold_over_swap": restarts["cold_cache"].as_f64().unwrap_or(0.0) / slowest,
         "restart_warm_over_swap": restarts["warm_cache"].as_f64().unwrap_or(0.0) / slowest,
+        "published_manifest": published_manifest,
+        "arm64": arm_json,
     });
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -378,14 +534,106 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prepares the `--arm64` node: its module dir with the signed starting module, and its cache
+/// holding that module's aarch64 code (and the cache's key, beside it where the node looks).
+fn arm_setup(
+    work: &Path,
+    qemu: PathBuf,
+    binary: PathBuf,
+    key: &BenchKey,
+    from: &[u8],
+    from_info: &isomesh_protos::GuestInfo,
+) -> anyhow::Result<ArmNode> {
+    let dir = work.join("arm64");
+    let setup = NodeSetup {
+        id: "bench-arm64".into(),
+        tier: Tier::Device,
+        modules: dir.join("modules"),
+        cache: dir.join("cache"),
+        log: dir.join("node.log"),
+    };
+    std::fs::create_dir_all(&setup.modules)?;
+    std::fs::create_dir_all(&setup.cache)?;
+    key.place(&setup.modules, "from.wasm", from, from_info)?;
+    eprintln!("compiling the starting module for {ARM_TARGET} into the aarch64 node's cache...");
+    let cross = CrossCompiler::new(ARM_TARGET, Some(&setup.cache), None)?;
+    cross.compile_into_cache(from)?;
+    Ok(ArmNode {
+        setup,
+        qemu,
+        binary,
+        engine: cross.engine_id(),
+    })
+}
+
+/// The published manifest's sizes: the module's, and each precompiled artifact's with its engine
+/// and the target it is for (this machine's engine, its portable one, or aarch64's).
+fn manifest_json(
+    manifest: &ModuleManifest,
+    host: &Sandbox,
+    arm: Option<&ArmNode>,
+) -> serde_json::Value {
+    let host_ids = host.engine_ids();
+    let arm_engine = match arm {
+        Some(arm) => Some(arm.engine.clone()),
+        None => CrossCompiler::new(ARM_TARGET, None, None)
+            .ok()
+            .map(|c| c.engine_id()),
+    };
+    let artifacts: Vec<serde_json::Value> = manifest
+        .artifacts
+        .iter()
+        .map(|a| {
+            let (target, engine_kind) = if host_ids.first() == Some(&a.engine) {
+                (host.target(), "this machine's engine")
+            } else if host_ids.contains(&a.engine) {
+                (host.target(), "portable, baseline CPU")
+            } else if arm_engine.as_deref() == Some(a.engine.as_str()) {
+                (ARM_TARGET.to_string(), "portable, baseline CPU")
+            } else {
+                ("unknown".to_string(), "unknown")
+            };
+            json!({"engine": a.engine, "target": target, "engine_kind": engine_kind,
+                   "size": a.size, "stored_size": a.stored_size, "chunk_count": a.chunk_count})
+        })
+        .collect();
+    json!({
+        "name": manifest.name,
+        "version": manifest.version,
+        "encoding": manifest.encoding,
+        "module": {"size": manifest.size, "stored_size": manifest.stored_size,
+                   "chunk_count": manifest.chunk_count},
+        "artifacts": artifacts,
+    })
+}
+
+/// The first line of a node's log with `message` about the module `sha256`.
+fn log_line<'a>(log: &'a str, message: &str, sha256: &str) -> Option<&'a str> {
+    log.lines()
+        .find(|l| l.contains(message) && l.contains(sha256))
+}
+
+/// The value of `name=value` in a log line (values without spaces).
+fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+}
+
 fn take_event(
     p: &rumqttc::v5::mqttbytes::v5::Publish,
     sent: &mut [Sent],
     statuses: &mut HashMap<String, NodeStatus>,
+    manifest: &mut Option<ModuleManifest>,
 ) {
     if p.topic.starts_with(b"isomesh/status/") {
         if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
             statuses.insert(status.node_id.clone(), status);
+        }
+        return;
+    }
+    if p.topic.starts_with(b"isomesh/modules/") && p.topic.ends_with(b"/manifest") {
+        if let Ok(m) = ModuleManifest::decode(p.payload.as_ref()) {
+            *manifest = Some(m);
         }
         return;
     }

@@ -3,8 +3,9 @@
 //! A rollout compiles the module once here (checking that it is a classifier and that it calls
 //! itself what `--name` and `--version` say), then publishes, all retained: the module's chunks,
 //! the chunks of the compiled code for this machine's engine (nodes with the same engine load it
-//! in milliseconds instead of compiling for seconds), and last the signed manifest, which is what
-//! nodes act on. With `--wait` it follows the nodes' status until each targeted node serves the
+//! in milliseconds instead of compiling for seconds) and for each `--target` (code for another
+//! ISA's baseline CPU, say `aarch64-unknown-linux-musl` for ARM device boards: see
+//! `isomesh_sandbox::target`), and last the signed manifest, which is what nodes act on. With `--wait` it follows the nodes' status until each targeted node serves the
 //! module or says why it refused it.
 
 use isomesh_mesh::topics::Topics;
@@ -12,7 +13,7 @@ use isomesh_module::package::{Package, PackageSpec, DEFAULT_CHUNK_SIZE};
 use isomesh_module::signing::SecretKey;
 use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::{NodeStatus, Tier};
-use isomesh_sandbox::{Sandbox, SandboxConfig};
+use isomesh_sandbox::{CrossCompiler, Sandbox, SandboxConfig};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -76,8 +77,13 @@ pub struct RolloutArgs {
     #[arg(long)]
     pub no_compress: bool,
     /// Do not publish code compiled here (nodes then compile the module themselves).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "target")]
     pub no_precompile: bool,
+    /// Also publish code for nodes of this target triple, compiled here for its baseline CPU
+    /// (repeatable): `aarch64-unknown-linux-musl` for ARM boards. `isomesh status --json` shows
+    /// each node's target; nodes of a target without code compile the module themselves.
+    #[arg(long, value_parser = parse_target)]
+    pub target: Vec<String>,
     /// Cache for precompiling: unchanged functions of a new version are not compiled again
     /// [default: $XDG_CACHE_HOME/isomesh or ~/.cache/isomesh].
     #[arg(long, env = "ISOMESH_COMPILE_CACHE")]
@@ -155,7 +161,27 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
             compiling.elapsed().as_secs_f64(),
             code.len() >> 20
         );
-        vec![(engine, code)]
+        let mut artifacts = vec![(engine, code)];
+        for target in dedup(&args.target) {
+            let compiling = Instant::now();
+            eprintln!("compiling it for {target}...");
+            let (bytes, cache_dir) = (
+                module.clone(),
+                args.compile_cache.clone().or_else(default_compile_cache),
+            );
+            let (engine, code) = tokio::task::spawn_blocking(move || {
+                let compiler = CrossCompiler::new(&target, cache_dir.as_deref(), None)?;
+                anyhow::Ok((compiler.engine_id(), compiler.precompile(&bytes)?))
+            })
+            .await??;
+            eprintln!(
+                "compiled in {:.1} s ({} MiB of machine code, engine {engine})",
+                compiling.elapsed().as_secs_f64(),
+                code.len() >> 20
+            );
+            artifacts.push((engine, code));
+        }
+        artifacts
     };
     let spec = PackageSpec {
         name: &args.signed.name,
@@ -351,7 +377,7 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
 }
 
 /// `$XDG_CACHE_HOME/isomesh`, else `~/.cache/isomesh`.
-fn default_compile_cache() -> Option<PathBuf> {
+pub fn default_compile_cache() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
@@ -377,4 +403,20 @@ async fn wait_acked(
         }
         let _ = tokio::time::timeout(Duration::from_millis(200), signal.notified()).await;
     }
+}
+
+/// A `--target`: a triple this build compiles for.
+pub fn parse_target(triple: &str) -> Result<String, String> {
+    isomesh_sandbox::target::check(triple).map(|()| triple.to_owned())
+}
+
+/// The targets in the order given, each once.
+fn dedup(targets: &[String]) -> Vec<String> {
+    let mut seen = Vec::new();
+    for target in targets {
+        if !seen.contains(target) {
+            seen.push(target.clone());
+        }
+    }
+    seen
 }

@@ -76,6 +76,7 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
                     "module": {"name": module.name, "version": module.version, "sha256": module.sha256},
                     "queue": s.queue_len, "ewma_ms": s.ewma_ms, "done": s.jobs_done,
                     "failed": s.jobs_failed, "uptime_s": s.uptime_s,
+                    "target": s.target, "engines": s.engines,
                     "rollout": s.rollout.as_ref().map(|r| serde_json::json!({
                         "module": r.module.as_ref().map(|m| serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256})),
                         "phase": phase_name(r.phase), "chunks_done": r.chunks_done,
@@ -96,8 +97,8 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
         return;
     }
     println!(
-        "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9} {:>7} {:>7}  {:<18} ROLLOUT",
-        "NODE", "TIER", "STATE", "MODULE", "QUEUE", "EWMA_MS", "DONE", "FAILED", "SANDBOX"
+        "{:<10} {:<7} {:<8} {:<7} {:<28} {:>5} {:>9} {:>7} {:>7}  {:<18} ROLLOUT",
+        "NODE", "TIER", "STATE", "ARCH", "MODULE", "QUEUE", "EWMA_MS", "DONE", "FAILED", "SANDBOX"
     );
     for s in nodes.values() {
         let module = s
@@ -106,10 +107,16 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
             .map(isomesh_module::package::label)
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<10} {:<7} {:<8} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {:<18} {}",
+            "{:<10} {:<7} {:<8} {:<7} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {:<18} {}",
             s.node_id,
             tier_name(s.tier),
             if s.online { "online" } else { "offline" },
+            // The architecture part of the target triple; `-` for a node too old to say.
+            s.target
+                .split('-')
+                .next()
+                .filter(|a| !a.is_empty())
+                .unwrap_or("-"),
             module,
             s.queue_len,
             s.ewma_ms,

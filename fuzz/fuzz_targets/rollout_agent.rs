@@ -35,7 +35,7 @@ fn agent() -> RolloutAgent {
             tier: Tier::Device,
             topics: Topics::new("isomesh"),
             trusted,
-            engine: ENGINE.into(),
+            engines: vec![ENGINE.into()],
             give_up_after: Duration::from_secs(30),
         },
         Vec::new(),

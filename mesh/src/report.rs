@@ -11,6 +11,8 @@ use std::time::Duration;
 pub struct Responder {
     pub node: String,
     pub tier: Tier,
+    /// The node's CPU architecture (`x86_64`, `aarch64`), named in its hops.
+    pub arch: String,
 }
 
 /// Builds the one answer to `job` from its outcome. `total` runs from acceptance to now.
@@ -68,6 +70,7 @@ pub fn hop(
         ms: ms(held),
         total_ms: ms(total),
         budget_ms,
+        arch: responder.arch.clone(),
     }
 }
 
@@ -148,6 +151,7 @@ fn hop_json(hop: &Hop) -> Value {
         "ms": round(hop.ms, 2),
         "total_ms": round(hop.total_ms, 2),
         "budget_ms": hop.budget_ms,
+        "arch": hop.arch,
     })
 }
 

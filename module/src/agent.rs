@@ -125,8 +125,9 @@ pub struct AgentConfig {
     pub tier: Tier,
     pub topics: Topics,
     pub trusted: TrustedKeys,
-    /// This node's engine id: which precompiled artifact it can load.
-    pub engine: String,
+    /// The engine ids of the precompiled artifacts this node can load, the one it prefers first
+    /// (its own engine's, then portable code for its target: `Sandbox::engine_ids`).
+    pub engines: Vec<String>,
     /// A fetch with no chunk arriving for this long is abandoned and reported.
     pub give_up_after: Duration,
 }
@@ -382,11 +383,7 @@ impl RolloutAgent {
                 return self.reject(module, reason);
             }
         }
-        let artifact = manifest
-            .artifacts
-            .iter()
-            .find(|a| a.engine == self.config.engine)
-            .cloned();
+        let artifact = self.artifact_for_this_node(&manifest);
         tracing::info!(
             module = %label(&module),
             sha256 = %manifest.sha256,
@@ -522,11 +519,7 @@ impl RolloutAgent {
         if manifest.sha256 != module.sha256 || self.manifests_seen.contains(&manifest.name) {
             return Vec::new();
         }
-        let artifact = manifest
-            .artifacts
-            .iter()
-            .find(|a| a.engine == self.config.engine)
-            .cloned();
+        let artifact = self.artifact_for_this_node(manifest);
         tracing::warn!(
             module = %label(module),
             "the broker holds no manifest for the module served here (restarted without persistence?); publishing it again"
@@ -535,6 +528,17 @@ impl RolloutAgent {
             manifest: manifest.clone(),
             artifact,
         }))]
+    }
+
+    /// The manifest's precompiled artifact this node loads best, if any.
+    fn artifact_for_this_node(&self, manifest: &ModuleManifest) -> Option<PrecompiledArtifact> {
+        self.config.engines.iter().find_map(|engine| {
+            manifest
+                .artifacts
+                .iter()
+                .find(|a| &a.engine == engine)
+                .cloned()
+        })
     }
 
     fn reject(&self, module: ModuleRef, reason: Rejection) -> Vec<Action> {

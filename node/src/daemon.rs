@@ -173,6 +173,7 @@ pub async fn run(
     let responder = Responder {
         node: config.id.clone(),
         tier: config.tier,
+        arch: isomesh_sandbox::target::host_arch(),
     };
     let relay = Arc::new(Relay::default());
     let metrics = Arc::new(Metrics::new(
@@ -200,7 +201,7 @@ pub async fn run(
             tier: config.tier,
             topics: topics.clone(),
             trusted,
-            engine: sandbox.engine_id(),
+            engines: sandbox.engine_ids(),
             give_up_after: Duration::from_secs(config.fetch_timeout_s.max(1)),
         },
         store.rejected(),
@@ -228,6 +229,8 @@ pub async fn run(
         slot: slot.clone(),
         board,
         limits,
+        target: sandbox.target(),
+        engines: sandbox.engine_ids(),
         budget_ms: config.budget_ms,
         workers: config.workers,
         started: Instant::now(),

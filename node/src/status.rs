@@ -29,6 +29,9 @@ pub struct StatusReporter {
     pub board: Arc<RolloutBoard>,
     /// What modules may do here.
     pub limits: SandboxLimits,
+    /// The target triple this node runs on, and the engine ids of the code it loads.
+    pub target: String,
+    pub engines: Vec<String>,
     pub budget_ms: u32,
     pub workers: usize,
     pub started: Instant,
@@ -59,6 +62,8 @@ impl StatusReporter {
             workers: self.workers as u32,
             rollout: self.board.get(),
             sandbox: Some(self.limits.clone()),
+            target: self.target.clone(),
+            engines: self.engines.clone(),
         };
         let topic = self.topics.status(&self.responder.node);
         if let Err(e) =

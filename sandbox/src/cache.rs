@@ -208,10 +208,17 @@ impl Sandbox {
         write_entry(dir, &stem, key, code)
     }
 
-    /// Where the compiled code of the module with digest `module_sha256` is cached, if caching.
+    /// Where the compiled code of the module with digest `module_sha256` is cached, if caching:
+    /// the entry of the first of [`Sandbox::engine_ids`] that has one, else where this engine's
+    /// would be.
     pub fn cached_code_path(&self, module_sha256: &str) -> Option<PathBuf> {
         let dir = self.config.cache_dir.as_ref()?;
-        Some(dir.join(format!("{module_sha256}-{}.cwasm", self.engine_id())))
+        let entry = |id: &String| dir.join(format!("{module_sha256}-{id}.cwasm"));
+        let ids = self.engine_ids();
+        ids.iter()
+            .map(entry)
+            .find(|path| path.is_file())
+            .or_else(|| ids.first().map(entry))
     }
 
     pub(crate) fn compile_cached(
@@ -230,34 +237,17 @@ impl Sandbox {
             return Ok((compile()?, false));
         };
         let stem = format!("{sha256}-{}", self.engine_id());
-        let cached = dir.join(format!("{stem}.cwasm"));
         // The lock makes a second node on this host wait for the first one's compilation
         // instead of compiling the same module again.
         let _lock = std::fs::create_dir_all(dir)
             .ok()
             .and_then(|_| lock(dir, &stem));
-        if cached.is_file() {
-            match read_entry(dir, &stem, key) {
-                Ok(code) => {
-                    // SAFETY: `code` carries this node's MAC over the entry's name and bytes:
-                    // it was serialized by this node's engine (or is a precompiled artifact
-                    // whose digest a signed manifest named), and it is the very buffer that
-                    // was checked. wasmtime checks the engine header again.
-                    match unsafe { Module::deserialize(&self.engine, &code) } {
-                        Ok(module) => {
-                            tracing::info!(file = %cached.display(), "compiled code reused from the cache (MAC checked)");
-                            return Ok((module, true));
-                        }
-                        Err(e) => {
-                            tracing::warn!(file = %cached.display(), error = %format!("{e:#}"), "cache entry unusable; compiling the module")
-                        }
-                    }
-                }
-                Err(reason) => {
-                    tracing::warn!(file = %cached.display(), %reason, "compiled-code cache entry refused; deleting it and compiling the module");
-                    let _ = std::fs::remove_file(&cached);
-                    let _ = std::fs::remove_file(mac_path(dir, &stem));
-                }
+        // Code compiled here (or a rollout's artifact, stored under this engine's id) first,
+        // then portable code for this target (`isomesh compile --target` on another machine).
+        for id in self.engine_ids() {
+            let stem = format!("{sha256}-{id}");
+            if let Some(module) = self.cached_entry(dir, &stem, key) {
+                return Ok((module, true));
             }
         }
         let module = compile()?;
@@ -270,6 +260,42 @@ impl Sandbox {
             Err(e) => tracing::warn!(error = %e, "cannot serialize compiled module"),
         }
         Ok((module, false))
+    }
+}
+
+impl Sandbox {
+    /// The module in the cache entry `stem`, if there is one, its MAC checks out and this engine
+    /// loads it. An entry with a bad MAC is deleted; one this engine refuses is left alone.
+    fn cached_entry(&self, dir: &Path, stem: &str, key: &CacheKey) -> Option<Module> {
+        let cached = dir.join(format!("{stem}.cwasm"));
+        if !cached.is_file() {
+            return None;
+        }
+        match read_entry(dir, stem, key) {
+            Ok(code) => {
+                // SAFETY: `code` carries this node's MAC over the entry's name and bytes: it
+                // was serialized by this node's engine (or is a precompiled artifact whose
+                // digest a signed manifest named, or code compiled for this target with this
+                // cache's key), and it is the very buffer that was checked. wasmtime checks the
+                // engine header and the CPU features the code needs again.
+                match unsafe { Module::deserialize(&self.engine, &code) } {
+                    Ok(module) => {
+                        tracing::info!(file = %cached.display(), "compiled code reused from the cache (MAC checked)");
+                        Some(module)
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %cached.display(), error = %format!("{e:#}"), "cache entry unusable; compiling the module");
+                        None
+                    }
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(file = %cached.display(), %reason, "compiled-code cache entry refused; deleting it and compiling the module");
+                let _ = std::fs::remove_file(&cached);
+                let _ = std::fs::remove_file(mac_path(dir, stem));
+                None
+            }
+        }
     }
 }
 
@@ -286,7 +312,12 @@ fn mac_path(dir: &Path, stem: &str) -> PathBuf {
 
 /// Writes the code, then its MAC: a reader between the two finds no (or an old) MAC and
 /// compiles, which is slow but never wrong.
-fn write_entry(dir: &Path, stem: &str, key: &CacheKey, code: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_entry(
+    dir: &Path,
+    stem: &str,
+    key: &CacheKey,
+    code: &[u8],
+) -> std::io::Result<()> {
     let mac = key.mac(&[CWASM_DOMAIN, stem.as_bytes(), code]);
     write_atomically(&dir.join(format!("{stem}.cwasm")), code)?;
     write_atomically(&mac_path(dir, stem), &mac)

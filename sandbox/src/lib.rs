@@ -13,9 +13,11 @@
 pub mod cache;
 pub mod host_calls;
 pub mod instance;
+pub mod target;
 
 pub use cache::{CacheKey, CacheKeyError};
 pub use instance::Instance;
+pub use target::CrossCompiler;
 
 use isomesh_module::digest::is_wasm;
 use isomesh_protos::{GuestError, GuestInfo, ModuleRef, GUEST_ABI_VERSION};
@@ -114,6 +116,9 @@ pub struct Sandbox {
     cache_key: Option<Arc<CacheKey>>,
     /// Tells the epoch ticker thread to stop when the sandbox is dropped.
     ticker_stop: Arc<AtomicBool>,
+    /// The engine id of code compiled for this host's target without its CPU features
+    /// ([`target::CrossCompiler`]), which this engine loads too.
+    portable_engine_id: String,
 }
 
 /// A compiled, probed module, ready to be instantiated by any worker.
@@ -200,20 +205,6 @@ impl Drop for Sandbox {
 impl Sandbox {
     /// Builds the engine (Cranelift, SIMD, epoch interruption) and starts its epoch ticker.
     pub fn new(config: SandboxConfig) -> Result<Sandbox, LoadError> {
-        let mut wasm = Config::new();
-        wasm.epoch_interruption(true)
-            .cranelift_opt_level(wasmtime::OptLevel::Speed)
-            .wasm_simd(true)
-            .wasm_relaxed_simd(true)
-            // Maps from machine code back to Wasm offsets only serve backtraces, which trap
-            // reports do not use; without them compiled code is ~6 MB (10%) smaller to ship.
-            .generate_address_map(false)
-            // No .eh_frame for the system unwinder: wasmtime walks Wasm frames itself for traps.
-            // In the static musl build that unwinder is LLVM's libunwind, where wasmtime
-            // registers every function's FDE one by one and each deregistration scans the whole
-            // table: dropping a swapped-out module of ~26,500 functions took ~1.8 s of CPU, a
-            // 7-10 s stall of the first job after a hot swap on a 0.25-CPU device container.
-            .native_unwind_info(false);
         let cache_key = match &config.cache_dir {
             Some(dir) => {
                 let path = match &config.cache_key_file {
@@ -224,15 +215,7 @@ impl Sandbox {
             }
             None => None,
         };
-        if let (Some(dir), Some(key)) = (&config.cache_dir, &cache_key) {
-            // A new version that changes only weights or a little code reuses the machine code
-            // of every unchanged function instead of compiling all of them again.
-            wasm.enable_incremental_compilation(Arc::new(cache::FunctionCache::new(
-                dir.join("incremental"),
-                key.clone(),
-            )))
-            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
-        }
+        let wasm = engine_config(None, config.cache_dir.as_deref().zip(cache_key.clone()))?;
         let engine = Engine::new(&wasm).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut instance::HostState| {
@@ -252,12 +235,17 @@ impl Sandbox {
                 }
             })
             .map_err(|e| LoadError::Engine(format!("starting the epoch ticker: {e}")))?;
+        // What a publisher cross-compiling for this host's target makes (`isomesh rollout
+        // --target`): code for the target's baseline CPU, which this engine also loads.
+        let portable_engine_id =
+            target::CrossCompiler::new(&target::host(), None, None)?.engine_id();
         Ok(Sandbox {
             engine,
             linker,
             config,
             cache_key,
             ticker_stop,
+            portable_engine_id,
         })
     }
 
@@ -363,11 +351,24 @@ impl Sandbox {
     /// Names this engine's machine-code format: a precompiled artifact is usable exactly by
     /// engines with the same id (same wasmtime, target CPU features and settings).
     pub fn engine_id(&self) -> String {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut hasher);
-        format!("{:016x}", hasher.finish())
+        engine_id(&self.engine)
+    }
+
+    /// Every engine id whose code this sandbox loads, its own first: its own, and that of code
+    /// cross-compiled for its target's baseline CPU ([`target::CrossCompiler`]), which runs on
+    /// any CPU of the architecture (wasmtime checks every CPU feature the code uses on load).
+    pub fn engine_ids(&self) -> Vec<String> {
+        let own = self.engine_id();
+        if own == self.portable_engine_id {
+            vec![own]
+        } else {
+            vec![own, self.portable_engine_id.clone()]
+        }
+    }
+
+    /// The target triple this sandbox compiles for and runs on, e.g. `aarch64-unknown-linux-musl`.
+    pub fn target(&self) -> String {
+        target::host()
     }
 
     /// Compiles a module ahead of time and reads its self-description: what `isomesh rollout`
@@ -399,4 +400,55 @@ impl Sandbox {
         instance.load_model()?;
         Ok(instance)
     }
+}
+
+/// The wasmtime settings of every engine isomesh makes, for this host (`target` `None`: its CPU
+/// features detected) or for a target triple. One function, because code is loadable only by an
+/// engine whose settings match the compiling one's exactly; `cache` adds Cranelift's
+/// per-function incremental cache in `{dir}/incremental`.
+pub(crate) fn engine_config(
+    target: Option<&str>,
+    cache: Option<(&Path, Arc<CacheKey>)>,
+) -> Result<Config, LoadError> {
+    let mut wasm = Config::new();
+    if let Some(triple) = target {
+        // Cranelift's defaults for the target: its baseline CPU, no detected features.
+        wasm.target(triple).map_err(|e| {
+            LoadError::Engine(format!(
+                "cannot compile for target {triple}: {e:#} (this build compiles for {})",
+                target::SUPPORTED.join(", ")
+            ))
+        })?;
+    }
+    wasm.epoch_interruption(true)
+        .cranelift_opt_level(wasmtime::OptLevel::Speed)
+        .wasm_simd(true)
+        .wasm_relaxed_simd(true)
+        // Maps from machine code back to Wasm offsets only serve backtraces, which trap
+        // reports do not use; without them compiled code is ~6 MB (10%) smaller to ship.
+        .generate_address_map(false)
+        // No .eh_frame for the system unwinder: wasmtime walks Wasm frames itself for traps.
+        // In the static musl build that unwinder is LLVM's libunwind, where wasmtime
+        // registers every function's FDE one by one and each deregistration scans the whole
+        // table: dropping a swapped-out module of ~26,500 functions took ~1.8 s of CPU, a
+        // 7-10 s stall of the first job after a hot swap on a 0.25-CPU device container.
+        .native_unwind_info(false);
+    if let Some((dir, key)) = cache {
+        // A new version that changes only weights or a little code reuses the machine code
+        // of every unchanged function instead of compiling all of them again. Entries are
+        // keyed by the target and its settings too, so engines of several targets share it.
+        wasm.enable_incremental_compilation(Arc::new(cache::FunctionCache::new(
+            dir.join("incremental"),
+            key,
+        )))
+        .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+    }
+    Ok(wasm)
+}
+
+/// [`Sandbox::engine_id`] of any engine.
+pub(crate) fn engine_id(engine: &Engine) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
 }

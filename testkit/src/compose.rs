@@ -5,14 +5,23 @@
 //! Each [`Mesh`] is a compose project of its own (`-p isomesh-test-...`), with the broker on a
 //! free port of the host's loopback and every node's metrics on another; dropping it runs
 //! `docker-compose down -v`, and if the test is failing it first prints every service's log.
-//! Tests need Docker: without it they fail with a message saying so, never skip.
+//! Tests need Docker: without it they fail with a message saying so, never skip. The mesh has
+//! an ARM device, d4 (linux/arm64, `isomesh:arm64`), which an x86 host runs under qemu: where
+//! Docker cannot run arm64 containers, they fail saying so too.
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-/// The node services of compose.yaml.
+/// The x86_64 node services of compose.yaml.
 pub const NODES: [&str; 6] = ["c1", "e1", "e2", "d1", "d2", "d3"];
+
+/// The ARM device node of compose.yaml (image `isomesh:arm64`, platform linux/arm64). Only the
+/// test about it starts it: emulated, it would add minutes to every other one.
+pub const ARM_NODE: &str = "d4";
+
+/// The target triple the ARM device's node is built for (its status's `target`).
+pub const ARM_TARGET: &str = "aarch64-unknown-linux-musl";
 
 /// A compose project started from the repository's compose.yaml.
 pub struct Mesh {
@@ -23,7 +32,8 @@ pub struct Mesh {
     outside_broker: Option<String>,
 }
 
-/// Panics unless Docker, docker-compose and the isomesh images are all there.
+/// Panics unless Docker, docker-compose and the isomesh images are all there, and Docker runs
+/// linux/arm64 containers.
 pub fn require_docker() {
     let ok = |mut command: Command| {
         command
@@ -44,10 +54,44 @@ pub fn require_docker() {
         ok(compose),
         "these tests need docker-compose (Debian package docker-compose)"
     );
-    for image in ["isomesh:latest", "isomesh-rollout:latest"] {
+    for image in ["isomesh:latest", "isomesh-rollout:latest", "isomesh:arm64"] {
         let mut inspect = Command::new("docker");
         inspect.args(["image", "inspect", image]);
         assert!(ok(inspect), "image {image} is missing: run `make images`");
+    }
+    require_arm64_containers();
+}
+
+/// Panics unless Docker runs a linux/arm64 container: the ARM device's own image, asked for its
+/// version (once per test process). On an x86 host that takes qemu-aarch64 registered with the
+/// kernel's binfmt_misc with the F flag (scripts/setup.sh does it where it can).
+fn require_arm64_containers() {
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let checked = CHECKED.get_or_init(|| {
+        let out = Command::new("docker")
+            .args(["run", "--rm", "--platform", "linux/arm64", "isomesh:arm64"])
+            .args(["/usr/bin/isomesh-node", "--version"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run docker: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let binfmt = std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+            .unwrap_or_else(|e| format!("not registered ({e})"));
+        Err(format!(
+            "Docker cannot run linux/arm64 containers here, so the mesh's ARM device {ARM_NODE} \
+             cannot start: `docker run --platform linux/arm64 isomesh:arm64 isomesh-node \
+             --version` exited {:?}: {}{}\nqemu-aarch64 in binfmt_misc: {binfmt}\nRun \
+             scripts/setup.sh, which registers /usr/bin/qemu-aarch64-static with the F flag \
+             (root or sudo needed).",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    });
+    if let Err(message) = checked {
+        panic!("{message}");
     }
 }
 

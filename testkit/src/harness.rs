@@ -5,6 +5,7 @@
 
 use anyhow::Context;
 use isomesh_protos::Tier;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -111,11 +112,27 @@ pub struct NodeSetup {
 
 /// Starts `isomesh-node` for `node`, reaching the broker on `port`, with `extra` flags.
 pub fn start_node(node: &NodeSetup, port: u16, extra: &[String]) -> anyhow::Result<Proc> {
+    start_node_as(&[crate::binary("isomesh-node")?.into()], node, port, extra)
+}
+
+/// As [`start_node`], the node being `command`: a program and its first arguments, e.g.
+/// `qemu-aarch64-static` and the aarch64 `isomesh-node` ([`qemu_aarch64`]); the node's flags
+/// follow them.
+pub fn start_node_as(
+    command: &[OsString],
+    node: &NodeSetup,
+    port: u16,
+    extra: &[String],
+) -> anyhow::Result<Proc> {
+    let (program, leading) = command
+        .split_first()
+        .context("start_node_as: an empty command")?;
     let log = std::fs::File::options()
         .create(true)
         .append(true)
         .open(&node.log)?;
-    let child = Command::new(crate::binary("isomesh-node")?)
+    let child = Command::new(program)
+        .args(leading)
         .args(["--id", &node.id, "--tier", node.tier.name()])
         .arg("--broker")
         .arg(format!("mqtt://127.0.0.1:{port}"))
@@ -128,8 +145,24 @@ pub fn start_node(node: &NodeSetup, port: u16, extra: &[String]) -> anyhow::Resu
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
-        .spawn()?;
+        .spawn()
+        .with_context(|| format!("starting {}", Path::new(program).display()))?;
     Ok(Proc(child))
+}
+
+/// `qemu-aarch64-static` from `PATH` (Debian's `qemu-user-static`), which runs the aarch64
+/// `isomesh-node` on this machine: user-mode emulation, the node's own syscalls and sockets on an
+/// emulated CPU, so everything it does is slower than on a board.
+pub fn qemu_aarch64() -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("qemu-aarch64-static"))
+        .find(|path| path.is_file())
+        .context(
+            "qemu-aarch64-static is not on PATH: an aarch64 node needs it to run here \
+             (scripts/setup.sh installs Debian's qemu-user-static)",
+        )
 }
 
 /// A CPU quota for a group of processes (Linux cgroups, v2 or v1): `cores` of CPU time per

@@ -2,7 +2,8 @@
 //!
 //! - [`broker`]: `isomesh-broker` or Mosquitto, picked by `ISOMESH_TEST_BROKER` (`isomesh`, the
 //!   default, or `mosquitto`), so one suite proves both.
-//! - [`node`]: `isomesh-node` processes with their own module directories.
+//! - [`node`]: `isomesh-node` processes with their own module directories; [`arm64`]: the
+//!   aarch64 build of it under qemu, beside them.
 //! - [`mqtt`]: small MQTT clients for tests (rumqttc v5 and v4).
 //! - [`rollout`]: signing keys, the second module version, and hand-made (also tampered) rollouts.
 //! - [`faults`]: tiny hand-written modules that trap, loop or lie.
@@ -18,6 +19,7 @@
 //! `target/wasm32-wasip1/release/isomesh_guest.wasm`; `make test` builds both.
 
 pub mod accounts;
+pub mod arm64;
 pub mod broker;
 pub mod camera;
 pub mod compose;

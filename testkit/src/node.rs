@@ -12,8 +12,20 @@ pub struct TestNode {
     pub id: String,
     child: Child,
     dir: tempfile::TempDir,
-    /// The command line, to start the node again on the same directory.
+    /// The program (and, for an aarch64 node, qemu before it) and the node's flags, to start
+    /// the node again on the same directory.
+    program: Vec<std::ffi::OsString>,
     args: Vec<std::ffi::OsString>,
+}
+
+/// Which build of `isomesh-node` runs a test node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// The x86_64 build the tests were built with.
+    Native,
+    /// The aarch64 build under qemu ([`crate::arm64`]), on a cache of its own seeded with module
+    /// 0.1.0's aarch64 code (unless its flags name a `--cache-dir`).
+    Arm64,
 }
 
 /// How to start a node. Every node trusts the test process's [`crate::rollout::test_key`].
@@ -122,8 +134,20 @@ impl TestNode {
         node
     }
 
+    /// [`TestNode::start`] of the aarch64 build under qemu.
+    pub async fn start_arm64(spec: NodeSpec<'_>) -> TestNode {
+        let node = TestNode::spawn_on(&spec, Isa::Arm64);
+        node.wait_ready(spec.broker_port).await;
+        node
+    }
+
     /// Starts the node without waiting.
     pub fn spawn(spec: &NodeSpec<'_>) -> TestNode {
+        TestNode::spawn_on(spec, Isa::Native)
+    }
+
+    /// Starts the node of that build without waiting.
+    pub fn spawn_on(spec: &NodeSpec<'_>, isa: Isa) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let modules = dir.path().join("modules");
         std::fs::create_dir_all(&modules).expect("modules dir");
@@ -154,19 +178,32 @@ impl TestNode {
         args.push(modules.into());
         // A test may give the node a compiled-module cache of its own in its extra flags.
         if !spec.extra_args.iter().any(|a| a == "--cache-dir") {
+            let cache = match isa {
+                Isa::Native => crate::shared_cache_dir(),
+                Isa::Arm64 => {
+                    let cache = dir.path().join("cache");
+                    crate::arm64::seed_cache(&cache);
+                    cache
+                }
+            };
             args.push("--cache-dir".into());
-            args.push(crate::shared_cache_dir().into());
+            args.push(cache.into());
         }
         args.push("--status-interval-s".into());
         args.push("1".into());
         args.push("--trusted-key".into());
         args.push(crate::rollout::test_key().public_path.clone().into());
         args.extend(spec.extra_args.iter().map(Into::into));
-        let child = start_process(dir.path(), &args);
+        let program = match isa {
+            Isa::Native => vec![crate::bin_path("isomesh-node").into()],
+            Isa::Arm64 => crate::arm64::node_command(),
+        };
+        let child = start_process(dir.path(), &program, &args);
         TestNode {
             id: spec.id.to_string(),
             child,
             dir,
+            program,
             args,
         }
     }
@@ -179,7 +216,7 @@ impl TestNode {
 
     /// Starts the (stopped) node again with the same command line and module directory.
     pub fn start_again(&mut self) {
-        self.child = start_process(self.dir.path(), &self.args);
+        self.child = start_process(self.dir.path(), &self.program, &self.args);
     }
 
     /// Freezes the node (SIGSTOP): its connection and retained status stay, so the mesh still
@@ -298,14 +335,16 @@ impl TestNode {
     }
 }
 
-/// Starts `isomesh-node` with `args`, appending its log to `dir/node.log`.
-fn start_process(dir: &Path, args: &[std::ffi::OsString]) -> Child {
+/// Starts `program` (`isomesh-node`, or qemu and the aarch64 one) with `args`, appending its log
+/// to `dir/node.log`.
+fn start_process(dir: &Path, program: &[std::ffi::OsString], args: &[std::ffi::OsString]) -> Child {
     let log = std::fs::File::options()
         .create(true)
         .append(true)
         .open(dir.join("node.log"))
         .expect("log file");
-    Command::new(crate::bin_path("isomesh-node"))
+    Command::new(&program[0])
+        .args(&program[1..])
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

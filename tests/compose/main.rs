@@ -1,14 +1,16 @@
 //! The compose mesh under faults: real containers from the images of `make images` (broker,
-//! cloud, two edge nodes, three devices, CPU-limited per tier), one compose project per test,
+//! cloud, two edge nodes, three devices, CPU-limited per tier; and in one test d4, an aarch64
+//! node in a linux/arm64 container, under qemu on an x86 host), one compose project per test,
 //! one test at a time. Load comes from `isomesh camera` sending the shared photos; after each
 //! fault the test checks the promise: no job lost, exactly one answer per job (also none twice
 //! on the wire), each with its photo's reference label.
 //!
-//! Needs Docker Engine, docker-compose and the images; fails (never skips) without them.
+//! Needs Docker Engine, docker-compose and the images, and Docker able to run linux/arm64
+//! containers; fails (never skips) without them.
 
 use isomesh_testkit::broker::{BrokerKind, TestBroker};
 use isomesh_testkit::camera::Camera;
-use isomesh_testkit::compose::{statuses, Mesh, NODES};
+use isomesh_testkit::compose::{statuses, Mesh, ARM_NODE, ARM_TARGET, NODES};
 use isomesh_testkit::metrics;
 use isomesh_testkit::node::wait_status;
 use std::time::{Duration, Instant};
@@ -22,13 +24,18 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 /// where every node compiles).
 const READY_WITHIN: Duration = Duration::from_secs(240);
 
-/// The broker and the six nodes (not the compose camera: each test brings its own load).
+/// The broker and the six x86_64 nodes (not the compose camera: each test brings its own load).
 async fn mesh(name: &str) -> Mesh {
+    mesh_of(name, &NODES).await
+}
+
+/// The broker and these nodes, serving 0.1.0.
+async fn mesh_of(name: &str, nodes: &[&str]) -> Mesh {
     let started = Instant::now();
     let mut services = vec!["broker"];
-    services.extend(NODES);
+    services.extend(nodes);
     let mesh = Mesh::up(name, &services);
-    mesh.wait_serving(&NODES, "0.1.0", READY_WITHIN).await;
+    mesh.wait_serving(nodes, "0.1.0", READY_WITHIN).await;
     eprintln!("{name}: mesh up and serving after {:?}", started.elapsed());
     mesh
 }
@@ -404,6 +411,136 @@ async fn with_the_cloud_stopped_edges_run_their_jobs_themselves() {
     );
 }
 
+/// The ARM device: d4 runs the aarch64 build of the node (under qemu here) on the same signed
+/// module file as the x86_64 nodes, from the aarch64 machine code baked into its image; it
+/// answers each photo as an x86_64 device does, says `aarch64` in its hop, and takes a rollout
+/// with code compiled for it by the publisher, compiling nothing itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_arm64_device_container_serves_and_takes_the_rollout_precompiled() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut nodes = NODES.to_vec();
+    nodes.push(ARM_NODE);
+    let mesh = mesh_of("arm64", &nodes).await;
+    let all = statuses(mesh.broker_port()).await;
+    let (d4, d1) = (&all[ARM_NODE], &all["d1"]);
+    assert_eq!(d4.target, ARM_TARGET, "d4's status: {d4:?}");
+    assert_eq!(
+        d1.target, "x86_64-unknown-linux-musl",
+        "d1's status: {d1:?}"
+    );
+    let sha256 = |s: &isomesh_protos::NodeStatus| s.module.as_ref().map(|m| m.sha256.clone());
+    assert_eq!(sha256(d4), sha256(d1), "d4 and d1 serve other module files");
+    let log = mesh.logs(ARM_NODE);
+    let loaded = log
+        .lines()
+        .find(|l| l.contains("module loaded") || l.contains("module swapped in"))
+        .unwrap_or_else(|| panic!("d4 logged no module loaded:\n{log}"));
+    assert!(
+        log.contains("compiled code reused from the cache (MAC checked)")
+            && loaded.contains("from_cache=true"),
+        "d4 compiled module 0.1.0 instead of loading the aarch64 code of its image:\n{log}"
+    );
+
+    // Every photo once to d4 and once to the x86_64 device d1, with no budget, so each runs
+    // where it was sent.
+    let photos = isomesh_testkit::photos().len().to_string();
+    let each = |node: &'static str| {
+        let args = ["--node", node, "--rate", "2", "--count", photos.as_str()];
+        Camera::start(&mesh.broker_url(), &args)
+    };
+    let (arm, x86) = (each(ARM_NODE), each("d1"));
+    let (arm, x86) = (arm.finish(), x86.finish());
+    arm.assert_exactly_one_correct_answer_each();
+    x86.assert_exactly_one_correct_answer_each();
+    let hop_arch = |a: &serde_json::Value| a["hops"][0]["arch"].as_str().map(String::from);
+    for (seen, node, arch) in [(&arm, ARM_NODE, "aarch64"), (&x86, "d1", "x86_64")] {
+        for answer in &seen.answers {
+            assert!(
+                answer["node"] == node && hop_arch(answer).as_deref() == Some(arch),
+                "expected {node} to run it on {arch}: {answer}"
+            );
+        }
+    }
+    // The same Wasm on either ISA: the same class, and the same probability up to the last bits
+    // that relaxed SIMD's fused multiply-adds may move (tests/integration/mixed_isa.rs).
+    let top1 = |seen: &isomesh_testkit::camera::Seen| {
+        let mut by_file: Vec<(String, u64, f64)> = seen
+            .answers
+            .iter()
+            .map(|a| {
+                let file = a["file"]
+                    .as_str()
+                    .unwrap_or("")
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("");
+                let top = &a["top"][0];
+                (
+                    file.to_string(),
+                    top["index"].as_u64().unwrap_or(u64::MAX),
+                    top["prob"].as_f64().unwrap_or(-1.0),
+                )
+            })
+            .collect();
+        by_file.sort_by(|a, b| a.0.cmp(&b.0));
+        by_file
+    };
+    let (on_arm, on_x86) = (top1(&arm), top1(&x86));
+    eprintln!("arm64: top-1 on d4 {on_arm:?}; on d1 {on_x86:?}");
+    assert_eq!(on_arm.len(), on_x86.len());
+    for (a, x) in on_arm.iter().zip(&on_x86) {
+        assert!(
+            a.0 == x.0 && a.1 == x.1 && (a.2 - x.2).abs() < 1e-3,
+            "d4 (aarch64) and d1 (x86_64) differ: {a:?} vs {x:?}"
+        );
+    }
+
+    // The rollout service's command, aarch64 code included; it waits for every node, d4 too.
+    let started = Instant::now();
+    let out = mesh.compose(&rollout_command(&[
+        "--target=aarch64-unknown-linux-musl",
+        "--wait",
+        "--timeout-s=300",
+    ]));
+    eprintln!(
+        "arm64: rollout service exited {:?} after {:?}:\n{}",
+        out.status.code(),
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        out.status.success(),
+        "rollout: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    mesh.wait_serving(&nodes, "0.2.0", Duration::from_secs(60))
+        .await;
+    let log = mesh.logs(ARM_NODE);
+    let swapped = log
+        .lines()
+        .find(|l| l.contains("module swapped in") && l.contains("0.2.0"))
+        .unwrap_or_else(|| panic!("d4 logged no swap to 0.2.0:\n{log}"));
+    eprintln!("arm64: d4 {swapped}");
+    assert!(
+        swapped.contains("from_cache=true"),
+        "d4 compiled module 0.2.0 instead of taking the rollout's aarch64 code:\n{log}"
+    );
+    // And answers with it, on aarch64.
+    let seen = Camera::start(
+        &mesh.broker_url(),
+        &["--node", ARM_NODE, "--rate", "2", "--count", "2"],
+    )
+    .finish();
+    seen.assert_exactly_one_correct_answer_each();
+    assert!(
+        seen.answers.iter().all(|a| a["module"]["version"] == "0.2.0"
+            && hop_arch(a).as_deref() == Some("aarch64")),
+        "{:?}",
+        seen.answers
+    );
+}
+
 /// `docker restart` of d2 while photos flow to it (no budget, so none goes up): the jobs sent
 /// while it is down wait in its persistent session on the broker, and it answers every one
 /// when it is back, once.
@@ -501,7 +638,7 @@ fn assert_status_lists_every_node(mesh: &Mesh, version: &str) {
 }
 
 /// `docker-compose run` of the rollout service's `isomesh rollout` of module 0.2.0, as an
-/// operator runs it, with `extra` flags.
+/// operator runs it, with `extra` flags (`--target` for a mesh with d4).
 fn rollout_command<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "run",

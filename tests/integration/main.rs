@@ -7,6 +7,7 @@ mod broker;
 mod classify;
 mod lifecycle;
 mod metrics;
+mod mixed_isa;
 mod module_faults;
 mod offload;
 mod rollout;

@@ -22,7 +22,7 @@ fn agent_trusting(key: &SecretKey) -> RolloutAgent {
             tier: Tier::Device,
             topics: Topics::new("isomesh"),
             trusted,
-            engine: "engine-a".into(),
+            engines: vec!["engine-a".into()],
             give_up_after: Duration::from_secs(60),
         },
         Vec::new(),
@@ -626,4 +626,73 @@ fn a_node_reseeds_its_module_only_when_the_broker_has_no_manifest_for_it() {
     assert!(agent
         .handle(Event::Tick, start + Duration::from_secs(6))
         .is_empty());
+}
+
+#[test]
+fn a_node_takes_the_artifact_of_its_own_engine_else_the_portable_one_of_its_target() {
+    let key = SecretKey::generate().unwrap();
+    let start = Instant::now();
+    let spec = PackageSpec {
+        name: "mobilenet_v2",
+        version: "0.2.0",
+        chunk_size: 300,
+        target_tiers: vec![],
+        target_nodes: vec![],
+        force: false,
+        compress: false,
+    };
+    // What a publisher ships: code for its own CPU, and baseline code for each --target.
+    let code = |engine: &str, byte: u8| (engine.to_string(), vec![byte; 400]);
+    // The artifacts a manifest carries, and the engine whose artifact the node should fetch.
+    type Case<'a> = (&'a [(String, Vec<u8>)], Option<&'a str>);
+    let cases: [Case; 3] = [
+        (
+            &[
+                code("x86-publisher", 1),
+                code("aarch64-portable", 2),
+                code("own", 3),
+            ],
+            Some("own"),
+        ),
+        (
+            &[code("x86-publisher", 1), code("aarch64-portable", 2)],
+            Some("aarch64-portable"),
+        ),
+        (&[code("x86-publisher", 1)], None),
+    ];
+    for (artifacts, wanted) in cases {
+        let mut trusted = TrustedKeys::default();
+        trusted.add(key.public());
+        let mut agent = RolloutAgent::new(
+            AgentConfig {
+                node: NODE.into(),
+                tier: Tier::Device,
+                topics: Topics::new("isomesh"),
+                trusted,
+                engines: vec!["own".into(), "aarch64-portable".into()],
+                give_up_after: Duration::from_secs(60),
+            },
+            Vec::new(),
+        );
+        let mut package = Package::new(&spec, &module(3), artifacts);
+        package.manifest.published_at_ms = next_publish_time();
+        key.sign(&mut package.manifest);
+        let actions = manifest_event(&mut agent, &package.manifest, start);
+        let first = subscriptions(&actions)[0].to_string();
+        let expected = match wanted {
+            Some(engine) => {
+                let artifact = package
+                    .manifest
+                    .artifacts
+                    .iter()
+                    .find(|a| a.engine == engine);
+                artifact.expect("in the manifest").sha256.clone()
+            }
+            None => package.manifest.sha256.clone(),
+        };
+        assert!(
+            first.contains(&expected),
+            "wanted {wanted:?} first, subscribed {first}"
+        );
+    }
 }
