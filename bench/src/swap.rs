@@ -73,7 +73,7 @@ pub struct SwapArgs {
 
 /// The target of `--arm64`'s node.
 const ARM_TARGET: &str = "aarch64-unknown-linux-musl";
-/// Its call deadline: an emulated classification takes about a second, not tens of ms.
+/// Its call deadline: an emulated classification takes ~4 s here, not tens of ms.
 const ARM_CALL_TIMEOUT_MS: &str = "120000";
 
 /// The `--arm64` node: where it keeps its things and how it is run.
