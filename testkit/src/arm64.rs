@@ -24,16 +24,10 @@ pub fn node_binary() -> PathBuf {
     path
 }
 
-/// `qemu-aarch64-static`, which runs aarch64 Linux programs here.
+/// `qemu-aarch64-static`, which runs aarch64 Linux programs here: the benchmarks' lookup
+/// ([`crate::harness::qemu_aarch64`]), for tests, which stop where it is missing.
 pub fn qemu() -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("qemu-aarch64-static"))
-        .find(|path| path.is_file());
-    found.unwrap_or_else(|| {
-        panic!("qemu-aarch64-static is missing: run scripts/setup.sh (Debian's qemu-user-static)")
-    })
+    crate::harness::qemu_aarch64().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The command that starts an aarch64 node: qemu, then the node binary; its flags follow.
