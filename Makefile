@@ -74,7 +74,7 @@ lint:
 ## Licences, banned crates and sources of every dependency (deny.toml); cargo-deny from crates.io
 ## when missing. Advisories need GitHub (see deny.toml).
 deny:
-	command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --locked
+	command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --locked --debug
 	$(CARGO) deny check licenses bans sources
 
 ## The paper's evaluation and ours, one run each (README, Benchmarks): inference per tier CPU
@@ -138,7 +138,7 @@ report: bench-python
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := job manifest chunks image guest_outcome relayed_result rollout_agent version_order broker_files offload
 fuzz: module build
-	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --debug
 	python3 scripts/fuzz_seeds.py target/fuzz-corpus $(BIN)/isomesh $(MODULE) ../shared/images/*.jp*g
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 	  $(CARGO) fuzz run --sanitizer none $$t ../target/fuzz-corpus/$$t -- \
