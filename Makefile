@@ -13,7 +13,7 @@ MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 ARM_TARGET := aarch64-unknown-linux-musl
 ARM_BIN := target/$(ARM_TARGET)/release
 
-.PHONY: demo test setup module build arm64-node arm64 images compose-test unit integration lint deny bench bench-quick bench-python report clean-demo fuzz
+.PHONY: demo test setup module build arm64-node arm64 images compose-test unit integration lint deny deny-tool checks-build bench bench-quick bench-python report clean-demo fuzz fuzz-build
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
@@ -67,15 +67,29 @@ arm64-node: setup
 arm64: setup
 	$(CARGO) zigbuild --release --target $(ARM_TARGET) -p isomesh-node -p isomesh-cli -p isomesh-broker
 
+## rustfmt and clippy (-D warnings). Clippy checks in a target directory of its own: a check
+## shares no artefact with a build anyway, and so it never waits for a build or a test run of
+## target/ (cargo locks a target directory while it builds), nor makes one wait.
+LINT_TARGET_DIR := target/lint
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	CARGO_TARGET_DIR=$(LINT_TARGET_DIR) $(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 ## Licences, banned crates and sources of every dependency (deny.toml); cargo-deny from crates.io
 ## when missing. Advisories need GitHub (see deny.toml).
-deny:
-	command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --locked --debug
+deny: deny-tool
 	$(CARGO) deny check licenses bans sources
+
+# cargo-deny and cargo-fuzz are built unoptimised (--debug): they run for seconds, and an
+# optimised build of each takes minutes of CI.
+deny-tool:
+	command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --locked --debug
+
+## What the checks after the tests compile, without running them: cargo-deny and cargo-fuzz, the
+## instrumented fuzz targets and clippy's check. .ci/run starts it beside `make test` at the
+## lowest CPU priority, so it takes only the CPU the tests leave idle (they wait on brokers,
+## nodes and containers: a third of two cores, measured), and those checks then only run.
+checks-build: setup deny-tool fuzz-build lint
 
 ## The paper's evaluation and ours, one run each (README, Benchmarks): inference per tier CPU
 ## limit (Wasm vs native tract vs onnxruntime) and the call-overhead ladder; a rollout under load
@@ -85,7 +99,9 @@ deny:
 ## throughput and scaling for 1/2/4 nodes on isomesh-broker and Mosquitto, and node memory.
 ## CPU quotas need root. JSON in bench-out/, then docs/benchmarks.md and its plots.
 BENCH_OUT ?= bench-out
-PHOTOS := $(wildcard ../shared/images/*.jp*g)
+# The photos (photos/, with their sources and reference answers), or $ISOMESH_IMAGES.
+ISOMESH_IMAGES ?= photos
+PHOTOS := $(wildcard $(ISOMESH_IMAGES)/*.jp*g)
 # The issue's ~100 KB photos for the mesh run.
 MESH_PHOTOS := $(filter %/banana.jpg %/cat_720p.jpg %/elephants.jpg,$(PHOTOS))
 ISOMESH := ./$(BIN)/isomesh
@@ -137,10 +153,14 @@ report: bench-python
 # their seeds passing; the long runs are by hand.
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := job manifest chunks image guest_outcome relayed_result rollout_agent version_order broker_files offload
-fuzz: module build
-	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --debug
-	python3 scripts/fuzz_seeds.py target/fuzz-corpus $(BIN)/isomesh $(MODULE) ../shared/images/*.jp*g
+fuzz: module build fuzz-build
+	python3 scripts/fuzz_seeds.py target/fuzz-corpus $(BIN)/isomesh $(MODULE) $(PHOTOS)
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 	  $(CARGO) fuzz run --sanitizer none $$t ../target/fuzz-corpus/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 || exit 1; \
 	done
+
+## The fuzz targets, built as `make fuzz` runs them (release, debug assertions, no sanitizer).
+fuzz-build:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --debug
+	cd fuzz && $(CARGO) fuzz build --sanitizer none

@@ -24,11 +24,13 @@ use crate::{engine_config, engine_id, LoadError};
 use isomesh_module::digest::{is_wasm, sha256_hex};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use target_lexicon::HOST;
 use wasmtime::Engine;
 
-/// The targets of the mesh's static builds. This build compiles for any triple of their two
-/// architectures (Cranelift's x86 and arm64 backends, see `Cargo.toml`), e.g. for a node built
-/// for `aarch64-unknown-linux-gnu` too.
+/// The targets of the mesh's static builds. A build with the `cross-compile` feature (`isomesh`)
+/// compiles for any triple of their two architectures (Cranelift's x86 and arm64 backends, see
+/// `Cargo.toml`), e.g. for a node built for `aarch64-unknown-linux-gnu` too; one without it (a
+/// node) for its own architecture only.
 pub const SUPPORTED: [&str; 2] = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
 
 /// Whether this build can compile for `triple`; the error says what it can compile for.
@@ -40,7 +42,18 @@ pub fn check(triple: &str) -> Result<(), String> {
         )
     })?;
     match parsed.architecture {
-        target_lexicon::Architecture::X86_64 | target_lexicon::Architecture::Aarch64(_) => Ok(()),
+        target_lexicon::Architecture::X86_64 | target_lexicon::Architecture::Aarch64(_)
+            if cfg!(feature = "cross-compile") || parsed.architecture == HOST.architecture =>
+        {
+            Ok(())
+        }
+        target_lexicon::Architecture::X86_64 | target_lexicon::Architecture::Aarch64(_) => {
+            Err(format!(
+                "this build compiles for {} only (it was built without the sandbox's \
+                 `cross-compile` feature); compile for {triple} with `isomesh`, which has it",
+                HOST.architecture
+            ))
+        }
         other => Err(format!(
             "this build compiles for x86_64 and aarch64 ({}), not {other}",
             SUPPORTED.join(", ")
@@ -51,12 +64,12 @@ pub fn check(triple: &str) -> Result<(), String> {
 /// The target triple of this build, e.g. `x86_64-unknown-linux-musl`: what a node says it runs
 /// on (its status), and what `isomesh rollout --target` must name to make code it loads.
 pub fn host() -> String {
-    target_lexicon::HOST.to_string()
+    HOST.to_string()
 }
 
 /// The CPU architecture of this build (`x86_64`, `aarch64`), as job results name where a hop ran.
 pub fn host_arch() -> String {
-    target_lexicon::HOST.architecture.to_string()
+    HOST.architecture.to_string()
 }
 
 /// A wasmtime engine that compiles, and never runs, code for one target.
@@ -157,6 +170,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "cross-compile")]
     fn every_supported_target_has_an_engine_and_each_its_own_id() {
         let ids: Vec<String> = SUPPORTED
             .iter()
@@ -167,6 +181,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cross-compile")]
     fn targets_are_checked_before_any_engine_is_made() {
         assert_eq!(check("aarch64-unknown-linux-gnu"), Ok(()));
         assert_eq!(check("x86_64-unknown-linux-musl"), Ok(()));
@@ -174,6 +189,18 @@ mod tests {
         assert!(error.contains("riscv64"), "{error}");
         let error = check("arm64 please").expect_err("not a triple");
         assert!(error.contains("aarch64-unknown-linux-musl"), "{error}");
+    }
+
+    #[test]
+    #[cfg(not(feature = "cross-compile"))]
+    fn without_the_feature_only_the_host_architecture_is_compiled_for() {
+        assert_eq!(check(&host()), Ok(()));
+        let other = SUPPORTED
+            .iter()
+            .find(|t| **t != host())
+            .expect("two targets");
+        let error = check(other).expect_err("no backend for the other architecture");
+        assert!(error.contains("cross-compile"), "{error}");
     }
 
     #[test]
@@ -187,6 +214,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cross-compile")]
     fn code_for_another_architecture_is_made_and_this_host_refuses_to_run_it() {
         let wasm = wat_module();
         let other = SUPPORTED
