@@ -361,8 +361,8 @@ def table(result):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=Path, default=REPO.parent / "shared/images",
-                   help="folder of photos the camera sends (default ../shared/images)")
+    p.add_argument("--images", type=Path, default=REPO / "photos",
+                   help="folder of photos the camera sends (default photos/)")
     p.add_argument("--rate", type=float, default=2.0, help="photos per second (default 2)")
     p.add_argument("--isomesh", type=Path,
                    default=REPO / "target/x86_64-unknown-linux-musl/release/isomesh",

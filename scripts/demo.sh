@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=${1:-target/x86_64-unknown-linux-musl/release}
 module=target/wasm32-wasip1/release/isomesh_guest.wasm
 module_v2=target/modules/mobilenet_v2-0.2.0.wasm
-images="${ISOMESH_IMAGES:-../shared/images}"
+images="${ISOMESH_IMAGES:-photos}"
 port="${ISOMESH_DEMO_PORT:-18830}"
 broker="mqtt://127.0.0.1:$port"
 work=target/demo

@@ -119,7 +119,7 @@ mod tests {
     /// The native build must agree with onnxruntime's top-1 on every shared photo.
     #[test]
     fn native_classifier_matches_the_reference_on_real_photos() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/images");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../photos");
         let expected =
             std::fs::read_to_string(format!("{dir}/expected.tsv")).expect("expected.tsv");
         let classifier = Classifier::load().expect("model loads");

@@ -134,11 +134,8 @@ mod tests {
 
     #[test]
     fn truncated_jpeg_is_rejected() {
-        let bytes = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/images/banana.jpg"
-        ))
-        .expect("../shared/images/banana.jpg");
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../photos/banana.jpg"))
+            .expect("photos/banana.jpg");
         let result = image_to_input(&bytes[..bytes.len() / 3]);
         assert!(matches!(result, Err(Error::BadImage(_))), "{result:?}");
     }

@@ -330,11 +330,11 @@ pub async fn statuses(port: u16) -> std::collections::BTreeMap<String, isomesh_p
     out
 }
 
-/// The shared photo folder the compose camera and the tests use.
+/// The photo folder the compose camera and the tests use (`$ISOMESH_IMAGES`, else `photos/`).
 pub fn photos_dir() -> PathBuf {
     std::env::var_os("ISOMESH_IMAGES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("../shared/images"))
+        .unwrap_or_else(|| crate::workspace_root().join("photos"))
         .canonicalize()
         .expect("the photo folder (set ISOMESH_IMAGES)")
 }

@@ -104,11 +104,11 @@ pub fn photos() -> Vec<Photo> {
     parse_expected(&dir, &table)
 }
 
-/// The folder of the shared photos (`$ISOMESH_IMAGES`, else `../shared/images`).
+/// The folder of the photos (`$ISOMESH_IMAGES`, else the repository's `photos/`).
 fn photo_set_dir() -> PathBuf {
     std::env::var_os("ISOMESH_IMAGES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/images"))
+        .unwrap_or_else(|| workspace_root().join("photos"))
 }
 
 /// The rows of an `expected.tsv` whose photos live in `dir`.
@@ -200,6 +200,22 @@ pub fn photo_job(n: usize, id: &str, reply_to: &str, budget_ms: u32) -> Vec<u8> 
         ..Default::default()
     }
     .encode_to_vec()
+}
+
+/// Checks that `result`, the answer to job `id` carrying photo `n` of the set (cycling, as
+/// [`photo_job`] sends it), has no error and the photo's reference top-1; returns that top-1.
+pub fn assert_answers_photo(id: &str, n: usize, result: &isomesh_protos::JobResult) -> u32 {
+    let photos = photos();
+    let photo = &photos[n % photos.len()];
+    assert!(result.error.is_empty(), "{id}: {}", result.error);
+    let top1 = result.top.first().map(|c| c.index).unwrap_or(u32::MAX);
+    assert!(
+        photo.accepts(top1),
+        "{id} ({}): got class {top1}, expected {}",
+        photo.file,
+        photo.acceptable()
+    );
+    top1
 }
 
 /// One reference photo.
