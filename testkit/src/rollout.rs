@@ -116,3 +116,44 @@ pub async fn publish(client: &Client, package: &Package) {
         )
         .await;
 }
+
+/// The flags of `isomesh rollout MODULE --name mobilenet_v2 --version VERSION --key ... --broker
+/// BROKER_URL --wait --timeout-s ...`: a rollout signed by `keys` that waits for every node.
+pub fn rollout_args(
+    broker_url: &str,
+    keys: &Keys,
+    module: &std::path::Path,
+    version: &str,
+    converge_within: std::time::Duration,
+) -> Vec<String> {
+    vec![
+        "rollout".into(),
+        module.display().to_string(),
+        "--name".into(),
+        MODULE_NAME.into(),
+        "--version".into(),
+        version.into(),
+        "--key".into(),
+        keys.secret_path.display().to_string(),
+        "--broker".into(),
+        broker_url.into(),
+        "--wait".into(),
+        "--timeout-s".into(),
+        converge_within.as_secs().to_string(),
+    ]
+}
+
+/// Runs the `isomesh` binary under test with `args`; returns (exit code, stdout + stderr).
+pub async fn isomesh(args: &[String]) -> (i32, String) {
+    let output = tokio::process::Command::new(crate::bin_path("isomesh"))
+        .args(args)
+        .output()
+        .await
+        .expect("run isomesh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}

@@ -19,8 +19,10 @@ use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::faults::{fault_module_as, Fault};
 use isomesh_testkit::mqtt::Client;
 use isomesh_testkit::node::{serves, wait_status, wait_statuses_published, NodeSpec, TestNode};
-use isomesh_testkit::rollout::{guest_module_v2, Keys, MODULE_NAME, VERSION_1, VERSION_2};
-use isomesh_testkit::{bin_path, guest_module, photos};
+use isomesh_testkit::rollout::{
+    guest_module_v2, isomesh, rollout_args, Keys, MODULE_NAME, VERSION_1, VERSION_2,
+};
+use isomesh_testkit::{assert_answers_photo, guest_module, photos};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -56,21 +58,6 @@ async fn answers(client: &mut Client, n: usize) -> HashMap<String, JobResult> {
         }
     }
     results
-}
-
-/// Checks that the answer to job `n` is the reference top-1 of its photo; returns that top-1.
-fn assert_correct(id: &str, n: usize, result: &JobResult) -> u32 {
-    let photos = photos();
-    let photo = &photos[n % photos.len()];
-    assert!(result.error.is_empty(), "{id}: {}", result.error);
-    let top1 = result.top.first().map(|c| c.index).unwrap_or(u32::MAX);
-    assert!(
-        photo.accepts(top1),
-        "{id} ({}): got class {top1}, expected {}",
-        photo.file,
-        photo.acceptable()
-    );
-    top1
 }
 
 /// Each hop as (node, action, arch).
@@ -150,8 +137,8 @@ async fn an_arm64_node_serves_the_same_module_and_answers_every_photo_as_x86_64_
     let mut widest = 0f32;
     for (n, photo) in photos.iter().enumerate() {
         let (x86, arm) = (&results[&format!("m1x-{n}")], &results[&format!("m1a-{n}")]);
-        let x86_top1 = assert_correct(&x86.job_id, n, x86);
-        let arm_top1 = assert_correct(&arm.job_id, n, arm);
+        let x86_top1 = assert_answers_photo(&x86.job_id, n, x86);
+        let arm_top1 = assert_answers_photo(&arm.job_id, n, arm);
         assert_eq!(arm_top1, x86_top1, "{}: the ISAs disagree", photo.file);
         assert_eq!(hops(x86)[0].2, "x86_64");
         assert_eq!(hops(arm)[0].2, "aarch64");
@@ -184,33 +171,10 @@ async fn rollout(
     within: Duration,
     extra: &[&str],
 ) -> String {
-    let mut args: Vec<String> = vec![
-        "rollout".into(),
-        module.display().to_string(),
-        "--name".into(),
-        MODULE_NAME.into(),
-        "--version".into(),
-        VERSION_2.into(),
-        "--key".into(),
-        keys.secret_path.display().to_string(),
-        "--broker".into(),
-        broker.url(),
-        "--wait".into(),
-        "--timeout-s".into(),
-        within.as_secs().to_string(),
-    ];
+    let mut args = rollout_args(&broker.url(), keys, module, VERSION_2, within);
     args.extend(extra.iter().map(|a| a.to_string()));
-    let output = tokio::process::Command::new(bin_path("isomesh"))
-        .args(&args)
-        .output()
-        .await
-        .expect("run isomesh rollout");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "isomesh {args:?}:\n{text}");
+    let (code, text) = isomesh(&args).await;
+    assert_eq!(code, 0, "isomesh {args:?}:\n{text}");
     text
 }
 
@@ -275,7 +239,7 @@ async fn a_rollout_brings_the_arm64_node_code_compiled_for_it_and_it_serves_with
         .publish("isomesh/jobs/m2a", job(0, "after", "test/mixed/rollout", 0))
         .await;
     let result = &answers(&mut client, 1).await["after"];
-    assert_correct("after", 0, result);
+    assert_answers_photo("after", 0, result);
     assert_eq!(
         result.module.as_ref().map(|m| m.version.as_str()),
         Some(VERSION_2)
@@ -347,7 +311,7 @@ async fn over_its_budget_the_arm64_device_offloads_to_an_x86_64_edge() {
                 job(0, &id, "test/mixed/offload", 0),
             )
             .await;
-        assert_correct(&id, 0, &answers(&mut client, 1).await[&id]);
+        assert_answers_photo(&id, 0, &answers(&mut client, 1).await[&id]);
     }
     let served = |s: &NodeStatus| s.jobs_done >= 1 && s.ewma_ms > 0.0;
     let device = wait_status(port, "m4a", ANSWERS_WITHIN, served).await;
@@ -375,7 +339,7 @@ async fn over_its_budget_the_arm64_device_offloads_to_an_x86_64_edge() {
     for n in 0..JOBS {
         let id = format!("up-{n}");
         let result = &results[&id];
-        assert_correct(&id, n, result);
+        assert_answers_photo(&id, n, result);
         assert_eq!(
             hops(result),
             vec![
@@ -439,7 +403,7 @@ async fn bad_input_and_a_killed_arm64_node_cost_no_job() {
         "{:?}",
         results["garbage"]
     );
-    assert_correct("good", 1, &results["good"]);
+    assert_answers_photo("good", 1, &results["good"]);
     assert_eq!(hops(&results["good"])[0].2, "aarch64");
 
     // Jobs through the device to the edge tier; the aarch64 edge node is killed as soon as it
@@ -483,7 +447,7 @@ async fn bad_input_and_a_killed_arm64_node_cost_no_job() {
     }
     for n in 0..JOBS {
         let id = format!("kill-{n}");
-        assert_correct(&id, n, &results[&id]);
+        assert_answers_photo(&id, n, &results[&id]);
     }
     // Back, it answers what its session still held; the device drops those second answers.
     arm.start_again();

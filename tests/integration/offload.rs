@@ -7,7 +7,7 @@ use isomesh_protos::{hop, Job, JobResult};
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
 use isomesh_testkit::node::{start_all, wait_status, ModuleFile, NodeSpec};
-use isomesh_testkit::photos;
+use isomesh_testkit::{assert_answers_photo, photos};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -39,20 +39,6 @@ async fn exactly_one_answer_each(client: &mut Client, n: usize) -> HashMap<Strin
         panic!("an extra answer arrived: {extra:?}");
     }
     results
-}
-
-/// Checks that job `n`'s answer is the reference label for its photo.
-fn assert_correct(job_id: &str, n: usize, result: &JobResult) {
-    let photos = photos();
-    let photo = &photos[n % photos.len()];
-    assert!(result.error.is_empty(), "{job_id}: {}", result.error);
-    let top1 = result.top.first().map(|c| c.index).unwrap_or(u32::MAX);
-    assert!(
-        photo.accepts(top1),
-        "{job_id} ({}): got class {top1}, expected {}",
-        photo.file,
-        photo.acceptable()
-    );
 }
 
 fn actions(result: &JobResult) -> Vec<(String, hop::Action)> {
@@ -96,7 +82,7 @@ async fn a_burst_on_a_slow_device_goes_up_and_each_answer_reports_its_deadline()
     for n in 0..JOBS {
         let id = format!("burst-{n}");
         let result = &results[&id];
-        assert_correct(&id, n, result);
+        assert_answers_photo(&id, n, result);
         *ran_on.entry(result.node.clone()).or_default() += 1;
         met += usize::from(result.deadline_met);
         let total = result.timing.map(|t| t.total_ms).unwrap_or_default();
@@ -157,7 +143,7 @@ async fn edge_nodes_share_the_tier_s_jobs() {
     let mut ran_on: HashMap<String, usize> = HashMap::new();
     for n in 0..JOBS {
         let id = format!("share-{n}");
-        assert_correct(&id, n, &results[&id]);
+        assert_answers_photo(&id, n, &results[&id]);
         *ran_on.entry(results[&id].node.clone()).or_default() += 1;
     }
     assert_eq!(ran_on.len(), 2, "one edge node took every job: {ran_on:?}");
@@ -173,7 +159,7 @@ async fn send_and_check(client: &mut Client, round: &str, path: &[&str]) {
     let results = exactly_one_answer_each(client, 3).await;
     for n in 0..3 {
         let id = format!("{round}-{n}");
-        assert_correct(&id, n, &results[&id]);
+        assert_answers_photo(&id, n, &results[&id]);
         assert_eq!(results[&id].path, path, "{id}: {:?}", results[&id]);
     }
 }
@@ -261,7 +247,7 @@ async fn an_edge_node_killed_while_holding_jobs_costs_no_job() {
     for n in 0..JOBS + LATER {
         let id = format!("kill-{n}");
         let result = &results[&id];
-        assert_correct(&id, n, result);
+        assert_answers_photo(&id, n, result);
         if n >= JOBS {
             assert_ne!(
                 result.node, "o4e1",
@@ -311,7 +297,7 @@ async fn a_job_no_tier_can_finish_in_time_is_still_answered_and_marked_late() {
     client.publish("isomesh/jobs/o5d", job(0, "late", 1)).await;
     let results = exactly_one_answer_each(&mut client, 1).await;
     let result = &results["late"];
-    assert_correct("late", 0, result);
+    assert_answers_photo("late", 0, result);
     assert!(!result.deadline_met, "{result:?}");
     assert_eq!(result.path, ["o5d", "o5e", "o5c"]);
     assert_eq!(
@@ -375,7 +361,7 @@ async fn pinned_jobs_go_up_to_a_node_serving_that_module() {
     }
     let results = exactly_one_answer_each(&mut client, 2).await;
     let v2 = &results["v2"];
-    assert_correct("v2", 0, v2);
+    assert_answers_photo("v2", 0, v2);
     assert_eq!(v2.path, ["o6d", "o6e"]);
     assert_eq!(
         v2.module.as_ref().map(|m| m.version.as_str()),

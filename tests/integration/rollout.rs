@@ -14,8 +14,8 @@ use isomesh_testkit::node::{
     classify_photo, rejected, rejected_with, rejection, serves, swapped_in, wait_status,
     ModuleFile, NodeSpec, TestNode,
 };
+use isomesh_testkit::photos;
 use isomesh_testkit::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_1, VERSION_2};
-use isomesh_testkit::{bin_path, photos};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -40,42 +40,18 @@ async fn classify_ok(port: u16, node: &str) -> Value {
     result
 }
 
-/// Runs `isomesh` with `args`; returns (exit code, stdout + stderr).
-async fn isomesh(args: Vec<String>) -> (i32, String) {
-    let output = tokio::process::Command::new(bin_path("isomesh"))
-        .args(&args)
-        .output()
-        .await
-        .expect("run isomesh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code().unwrap_or(-1), text)
-}
-
+/// `isomesh rollout` of `module` as `version`, signed by `keys`, waiting for every node.
 fn rollout_args(
     broker: &TestBroker,
     keys: &Keys,
     module: &std::path::Path,
     version: &str,
 ) -> Vec<String> {
-    vec![
-        "rollout".into(),
-        module.display().to_string(),
-        "--name".into(),
-        MODULE_NAME.into(),
-        "--version".into(),
-        version.into(),
-        "--key".into(),
-        keys.secret_path.display().to_string(),
-        "--broker".into(),
-        broker.url(),
-        "--wait".into(),
-        "--timeout-s".into(),
-        CONVERGE_WITHIN.as_secs().to_string(),
-    ]
+    rollout::rollout_args(&broker.url(), keys, module, version, CONVERGE_WITHIN)
+}
+
+async fn isomesh(args: Vec<String>) -> (i32, String) {
+    rollout::isomesh(&args).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
