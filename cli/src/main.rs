@@ -5,6 +5,7 @@ mod camera;
 mod classify;
 mod common;
 mod compile;
+mod progress;
 mod rollout;
 mod sign;
 mod status;
@@ -41,7 +42,7 @@ enum Command {
     Camera(camera::CameraArgs),
     /// Compile a module into a node's compiled-module cache (what `make images` bakes in).
     Compile(compile::CompileArgs),
-    /// Show every node's status.
+    /// Show every node's status; exit 0 when every node shown is online, 1 when one is not.
     Status(status::StatusArgs),
     /// Measure the sandbox, the model and the mesh (`isomesh bench --help`): runs
     /// `isomesh-bench` from beside `isomesh`, the one binary that links tract natively.
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
         Command::Rollout(args) => on_runtime(rollout::rollout(args)),
         Command::Keygen(args) => rollout::keygen(args).map(|()| true),
         Command::Sign(args) => sign::run(args).map(|()| true),
-        Command::Status(args) => on_runtime(async { status::run(args).await.map(|()| true) }),
+        Command::Status(args) => on_runtime(status::run(args)),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

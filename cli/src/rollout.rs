@@ -344,6 +344,12 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
                     .or_insert(Err(format!("rejected: {}", state.reason)));
             }
         }
+        if targeted(&status) || args.node.contains(&id) {
+            if let Some(line) = crate::progress::progress(nodes.get(&id), &status, &manifest.sha256)
+            {
+                eprintln!("{line}");
+            }
+        }
         nodes.insert(id, status);
     }
     let _ = client.disconnect().await;

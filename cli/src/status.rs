@@ -1,6 +1,11 @@
 //! `isomesh status`: the retained status of every node, as a table (`--watch` keeps it live).
+//!
+//! Its exit code answers "is the mesh up?" for scripts and health checks: 0 when every node it
+//! shows is online, 1 when one is offline (its Last Will or its own goodbye says so) or no node
+//! matched, 2 on an error (no broker, refused login). `--tier` and `--node` narrow what it shows
+//! and so what it answers for.
 
-use isomesh_mesh::topics::Topics;
+use isomesh_mesh::topics::{parse_tier, Topics};
 use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::{NodeStatus, RolloutState, Tier};
 use prost::Message;
@@ -25,9 +30,24 @@ pub struct StatusArgs {
     /// Topic prefix of the mesh.
     #[arg(long, env = "ISOMESH_PREFIX", default_value = "isomesh")]
     pub prefix: String,
+    /// Only the nodes of this tier (device, edge, cloud).
+    #[arg(long, value_parser = parse_tier)]
+    pub tier: Option<Tier>,
+    /// Only these nodes (repeat the flag or separate ids with commas).
+    #[arg(long = "node", value_name = "ID", value_delimiter = ',')]
+    pub nodes: Vec<String>,
 }
 
-pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+impl StatusArgs {
+    /// Whether `status` is one of the nodes asked for.
+    fn shows(&self, status: &NodeStatus) -> bool {
+        self.tier.is_none_or(|tier| status.tier == tier as i32)
+            && (self.nodes.is_empty() || self.nodes.contains(&status.node_id))
+    }
+}
+
+/// Prints the nodes; `Ok(true)` when every node shown is online (see the module docs).
+pub async fn run(args: StatusArgs) -> anyhow::Result<bool> {
     let topics = Topics::new(args.prefix.clone());
     let (client, mut eventloop) = isomesh_mqtt::connect::connect(
         &args.broker,
@@ -45,13 +65,15 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             event = eventloop.poll() => {
                 if let Event::Incoming(Packet::Publish(publish)) = event? {
                     match NodeStatus::decode(publish.payload.as_ref()) {
-                        Ok(status) => { nodes.insert(status.node_id.clone(), status); }
+                        Ok(status) if args.shows(&status) => { nodes.insert(status.node_id.clone(), status); }
+                        Ok(_) => {}
                         Err(e) => eprintln!("isomesh: unreadable status on {}: {e}", String::from_utf8_lossy(&publish.topic)),
                     }
                 }
             }
             _ = redraw.tick() => {
-                if args.watch {
+                // JSON is for programs: a stream of lines, never terminal control codes.
+                if args.watch && !args.json {
                     print!("\x1b[2J\x1b[H");
                 }
                 print_nodes(&nodes, args.json);
@@ -62,7 +84,32 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     let _ = client.disconnect().await;
-    Ok(())
+    let offline: Vec<&str> = nodes
+        .values()
+        .filter(|s| !s.online)
+        .map(|s| s.node_id.as_str())
+        .collect();
+    if nodes.is_empty() {
+        // Not the broker URL: it may carry a password.
+        let filtered = args.tier.is_some() || !args.nodes.is_empty();
+        eprintln!(
+            "isomesh: no node status{} on the broker (topic {}): are the nodes running, and is \
+             --prefix theirs?",
+            if filtered { " matched" } else { "" },
+            topics.all_status()
+        );
+        return Ok(false);
+    }
+    if !offline.is_empty() {
+        eprintln!(
+            "isomesh: {} of {} nodes offline: {}",
+            offline.len(),
+            nodes.len(),
+            offline.join(", ")
+        );
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {

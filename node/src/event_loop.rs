@@ -63,6 +63,7 @@ pub async fn run(
             _ = &mut shutdown, if !draining => {
                 draining = true;
                 tracing::info!(pending = tasks.len(), "shutting down: answering accepted jobs first");
+                ctx.metrics.draining();
                 // The tier's other nodes take its shared jobs from now on. Jobs addressed to this
                 // node stay subscribed: the broker keeps them in this node's session until it is
                 // back (a restart, an update), and messages that arrive now are left unacknowledged
@@ -85,72 +86,79 @@ pub async fn run(
             Some((module, reason)) = rollouts.failed.1.recv() => {
                 rollouts.handle(RolloutEvent::InstallFailed { module, reason });
             }
-            Some(event) = link.next() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    tracing::info!(broker = %broker, session_present = ack.session_present, "connected");
-                    if !draining {
-                        for (filter, qos) in subscriptions(&ctx) {
-                            if let Err(e) = ctx.client.try_subscribe(filter.clone(), qos) {
-                                tracing::error!(%filter, error = %e, "cannot subscribe");
+            Some(event) = link.next() => {
+                if event.is_err() {
+                    // What `/readyz` and `isomesh_broker_connected` say until the next CONNACK.
+                    ctx.metrics.link_down();
+                }
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        tracing::info!(broker = %broker, session_present = ack.session_present, "connected");
+                        ctx.metrics.link_up();
+                        if !draining {
+                            for (filter, qos) in subscriptions(&ctx) {
+                                if let Err(e) = ctx.client.try_subscribe(filter.clone(), qos) {
+                                    tracing::error!(%filter, error = %e, "cannot subscribe");
+                                }
+                            }
+                            rollouts.handle(RolloutEvent::Connected);
+                        }
+                        status.publish(true);
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) if ack.reason == PubAckReason::NotAuthorized => {
+                        tracing::warn!(reason = ?ack.properties.and_then(|p| p.reason_string), "the broker's ACL refused a publish of this node (an answer to a reply topic outside isomesh/results/, isomesh/replies/ or isomesh/relay/, or a module republished without the rollout role)");
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.contains(&SubscribeReasonCode::NotAuthorized) => {
+                        tracing::error!(codes = ?ack.return_codes, "the broker's ACL refused a subscription of this node: give its account the node role (deploy/acl.conf)");
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                        // Answers from above and the mesh's statuses count while draining too: jobs
+                        // forwarded before the shutdown are still waiting for them.
+                        if topic == relay_topic {
+                            jobs::take_relayed(&ctx, &publish.payload);
+                            continue;
+                        }
+                        if let Some(node) = ctx.topics.status_of(&topic) {
+                            peers.heard(node, read_status(node, &publish.payload));
+                            continue;
+                        }
+                        if draining {
+                            // Not acknowledged: the broker keeps it for this node's next session.
+                            continue;
+                        }
+                        if ctx.topics.is_module_topic(&topic) {
+                            // Retained: nothing is lost by acknowledging before handling.
+                            let _ = ctx.client.try_ack(&publish);
+                            rollouts.handle(RolloutEvent::Publish { topic: &topic, payload: &publish.payload });
+                            continue;
+                        }
+                        match jobs::accept(&ctx, &ids, &mut recent, &peers, &publish) {
+                            Taken::Serve(accepted) => {
+                                tasks.spawn(jobs::serve(ctx.clone(), accepted, publish));
+                            }
+                            Taken::Answer(answer) => {
+                                tasks.spawn(jobs::answer_now(ctx.clone(), answer, publish));
+                            }
+                            Taken::HeldWithRunningJob => {}
+                            Taken::AlreadyAnswered => {
+                                let _ = ctx.client.try_ack(&publish);
                             }
                         }
-                        rollouts.handle(RolloutEvent::Connected);
                     }
-                    status.publish(true);
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) if ack.reason == PubAckReason::NotAuthorized => {
-                    tracing::warn!(reason = ?ack.properties.and_then(|p| p.reason_string), "the broker's ACL refused a publish of this node (an answer to a reply topic outside isomesh/results/, isomesh/replies/ or isomesh/relay/, or a module republished without the rollout role)");
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) if ack.return_codes.contains(&SubscribeReasonCode::NotAuthorized) => {
-                    tracing::error!(codes = ?ack.return_codes, "the broker's ACL refused a subscription of this node: give its account the node role (deploy/acl.conf)");
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                    // Answers from above and the mesh's statuses count while draining too: jobs
-                    // forwarded before the shutdown are still waiting for them.
-                    if topic == relay_topic {
-                        jobs::take_relayed(&ctx, &publish.payload);
-                        continue;
+                    Ok(_) => {}
+                    // The link pauses before it connects again; jobs keep running meanwhile.
+                    Err(rumqttc::v5::ConnectionError::ConnectionRefused(
+                        code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
+                    )) => {
+                        tracing::error!(broker = %broker, ?code, "the broker refused this node's login: check --username/--password ($ISOMESH_USERNAME/$ISOMESH_PASSWORD) against the broker's password file; retrying in 5 s");
                     }
-                    if let Some(node) = ctx.topics.status_of(&topic) {
-                        peers.heard(node, read_status(node, &publish.payload));
-                        continue;
+                    Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                        tracing::error!(broker = %broker, ?code, "the broker refused this node's connection; retrying in 5 s");
                     }
-                    if draining {
-                        // Not acknowledged: the broker keeps it for this node's next session.
-                        continue;
+                    Err(e) => {
+                        tracing::warn!(broker = %broker, error = %e, "broker connection lost; retrying in 1 s");
                     }
-                    if ctx.topics.is_module_topic(&topic) {
-                        // Retained: nothing is lost by acknowledging before handling.
-                        let _ = ctx.client.try_ack(&publish);
-                        rollouts.handle(RolloutEvent::Publish { topic: &topic, payload: &publish.payload });
-                        continue;
-                    }
-                    match jobs::accept(&ctx, &ids, &mut recent, &peers, &publish) {
-                        Taken::Serve(accepted) => {
-                            tasks.spawn(jobs::serve(ctx.clone(), accepted, publish));
-                        }
-                        Taken::Answer(answer) => {
-                            tasks.spawn(jobs::answer_now(ctx.clone(), answer, publish));
-                        }
-                        Taken::HeldWithRunningJob => {}
-                        Taken::AlreadyAnswered => {
-                            let _ = ctx.client.try_ack(&publish);
-                        }
-                    }
-                }
-                Ok(_) => {}
-                // The link pauses before it connects again; jobs keep running meanwhile.
-                Err(rumqttc::v5::ConnectionError::ConnectionRefused(
-                    code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
-                )) => {
-                    tracing::error!(broker = %broker, ?code, "the broker refused this node's login: check --username/--password ($ISOMESH_USERNAME/$ISOMESH_PASSWORD) against the broker's password file; retrying in 5 s");
-                }
-                Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
-                    tracing::error!(broker = %broker, ?code, "the broker refused this node's connection; retrying in 5 s");
-                }
-                Err(e) => {
-                    tracing::warn!(broker = %broker, error = %e, "broker connection lost; retrying in 1 s");
                 }
             }
         }

@@ -1,4 +1,7 @@
-//! Prometheus metrics of one node, served as text on `--metrics-listen HOST:PORT` (`GET /metrics`).
+//! Prometheus metrics of one node, served as text on `--metrics-listen HOST:PORT` (`GET /metrics`),
+//! and beside them the two probes an orchestrator asks: `GET /healthz` (the process answers: 200)
+//! and `GET /readyz` (200 only while the node serves a self-tested module, is connected to its
+//! broker and is not shutting down; 503 with the reason otherwise).
 //!
 //! What a scrape shows, and where it comes from:
 //! - `isomesh_jobs_total{outcome,where}`: every answer this node gave its users, counted by
@@ -13,6 +16,11 @@
 //!   answered yet: together with the queue, every job this node holds), and `isomesh_module_info{name,version,sha256}` and
 //!   `isomesh_module_swaps_total` from the module slot.
 //!
+//! - `isomesh_broker_connected` (1 while connected) and `isomesh_broker_connects_total` (every
+//!   CONNACK: more than 1 means the node lost its broker and came back), set by the MQTT loop
+//!   ([`Metrics::link_up`], [`Metrics::link_down`]), which also says when it starts to drain
+//!   ([`Metrics::draining`]).
+//!
 //! The node's MQTT loop holds the [`Metrics`] handle and calls the two counters; everything else
 //! is read when a scrape comes, so the hot path costs a few atomic adds. The HTTP side is a few
 //! lines of tokio (one request per connection, then close): Prometheus needs no more, and a web
@@ -23,7 +31,7 @@ use crate::slot::ModuleSlot;
 use isomesh_mesh::relay::Relay;
 use isomesh_protos::{hop, JobResult, Tier};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,6 +70,12 @@ pub struct Metrics {
     stages: [Histogram; 4],
     /// Jobs published to a tier above, indexed as [`UPPER_TIERS`].
     offloads: [AtomicU64; 2],
+    /// Whether the MQTT link is up (between a CONNACK and the next connection error).
+    connected: AtomicBool,
+    /// CONNACKs received.
+    connects: AtomicU64,
+    /// Set once the node starts to shut down: it answers what it holds and takes nothing new.
+    draining: AtomicBool,
 }
 
 impl Metrics {
@@ -81,6 +95,47 @@ impl Metrics {
             jobs: Default::default(),
             stages: Default::default(),
             offloads: Default::default(),
+            connected: AtomicBool::new(false),
+            connects: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The broker accepted the connection (a CONNACK).
+    pub fn link_up(&self) {
+        self.connected.store(true, Ordering::Relaxed);
+        self.connects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The connection failed or was lost; the MQTT loop connects again by itself.
+    pub fn link_down(&self) {
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    /// The node started to shut down.
+    pub fn draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// `Ok(what it serves)` when the node is ready for jobs, else `Err(why not)`: what `/readyz`
+    /// answers.
+    pub fn readiness(&self) -> Result<String, String> {
+        let mut missing = Vec::new();
+        let module = self.slot.current();
+        if module.is_none() {
+            missing.push("no self-tested module serving yet (compiling, or none installed)");
+        }
+        if !self.connected.load(Ordering::Relaxed) {
+            missing.push("not connected to the broker");
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            missing.push("shutting down");
+        }
+        match module {
+            Some(module) if missing.is_empty() => {
+                Ok(format!("serving {}, connected", module.label()))
+            }
+            _ => Err(missing.join("; ")),
         }
     }
 
@@ -235,7 +290,29 @@ impl Metrics {
             "counter",
             "Modules swapped in while the node ran (the one loaded at start not counted).",
         )?;
-        writeln!(out, "isomesh_module_swaps_total {}", self.slot.swaps())
+        writeln!(out, "isomesh_module_swaps_total {}", self.slot.swaps())?;
+        header(
+            out,
+            "isomesh_broker_connected",
+            "gauge",
+            "1 while the node is connected to its broker, else 0.",
+        )?;
+        writeln!(
+            out,
+            "isomesh_broker_connected {}",
+            u8::from(self.connected.load(Ordering::Relaxed))
+        )?;
+        header(
+            out,
+            "isomesh_broker_connects_total",
+            "counter",
+            "Connections the broker accepted (CONNACKs); each one past the first is a reconnect.",
+        )?;
+        writeln!(
+            out,
+            "isomesh_broker_connects_total {}",
+            self.connects.load(Ordering::Relaxed)
+        )
     }
 }
 
@@ -299,7 +376,7 @@ impl Histogram {
 pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
     let listener = TcpListener::bind(addr).await?;
     if let Ok(local) = listener.local_addr() {
-        tracing::info!(listen = %local, "serving Prometheus metrics on /metrics");
+        tracing::info!(listen = %local, "serving Prometheus metrics on /metrics, probes on /healthz and /readyz");
     }
     Ok(listener)
 }
@@ -320,7 +397,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-/// One HTTP/1.x exchange: `GET /metrics` gets the metrics, anything else a 404 or 405.
+/// One HTTP/1.x exchange: `GET /metrics` gets the metrics, `/healthz` and `/readyz` the probes,
+/// anything else a 404 or 405.
 async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>) {
     let mut head = Vec::with_capacity(512);
     let read = tokio::time::timeout(READ_WITHIN, async {
@@ -347,15 +425,28 @@ async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>) {
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
+        ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
+        ("GET", "/readyz") => match metrics.readiness() {
+            Ok(serving) => (
+                "200 OK",
+                "text/plain; charset=utf-8",
+                format!("ready: {serving}\n"),
+            ),
+            Err(why) => (
+                "503 Service Unavailable",
+                "text/plain; charset=utf-8",
+                format!("not ready: {why}\n"),
+            ),
+        },
         ("GET", _) => (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            "isomesh serves GET /metrics only\n".to_string(),
+            "isomesh serves GET /metrics, /healthz and /readyz\n".to_string(),
         ),
         _ => (
             "405 Method Not Allowed",
             "text/plain; charset=utf-8",
-            "use GET /metrics\n".to_string(),
+            "use GET /metrics, /healthz or /readyz\n".to_string(),
         ),
     };
     let response = format!(
@@ -437,6 +528,30 @@ mod tests {
         assert!(m
             .render()
             .contains("isomesh_jobs_total{outcome=\"error\",where=\"here\"} 1"));
+    }
+
+    #[test]
+    fn readiness_names_everything_missing_and_the_link_is_counted() {
+        let m = metrics();
+        let why = m.readiness().expect_err("no module, no broker");
+        assert!(
+            why.contains("no self-tested module") && why.contains("not connected"),
+            "{why}"
+        );
+        m.link_up();
+        let why = m.readiness().expect_err("still no module");
+        assert!(!why.contains("not connected"), "{why}");
+        m.draining();
+        let why = m.readiness().expect_err("draining");
+        assert!(why.contains("shutting down"), "{why}");
+        let text = m.render();
+        assert!(text.contains("\nisomesh_broker_connected 1\n"), "{text}");
+        m.link_down();
+        m.link_up();
+        let text = m.render();
+        assert!(text.contains("\nisomesh_broker_connects_total 2"), "{text}");
+        m.link_down();
+        assert!(m.render().contains("\nisomesh_broker_connected 0\n"));
     }
 
     #[test]

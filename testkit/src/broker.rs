@@ -163,8 +163,20 @@ impl TestBroker {
     /// Kills the broker and starts a new one on the same port: a crash and restart that loses
     /// everything the broker held in memory (sessions, retained messages).
     pub async fn restart(&mut self) {
+        self.kill();
+        self.start_again().await;
+    }
+
+    /// Kills the broker (SIGKILL): its clients lose the connection. [`TestBroker::start_again`]
+    /// brings it back.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the broker again after [`TestBroker::kill`], on the same port and files, with
+    /// nothing of what it held in memory.
+    pub async fn start_again(&mut self) {
         // The same port: the nodes are configured with it.
         self.child = spawn_listening(
             self.kind,

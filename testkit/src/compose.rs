@@ -104,7 +104,7 @@ impl Mesh {
 
     /// Starts `services` (nodes, the camera) without compose's broker, pointed at a broker that
     /// runs on the host on every interface at `port` (`TestBroker::start_for_containers`):
-    /// the README's recipe for another broker, `ISOMESH_BROKER_URL=... docker-compose up -d
+    /// docs/operations.md's recipe for another broker, `ISOMESH_BROKER_URL=... docker-compose up -d
     /// --no-deps ...`. The containers reach the host at their network's gateway, which Docker
     /// puts at the subnet's first address.
     pub fn up_on_host_broker(name: &str, services: &[&str], port: u16) -> Mesh {

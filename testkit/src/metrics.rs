@@ -22,6 +22,24 @@ pub fn scrape(addr: &str) -> std::io::Result<String> {
     Ok(body.to_string())
 }
 
+/// `GET path` from `addr` (`HOST:PORT`), whatever the answer: its status code and body.
+pub fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: isomesh\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {response:?}")))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status code in {head:?}")))?;
+    Ok((code, body.to_string()))
+}
+
 /// The value of the sample named exactly `series` (name and labels as printed, e.g.
 /// `isomesh_jobs_total{outcome="ok",where="here"}`), if present.
 pub fn value(text: &str, series: &str) -> Option<f64> {

@@ -130,7 +130,7 @@ async fn compose_up_classifies_offloads_and_reports() {
     );
 }
 
-/// The same images and compose file on another broker, as the README tells for a clustered
+/// The same images and compose file on another broker, as docs/operations.md tells for a clustered
 /// one: no compose broker, `ISOMESH_BROKER_URL` pointing the nodes and the camera at a
 /// Mosquitto on the host. Offload (shared subscriptions), statuses (retained messages, wills)
 /// and a node restart (a persistent session's queue) all go through Mosquitto.

@@ -1,12 +1,13 @@
 //! A node's life: its status is retained while it runs, SIGTERM answers every accepted job before
 //! it exits, a killed node is marked offline by its Last Will, and a restart serves the module from
-//! the compiled-module cache instead of compiling it again.
+//! the compiled-module cache instead of compiling it again; `isomesh status` shows it, filtered by
+//! tier or node, and its exit code says whether every node shown is online.
 
 use isomesh_protos::NodeStatus;
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
-use isomesh_testkit::node::{NodeSpec, TestNode};
-use isomesh_testkit::photos;
+use isomesh_testkit::node::{start_all, wait_status, NodeSpec, TestNode};
+use isomesh_testkit::{bin_path, photos};
 use prost::Message;
 use std::time::Duration;
 
@@ -210,4 +211,92 @@ async fn jobs_sent_while_a_node_restarts_are_answered_when_it_is_back() {
             .unwrap_or_else(|| panic!("{result}"));
         assert!(photos[n].accepts(top1 as u32), "{result}");
     }
+}
+
+/// `isomesh status ARGS` against `broker`: (exit code, stdout, stderr).
+async fn status_command(broker: &TestBroker, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(bin_path("isomesh"))
+        .args(["status", "--broker", &broker.url()])
+        .args(args)
+        .output()
+        .await
+        .expect("run isomesh status");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The node ids of `isomesh status --json` lines, each checked to be a JSON object.
+fn json_nodes(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+            value["node"].as_str().expect("a node id").to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_filters_by_tier_and_node_and_its_exit_code_says_whether_all_are_online() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let mut nodes = start_all(
+        port,
+        vec![
+            NodeSpec::with_guest("st-d", "device", port),
+            NodeSpec::with_guest("st-e", "edge", port),
+        ],
+    )
+    .await;
+
+    let (code, out, err) = status_command(&broker, &["--json"]).await;
+    assert_eq!(code, 0, "both online: {out}{err}");
+    assert_eq!(json_nodes(&out), ["st-d", "st-e"]);
+    let (code, out, err) = status_command(&broker, &["--json", "--tier", "edge"]).await;
+    assert_eq!((code, json_nodes(&out)), (0, vec!["st-e".into()]), "{err}");
+    let (code, out, err) = status_command(&broker, &["--json", "--node", "st-d"]).await;
+    assert_eq!((code, json_nodes(&out)), (0, vec!["st-d".into()]), "{err}");
+    let (code, out, err) = status_command(&broker, &["--node", "nobody"]).await;
+    assert_eq!(code, 1, "no node matched, yet it exited {code}: {out}");
+    assert!(err.contains("no node status matched"), "{err}");
+    let (code, _, err) = status_command(&broker, &["--tier", "fog"]).await;
+    assert_eq!(code, 2, "an unknown tier is a usage error");
+    assert!(err.contains("fog"), "{err}");
+
+    // `--watch --json` is a stream of JSON lines with no terminal control codes: read until both
+    // nodes have been printed, then stop it.
+    let mut watch = tokio::process::Command::new(bin_path("isomesh"))
+        .args(["status", "--broker", &broker.url(), "--watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run isomesh status --watch");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        watch.stdout.take().expect("stdout"),
+    ));
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("a status line within 30 s")
+            .expect("read stdout")
+            .expect("isomesh status --watch ended");
+        assert!(!line.contains('\x1b'), "a control code in JSON: {line:?}");
+        seen.extend(json_nodes(&line));
+    }
+    let _ = watch.kill().await;
+
+    // The edge node dies; its Last Will marks it offline, and status says so in its exit code.
+    nodes[1].kill();
+    wait_status(port, "st-e", Duration::from_secs(60), |s| !s.online).await;
+    let (code, out, err) = status_command(&broker, &[]).await;
+    assert_eq!(code, 1, "st-e is offline, yet status exited {code}:\n{out}");
+    assert!(err.contains("1 of 2 nodes offline: st-e"), "{err}");
+    assert!(out.contains("offline"), "{out}");
+    let (code, _, err) = status_command(&broker, &["--node", "st-d"]).await;
+    assert_eq!(code, 0, "st-d alone is online: {err}");
 }

@@ -1,10 +1,11 @@
 //! Prometheus metrics (`--metrics-listen`): a real broker, real nodes and photos, and the
 //! numbers scraped over TCP must match what happened: answers by outcome and place, stage
-//! histograms, offloads, queue depth, the module served and its swaps.
+//! histograms, offloads, queue depth, the module served and its swaps, the broker link; and the
+//! probes beside them (`/healthz`, `/readyz`) follow the process, the module and the link.
 
 use isomesh_protos::{Job, JobResult};
 use isomesh_testkit::broker::TestBroker;
-use isomesh_testkit::metrics::{scrape, sum, value};
+use isomesh_testkit::metrics::{get, scrape, sum, value};
 use isomesh_testkit::mqtt::Client;
 use isomesh_testkit::node::{wait_statuses_published, NodeSpec, TestNode};
 use isomesh_testkit::rollout::{guest_module_v2, MODULE_NAME, VERSION_2};
@@ -224,4 +225,68 @@ async fn offloads_are_counted_where_they_leave_and_where_they_run() {
         "{edge}"
     );
     assert_eq!(sum(&edge, "isomesh_offloads_total", &[]), 0.0);
+}
+
+/// Polls `GET path` on `addr` until its status code is `code`; returns that answer's body.
+async fn wait_for_answer(addr: &str, path: &str, code: u16) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = get(addr, path);
+        match &answer {
+            Ok((got, body)) if *got == code => return body.clone(),
+            _ if tokio::time::Instant::now() > deadline => {
+                panic!("GET {path} never answered {code}; last: {answer:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_follows_the_module_and_the_broker_link_and_healthz_the_process() {
+    let mut broker = TestBroker::start().await;
+    let port = broker.port();
+    let node = TestNode::start(node_with_metrics("m-ready", "edge", port, &[])).await;
+    let addr = node.metrics_addr();
+    assert_eq!(
+        get(&addr, "/healthz").expect("GET /healthz"),
+        (200, "ok\n".into())
+    );
+    let ready = wait_for_answer(&addr, "/readyz", 200).await;
+    assert_eq!(ready, "ready: serving mobilenet_v2@0.1.0, connected\n");
+
+    // The broker dies: not ready (still alive), and ready again once it is back.
+    broker.kill();
+    let why = wait_for_answer(&addr, "/readyz", 503).await;
+    assert!(why.contains("not connected to the broker"), "{why}");
+    assert!(!why.contains("module"), "{why}");
+    assert_eq!(get(&addr, "/healthz").expect("GET /healthz").0, 200);
+    let down = scrape(&addr).expect("scrape");
+    assert_eq!(
+        value(&down, "isomesh_broker_connected"),
+        Some(0.0),
+        "{down}"
+    );
+    broker.start_again().await;
+    wait_for_answer(&addr, "/readyz", 200).await;
+    let up = scrape(&addr).expect("scrape");
+    assert_eq!(value(&up, "isomesh_broker_connected"), Some(1.0), "{up}");
+    assert!(
+        value(&up, "isomesh_broker_connects_total").is_some_and(|n| n >= 2.0),
+        "a reconnect is counted: {up}"
+    );
+
+    // A node with no module yet is alive but not ready, and says why.
+    let empty = TestNode::spawn(&NodeSpec {
+        modules: Vec::new(),
+        ..node_with_metrics("m-empty", "edge", port, &[])
+    });
+    empty
+        .wait_for_log("serving Prometheus metrics", Duration::from_secs(60))
+        .await;
+    let addr = empty.metrics_addr();
+    assert_eq!(get(&addr, "/healthz").expect("GET /healthz").0, 200);
+    let why = wait_for_answer(&addr, "/readyz", 503).await;
+    assert!(why.contains("no self-tested module"), "{why}");
+    assert_eq!(get(&addr, "/nothing").expect("GET /nothing").0, 404);
 }

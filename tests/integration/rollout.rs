@@ -115,6 +115,12 @@ async fn a_rollout_reaches_every_node_while_jobs_flow_and_loses_none() {
         output.contains("r1d") && output.contains("r1e") && output.contains("serving"),
         "{output}"
     );
+    // While it waited it said each node's progress as it happened (stderr), not only the final
+    // table (stdout, where the tier column follows the node).
+    for node in ["r1d", "r1e"] {
+        let line = format!("{node:<12} serving {MODULE_NAME}@{VERSION_2}");
+        assert!(output.contains(&line), "no `{line}` line in:\n{output}");
+    }
     let sent = load.await.expect("load generator");
     let replies = client.collect(sent, Duration::from_secs(240)).await;
     // Exactly one answer per job, none an error, and the later ones from the new module.

@@ -5,7 +5,7 @@
 //!
 //! Accounts and roles come from deploy/acl.conf, as in the security tests. Checks Mosquitto has
 //! too (wills against the ACL) run on both brokers; isomesh-broker's own rules live in
-//! `isomesh_broker_only` (the README's Mosquitto recipe says what Mosquitto offers instead).
+//! `isomesh_broker_only` (docs/security.md's Mosquitto recipe says what Mosquitto offers instead).
 
 use isomesh_protos::{NodeStatus, Tier};
 use isomesh_testkit::accounts::{login, Accounts, PASSWORD};
@@ -167,7 +167,7 @@ async fn a_will_the_account_may_not_publish_never_reaches_retained_messages() {
 }
 
 mod isomesh_broker_only {
-    //! isomesh-broker's own rules. Mosquitto has no client-id ownership (see the README's
+    //! isomesh-broker's own rules. Mosquitto has no client-id ownership (see docs/security.md's
     //! recipe: `use_username_as_clientid`), no retained-place rule and no status check.
 
     use super::*;
