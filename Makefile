@@ -91,7 +91,7 @@ deny-tool:
 ## nodes and containers: a third of two cores, measured), and those checks then only run.
 checks-build: setup deny-tool fuzz-build lint
 
-## The paper's evaluation and ours, one run each (README, Benchmarks): inference per tier CPU
+## The paper's evaluation and ours, one run each (docs/evaluation.md): inference per tier CPU
 ## limit (Wasm vs native tract vs onnxruntime) and the call-overhead ladder; a rollout under load
 ## vs process restarts (with precompiled code, then with every node compiling), with an aarch64
 ## node under qemu (with its precompiled code, then compiling itself), and vs a
@@ -121,7 +121,7 @@ bench: module build images bench-python
 	$(MAKE) report BENCH_OUT=$(BENCH_OUT) REPORT_DIR=docs
 
 ## Every benchmark in seconds, to keep them working (CI runs it after `make test`): the same
-## commands with tiny counts, the report in target/bench-quick/ (never the README's figures).
+## commands with tiny counts, the report in target/bench-quick/ (never docs/' figures).
 Q := target/bench-quick
 bench-quick: module build images bench-python
 	mkdir -p target/bench-cache

@@ -35,7 +35,7 @@ echo "== isomesh keygen: the key that signs rollouts; every node trusts its publ
 "$bin/isomesh" keygen --out "$work/rollout.key"
 
 echo "== starting isomesh-broker on 127.0.0.1:$port, anonymous access on (a demo on loopback; see"
-echo "   the README's Security section for logins and roles)"
+echo "   docs/security.md for logins and roles)"
 "$bin/isomesh-broker" --listen "127.0.0.1:$port" --allow-anonymous >"$work/broker.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do "$bin/isomesh-broker" health --broker "$broker" >/dev/null 2>&1 && break; sleep 0.2; done
