@@ -33,9 +33,12 @@ fn stage(status: &NodeStatus, sha256: &str) -> Option<Stage> {
         .rollout
         .as_ref()
         .filter(|r| r.module.as_ref().is_some_and(|m| m.sha256 == sha256))?;
+    // Chunk counts matter while fetching only: a node may report them, or not, once loading.
     let quarter = match state.chunk_count {
-        0 => 0,
-        count => state.chunks_done.min(count) * 4 / count,
+        count if count > 0 && state.phase == Phase::Fetching as i32 => {
+            state.chunks_done.min(count) * 4 / count
+        }
+        _ => 0,
     };
     Some(Stage {
         phase: state.phase,
@@ -112,6 +115,14 @@ mod tests {
             fetching(99, 100),
             fetching(100, 100),
             in_phase(Phase::Loading, ""),
+            // Still loading, now with the chunk counts in the status: not a new step.
+            NodeStatus {
+                rollout: fetching(100, 100).rollout.map(|r| RolloutState {
+                    phase: Phase::Loading as i32,
+                    ..r
+                }),
+                ..fetching(0, 0)
+            },
             serving.clone(),
             serving,
         ];
