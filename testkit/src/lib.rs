@@ -187,6 +187,21 @@ pub fn photo(file: &str) -> Photo {
         })
 }
 
+/// Runs the `isomesh` binary under test with `args`; returns (exit code, stdout + stderr).
+pub async fn isomesh(args: &[String]) -> (i32, String) {
+    let output = tokio::process::Command::new(bin_path("isomesh"))
+        .args(args)
+        .output()
+        .await
+        .expect("run isomesh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
 /// A protobuf job for photo `n` of the shared set (cycling), answered on `reply_to`, with a
 /// budget (0 = none).
 pub fn photo_job(n: usize, id: &str, reply_to: &str, budget_ms: u32) -> Vec<u8> {

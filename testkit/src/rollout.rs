@@ -142,18 +142,3 @@ pub fn rollout_args(
         converge_within.as_secs().to_string(),
     ]
 }
-
-/// Runs the `isomesh` binary under test with `args`; returns (exit code, stdout + stderr).
-pub async fn isomesh(args: &[String]) -> (i32, String) {
-    let output = tokio::process::Command::new(crate::bin_path("isomesh"))
-        .args(args)
-        .output()
-        .await
-        .expect("run isomesh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code().unwrap_or(-1), text)
-}

@@ -20,9 +20,9 @@ use isomesh_testkit::faults::{fault_module_as, Fault};
 use isomesh_testkit::mqtt::Client;
 use isomesh_testkit::node::{serves, wait_status, wait_statuses_published, NodeSpec, TestNode};
 use isomesh_testkit::rollout::{
-    guest_module_v2, isomesh, rollout_args, Keys, MODULE_NAME, VERSION_1, VERSION_2,
+    guest_module_v2, rollout_args, Keys, MODULE_NAME, VERSION_1, VERSION_2,
 };
-use isomesh_testkit::{assert_answers_photo, guest_module, photos};
+use isomesh_testkit::{assert_answers_photo, guest_module, isomesh, photos};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -14,8 +14,8 @@ use isomesh_testkit::node::{
     classify_photo, rejected, rejected_with, rejection, serves, swapped_in, wait_status,
     ModuleFile, NodeSpec, TestNode,
 };
-use isomesh_testkit::photos;
 use isomesh_testkit::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_1, VERSION_2};
+use isomesh_testkit::{isomesh, photos};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -48,10 +48,6 @@ fn rollout_args(
     version: &str,
 ) -> Vec<String> {
     rollout::rollout_args(&broker.url(), keys, module, version, CONVERGE_WITHIN)
-}
-
-async fn isomesh(args: Vec<String>) -> (i32, String) {
-    rollout::isomesh(&args).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,7 +99,8 @@ async fn a_rollout_reaches_every_node_while_jobs_flow_and_loses_none() {
             sent
         })
     };
-    let (code, output) = isomesh(rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2)).await;
+    let (code, output) =
+        isomesh(&rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2)).await;
     rollout_done.notify_one();
     assert_eq!(
         code,
@@ -207,7 +204,7 @@ async fn a_rollout_for_one_tier_leaves_the_other_tiers_alone() {
     let mut args = rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2);
     // Without precompiled code: the edge node compiles the module itself.
     args.extend(["--tier".into(), "edge".into(), "--no-precompile".into()]);
-    let (code, output) = isomesh(args).await;
+    let (code, output) = isomesh(&args).await;
     assert_eq!(code, 0, "{output}");
     assert!(
         output.contains("r2e") && !output.contains("r2d"),
@@ -285,13 +282,13 @@ async fn jobs_pinned_to_a_module_the_node_lacks_get_a_clear_error() {
             broker.url(),
         ]
     };
-    let (code, output) = isomesh(classify(&format!("{MODULE_NAME}@9.9.9"))).await;
+    let (code, output) = isomesh(&classify(&format!("{MODULE_NAME}@9.9.9"))).await;
     assert_eq!(code, 1, "{output}");
     assert!(
         output.contains("pinned") && output.contains(VERSION_1),
         "{output}"
     );
-    let (code, output) = isomesh(classify(&format!("{MODULE_NAME}@{VERSION_1}"))).await;
+    let (code, output) = isomesh(&classify(&format!("{MODULE_NAME}@{VERSION_1}"))).await;
     assert_eq!(code, 0, "{output}");
 }
 
@@ -300,7 +297,8 @@ async fn nodes_re_seed_a_broker_that_lost_its_retained_messages() {
     let mut broker = TestBroker::start().await;
     let keys = Keys::new();
     let node = TestNode::start(node_with_keys("r5", "edge", broker.port(), &keys)).await;
-    let (code, output) = isomesh(rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2)).await;
+    let (code, output) =
+        isomesh(&rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2)).await;
     assert_eq!(code, 0, "{output}");
     broker.restart().await;
     // The restarted broker knows nothing; the node notices and publishes the module again.
@@ -328,7 +326,7 @@ async fn a_node_outside_a_rollout_never_writes_over_its_manifest() {
     let _edge = TestNode::start(node_with_keys("r6e", "edge", broker.port(), &keys)).await;
     let mut args = rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2);
     args.extend(["--tier".to_string(), "edge".to_string()]);
-    let (code, output) = isomesh(args).await;
+    let (code, output) = isomesh(&args).await;
     assert_eq!(code, 0, "{output}");
     // The device reconnects; the retained manifest it finds is 0.2.0 for the edge tier, not
     // one of the module it serves. (At its first start the broker held no manifest at all, and
