@@ -530,8 +530,9 @@ async fn nodes_and_the_cli_work_over_tls_and_plain_clients_cannot_use_its_port()
         certs.path("ca.pem"),
     ];
     let node = TestNode::start(spec).await;
-    // Its only broker URL is mqtts://; the log line names the URL it connected to.
-    assert!(node.log().contains("mqtts://127.0.0.1"), "{}", node.log());
+    // Its only broker URL is mqtts://; the log line names the URL it connected to. Its status can
+    // reach the broker before that line is written (the MQTT link runs on its own task), so wait.
+    node.wait_for_log("mqtts://127.0.0.1", WITHIN).await;
 
     // A photo classified end to end over TLS, by the CLI.
     let photo = &photos()[0];
