@@ -9,6 +9,8 @@ use std::path::PathBuf;
 const MODEL_FILE: &str = "mobilenet_v2_1.0_224_dequant.onnx";
 const MODEL_SHA256: &str = "cde6cc693aa5bb2d5f3bd04c6475d0a3f9504b27ec975d465d1c1355e9964c31";
 const LABELS_FILE: &str = "imagenet_labels.txt";
+/// The module's name: in every result, its status and its signed manifest.
+const MODULE_NAME: &str = "mobilenet_v2";
 
 fn main() {
     println!("cargo:rerun-if-env-changed=ISOMESH_MODEL_DIR");
@@ -50,4 +52,22 @@ fn main() {
     println!("cargo:rustc-env=ISOMESH_LABELS_PATH={}", labels.display());
     println!("cargo:rustc-env=ISOMESH_MODEL_SHA256={digest}");
     println!("cargo:rustc-env=ISOMESH_MODULE_VERSION={version}");
+    println!("cargo:rustc-env=ISOMESH_MODULE_NAME={MODULE_NAME}");
+    write_identity_section(&version);
+}
+
+/// The module's name and version as a custom section (`isomesh-module`, text:
+/// `name=...\nversion=...\n`), so `isomesh sign` and `isomesh rollout` can read them without
+/// compiling the module. A static array of the exact length, put in that section by
+/// `#[link_section]` in `src/identity.rs`.
+fn write_identity_section(version: &str) {
+    let text = format!("name={MODULE_NAME}\nversion={version}\n");
+    let bytes: Vec<String> = text.bytes().map(|b| b.to_string()).collect();
+    let code = format!(
+        "pub static IDENTITY: [u8; {}] = [{}];\n",
+        text.len(),
+        bytes.join(", ")
+    );
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    std::fs::write(out.join("identity.rs"), code).expect("writing identity.rs to OUT_DIR");
 }

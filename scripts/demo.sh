@@ -44,9 +44,9 @@ for spec in d1:device e1:edge c1:cloud; do
   id="${spec%%:*}"; tier="${spec##*:}"
   mkdir -p "$work/$id/modules"
   cp "$module" "$work/$id/modules/mobilenet_v2.wasm"
-  # Nodes run only signed modules; a copied file needs its signed manifest beside it.
-  "$bin/isomesh" sign --key "$work/rollout.key" --name mobilenet_v2 --version 0.1.0 \
-    "$work/$id/modules/mobilenet_v2.wasm"
+  # Nodes run only signed modules; a copied file needs its signed manifest beside it (name and
+  # version come from the module's own isomesh-module section).
+  "$bin/isomesh" sign --key "$work/rollout.key" "$work/$id/modules/mobilenet_v2.wasm"
   echo "== starting $tier node $id"
   "$bin/isomesh-node" --id "$id" --tier "$tier" --broker "$broker" \
     --modules "$work/$id/modules" --cache-dir "$work/cache" \
@@ -94,8 +94,8 @@ for _ in 1 2 3 4; do burst+=("$images"/*.jp*g); done
 echo "   forwarded by d1: $(grep -c 'forwarding the job up' "$work/d1.log" || true) jobs, by e1: $(grep -c 'forwarding the job up' "$work/e1.log" || true)"
 
 echo
-echo "== isomesh rollout $module_v2 --version 0.2.0 --wait (signed, retained, hot-swapped: no node restarts)"
-"$bin/isomesh" rollout "$module_v2" --name mobilenet_v2 --version 0.2.0 \
+echo "== isomesh rollout $module_v2 --wait (0.2.0 by its own section; signed, retained, hot-swapped: no node restarts)"
+"$bin/isomesh" rollout "$module_v2" \
   --key "$work/rollout.key" --broker "$broker" --wait --timeout-s 300
 
 echo

@@ -37,8 +37,9 @@ enum Command {
         timeout_s: u64,
     },
     /// Add a user to a password file (made if missing), or change their password. The password
-    /// is read from $ISOMESH_NEW_PASSWORD, else from the first line of standard input. The file
-    /// is Mosquitto's format: Mosquitto reads it too.
+    /// is read from $ISOMESH_NEW_PASSWORD, else asked twice without echo at a terminal, else
+    /// read from the first line of standard input. The file is Mosquitto's format: Mosquitto
+    /// reads it too.
     Passwd {
         /// The password file (--password-file of the broker).
         file: std::path::PathBuf,
@@ -94,8 +95,22 @@ async fn health(broker: &str, timeout: Duration) -> anyhow::Result<()> {
 }
 
 fn passwd(file: &std::path::Path, user: &str, iterations: u32) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     let password = match std::env::var("ISOMESH_NEW_PASSWORD") {
         Ok(password) => password,
+        // A person at a terminal: twice, without echo, as mosquitto_passwd asks.
+        Err(_) if std::io::stdin().is_terminal() => {
+            let first = rpassword::prompt_password(format!("Password for {user}: "))
+                .context("reading the password from the terminal")?;
+            let again = rpassword::prompt_password("Reenter password: ")
+                .context("reading the password from the terminal")?;
+            anyhow::ensure!(
+                first == again,
+                "the passwords do not match; {user} was not changed"
+            );
+            first
+        }
+        // A script: one line from standard input.
         Err(_) => {
             let mut line = String::new();
             std::io::stdin()

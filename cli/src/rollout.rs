@@ -102,6 +102,28 @@ pub struct RolloutArgs {
     pub prefix: String,
 }
 
+/// How often a long compile says it is still going.
+const COMPILE_TICK: Duration = Duration::from_secs(5);
+
+/// Awaits a compile, printing every [`COMPILE_TICK`] how long it has run: Cranelift reports no
+/// progress of its own, and 10-45 s of silence reads as a hang. A compile served from the cache
+/// ends before the first line.
+async fn still_compiling<T>(compile: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    tokio::pin!(compile);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + COMPILE_TICK, COMPILE_TICK);
+    loop {
+        tokio::select! {
+            done = &mut compile => return done,
+            _ = tick.tick() => eprintln!(
+                "  still compiling: {} s",
+                started.elapsed().as_secs()
+            ),
+        }
+    }
+}
+
 /// The largest chunk nodes accept: isomesh-node's `LARGEST_MODULE_CHUNK`.
 const MAX_CHUNK_SIZE: u32 = 4 << 20;
 
@@ -110,9 +132,10 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let key = SecretKey::read(&args.signed.key)?;
     let module = crate::common::read_module(&args.signed.module)?;
+    let identity = args.signed.identity(&module)?;
     // Nodes order versions by semver precedence and refuse to order anything else: say so here,
     // before anything is published.
-    isomesh_module::version::parse(&args.signed.version)?;
+    isomesh_module::version::parse(&identity.version)?;
     if args.chunk_size < 1024 {
         anyhow::bail!(
             "--chunk-size {} is too small (at least 1024 bytes)",
@@ -137,23 +160,23 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
         );
         let bytes = module.clone();
         let cache_dir = args.compile_cache.clone().or_else(default_compile_cache);
-        let (engine, info, code) = tokio::task::spawn_blocking(move || {
+        let (engine, info, code) = still_compiling(tokio::task::spawn_blocking(move || {
             let sandbox = Sandbox::new(SandboxConfig {
                 cache_dir,
                 ..SandboxConfig::default()
             })?;
             let (info, code) = sandbox.precompile(&bytes)?;
             anyhow::Ok((sandbox.engine_id(), info, code))
-        })
+        }))
         .await??;
-        if info.name != args.signed.name || info.version != args.signed.version {
+        if info.name != identity.name || info.version != identity.version {
             anyhow::bail!(
                 "{} calls itself {}@{}, not {}@{}: fix --name/--version (nodes would refuse it)",
                 args.signed.module.display(),
                 info.name,
                 info.version,
-                args.signed.name,
-                args.signed.version
+                identity.name,
+                identity.version
             );
         }
         eprintln!(
@@ -169,10 +192,10 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
                 module.clone(),
                 args.compile_cache.clone().or_else(default_compile_cache),
             );
-            let (engine, code) = tokio::task::spawn_blocking(move || {
+            let (engine, code) = still_compiling(tokio::task::spawn_blocking(move || {
                 let compiler = CrossCompiler::new(&target, cache_dir.as_deref(), None)?;
                 anyhow::Ok((compiler.engine_id(), compiler.precompile(&bytes)?))
-            })
+            }))
             .await??;
             eprintln!(
                 "compiled in {:.1} s ({} MiB of machine code, engine {engine})",
@@ -184,8 +207,8 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
         artifacts
     };
     let spec = PackageSpec {
-        name: &args.signed.name,
-        version: &args.signed.version,
+        name: &identity.name,
+        version: &identity.version,
         chunk_size: args.chunk_size,
         target_tiers: args.tier.clone(),
         target_nodes: args.node.clone(),

@@ -17,11 +17,13 @@ pub struct SignArgs {
 pub fn run(args: SignArgs) -> anyhow::Result<()> {
     let key = SecretKey::read(&args.signed.key)?;
     let module = crate::common::read_module(&args.signed.module)?;
+    let identity = args.signed.identity(&module)?;
+    isomesh_module::version::parse(&identity.version)?;
     let manifest = isomesh_module::trust::write_signed_manifest(
         &args.signed.module,
         &module,
-        &args.signed.name,
-        &args.signed.version,
+        &identity.name,
+        &identity.version,
         &key,
     )?;
     println!(

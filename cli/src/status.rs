@@ -4,6 +4,12 @@
 //! shows is online, 1 when one is offline (its Last Will or its own goodbye says so) or no node
 //! matched, 2 on an error (no broker, refused login). `--tier` and `--node` narrow what it shows
 //! and so what it answers for.
+//!
+//! Statuses are retained, so the broker sends them all right after the subscription; the table
+//! is drawn once they stop coming ([`QUIET`] without one, [`SETTLE_MAX`] at most), not after a
+//! fixed wait. Its SEEN column is the age of each status by the node's clock: a node whose
+//! status stops getting younger is hanging even while its connection (and so its "online")
+//! lasts.
 
 use isomesh_mesh::topics::{parse_tier, Topics};
 use isomesh_protos::rollout_state::Phase;
@@ -13,7 +19,15 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// The retained statuses are in once none has come for this long after the subscription.
+const QUIET: Duration = Duration::from_millis(300);
+/// ... or at the latest this long after it (a busy mesh never goes quiet).
+const SETTLE_MAX: Duration = Duration::from_secs(3);
+/// How often `--watch` redraws.
+const REDRAW: Duration = Duration::from_secs(2);
 
 /// Show the nodes of the mesh.
 #[derive(Debug, clap::Args)]
@@ -58,20 +72,49 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<bool> {
         .subscribe(topics.all_status(), QoS::AtLeastOnce)
         .await?;
     let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
-    let mut redraw = tokio::time::interval(Duration::from_secs(2));
-    redraw.tick().await;
+    // Until the subscription is acknowledged, nothing is drawn (a broker that never answers
+    // ends in the connection's own timeout).
+    let mut subscribed: Option<Instant> = None;
+    let mut last_retained: Option<Instant> = None;
+    let mut drawn = false;
+    let mut next_redraw = Instant::now();
     loop {
+        let draw_at = if drawn {
+            Some(next_redraw)
+        } else {
+            subscribed.map(|at| {
+                let quiet = last_retained.unwrap_or(at) + QUIET;
+                quiet.min(at + SETTLE_MAX)
+            })
+        };
+        let draw = async {
+            match draw_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             event = eventloop.poll() => {
-                if let Event::Incoming(Packet::Publish(publish)) = event? {
-                    match NodeStatus::decode(publish.payload.as_ref()) {
-                        Ok(status) if args.shows(&status) => { nodes.insert(status.node_id.clone(), status); }
-                        Ok(_) => {}
-                        Err(e) => eprintln!("isomesh: unreadable status on {}: {e}", String::from_utf8_lossy(&publish.topic)),
+                match event? {
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        subscribed.get_or_insert_with(Instant::now);
                     }
+                    Event::Incoming(Packet::Publish(publish)) => {
+                        if publish.retain {
+                            last_retained = Some(Instant::now());
+                        }
+                        match NodeStatus::decode(publish.payload.as_ref()) {
+                            Ok(status) if args.shows(&status) => { nodes.insert(status.node_id.clone(), status); }
+                            Ok(_) => {}
+                            Err(e) => eprintln!("isomesh: unreadable status on {}: {e}", String::from_utf8_lossy(&publish.topic)),
+                        }
+                    }
+                    _ => {}
                 }
             }
-            _ = redraw.tick() => {
+            _ = draw => {
+                drawn = true;
+                next_redraw = Instant::now() + REDRAW;
                 // JSON is for programs: a stream of lines, never terminal control codes.
                 if args.watch && !args.json {
                     print!("\x1b[2J\x1b[H");
@@ -124,6 +167,8 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
                     "queue": s.queue_len, "ewma_ms": s.ewma_ms, "done": s.jobs_done,
                     "failed": s.jobs_failed, "uptime_s": s.uptime_s,
                     "target": s.target, "engines": s.engines,
+                    "published_at_ms": s.published_at_ms,
+                    "age_s": age(s).map(|a| a.as_secs_f64()),
                     "rollout": s.rollout.as_ref().map(|r| serde_json::json!({
                         "module": r.module.as_ref().map(|m| serde_json::json!({"name": m.name, "version": m.version, "sha256": m.sha256})),
                         "phase": phase_name(r.phase), "chunks_done": r.chunks_done,
@@ -144,8 +189,18 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
         return;
     }
     println!(
-        "{:<10} {:<7} {:<8} {:<7} {:<28} {:>5} {:>9} {:>7} {:>7}  {:<18} ROLLOUT",
-        "NODE", "TIER", "STATE", "ARCH", "MODULE", "QUEUE", "EWMA_MS", "DONE", "FAILED", "SANDBOX"
+        "{:<10} {:<7} {:<8} {:>6} {:<7} {:<28} {:>5} {:>9} {:>7} {:>7}  {:<18} ROLLOUT",
+        "NODE",
+        "TIER",
+        "STATE",
+        "SEEN",
+        "ARCH",
+        "MODULE",
+        "QUEUE",
+        "EWMA_MS",
+        "DONE",
+        "FAILED",
+        "SANDBOX"
     );
     for s in nodes.values() {
         let module = s
@@ -154,10 +209,11 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
             .map(isomesh_module::package::label)
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<10} {:<7} {:<8} {:<7} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {:<18} {}",
+            "{:<10} {:<7} {:<8} {:>6} {:<7} {:<28} {:>5} {:>9.1} {:>7} {:>7}  {:<18} {}",
             s.node_id,
             tier_name(s.tier),
             if s.online { "online" } else { "offline" },
+            age(s).map_or_else(|| "-".into(), describe_age),
             // The architecture part of the target triple; `-` for a node too old to say.
             s.target
                 .split('-')
@@ -172,6 +228,28 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
             s.sandbox.as_ref().map(describe_limits).unwrap_or_default(),
             s.rollout.as_ref().map(describe_rollout).unwrap_or_default()
         );
+    }
+}
+
+/// How old `status` is by the node's clock; `None` for a Last Will (the broker sends it later
+/// than it was written) or a node too old to say.
+fn age(status: &NodeStatus) -> Option<Duration> {
+    if status.published_at_ms == 0 {
+        return None;
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    // A node's clock a little ahead of this one's reads as just now.
+    Some(now.saturating_sub(Duration::from_millis(status.published_at_ms)))
+}
+
+/// An age in a few characters: `0s`, `42s`, `7m`, `3h`, `2d`.
+fn describe_age(age: Duration) -> String {
+    let s = age.as_secs();
+    match s {
+        0..=99 => format!("{s}s"),
+        100..=5999 => format!("{}m", s / 60),
+        6000..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
     }
 }
 
@@ -226,4 +304,40 @@ pub fn phase_name(phase: i32) -> &'static str {
 
 fn tier_name(tier: i32) -> &'static str {
     Tier::try_from(tier).unwrap_or(Tier::Unspecified).name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_fit_a_narrow_column() {
+        let age = |s| describe_age(Duration::from_secs(s));
+        assert_eq!(age(0), "0s");
+        assert_eq!(age(99), "99s");
+        assert_eq!(age(100), "1m");
+        assert_eq!(age(5999), "99m");
+        assert_eq!(age(7200), "2h");
+        assert_eq!(age(3 * 86_400), "3d");
+    }
+
+    #[test]
+    fn a_last_will_has_no_age() {
+        assert_eq!(age(&NodeStatus::default()), None);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let status = NodeStatus {
+            published_at_ms: now.as_millis() as u64 - 5_000,
+            ..Default::default()
+        };
+        let seen = age(&status).unwrap();
+        assert!(
+            seen >= Duration::from_secs(5) && seen < Duration::from_secs(60),
+            "{seen:?}"
+        );
+        let ahead = NodeStatus {
+            published_at_ms: now.as_millis() as u64 + 60_000,
+            ..Default::default()
+        };
+        assert_eq!(age(&ahead), Some(Duration::ZERO));
+    }
 }

@@ -17,11 +17,23 @@ pub mod preprocess;
 #[cfg(all(target_arch = "wasm32", feature = "model"))]
 mod abi;
 
+/// The `isomesh-module` custom section: name and version, readable without running the module
+/// (`isomesh_module::identity`).
+#[cfg(target_arch = "wasm32")]
+mod identity {
+    include!(concat!(env!("OUT_DIR"), "/identity.rs"));
+}
+#[cfg(target_arch = "wasm32")]
+#[used]
+#[link_section = "isomesh-module"]
+static IDENTITY_SECTION: [u8; identity::IDENTITY.len()] = identity::IDENTITY;
+
 #[cfg(feature = "model")]
 pub use classifier::{Classification, Classifier};
 
-/// Module name reported in every result.
-pub const MODULE_NAME: &str = "mobilenet_v2";
+/// Module name reported in every result (set in `build.rs`, which also writes it into the
+/// module's `isomesh-module` section).
+pub const MODULE_NAME: &str = env!("ISOMESH_MODULE_NAME");
 /// Module version, `$ISOMESH_MODULE_VERSION` at build time or the crate version.
 pub const MODULE_VERSION: &str = env!("ISOMESH_MODULE_VERSION");
 /// Hex sha256 of the embedded model file.

@@ -55,8 +55,9 @@ impl Peers {
         self.stale_after
     }
 
-    /// The nearest tier above `tier` with a node online, and the estimate of its least busy
-    /// node. `forwarded` jobs this node has sent up and not yet seen answered are spread over
+    /// The nearest tier above `tier` with a node online and serving a module, and the estimate
+    /// of its least busy node. A node still loading its first module does not count: it takes
+    /// none of its tier's shared jobs yet. `forwarded` jobs this node has sent up and not yet seen answered are spread over
     /// that tier's nodes: their statuses may not show them yet.
     pub fn parent(&self, tier: Tier, forwarded: usize) -> Option<Parent> {
         let mut above = tier.parent();
@@ -66,7 +67,9 @@ impl Peers {
                 .values()
                 .filter(|heard| heard.at.elapsed() < self.stale_after)
                 .map(|heard| &heard.status)
-                .filter(|status| status.online && status.tier == candidate as i32)
+                .filter(|status| {
+                    status.online && status.module.is_some() && status.tier == candidate as i32
+                })
                 .collect();
             if !online.is_empty() {
                 let share = forwarded.div_ceil(online.len());
@@ -105,8 +108,22 @@ mod tests {
             queue_len,
             ewma_ms,
             workers: 1,
+            module: Some(Default::default()),
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn a_node_still_loading_its_first_module_is_no_parent() {
+        let mut peers = Peers::new(Duration::from_secs(30));
+        let starting = status(Tier::Edge, true, 0, 0.0).map(|s| NodeStatus { module: None, ..s });
+        peers.heard("e1", starting);
+        assert_eq!(peers.parent(Tier::Device, 0), None);
+        peers.heard("e1", status(Tier::Edge, true, 0, 20.0));
+        assert_eq!(
+            peers.parent(Tier::Device, 0).map(|p| p.tier),
+            Some(Tier::Edge)
+        );
     }
 
     #[test]

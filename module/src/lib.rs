@@ -17,6 +17,7 @@ pub mod agent;
 pub mod digest;
 pub mod fetch;
 pub mod history;
+pub mod identity;
 pub mod package;
 pub mod rejection;
 pub mod selftest;

@@ -1,16 +1,17 @@
 //! A running node: builds every part from its settings and wires them to the broker.
 //!
 //! [`run`] is what `isomesh-node` calls: it opens the module directory, reads the trusted keys,
-//! builds the sandbox, serves the newest good module, starts the scheduler's workers, the module
-//! manager and the directory watcher, the metrics endpoint on a listener the caller bound, and
-//! the rollout agent, then hands everything to the [`crate::event_loop`] until `shutdown`
-//! completes, and finally lets the workers finish.
+//! builds the sandbox, starts the scheduler's workers, the module manager (which first loads the
+//! newest good module) and the directory watcher, the metrics endpoint on a listener the caller
+//! bound, and the rollout agent, then hands everything to the [`crate::event_loop`] until
+//! `shutdown` completes, and finally lets the workers finish. The node connects while its first
+//! module compiles, so jobs sent to it meanwhile reach it and wait for the module.
 
 use crate::config::NodeConfig;
 use crate::event_loop::{self, LoopSettings};
 use crate::executor::RolloutExecutor;
 use crate::jobs::{InFlight, JobContext, JobSettings};
-use crate::manager::{self, ModuleManager};
+use crate::manager::ModuleManager;
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 use crate::slot::{ModuleSlot, RolloutBoard};
@@ -135,23 +136,15 @@ pub async fn run(
         cache_key_file: Some(cache_key_file),
     })?);
     let slot = Arc::new(ModuleSlot::default());
-    let loading = {
-        let (sandbox, trust, store) = (sandbox.clone(), trust.clone(), store.clone());
-        tokio::task::spawn_blocking(move || manager::load_newest(&sandbox, &trust, &store))
-    };
-    match loading.await {
-        Ok(Some(module)) => slot.install(module),
-        _ => tracing::warn!(
-            dir = %config.modules.display(),
-            "no usable classifier module yet; jobs get an error answer until one is installed"
-        ),
-    }
+    // The module manager loads the first module while the node connects; workers wait for it.
+    slot.begin_start();
     let scheduler = Scheduler::start(config.workers, sandbox.clone(), slot.clone())
         .map_err(NodeError::Workers)?;
     let board = Arc::new(RolloutBoard::default());
     // Files found by the directory watcher (or written by a rollout) go to the manager thread.
     let (found_tx, found_rx) = std::sync::mpsc::channel();
     let (considered_tx, considered_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     ModuleManager {
         sandbox: sandbox.clone(),
         slot: slot.clone(),
@@ -161,7 +154,7 @@ pub async fn run(
         workers: config.workers,
         keep: config.keep_modules,
     }
-    .spawn(found_rx, considered_tx)
+    .spawn(found_rx, considered_tx, started_tx)
     .map_err(NodeError::Workers)?;
     let _watch = crate::watcher::watch(&config.modules, found_tx.clone()).map_err(|source| {
         NodeError::Watch {
@@ -181,6 +174,7 @@ pub async fn run(
         config.tier,
         scheduler.load(),
         slot.clone(),
+        board.clone(),
         relay.clone(),
     ));
     let _metrics_server = metrics_listener.map(|listener| {
@@ -206,7 +200,7 @@ pub async fn run(
         },
         store.rejected(),
     );
-    let mut rollouts = RolloutExecutor {
+    let rollouts = RolloutExecutor {
         agent,
         sandbox: sandbox.clone(),
         store,
@@ -218,9 +212,6 @@ pub async fn run(
         considered: considered_rx,
         failed: tokio::sync::mpsc::unbounded_channel(),
     };
-    if let Some(module) = slot.current() {
-        rollouts.serving(&module);
-    }
     let status = StatusReporter {
         responder: responder.clone(),
         topics: topics.clone(),
@@ -260,7 +251,16 @@ pub async fn run(
             offload_grace: config.offload_grace(),
         },
     });
-    event_loop::run(ctx.clone(), status, rollouts, settings, eventloop, shutdown).await;
+    event_loop::run(
+        ctx.clone(),
+        status,
+        rollouts,
+        settings,
+        eventloop,
+        started_rx,
+        shutdown,
+    )
+    .await;
     let _ = tokio::task::spawn_blocking(move || ctx.scheduler.shutdown()).await;
     tracing::info!("node stopped");
     Ok(())

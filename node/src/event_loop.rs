@@ -4,6 +4,12 @@
 //! results to the [`RolloutExecutor`], statuses of other nodes to [`Peers`], answers from above to
 //! the relay.
 //!
+//! Start: the node connects while the module manager loads its first module. Until then it
+//! subscribes only to what is addressed to it (its jobs wait for the module, see
+//! [`crate::slot::ModuleSlot::wait_started`]), to answers from above and to the mesh's statuses;
+//! the tier's shared jobs (other nodes of the tier serve them meanwhile) and the rollout
+//! announcements (the agent must know what the node serves first) follow once it is loaded.
+//!
 //! Shutdown (the caller's future): leave the tier's shared subscription, answer every job already
 //! accepted, publish an offline status, disconnect. Jobs addressed to the node itself wait in its
 //! persistent session for its return.
@@ -17,6 +23,7 @@ use isomesh_mesh::request::JobIds;
 use isomesh_module::agent::Event as RolloutEvent;
 use isomesh_mqtt::link::Link;
 use isomesh_mqtt::login::BrokerAddress;
+use isomesh_sandbox::LoadedModule;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Event, EventLoop};
@@ -42,6 +49,7 @@ pub async fn run(
     mut rollouts: RolloutExecutor,
     settings: LoopSettings,
     eventloop: EventLoop,
+    mut started: tokio::sync::oneshot::Receiver<Option<Arc<LoadedModule>>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let broker = redacted(&settings.broker);
@@ -58,6 +66,8 @@ pub async fn run(
         tokio::time::interval(Duration::from_secs(settings.status_interval_s.max(1)));
     let mut rollout_tick = tokio::time::interval(ROLLOUT_TICK);
     let mut draining = false;
+    let mut starting = true;
+    let mut connected = false;
     loop {
         tokio::select! {
             _ = &mut shutdown, if !draining => {
@@ -79,6 +89,20 @@ pub async fn run(
                     status.publish(true);
                 }
             }
+            first = &mut started, if starting => {
+                starting = false;
+                // Already done by the manager, unless its thread died: the workers must not
+                // wait for ever.
+                ctx.slot.finish_start();
+                if let Ok(Some(module)) = first {
+                    rollouts.serving(&module);
+                }
+                if connected && !draining {
+                    subscribe(&ctx, once_started(&ctx));
+                    rollouts.handle(RolloutEvent::Connected);
+                }
+                status.publish(!draining);
+            }
             _ = status_tick.tick() => status.publish(true),
             _ = status.board.changed.notified() => status.publish(!draining),
             _ = rollout_tick.tick(), if !draining => rollouts.handle(RolloutEvent::Tick),
@@ -90,18 +114,19 @@ pub async fn run(
                 if event.is_err() {
                     // What `/readyz` and `isomesh_broker_connected` say until the next CONNACK.
                     ctx.metrics.link_down();
+                    connected = false;
                 }
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         tracing::info!(broker = %broker, session_present = ack.session_present, "connected");
                         ctx.metrics.link_up();
+                        connected = true;
                         if !draining {
-                            for (filter, qos) in subscriptions(&ctx) {
-                                if let Err(e) = ctx.client.try_subscribe(filter.clone(), qos) {
-                                    tracing::error!(%filter, error = %e, "cannot subscribe");
-                                }
+                            subscribe(&ctx, addressed_here(&ctx));
+                            if !starting {
+                                subscribe(&ctx, once_started(&ctx));
+                                rollouts.handle(RolloutEvent::Connected);
                             }
-                            rollouts.handle(RolloutEvent::Connected);
                         }
                         status.publish(true);
                     }
@@ -128,8 +153,13 @@ pub async fn run(
                             continue;
                         }
                         if ctx.topics.is_module_topic(&topic) {
-                            // Retained: nothing is lost by acknowledging before handling.
+                            // Retained: nothing is lost by acknowledging before handling, nor by
+                            // ignoring it while starting (a session kept from before may deliver
+                            // it): the subscription after the start brings it again.
                             let _ = ctx.client.try_ack(&publish);
+                            if starting {
+                                continue;
+                            }
                             rollouts.handle(RolloutEvent::Publish { topic: &topic, payload: &publish.payload });
                             continue;
                         }
@@ -171,21 +201,38 @@ pub async fn run(
     link.close(&ctx.client, Duration::from_secs(5)).await;
 }
 
-fn subscriptions(ctx: &JobContext) -> Vec<(String, QoS)> {
+fn subscribe(ctx: &JobContext, filters: Vec<(String, QoS)>) {
+    for (filter, qos) in filters {
+        if let Err(e) = ctx.client.try_subscribe(filter.clone(), qos) {
+            tracing::error!(%filter, error = %e, "cannot subscribe");
+        }
+    }
+}
+
+/// What the node subscribes to from its first connection on: jobs addressed to it, answers
+/// from above and the mesh's statuses.
+fn addressed_here(ctx: &JobContext) -> Vec<(String, QoS)> {
     let node = &ctx.responder.node;
     vec![
         (ctx.topics.images(node), QoS::AtLeastOnce),
         (ctx.topics.jobs(node), QoS::AtLeastOnce),
-        (
-            ctx.topics.shared_tier_jobs(ctx.responder.tier),
-            QoS::AtLeastOnce,
-        ),
-        (ctx.topics.all_manifests(), QoS::AtLeastOnce),
         // QoS 0 on purpose. Results from above must not wait behind the jobs that occupy this
         // node's Receive Maximum (those jobs wait for these very results); and one lost result
         // costs a run here after the grace period, never the job.
         (ctx.topics.relay(node), QoS::AtMostOnce),
         (ctx.topics.all_status(), QoS::AtMostOnce),
+    ]
+}
+
+/// What the node subscribes to once its first module is loaded (or none could be): its tier's
+/// shared jobs and the rollout announcements.
+fn once_started(ctx: &JobContext) -> Vec<(String, QoS)> {
+    vec![
+        (
+            ctx.topics.shared_tier_jobs(ctx.responder.tier),
+            QoS::AtLeastOnce,
+        ),
+        (ctx.topics.all_manifests(), QoS::AtLeastOnce),
     ]
 }
 

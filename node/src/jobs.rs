@@ -168,7 +168,14 @@ fn situation(ctx: &JobContext, peers: &Peers, job: &Job) -> Situation {
             deviation_ms: load.deviation_ms(),
         },
         parent: peers.parent(ctx.responder.tier, ctx.relay.outstanding()),
-        cannot_serve: module.is_none_or(|m| !m.matches(&job.module_version)),
+        // A node still loading its first module will serve the job once it is in (its workers
+        // hold it meanwhile, and its service time is unknown, so a budget cannot send it up);
+        // only a job pinned to a module goes up, since what the node will serve is not known.
+        cannot_serve: if ctx.slot.is_starting() {
+            !job.module_version.is_empty()
+        } else {
+            module.is_none_or(|m| !m.matches(&job.module_version))
+        },
     }
 }
 

@@ -1,10 +1,11 @@
 //! The module manager: which classifier module a node serves, and how it changes.
 //!
-//! Modules are `.wasm` files in the node's [`ModuleStore`]. On start, [`load_newest`] serves the
-//! newest file that is trusted, loads and passes its [`crate::selftest`]: newest by its signed
-//! manifest's publication time (what the rollout history orders by), not by the file's
-//! modification time, which anyone copying a file sets. After that the
-//! [`ModuleManager`] thread takes every complete new file the directory watcher (or the rollout
+//! Modules are `.wasm` files in the node's [`ModuleStore`]. On start, the [`ModuleManager`]
+//! thread first serves the newest file that is trusted, loads and passes its self-test
+//! ([`load_newest`]): newest by its signed manifest's publication time (what the rollout history
+//! orders by), not by the file's modification time, which anyone copying a file sets. The node
+//! is connected meanwhile and its workers wait ([`ModuleSlot::wait_started`]). After that the
+//! thread takes every complete new file the directory watcher (or the rollout
 //! executor) reports, checks its signature ([`ModuleTrust`]: also for files copied in by hand),
 //! compiles it in the background, self-tests it, builds the workers' instances ahead of time,
 //! and only then swaps it into the [`ModuleSlot`]. Jobs already running finish on the module they
@@ -30,11 +31,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Loads the newest good module of `store` that `trust` lets run, logging every file it had to
-/// skip or reject.
+/// skip or reject; `board` shows each file being loaded (the node's status says "loading").
 pub fn load_newest(
     sandbox: &Sandbox,
     trust: &ModuleTrust,
     store: &ModuleStore,
+    board: &RolloutBoard,
 ) -> Option<Arc<LoadedModule>> {
     let files = match store.module_files() {
         Ok(files) => newest_signed_first(files),
@@ -56,10 +58,19 @@ pub fn load_newest(
             tracing::info!(file = %path.display(), %reason, "skipping a module rejected before");
             continue;
         }
-        if let Err(reason) = trust.check(&path, &sha256) {
-            tracing::error!(file = %path.display(), %reason, "module refused");
-            continue;
-        }
+        let label = match trust.check(&path, &sha256) {
+            Ok(verified) => verified.or_else(|| read_sidecar(&path).filter(|m| m.sha256 == sha256)),
+            Err(reason) => {
+                tracing::error!(file = %path.display(), %reason, "module refused");
+                continue;
+            }
+        };
+        let module_ref = ModuleRef {
+            name: label.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+            version: label.map(|m| m.version).unwrap_or_default(),
+            sha256: sha256.clone(),
+        };
+        board.set(module_ref.clone(), Phase::Loading);
         match sandbox.load(&path, &bytes, sha256, self_test) {
             Ok(module) => {
                 tracing::info!(
@@ -70,9 +81,16 @@ pub fn load_newest(
                     compile_ms = module.compiled.elapsed.as_millis() as u64,
                     "module loaded"
                 );
+                board.started(module.module_ref());
                 return Some(module);
             }
-            Err(e) => tracing::error!(error = %e, "module rejected"),
+            Err(e) => {
+                tracing::error!(error = %e, "module rejected");
+                board.show(isomesh_module::agent::rejected(
+                    module_ref,
+                    &Rejection::Load(e.to_string()),
+                ));
+            }
         }
     }
     None
@@ -138,16 +156,36 @@ pub enum Considered {
 }
 
 impl ModuleManager {
-    /// Runs on its own thread, one file at a time, until `found` closes. `done` hears of every
-    /// file that was served or rejected.
+    /// Runs on its own thread: first loads the module the node starts with ([`load_newest`]),
+    /// installs it, ends the slot's start and sends it (or `None`) to `started`; then takes one
+    /// file at a time until `found` closes. `done` hears of every file that was served or
+    /// rejected.
     pub fn spawn(
         self,
         found: std::sync::mpsc::Receiver<PathBuf>,
         done: tokio::sync::mpsc::UnboundedSender<Considered>,
+        started: tokio::sync::oneshot::Sender<Option<Arc<LoadedModule>>>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("module-manager".into())
             .spawn(move || {
+                // At normal priority: nothing is served before it.
+                let first = load_newest(&self.sandbox, &self.trust, &self.store, &self.board);
+                match &first {
+                    Some(module) => {
+                        // The workers' instances, so the first jobs do not wait for them.
+                        if let Err(e) = self.sandbox.prewarm(module, self.workers) {
+                            tracing::warn!(error = %e, "cannot build the workers' instances ahead");
+                        }
+                        self.slot.install(module.clone());
+                    }
+                    None => tracing::warn!(
+                        dir = %self.store.dir().display(),
+                        "no usable classifier module yet; jobs get an error answer until one is installed"
+                    ),
+                }
+                self.slot.finish_start();
+                let _ = started.send(first);
                 background_priority();
                 // A file is often reported twice (by the rollout executor and by the watcher):
                 // an unchanged file (same path, size and time) is not read and hashed again.

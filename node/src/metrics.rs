@@ -11,11 +11,16 @@
 //! - `isomesh_job_stage_seconds{stage}`: histograms of `queue`, `decode` and `infer` for jobs run
 //!   on this node, and of `total` (acceptance to answer) for every answered job.
 //! - `isomesh_offloads_total{to}`: jobs published to a tier above ([`Metrics::offloaded`]).
-//! - `isomesh_queue_depth`, `isomesh_service_seconds_ewma`: read from the scheduler's live load
+//! - `isomesh_queue_depth`, `isomesh_service_ewma_seconds`: read from the scheduler's live load
 //!   at scrape time, as are `isomesh_forwarded_waiting` from the relay (jobs sent up and not
 //!   answered yet: together with the queue, every job this node holds), and `isomesh_module_info{name,version,sha256}` and
 //!   `isomesh_module_swaps_total` from the module slot.
 //!
+//! - `isomesh_rollout_fetches_total`, `isomesh_rollout_fetch_seconds` (the last one),
+//!   `isomesh_module_loads_total`, `isomesh_module_load_seconds` (the last compile or cache load,
+//!   self-test and instances) and `isomesh_rollout_rejections_total{code}`: the
+//!   [`crate::slot::Tally`] of the rollout board, which sees every phase a module goes through.
+//! - `process_resident_memory_bytes`: the node's resident memory (Prometheus' usual name).
 //! - `isomesh_broker_connected` (1 while connected) and `isomesh_broker_connects_total` (every
 //!   CONNACK: more than 1 means the node lost its broker and came back), set by the MQTT loop
 //!   ([`Metrics::link_up`], [`Metrics::link_down`]), which also says when it starts to drain
@@ -27,7 +32,7 @@
 //! framework would be most of the binary's dependencies for one fixed page.
 
 use crate::scheduler::Load;
-use crate::slot::ModuleSlot;
+use crate::slot::{ModuleSlot, RolloutBoard};
 use isomesh_mesh::relay::Relay;
 use isomesh_protos::{hop, JobResult, Tier};
 use std::fmt::Write as _;
@@ -37,10 +42,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Upper bounds of the latency histograms' buckets, seconds: 1 ms to 10 s, about 2.5x apart,
-/// which covers a cached decode (~1 ms) up to a device's queue under a burst.
-const BUCKETS: [f64; 13] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+/// Upper bounds of the latency histograms' buckets, seconds: 1 ms to 60 s, about 2.5x apart,
+/// which covers a cached decode (~1 ms) up to a device's queue under a burst, or a job that
+/// waited for a node's first compile.
+const BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0,
 ];
 
 /// Largest HTTP request head read from a scraper; more is not a scrape.
@@ -62,6 +68,8 @@ pub struct Metrics {
     load: Arc<Load>,
     /// The module served, and how many times it was swapped.
     slot: Arc<ModuleSlot>,
+    /// Where rollouts stand, and their tally.
+    board: Arc<RolloutBoard>,
     /// Jobs forwarded up and waiting for their answer.
     relay: Arc<Relay>,
     /// Answers by [outcome][where], indexed as [`OUTCOMES`] and [`WHERES`].
@@ -84,6 +92,7 @@ impl Metrics {
         tier: Tier,
         load: Arc<Load>,
         slot: Arc<ModuleSlot>,
+        board: Arc<RolloutBoard>,
         relay: Arc<Relay>,
     ) -> Metrics {
         Metrics {
@@ -91,6 +100,7 @@ impl Metrics {
             tier,
             load,
             slot,
+            board,
             relay,
             jobs: Default::default(),
             stages: Default::default(),
@@ -260,13 +270,13 @@ impl Metrics {
         )?;
         header(
             out,
-            "isomesh_service_seconds_ewma",
+            "isomesh_service_ewma_seconds",
             "gauge",
             "Moving average of one job's service time here (0 before the first job).",
         )?;
         writeln!(
             out,
-            "isomesh_service_seconds_ewma {}",
+            "isomesh_service_ewma_seconds {}",
             self.load.ewma_ms() / 1000.0
         )?;
         header(
@@ -291,6 +301,16 @@ impl Metrics {
             "Modules swapped in while the node ran (the one loaded at start not counted).",
         )?;
         writeln!(out, "isomesh_module_swaps_total {}", self.slot.swaps())?;
+        self.render_rollouts(out)?;
+        if let Some(bytes) = resident_memory_bytes() {
+            header(
+                out,
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory of the node process.",
+            )?;
+            writeln!(out, "process_resident_memory_bytes {bytes}")?;
+        }
         header(
             out,
             "isomesh_broker_connected",
@@ -314,6 +334,66 @@ impl Metrics {
             self.connects.load(Ordering::Relaxed)
         )
     }
+}
+
+impl Metrics {
+    fn render_rollouts(&self, out: &mut String) -> std::fmt::Result {
+        let tally = self.board.tally();
+        header(
+            out,
+            "isomesh_rollout_fetches_total",
+            "counter",
+            "Rollouts whose chunks all came in.",
+        )?;
+        writeln!(out, "isomesh_rollout_fetches_total {}", tally.fetched)?;
+        header(
+            out,
+            "isomesh_module_loads_total",
+            "counter",
+            "Modules compiled (or loaded from the cache), self-tested and served, the first included.",
+        )?;
+        writeln!(out, "isomesh_module_loads_total {}", tally.loaded)?;
+        header(
+            out,
+            "isomesh_rollout_rejections_total",
+            "counter",
+            "Modules refused, by the code of the refusal (signature, load, downgrade, ...).",
+        )?;
+        for (code, count) in &tally.rejections {
+            writeln!(
+                out,
+                "isomesh_rollout_rejections_total{{code=\"{}\"}} {count}",
+                escape(code)
+            )?;
+        }
+        for (name, help, last) in [
+            (
+                "isomesh_rollout_fetch_seconds",
+                "How long the last rollout's chunks took to come in.",
+                tally.last_fetch,
+            ),
+            (
+                "isomesh_module_load_seconds",
+                "How long the last module took from file to serving: compile or cache, self-test, instances.",
+                tally.last_load,
+            ),
+        ] {
+            if let Some(last) = last {
+                header(out, name, "gauge", help)?;
+                writeln!(out, "{name} {}", last.as_secs_f64())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The process's resident set, from `/proc/self/statm` (Linux); `None` elsewhere.
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().map(|page| pages * page)
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) -> std::fmt::Result {
@@ -379,6 +459,64 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
         tracing::info!(listen = %local, "serving Prometheus metrics on /metrics, probes on /healthz and /readyz");
     }
     Ok(listener)
+}
+
+/// Why [`probe_ready`] could not say "ready".
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no --metrics-listen address: the node serves no /readyz to ask")]
+    NoAddress,
+    #[error("cannot ask {addr}/readyz: {source}")]
+    Unreachable {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("not ready: {0}")]
+    NotReady(String),
+}
+
+/// Asks the node serving on `listen` (its `--metrics-listen`) whether it is ready: what
+/// `isomesh-node --check-ready` does, a health check for a container image that has no shell
+/// or curl. A wildcard address is asked on loopback.
+pub async fn probe_ready(listen: Option<&str>) -> Result<String, ProbeError> {
+    let listen = listen.ok_or(ProbeError::NoAddress)?;
+    let addr = match listen.rsplit_once(':') {
+        Some(("0.0.0.0" | "[::]" | "", port)) => format!("127.0.0.1:{port}"),
+        _ => listen.to_string(),
+    };
+    let unreachable = |source| ProbeError::Unreachable {
+        addr: addr.clone(),
+        source,
+    };
+    let ask = async {
+        let mut stream = TcpStream::connect(&addr).await?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        stream
+            .take(MAX_REQUEST as u64)
+            .read_to_end(&mut response)
+            .await?;
+        Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(READ_WITHIN, ask)
+        .await
+        .map_err(|_| {
+            unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 5 s",
+            ))
+        })?
+        .map_err(unreachable)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let body = body.trim().to_string();
+    if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") {
+        Ok(body)
+    } else {
+        let why = body.strip_prefix("not ready: ").unwrap_or(&body);
+        Err(ProbeError::NotReady(why.to_string()))
+    }
 }
 
 /// Answers scrapes on `listener` until the task is dropped.
@@ -470,6 +608,7 @@ mod tests {
             Tier::Device,
             Arc::new(Load::default()),
             Arc::new(ModuleSlot::default()),
+            Arc::new(RolloutBoard::default()),
             Arc::new(Relay::default()),
         )
     }

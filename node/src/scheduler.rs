@@ -188,6 +188,9 @@ impl Worker {
             let _ = self.instance_for(&module);
         }
         while let Ok(task) = tasks.recv() {
+            // A job that reached a node still loading its first module waits for it (and the
+            // wait counts as time queued).
+            self.slot.wait_started();
             let queued = task.submitted.elapsed();
             let outcome = self.run_one(&task, queued);
             match &outcome {

@@ -64,6 +64,9 @@ impl StatusReporter {
             sandbox: Some(self.limits.clone()),
             target: self.target.clone(),
             engines: self.engines.clone(),
+            published_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         };
         let topic = self.topics.status(&self.responder.node);
         if let Err(e) =

@@ -10,7 +10,7 @@
 
 use isomesh_testkit::broker::{BrokerKind, TestBroker};
 use isomesh_testkit::camera::Camera;
-use isomesh_testkit::compose::{statuses, Mesh, ARM_NODE, ARM_TARGET, NODES};
+use isomesh_testkit::compose::{docker_ok, statuses, Mesh, ARM_NODE, ARM_TARGET, NODES};
 use isomesh_testkit::metrics;
 use isomesh_testkit::node::wait_status;
 use std::time::{Duration, Instant};
@@ -116,6 +116,32 @@ async fn compose_up_classifies_offloads_and_reports() {
         ) >= stayed as f64,
         "{text}"
     );
+
+    // Docker's own view: each node's health check (`isomesh-node --check-ready`) passes once it
+    // serves, and each tier has its memory limit.
+    for (node, memory) in [("d1", 1u64 << 30), ("c1", 2 << 30)] {
+        let container = mesh.container(node);
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            let health = docker_ok(&[
+                "inspect",
+                "--format",
+                "{{.State.Health.Status}}",
+                &container,
+            ]);
+            if health.trim() == "healthy" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node} never became healthy (last: {health}):\n{}",
+                docker_ok(&["inspect", "--format", "{{json .State.Health}}", &container])
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let limit = docker_ok(&["inspect", "--format", "{{.HostConfig.Memory}}", &container]);
+        assert_eq!(limit.trim(), memory.to_string(), "{node}'s memory limit");
+    }
 
     // The compose camera has been classifying all along, on the devices and above them (what it
     // prints is its only output).

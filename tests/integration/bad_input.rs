@@ -1,5 +1,6 @@
 //! Bad input never silences a node: each malformed request gets exactly one clear error answer,
-//! and the next valid photo is still classified correctly.
+//! and the next valid photo is still classified correctly. Bad settings stop a node before it
+//! starts, naming each mistake and where it is.
 
 use isomesh_protos::{Job, JobResult};
 use isomesh_testkit::broker::TestBroker;
@@ -203,4 +204,58 @@ async fn oversized_payloads_get_an_error_naming_the_limit() {
         "pelican: expected {}: {result}",
         pelican.acceptable()
     );
+}
+
+/// `isomesh-node` with `args` and no ISOMESH_* settings from the test's environment; returns its
+/// exit code and stderr.
+fn node_refuses(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let mut command = std::process::Command::new(isomesh_testkit::bin_path("isomesh-node"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ISOMESH_") {
+            command.env_remove(key);
+        }
+    }
+    let out = command.args(args).output().expect("run isomesh-node");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_settings_stop_the_node_and_each_mistake_is_named_where_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("node.toml");
+    let config = |text: &str| {
+        std::fs::write(&file, text).expect("write the config");
+        node_refuses(&["--config".as_ref(), file.as_os_str()])
+    };
+    let at = |line: usize| format!("{}:{line}:", file.display());
+
+    // Every bad line at once, each with its line and a hint.
+    let (code, stderr) =
+        config("id = \"c1\"\ntier = \"edge\"\nbudget_ms = 200\nworkers = { n = 2 }\n");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("2 bad line(s)"), "{stderr}");
+    assert!(stderr.contains(&at(3)), "{stderr}");
+    assert!(stderr.contains("did you mean `budget-ms`"), "{stderr}");
+    assert!(stderr.contains(&at(4)), "{stderr}");
+
+    // Not TOML at all; a file that is not there.
+    let (code, stderr) = config("budget-ms = = 1\n");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is not valid TOML"), "{stderr}");
+    let missing = dir.path().join("missing.toml");
+    let (code, stderr) = node_refuses(&["--config".as_ref(), missing.as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot read config file"), "{stderr}");
+
+    // A tier that does not exist, from the file or a flag: the valid ones are named.
+    let (code, stderr) = config("id = \"c1\"\ntier = \"fog\"\nmodules = \"m\"\n");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("device, edge or cloud"), "{stderr}");
+    let flags = ["--id", "c1", "--tier", "fog", "--modules", "m"];
+    let (code, stderr) = node_refuses(&flags.map(std::ffi::OsStr::new));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("device, edge or cloud"), "{stderr}");
 }

@@ -256,6 +256,12 @@ async fn status_filters_by_tier_and_node_and_its_exit_code_says_whether_all_are_
     let (code, out, err) = status_command(&broker, &["--json"]).await;
     assert_eq!(code, 0, "both online: {out}{err}");
     assert_eq!(json_nodes(&out), ["st-d", "st-e"]);
+    // Each status says how old it is (the nodes publish every second here).
+    for line in out.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        let age = value["age_s"].as_f64().unwrap_or(f64::NAN);
+        assert!((0.0..60.0).contains(&age), "{line}");
+    }
     let (code, out, err) = status_command(&broker, &["--json", "--tier", "edge"]).await;
     assert_eq!((code, json_nodes(&out)), (0, vec!["st-e".into()]), "{err}");
     let (code, out, err) = status_command(&broker, &["--json", "--node", "st-d"]).await;
@@ -297,6 +303,25 @@ async fn status_filters_by_tier_and_node_and_its_exit_code_says_whether_all_are_
     assert_eq!(code, 1, "st-e is offline, yet status exited {code}:\n{out}");
     assert!(err.contains("1 of 2 nodes offline: st-e"), "{err}");
     assert!(out.contains("offline"), "{out}");
+    // The table's SEEN column: `-` for the Last Will (no time of its own), an age for st-d.
+    let seen_of = |node: &str| {
+        let header: Vec<&str> = out
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let column = header
+            .iter()
+            .position(|h| *h == "SEEN")
+            .expect("a SEEN column");
+        out.lines()
+            .find(|l| l.starts_with(node))
+            .and_then(|l| l.split_whitespace().nth(column).map(str::to_string))
+            .unwrap_or_else(|| panic!("no row for {node}:\n{out}"))
+    };
+    assert_eq!(seen_of("st-e"), "-", "{out}");
+    assert!(seen_of("st-d").ends_with('s'), "{out}");
     let (code, _, err) = status_command(&broker, &["--node", "st-d"]).await;
     assert_eq!(code, 0, "st-d alone is online: {err}");
 }

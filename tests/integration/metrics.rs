@@ -126,7 +126,21 @@ async fn a_scrape_counts_jobs_stages_and_module_swaps() {
         (scraped - infer_sum).abs() < 0.01,
         "scraped {scraped} s vs answers {infer_sum} s"
     );
-    assert!(value(&text, "isomesh_service_seconds_ewma").is_some_and(|s| s > 0.0));
+    assert!(value(&text, "isomesh_service_ewma_seconds").is_some_and(|s| s > 0.0));
+    // The module it started with was loaded once (and timed); the process's memory is shown.
+    assert_eq!(
+        value(&text, "isomesh_module_loads_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        value(&text, "isomesh_module_load_seconds").is_some_and(|s| s > 0.0),
+        "{text}"
+    );
+    assert!(
+        value(&text, "process_resident_memory_bytes").is_some_and(|b| b > (16u64 << 20) as f64),
+        "{text}"
+    );
 
     // A module dropped into the directory by hand is swapped in: one swap, the new version.
     let v2 = std::fs::read(guest_module_v2()).expect("module 0.2.0");
@@ -138,9 +152,18 @@ async fn a_scrape_counts_jobs_stages_and_module_swaps() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
         let text = scrape(&addr).expect("scrape");
-        if value(&text, "isomesh_module_swaps_total") == Some(1.0) {
+        // The swap, and the board's tally of it (set just after the swap).
+        if value(&text, "isomesh_module_swaps_total") == Some(1.0)
+            && value(&text, "isomesh_module_loads_total") == Some(2.0)
+        {
             assert!(
                 text.contains("isomesh_module_info{name=\"mobilenet_v2\",version=\"0.2.0\""),
+                "{text}"
+            );
+            // Copied in by hand: no fetch.
+            assert_eq!(
+                value(&text, "isomesh_rollout_fetches_total"),
+                Some(0.0),
                 "{text}"
             );
             assert!(
@@ -242,6 +265,34 @@ async fn wait_for_answer(addr: &str, path: &str, code: u16) -> String {
     }
 }
 
+/// `isomesh-node --check-ready` (a container's health check) against the node serving on `addr`
+/// (`None`: no --metrics-listen); returns whether it exited 0, and what it printed.
+fn check_ready(addr: Option<&str>) -> (bool, String) {
+    let mut command = std::process::Command::new(isomesh_testkit::bin_path("isomesh-node"));
+    // The node's own settings (in a container: its environment), of which it reads only
+    // --metrics-listen.
+    command.args([
+        "--check-ready",
+        "--id",
+        "probe",
+        "--tier",
+        "edge",
+        "--modules",
+        ".",
+    ]);
+    command.env_remove("ISOMESH_METRICS_LISTEN");
+    if let Some(addr) = addr {
+        command.args(["--metrics-listen", addr]);
+    }
+    let out = command.output().expect("isomesh-node --check-ready");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_follows_the_module_and_the_broker_link_and_healthz_the_process() {
     let mut broker = TestBroker::start().await;
@@ -254,12 +305,24 @@ async fn readyz_follows_the_module_and_the_broker_link_and_healthz_the_process()
     );
     let ready = wait_for_answer(&addr, "/readyz", 200).await;
     assert_eq!(ready, "ready: serving mobilenet_v2@0.1.0, connected\n");
+    let (ok, said) = check_ready(Some(&addr));
+    assert!(
+        ok && said.contains("ready: serving mobilenet_v2@0.1.0"),
+        "{said}"
+    );
+    let (ok, said) = check_ready(None);
+    assert!(!ok && said.contains("no --metrics-listen"), "{said}");
 
     // The broker dies: not ready (still alive), and ready again once it is back.
     broker.kill();
     let why = wait_for_answer(&addr, "/readyz", 503).await;
     assert!(why.contains("not connected to the broker"), "{why}");
     assert!(!why.contains("module"), "{why}");
+    let (ok, said) = check_ready(Some(&addr));
+    assert!(
+        !ok && said.contains("not connected to the broker"),
+        "{said}"
+    );
     assert_eq!(get(&addr, "/healthz").expect("GET /healthz").0, 200);
     let down = scrape(&addr).expect("scrape");
     assert_eq!(

@@ -90,19 +90,24 @@ async fn a_burst_on_a_slow_device_goes_up_and_each_answer_reports_its_deadline()
         assert_eq!(result.path.first().map(String::as_str), Some("o1d"), "{id}");
         assert_eq!(result.path.last(), Some(&result.node), "{id}");
         let hops = actions(result);
+        // The node that answered ran the job: as it came, or after all when it had sent the job
+        // up and no answer came within its grace period (a machine loaded by other tests slows
+        // the tiers above; `fallback`, a hop of its own kind).
+        let ran = |node: &str, hop: Option<&(String, hop::Action)>| {
+            hop.is_some_and(|(n, action)| {
+                n == node && matches!(action, hop::Action::Ran | hop::Action::Fallback)
+            })
+        };
         if result.node == "o1d" {
-            assert_eq!(hops, vec![("o1d".into(), hop::Action::Ran)], "{id}");
+            assert_eq!(hops.len(), 1, "{id}: {hops:?}");
+            assert!(ran("o1d", hops.first()), "{id}: {hops:?}");
         } else {
             assert_eq!(
                 hops.first(),
                 Some(&("o1d".into(), hop::Action::Forwarded)),
                 "{id}"
             );
-            assert_eq!(
-                hops.last(),
-                Some(&(result.node.clone(), hop::Action::Ran)),
-                "{id}"
-            );
+            assert!(ran(&result.node, hops.last()), "{id}: {hops:?}");
         }
     }
     eprintln!("ran on: {ran_on:?}; deadline met: {met}/{JOBS}");

@@ -231,9 +231,33 @@ async fn a_module_copied_in_by_hand_is_swapped_in_once_complete() {
     let node = TestNode::start(NodeSpec::with_guest("r3", "edge", broker.port())).await;
     let v2 = std::fs::read(guest_module_v2()).unwrap();
     // Written in two halves with a pause, as a slow copy would: the half must never be loaded.
-    // Its signed manifest comes first (`isomesh sign`): nodes run only signed modules.
+    // Its signed manifest comes first: nodes run only signed modules. `isomesh sign` takes the
+    // name and version from the module's own section, and refuses flags that contradict it.
     let path = node.modules_dir().join("copied.wasm");
-    rollout::sign_file(&path, &v2, MODULE_NAME, VERSION_2);
+    let staging = tempfile::tempdir().unwrap();
+    let staged = staging.path().join("copied.wasm");
+    std::fs::write(&staged, &v2).unwrap();
+    let key = rollout::test_key().secret_path.display().to_string();
+    let sign = |extra: &[&str]| {
+        let mut args = vec!["sign".to_string(), "--key".into(), key.clone()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push(staged.display().to_string());
+        args
+    };
+    let (code, out) = isomesh(&sign(&["--version", VERSION_1])).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("says it is {MODULE_NAME}@{VERSION_2}")),
+        "{out}"
+    );
+    let (code, out) = isomesh(&sign(&[])).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("{MODULE_NAME}@{VERSION_2}")), "{out}");
+    std::fs::copy(
+        staging.path().join("copied.manifest"),
+        node.modules_dir().join("copied.manifest"),
+    )
+    .unwrap();
     // Every status from here on: none may show the half rejected.
     let watcher = status_watcher(broker.port(), "r3").await;
     let statuses = tokio::spawn(statuses_until(watcher, "r3", |s| swapped_in(s, VERSION_2)));

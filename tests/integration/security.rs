@@ -6,6 +6,7 @@
 //! login and enforces the roles of deploy/acl.conf; the same files configure Mosquitto.
 
 use isomesh_module::signing::SecretKey;
+use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::NodeStatus;
 use isomesh_testkit::accounts::{login, puback_reason, readable_by_all, Accounts, PASSWORD};
 use isomesh_testkit::broker::{BrokerKind, Tls};
@@ -193,6 +194,78 @@ async fn statuses_show_the_sandbox_limits_the_node_was_given() {
 // ---------------------------------------------------------------------------------------------
 // The broker: logins and roles (deploy/acl.conf), on isomesh-broker and on Mosquitto alike.
 // ---------------------------------------------------------------------------------------------
+
+/// Runs `isomesh-broker passwd FILE USER` on a terminal of its own (`script` gives it a pty),
+/// typing each of `typed` after the next prompt shows; returns (exit code, what it printed).
+async fn passwd_at_a_terminal(file: &std::path::Path, user: &str, typed: &[&str]) -> (i32, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let command = format!(
+        "{} passwd {} {user} --iterations 1000",
+        isomesh_testkit::bin_path("isomesh-broker").display(),
+        file.display()
+    );
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("ISOMESH_NEW_PASSWORD")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut printed = String::new();
+    let mut buf = [0u8; 256];
+    for (n, line) in typed.iter().enumerate() {
+        // The n+1-th prompt (each ends in ": "), then the line.
+        while printed.matches("assword").count() <= n {
+            let read = tokio::time::timeout(WITHIN, stdout.read(&mut buf))
+                .await
+                .expect("a prompt")
+                .expect("read");
+            assert!(read > 0, "no prompt {}; printed: {printed:?}", n + 1);
+            printed.push_str(&String::from_utf8_lossy(&buf[..read]));
+        }
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("type");
+    }
+    drop(stdin);
+    stdout.read_to_string(&mut printed).await.expect("read");
+    let status = child.wait().await.expect("script");
+    (status.code().unwrap_or(-1), printed)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwd_at_a_terminal_asks_twice_and_the_account_logs_in() {
+    let accounts = Accounts::new(&[], &[]);
+    let file = &accounts.access.password_file;
+
+    // Two different passwords: refused, nothing written.
+    let (code, printed) = passwd_at_a_terminal(file, "operator", &["one pass", "another"]).await;
+    assert_ne!(code, 0, "{printed}");
+    assert!(printed.contains("do not match"), "{printed}");
+    assert!(!file.exists(), "written although the passwords differ");
+
+    // The same twice: the account is made. (Whether the terminal echoed it is not checked: a
+    // line typed in the instant between the prompt and rpassword turning echo off would be
+    // echoed, so such a check could fail on a busy machine for no fault of the code.)
+    let typed = "typed at a terminal";
+    let (code, printed) = passwd_at_a_terminal(file, "operator", &[typed, typed]).await;
+    assert_eq!(code, 0, "{printed}");
+    assert!(printed.contains("Password for operator:"), "{printed}");
+    assert!(printed.contains("Reenter password:"), "{printed}");
+    readable_by_all(accounts.dir.path());
+
+    // Either broker takes the account (the file is Mosquitto's format).
+    let broker = TestBroker::start_secured(accounts.access.clone()).await;
+    Client::try_connect(broker.port(), "operator:p", Some(("operator", typed)))
+        .await
+        .expect("the account made at the terminal logs in");
+    let wrong =
+        Client::try_connect(broker.port(), "operator:q", Some(("operator", PASSWORD))).await;
+    assert!(wrong.is_err(), "a wrong password logged in");
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logins_are_required_and_refusals_say_why() {
@@ -673,27 +746,39 @@ fn cached_code(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn cached_machine_code_runs_only_with_the_nodes_own_mac() {
+async fn a_compiling_node_takes_jobs_and_its_cached_code_runs_only_with_its_own_mac() {
     // A cache of its own (the shared test cache is used by nodes running at the same time), so
     // this test compiles the module twice: once at first, once after the tampering.
     let broker = TestBroker::start().await;
     let port = broker.port();
     let scratch = tempfile::tempdir().expect("tempdir");
     let cache = scratch.path().join("cache");
-    let mut node = TestNode::start(NodeSpec {
+    let mut node = TestNode::spawn(&NodeSpec {
         extra_args: vec!["--cache-dir".into(), cache.display().to_string()],
         ..NodeSpec::with_guest("s9", "edge", port)
+    });
+    let correct = |answer: &Value| {
+        let top1 = answer["top"][0]["index"].as_u64().unwrap_or(u64::MAX) as u32;
+        photos()[0].accepts(top1)
+    };
+
+    // While it compiles (10-20 s) the node is online, says it is loading, and a photo sent to it
+    // is not lost: it waits in the node for the module and gets its answer.
+    let loading = wait_status(port, "s9", WITHIN, |s| {
+        s.online
+            && s.rollout
+                .as_ref()
+                .is_some_and(|r| r.phase == Phase::Loading as i32)
     })
     .await;
+    assert!(loading.module.is_none(), "{loading:?}");
+    let answer = classify_photo(port, "s9", WITHIN).await;
+    assert!(correct(&answer), "{answer}");
     node.wait_for_log("from_cache=false", WITHIN).await;
     assert!(
         scratch.path().join("cache.cache-key").is_file(),
         "the key sits beside the cache"
     );
-    let correct = |answer: &Value| {
-        let top1 = answer["top"][0]["index"].as_u64().unwrap_or(u64::MAX) as u32;
-        photos()[0].accepts(top1)
-    };
 
     // Restarted: the code this node wrote is loaded, not compiled again.
     node.restart();

@@ -17,6 +17,10 @@ struct Flags {
     /// TOML file with defaults for any flag below (`budget-ms = 200`); flags and env win.
     #[arg(long, env = "ISOMESH_CONFIG")]
     config: Option<PathBuf>,
+    /// Do not run a node: ask the one running with these settings whether it is ready (GET
+    /// /readyz on --metrics-listen) and exit 0 if so, 1 if not. A container health check.
+    #[arg(long)]
+    check_ready: bool,
     #[command(flatten)]
     node: NodeConfig,
 }
@@ -44,6 +48,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if flags.check_ready {
+        let answer = runtime.block_on(isomesh_node::metrics::probe_ready(
+            flags.node.metrics_listen.as_deref(),
+        ));
+        return match answer {
+            Ok(body) => {
+                println!("{body}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("isomesh-node: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let node = async {
         let metrics = isomesh_node::daemon::bind_metrics(&flags.node).await?;
         isomesh_node::daemon::run(flags.node, metrics, shutdown_signal()).await
