@@ -65,8 +65,10 @@ def inference(bench_dir, plots, out):
                      fmt(infer["wasm_over_native_median"], 2, "x"),
                      fmt(infer.get("wasm_over_onnxruntime_median"), 2, "x"),
                      fmt(600 / infer["wasm"]["median"], 0, "x")])
-        bars.append((f"{tier}\n({fmt(cores, 2) if cores else 'all'} cores)",
-                     infer["wasm"]["median"], infer["native"]["median"], ort))
+        bars.append((f"{tier}\n({fmt(cores, 2) if cores else 'all'} cores, "
+                     f"n={infer['wasm'].get('n', '?')})",
+                     infer["wasm"], infer["native"],
+                     (run.get("onnxruntime") or {}).get("infer_ms")))
     out.append(table(["tier", "cores", "Wasm median ms", "Wasm p95 ms", "native tract ms",
                       "onnxruntime ms", "Wasm / native", "Wasm / onnxruntime",
                       "paper's 0.6 s / ours"], rows))
@@ -77,22 +79,26 @@ def inference(bench_dir, plots, out):
                    f"{fmt(whole['cached_load_ms'], 1)} ms, instantiate + model plan "
                    f"{fmt(whole['instantiate_with_model_plan_ms'], 0)} ms. ResNet-50: no weights "
                    f"in ../shared/models, not measured.\n")
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    # Bar lengths are read, so the axis is linear; whiskers run from the fastest run to p95
+    # (the runs record no p5). No line for the paper's Raspberry Pi: other hardware.
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     width = 0.27
     for i, (label, color) in enumerate([("Wasm (isomesh)", "#1f77b4"),
                                         ("native tract", "#ff7f0e"),
                                         ("onnxruntime", "#2ca02c")]):
         xs = [n + (i - 1) * width for n in range(len(bars))]
-        ys = [b[1 + i] if b[1 + i] is not None else 0 for b in bars]
-        ax.bar(xs, ys, width, label=label, color=color)
-    ax.axhline(600, color="grey", linestyle="--", linewidth=1)
-    ax.text(len(bars) - 0.5, 600, "paper, RPi 4: 600 ms", va="bottom", ha="right",
-            fontsize=8, color="grey")
+        stats = [b[1 + i] or {} for b in bars]
+        ys = [st.get("median") or 0 for st in stats]
+        low = [max(y - st.get("min", y), 0) for y, st in zip(ys, stats)]
+        high = [max(st.get("p95", y) - y, 0) for y, st in zip(ys, stats)]
+        ax.bar(xs, ys, width, label=label, color=color, yerr=[low, high], capsize=2,
+               error_kw={"elinewidth": 0.8, "ecolor": "#333333"})
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
-    ax.set_ylabel("MobileNetV2, median ms")
-    ax.set_yscale("log")
+    ax.set_ylabel("MobileNetV2 per photo, ms (median)")
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
-    ax.set_title("Inference per tier CPU limit (one run each)", fontsize=10)
+    ax.set_title("Inference per tier CPU quota, this machine (whiskers: fastest to p95)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(plots, "infer.png"), dpi=110)
     plt.close(fig)
@@ -301,15 +307,21 @@ def mesh(bench_dir, plots, out):
                      f"{fmt(thr['loaded']['latency_ms']['p99'], 0)}", f"{lost} / {dup}"])
     out.append(table(["broker", "nodes", "p50 ms", "p99 ms", "photos/s", "efficiency",
                       "loaded p50 / p99 ms", "lost / duplicated"], rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
-    for broker in sorted({r["broker"] for r in data["runs"]}):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.4))
+    # One colour per broker in both panels.
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+    brokers = sorted({r["broker"] for r in data["runs"]})
+    colors = {b: palette[i % len(palette)] for i, b in enumerate(brokers)}
+    for broker in brokers:
         mine = [r for r in data["runs"] if r["broker"] == broker]
         nodes = [r["nodes"] for r in mine]
-        left.plot(nodes, [r["throughput"]["photos_per_s"] for r in mine], "o-", label=broker)
+        color = colors[broker]
+        left.plot(nodes, [r["throughput"]["photos_per_s"] for r in mine], "o-", label=broker,
+                  color=color)
         right.plot(nodes, [r["latency"]["latency_ms"]["median"] for r in mine], "o-",
-                   label=f"{broker} p50")
+                   label=f"{broker} p50", color=color)
         right.plot(nodes, [r["latency"]["latency_ms"]["p99"] for r in mine], "x--",
-                   label=f"{broker} p99")
+                   label=f"{broker} p99", color=color)
         one = next((r for r in mine if r["nodes"] == 1), None)
         if one and broker == "isomesh-broker":
             rate = one["throughput"]["photos_per_s"]
@@ -323,7 +335,9 @@ def mesh(bench_dir, plots, out):
     right.set_xlabel("nodes")
     right.set_ylabel("round trip, ms")
     right.legend(fontsize=7)
-    fig.suptitle("Mesh through the broker (one run)", fontsize=10)
+    jobs = sorted({r["latency"]["latency_ms"].get("n") for r in data["runs"]} - {None})
+    sample = f", {'/'.join(str(j) for j in jobs)} jobs per latency point" if jobs else ""
+    fig.suptitle(f"Mesh through the broker (one run{sample})", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(plots, "mesh.png"), dpi=110)
     plt.close(fig)

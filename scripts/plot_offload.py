@@ -9,8 +9,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 COLORS = {"budget": "tab:green", "local-only": "tab:red", "always-up": "tab:blue"}
+
+
+def plain_log_labels(axis):
+    """Log-axis labels as plain numbers at 1, 2 and 5 of each decade (`200`, not `2x10^2`):
+    matplotlib's default labels every minor tick on a narrow range, and they overlap."""
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+    axis.set_minor_formatter(plain)
 
 
 def main(src, dst):
@@ -31,9 +41,11 @@ def main(src, dst):
                 continue
             ys = [(i + 1) / run["sent"] for i in range(len(lat))]
             ax.step(lat, ys, where="post", color=COLORS.get(policy),
-                    label=f"{policy} ({run['hit_rate'] * 100:.0f}% in budget)")
+                    label=f"{policy} ({run['hit_rate'] * 100:.0f}% in budget, "
+                          f"n={run['sent']})")
         ax.axvline(budget, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")
+        plain_log_labels(ax.xaxis)
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{load:g}x device capacity ({run['rate_per_s']:.1f} jobs/s)")
         ax.set_xlabel("round-trip latency, ms (log); dashed: budget")
@@ -58,6 +70,7 @@ def main(src, dst):
     hit.legend(fontsize=8)
     hit.grid(True, alpha=0.3)
     pct.set_yscale("log")
+    plain_log_labels(pct.yaxis)
     pct.set_title("latency percentiles")
     pct.set_xlabel("offered load (x device capacity)")
     pct.set_ylabel("ms (log)")
@@ -65,8 +78,8 @@ def main(src, dst):
     pct.grid(True, which="both", alpha=0.3)
     setup = report["setup"]
     fig.suptitle(
-        "isomesh offload policies: device {device} core, 2 edge x {edge} core (+{el} ms each way), "
-        "cloud {cloud} core (+{cl} ms each way); device {svc:.0f} ms/job".format(
+        "Offload policies (one run each): device {device} core ({svc:.0f} ms/job), "
+        "2 edge x {edge} core (+{el} ms each way),\ncloud {cloud} core (+{cl} ms each way)".format(
             device=setup["cores"]["device"], edge=setup["cores"]["edge"],
             cloud=setup["cores"]["cloud"], el=setup["link_delay_ms_each_way"]["edge"],
             cl=setup["link_delay_ms_each_way"]["cloud"], svc=report["device_service_ms"]))
