@@ -40,6 +40,8 @@ fn run(data: &[u8]) -> Result<()> {
                 u.arbitrary()?
             },
             online: u.arbitrary()?,
+            // A node still loading its first module (no module) is never a parent.
+            module: u.arbitrary::<bool>()?.then(Default::default),
             queue_len: u.arbitrary()?,
             ewma_ms: hostile_f64(&mut u)?,
             workers: if u.arbitrary()? { 0 } else { u.arbitrary()? },

@@ -24,7 +24,7 @@ use isomesh_module::selftest;
 use isomesh_module::store::{read_sidecar, ModuleStore};
 use isomesh_module::trust::ModuleTrust;
 use isomesh_protos::rollout_state::Phase;
-use isomesh_protos::ModuleRef;
+use isomesh_protos::{ModuleManifest, ModuleRef};
 use isomesh_sandbox::{LoadedModule, Sandbox};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,17 +58,12 @@ pub fn load_newest(
             tracing::info!(file = %path.display(), %reason, "skipping a module rejected before");
             continue;
         }
-        let label = match trust.check(&path, &sha256) {
-            Ok(verified) => verified.or_else(|| read_sidecar(&path).filter(|m| m.sha256 == sha256)),
+        let module_ref = match trust.check(&path, &sha256) {
+            Ok(verified) => labelled(&path, &sha256, verified.as_ref()),
             Err(reason) => {
                 tracing::error!(file = %path.display(), %reason, "module refused");
                 continue;
             }
-        };
-        let module_ref = ModuleRef {
-            name: label.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
-            version: label.map(|m| m.version).unwrap_or_default(),
-            sha256: sha256.clone(),
         };
         board.set(module_ref.clone(), Phase::Loading);
         match sandbox.load(&path, &bytes, sha256, self_test) {
@@ -94,6 +89,19 @@ pub fn load_newest(
         }
     }
     None
+}
+
+/// The module a file holds, as statuses name it: the name and version of its verified manifest,
+/// else what the unchecked sidecar says (only shown, never trusted).
+fn labelled(path: &Path, sha256: &str, verified: Option<&ModuleManifest>) -> ModuleRef {
+    let label = verified
+        .cloned()
+        .or_else(|| read_sidecar(path).filter(|m| m.sha256 == sha256));
+    ModuleRef {
+        name: label.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+        version: label.map(|m| m.version).unwrap_or_default(),
+        sha256: sha256.to_string(),
+    }
 }
 
 /// Orders module files (given newest modification first) by the publication time of the manifest
@@ -220,20 +228,11 @@ impl ModuleManager {
             return Considered::Skipped;
         }
         let trusted = self.trust.check(path, &sha256);
-        // The name and version to report: the verified manifest's, else what the unchecked
-        // sidecar says.
-        let label = match &trusted {
-            Ok(Some(verified)) => Some(verified.clone()),
-            _ => read_sidecar(path).filter(|m| m.sha256 == sha256),
-        };
-        let module_ref = ModuleRef {
-            name: label.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
-            version: label
-                .as_ref()
-                .map(|m| m.version.clone())
-                .unwrap_or_default(),
-            sha256: sha256.clone(),
-        };
+        let module_ref = labelled(
+            path,
+            &sha256,
+            trusted.as_ref().ok().and_then(Option::as_ref),
+        );
         let manifest = match trusted {
             Ok(verified) => verified,
             // No marker: signing the file (or trusting its key) and restarting fixes this.
@@ -312,7 +311,6 @@ impl ModuleManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use isomesh_protos::ModuleManifest;
 
     #[test]
     fn at_start_the_newest_signed_manifest_wins_not_the_newest_file() {
