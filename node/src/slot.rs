@@ -128,25 +128,20 @@ impl Tally {
             Phase::Serving as i32,
             Phase::Rejected as i32,
         );
-        let since = match previous {
-            // The same phase again (a newer chunk count, a status shown twice): nothing new.
-            Some((phase, since)) if phase == state.phase => {
+        if let Some((phase, since)) = previous {
+            if phase == state.phase {
+                // The same phase again (a newer chunk count, a status shown twice): nothing new.
                 self.current = Some((sha256, phase, since));
                 return;
             }
-            Some((phase, since)) => Some((phase, since)),
-            None => None,
-        };
-        match (since, state.phase) {
-            (Some((phase, since)), now_phase) if phase == fetching && now_phase == loading => {
+            let took = now.duration_since(since);
+            if phase == fetching && state.phase == loading {
                 self.fetched += 1;
-                self.last_fetch = Some(now.duration_since(since));
-            }
-            (Some((phase, since)), now_phase) if phase == loading && now_phase == serving => {
+                self.last_fetch = Some(took);
+            } else if phase == loading && state.phase == serving {
                 self.loaded += 1;
-                self.last_load = Some(now.duration_since(since));
+                self.last_load = Some(took);
             }
-            _ => {}
         }
         if state.phase == rejected {
             *self.rejections.entry(state.code.clone()).or_default() += 1;
