@@ -167,7 +167,7 @@ fn tls_config(login: &Login) -> Result<rustls::ClientConfig, String> {
             .add(cert)
             .map_err(|e| format!("{}: not a usable CA certificate: {e}", ca_file.display()))?;
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?
