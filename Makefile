@@ -9,7 +9,7 @@ BIN := target/$(TARGET)/release
 MODULE := target/wasm32-wasip1/release/isomesh_guest.wasm
 MODULE_V2 := target/modules/mobilenet_v2-0.2.0.wasm
 # The ARM device tier: the same static node for aarch64, cross-built with cargo-zigbuild (zig is
-# the C compiler and linker for musl; scripts/setup.sh installs it), run here under qemu.
+# the C compiler for musl; scripts/setup.sh installs it), run here under qemu.
 ARM_TARGET := aarch64-unknown-linux-musl
 ARM_BIN := target/$(ARM_TARGET)/release
 # zig compiles the C (ring, mimalloc); the toolchain's own rust-lld links, against the musl that
