@@ -27,20 +27,18 @@
 //!   ([`Metrics::draining`]).
 //!
 //! The node's MQTT loop holds the [`Metrics`] handle and calls the two counters; everything else
-//! is read when a scrape comes, so the hot path costs a few atomic adds. The HTTP side is a few
-//! lines of tokio (one request per connection, then close): Prometheus needs no more, and a web
-//! framework would be most of the binary's dependencies for one fixed page.
+//! is read when a scrape comes, so the hot path costs a few atomic adds. The HTTP side is
+//! [`isomesh_http`], which the broker's metrics share.
 
 use crate::scheduler::Load;
 use crate::slot::{ModuleSlot, RolloutBoard};
+use isomesh_http::Page;
 use isomesh_mesh::relay::Relay;
 use isomesh_protos::{hop, JobResult, Tier};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// Upper bounds of the latency histograms' buckets, seconds: 1 ms to 60 s, about 2.5x apart,
 /// which covers a cached decode (~1 ms) up to a device's queue under a burst, or a job that
@@ -48,12 +46,6 @@ use tokio::net::{TcpListener, TcpStream};
 const BUCKETS: [f64; 15] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0,
 ];
-
-/// Largest HTTP request head read from a scraper; more is not a scrape.
-const MAX_REQUEST: usize = 8 << 10;
-
-/// How long a scraper may take to send its request.
-const READ_WITHIN: Duration = Duration::from_secs(5);
 
 const OUTCOMES: [&str; 3] = ["ok", "late", "error"];
 const WHERES: [&str; 3] = ["here", "forwarded", "fallback"];
@@ -302,7 +294,7 @@ impl Metrics {
         )?;
         writeln!(out, "isomesh_module_swaps_total {}", self.slot.swaps())?;
         self.render_rollouts(out)?;
-        if let Some(bytes) = resident_memory_bytes() {
+        if let Some(bytes) = isomesh_http::resident_memory_bytes() {
             header(
                 out,
                 "process_resident_memory_bytes",
@@ -385,15 +377,6 @@ impl Metrics {
         }
         Ok(())
     }
-}
-
-/// The process's resident set, from `/proc/self/statm` (Linux); `None` elsewhere.
-fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(page).ok().map(|page| pages * page)
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) -> std::fmt::Result {
@@ -488,26 +471,8 @@ pub async fn probe_ready(listen: Option<&str>) -> Result<String, ProbeError> {
         addr: addr.clone(),
         source,
     };
-    let ask = async {
-        let mut stream = TcpStream::connect(&addr).await?;
-        stream
-            .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await?;
-        let mut response = Vec::new();
-        stream
-            .take(MAX_REQUEST as u64)
-            .read_to_end(&mut response)
-            .await?;
-        Ok(String::from_utf8_lossy(&response).into_owned())
-    };
-    let response = tokio::time::timeout(READ_WITHIN, ask)
+    let response = isomesh_http::get(&addr, "/readyz")
         .await
-        .map_err(|_| {
-            unreachable(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer within 5 s",
-            ))
-        })?
         .map_err(unreachable)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let body = body.trim().to_string();
@@ -519,82 +484,27 @@ pub async fn probe_ready(listen: Option<&str>) -> Result<String, ProbeError> {
     }
 }
 
-/// Answers scrapes on `listener` until the task is dropped.
+/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, metrics.clone()));
+    isomesh_http::serve(
+        listener,
+        "GET /metrics, /healthz and /readyz",
+        move |path: String| {
+            let metrics = metrics.clone();
+            async move {
+                match path.as_str() {
+                    "/metrics" => Some(Page::metrics(metrics.render())),
+                    "/healthz" => Some(Page::ok("ok\n".to_string())),
+                    "/readyz" => Some(match metrics.readiness() {
+                        Ok(serving) => Page::ok(format!("ready: {serving}\n")),
+                        Err(why) => Page::unavailable(format!("not ready: {why}\n")),
+                    }),
+                    _ => None,
+                }
             }
-            Err(e) => {
-                // Out of file descriptors, say: wait rather than spin.
-                tracing::warn!(error = %e, "cannot accept a metrics connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// One HTTP/1.x exchange: `GET /metrics` gets the metrics, `/healthz` and `/readyz` the probes,
-/// anything else a 404 or 405.
-async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>) {
-    let mut head = Vec::with_capacity(512);
-    let read = tokio::time::timeout(READ_WITHIN, async {
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    if read.is_err() {
-        return;
-    }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, kind, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
-        ),
-        ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
-        ("GET", "/readyz") => match metrics.readiness() {
-            Ok(serving) => (
-                "200 OK",
-                "text/plain; charset=utf-8",
-                format!("ready: {serving}\n"),
-            ),
-            Err(why) => (
-                "503 Service Unavailable",
-                "text/plain; charset=utf-8",
-                format!("not ready: {why}\n"),
-            ),
         },
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "isomesh serves GET /metrics, /healthz and /readyz\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "use GET /metrics, /healthz or /readyz\n".to_string(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if let Err(e) = stream.write_all(response.as_bytes()).await {
-        tracing::debug!(error = %e, "metrics scraper went away");
-    }
-    let _ = stream.shutdown().await;
+    )
+    .await
 }
 
 #[cfg(test)]
