@@ -75,6 +75,14 @@ pub struct BrokerConfig {
     #[arg(long, env = "ISOMESH_TLS_ONLY", requires = "tls_listen")]
     pub tls_only: bool,
 
+    /// Serve Prometheus metrics on this address (`GET /metrics`; `GET /healthz` answers 200),
+    /// e.g. `127.0.0.1:9101`: connections, messages received, delivered and dropped (by reason),
+    /// queued and retained messages. Off by default. Its variable is not the node's
+    /// `ISOMESH_METRICS_LISTEN`, so a broker and a node started from one shell do not both
+    /// claim the same port.
+    #[arg(long, env = "ISOMESH_BROKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Let clients in without a username (they get the ACL's anonymous rules, if any). Off by
     /// default: only for a demo or a network nobody else can reach.
     #[arg(long, env = "ISOMESH_ALLOW_ANONYMOUS")]

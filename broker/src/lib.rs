@@ -20,12 +20,14 @@
 //! Mosquitto's file formats (one set of files serves both brokers), [`owner`] says which account
 //! owns a client id, [`publishing`] what a publish or a will may carry beyond the ACL (retained
 //! places, status tiers), and [`access`] enforces all of them through rmqtt's hooks; SIGHUP
-//! reloads the files. The binary in `main.rs` only parses flags and calls these.
+//! reloads the files. [`metrics`] serves the broker's Prometheus page on `--metrics-listen`. The
+//! binary in `main.rs` only parses flags and calls these.
 
 pub mod access;
 pub mod acl;
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod owner;
 pub mod passwords;
 pub mod publishing;
@@ -50,6 +52,11 @@ pub enum BrokerError {
     #[error("cannot register the {plugin} plugin: {reason}")]
     Plugin {
         plugin: &'static str,
+        reason: String,
+    },
+    #[error("cannot serve metrics on {addr} (--metrics-listen): {reason}")]
+    Metrics {
+        addr: std::net::SocketAddr,
         reason: String,
     },
     #[error("the broker stopped: {0}")]

@@ -59,11 +59,11 @@ fn reload_on_sighup(config: BrokerConfig, shared: crate::access::Shared) {
                     let accounts = access.passwords.as_ref().map(|p| p.len());
                     crate::access::replace(&shared, access);
                     tracing::info!(
-                        password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
-                        acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
-                        accounts = accounts.unwrap_or_default(),
-                        "reloaded the password and ACL files"
-                    );
+                    password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                            acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                            accounts = accounts.unwrap_or_default(),
+                            "reloaded the password and ACL files"
+                        );
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: cannot reload, keeping the password and ACL files in force")
@@ -87,6 +87,17 @@ pub async fn run(
         config.max_retained_bytes.min(config.max_packet_bytes)
     );
     let access = access_control(&config)?;
+    // Bound before anything else, so a wrong address stops the start instead of a later scrape.
+    let metrics_listener =
+        match config.metrics_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                BrokerError::Metrics {
+                    addr,
+                    reason: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
     let scx = ServerContext::new()
         .plugins_config_map_add(RETAINER, retainer_config)
         .plugins_config_map_add(SHARED_SUBSCRIPTION, SHARED_SUBSCRIPTION_CONFIG)
@@ -114,6 +125,14 @@ pub async fn run(
         #[cfg(unix)]
         reload_on_sighup(config.clone(), shared.clone());
         crate::access::register(&scx, shared).await;
+    }
+    // Port 0 picks a free port: the log says which.
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = metrics_listener {
+        let counters = std::sync::Arc::new(crate::metrics::Counters::default());
+        crate::metrics::register(&scx, counters.clone()).await;
+        // The task ends with the runtime, when the broker stops.
+        tokio::spawn(crate::metrics::serve(listener, scx.clone(), counters));
     }
     let listen_error = |addr, reason: String| BrokerError::Listen { addr, reason };
     let mut server = MqttServer::new(scx);
@@ -162,6 +181,7 @@ pub async fn run(
         max_queue = config.max_queue,
         max_retained = config.max_retained,
         max_retained_bytes = config.max_retained_bytes,
+        metrics_listen = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         allow_anonymous = config.allow_anonymous,

@@ -48,6 +48,8 @@ pub struct TestBroker {
     tls: Option<(Tls, u16)>,
     /// The address the plain listener binds: loopback, or every interface for containers.
     bind: &'static str,
+    /// The port of isomesh-broker's `--metrics-listen`, when it serves one.
+    metrics_port: Option<u16>,
 }
 
 /// A TLS listener beside the plain one (files in PEM, from `scripts/test_certs.py`).
@@ -91,14 +93,20 @@ impl TestBroker {
         TestBroker::start_with(BrokerKind::from_env(), Some(access), None).await
     }
 
+    /// Starts an isomesh-broker (anonymous access) that also serves its Prometheus metrics
+    /// (`--metrics-listen`, at [`TestBroker::metrics_addr`]).
+    pub async fn start_with_metrics() -> TestBroker {
+        TestBroker::start_bound(BrokerKind::Isomesh, "127.0.0.1", None, None, true).await
+    }
+
     /// Starts a broker of the given kind (anonymous access) listening on every interface, so
     /// containers reach it through their network's gateway (the compose tests' other broker).
     pub async fn start_for_containers(kind: BrokerKind) -> TestBroker {
-        TestBroker::start_bound(kind, "0.0.0.0", None, None).await
+        TestBroker::start_bound(kind, "0.0.0.0", None, None, false).await
     }
 
     async fn start_with(kind: BrokerKind, access: Option<Access>, tls: Option<Tls>) -> TestBroker {
-        TestBroker::start_bound(kind, "127.0.0.1", access, tls).await
+        TestBroker::start_bound(kind, "127.0.0.1", access, tls, false).await
     }
 
     async fn start_bound(
@@ -106,21 +114,24 @@ impl TestBroker {
         bind: &'static str,
         access: Option<Access>,
         tls: Option<Tls>,
+        metrics: bool,
     ) -> TestBroker {
         let dir = tempfile::tempdir().expect("a temp dir for the broker");
         // A free port is free only until someone else binds it: a broker that finds its port
         // taken exits, and is started again on another one.
         let mut attempts = 0;
-        let (child, port, tls) = loop {
+        let (child, port, tls, metrics_port) = loop {
             attempts += 1;
             let port = crate::free_port();
             let tls_port = tls.as_ref().map(|_| crate::free_port());
+            let metrics_port = metrics.then(crate::free_port);
             let started = spawn_listening(
                 kind,
                 (bind, port),
                 dir.path(),
                 access.as_ref(),
                 tls.as_ref().zip(tls_port),
+                metrics_port,
             )
             .await;
             match started {
@@ -129,6 +140,7 @@ impl TestBroker {
                         child,
                         port,
                         tls.map(|tls| (tls, tls_port.unwrap_or_default())),
+                        metrics_port,
                     )
                 }
                 Err(NotListening::PortTaken(_)) if attempts < 5 => continue,
@@ -143,7 +155,16 @@ impl TestBroker {
             access,
             tls,
             bind,
+            metrics_port,
         }
+    }
+
+    /// `127.0.0.1:PORT` of the broker's metrics page (panics without one).
+    pub fn metrics_addr(&self) -> String {
+        let port = self
+            .metrics_port
+            .expect("a broker started with start_with_metrics");
+        format!("127.0.0.1:{port}")
     }
 
     /// `mqtts://127.0.0.1:PORT` of the TLS listener (panics without one).
@@ -184,6 +205,7 @@ impl TestBroker {
             self.dir.path(),
             self.access.as_ref(),
             self.tls.as_ref().map(|(t, p)| (t, *p)),
+            self.metrics_port,
         )
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
@@ -245,6 +267,7 @@ async fn spawn_listening(
     dir: &std::path::Path,
     access: Option<&Access>,
     tls: Option<(&Tls, u16)>,
+    metrics_port: Option<u16>,
 ) -> Result<Child, NotListening> {
     let log_path = dir.join("broker.log");
     // The log is appended to across restarts: count the ready lines already in it.
@@ -277,6 +300,9 @@ async fn spawn_listening(
                 if tls.require_client_certificate {
                     command.arg("--tls-client-ca").arg(&tls.ca);
                 }
+            }
+            if let Some(port) = metrics_port {
+                command.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
             }
             command
         }
@@ -317,7 +343,11 @@ async fn spawn_listening(
     let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
     loop {
         let ready = log().matches(ready_line(kind)).count() > ready_before;
-        if ready && listening(port) && tls.is_none_or(|(_, tls_port)| listening(tls_port)) {
+        if ready
+            && listening(port)
+            && tls.is_none_or(|(_, tls_port)| listening(tls_port))
+            && metrics_port.is_none_or(listening)
+        {
             return Ok(child);
         }
         let exited = child.try_wait().ok().flatten();

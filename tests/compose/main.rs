@@ -117,6 +117,22 @@ async fn compose_up_classifies_offloads_and_reports() {
         "{text}"
     );
 
+    // The broker's own page: every node connected, the burst's photos through it, each node's
+    // status retained.
+    let broker = mesh.metrics("broker");
+    assert!(
+        metric(&broker, "isomesh_broker_connections", &[]) >= NODES.len() as f64,
+        "{broker}"
+    );
+    assert!(
+        metric(&broker, "isomesh_broker_messages_received_total", &[]) >= 20.0,
+        "{broker}"
+    );
+    assert!(
+        metric(&broker, "isomesh_broker_retained_messages", &[]) >= NODES.len() as f64,
+        "{broker}"
+    );
+
     // Docker's own view: each node's health check (`isomesh-node --check-ready`) passes once it
     // serves, and each tier has its memory limit.
     for (node, memory) in [("d1", 1u64 << 30), ("c1", 2 << 30)] {

@@ -577,4 +577,122 @@ mod isomesh_broker_only {
             "the error should name the unreachable address: {said}"
         );
     }
+
+    /// Scrapes `addr` until `ready` holds for the page (panics with the last page after
+    /// [`WITHIN`]).
+    async fn wait_for_page(addr: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            let page = isomesh_testkit::metrics::scrape(addr).unwrap_or_else(|e| e.to_string());
+            if ready(&page) {
+                return page;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the broker's metrics never showed {what} within {WITHIN:?}; the last page:\n{page}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_metrics_page_counts_clients_messages_queues_and_retained_bytes() {
+        use isomesh_testkit::metrics::value;
+        assert_eq!(
+            BrokerKind::from_env(),
+            BrokerKind::Isomesh,
+            "pass `--skip isomesh_broker_only`"
+        );
+        let broker = TestBroker::start_with_metrics().await;
+        let addr = broker.metrics_addr();
+        let gauge = |page: &str, name: &str| value(page, name).unwrap_or(-1.0);
+
+        // A persistent session whose client goes away: what it misses waits in its queue.
+        let mut away = MosquittoSub::spawn(&broker, &["-c", "-i", "away", "-q", "1", "-t", "m/#"]);
+        away.wait_subscribed().await;
+        away.child.start_kill().expect("kill mosquitto_sub");
+        let _ = away.child.wait().await;
+        let mut watcher = Client311::connect(broker.port(), "watcher", false).await;
+        watcher.subscribe("m/#").await;
+        let publisher = Client311::connect(broker.port(), "publisher", false).await;
+        wait_for_page(&addr, "2 connections and 3 sessions", |page| {
+            gauge(page, "isomesh_broker_connections") == 2.0
+                && gauge(page, "isomesh_broker_sessions") == 3.0
+        })
+        .await;
+
+        // Five retained messages of 1 000 bytes: the watcher gets them, the queue of the
+        // session that is away holds them, the retained store keeps them.
+        for i in 0..5u8 {
+            publisher
+                .client
+                .publish(
+                    format!("m/{i}"),
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                    pattern(1_000, i),
+                )
+                .await
+                .expect("publish");
+        }
+        for i in 0..5 {
+            watcher
+                .next(WITHIN)
+                .await
+                .unwrap_or_else(|| panic!("the watcher got {i} of 5 messages"));
+        }
+        let page = wait_for_page(
+            &addr,
+            "5 messages received, delivered, queued and retained",
+            |page| {
+                gauge(page, "isomesh_broker_messages_received_total") >= 5.0
+                    && gauge(page, "isomesh_broker_messages_delivered_total") >= 5.0
+                    && gauge(page, "isomesh_broker_queued_messages") == 5.0
+                    && gauge(page, "isomesh_broker_retained_messages") == 5.0
+                    && gauge(page, "isomesh_broker_retained_bytes") == 5_000.0
+            },
+        )
+        .await;
+        assert_eq!(
+            gauge(&page, "isomesh_broker_connects_total{result=\"accepted\"}"),
+            3.0,
+            "{page}"
+        );
+        assert_eq!(
+            gauge(
+                &page,
+                "isomesh_broker_messages_dropped_total{reason=\"queue_full\"}"
+            ),
+            0.0,
+            "{page}"
+        );
+        assert!(
+            gauge(&page, "process_resident_memory_bytes") > 0.0,
+            "{page}"
+        );
+
+        // The retained messages cleared (empty payloads): their bytes are gone from the page.
+        for i in 0..5u8 {
+            publisher
+                .client
+                .publish(
+                    format!("m/{i}"),
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                    Vec::new(),
+                )
+                .await
+                .expect("publish");
+        }
+        wait_for_page(&addr, "no retained message left", |page| {
+            gauge(page, "isomesh_broker_retained_messages") == 0.0
+                && gauge(page, "isomesh_broker_retained_bytes") == 0.0
+        })
+        .await;
+        let (health, _) = isomesh_testkit::metrics::get(&addr, "/healthz").expect("GET /healthz");
+        assert_eq!(health, 200);
+        let (missing, body) =
+            isomesh_testkit::metrics::get(&addr, "/nothing").expect("GET /nothing");
+        assert_eq!(missing, 404, "{body}");
+    }
 }
