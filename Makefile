@@ -123,8 +123,8 @@ bench: module build images bench-python
 	$(ISOMESH) bench swap --before-s 20 --arm64 $(ARM_BIN)/isomesh-node --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-arm64.json $(PHOTOS)
 	$(ISOMESH) bench swap --before-s 20 --arm64 $(ARM_BIN)/isomesh-node --no-precompile --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-arm64-compile.json $(PHOTOS)
 	python3 scripts/bench_container.py --isomesh $(ISOMESH) --out $(BENCH_OUT)/container.json
-	$(ISOMESH) bench offload --module $(MODULE) --out $(BENCH_OUT)/offload.json $(PHOTOS)
-	$(ISOMESH) bench mesh --module $(MODULE) --out $(BENCH_OUT)/mesh.json $(MESH_PHOTOS)
+	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --out $(BENCH_OUT)/offload.json $(PHOTOS)
+	$(ISOMESH) bench mesh --module $(MODULE) --cache-dir target/bench-cache --out $(BENCH_OUT)/mesh.json $(MESH_PHOTOS)
 	$(MAKE) report BENCH_OUT=$(BENCH_OUT) REPORT_DIR=docs
 
 ## Every benchmark in seconds, to keep them working (CI runs it after `make test`): the same
@@ -136,8 +136,8 @@ bench-quick: module build images bench-python
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --iterations 1 --cpu-cores 0.5 --out $(Q)/infer-edge.json $(PHOTOS)
 	$(ISOMESH) bench swap --nodes 2 --before-s 2 --from $(MODULE) --to $(MODULE_V2) --out $(Q)/swap.json $(PHOTOS)
 	python3 scripts/bench_container.py --quick --isomesh $(ISOMESH) --out $(Q)/container.json
-	$(ISOMESH) bench offload --module $(MODULE) --policies budget --loads 1 --duration-s 3 --out $(Q)/offload.json $(PHOTOS)
-	$(ISOMESH) bench mesh --module $(MODULE) --nodes 1,2 --jobs-per-node 4 --latency-jobs 4 --workers 1,2 --out $(Q)/mesh.json $(MESH_PHOTOS)
+	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --policies budget --loads 1 --duration-s 3 --out $(Q)/offload.json $(PHOTOS)
+	$(ISOMESH) bench mesh --module $(MODULE) --cache-dir target/bench-cache --nodes 1,2 --jobs-per-node 4 --latency-jobs 4 --workers 1,2 --out $(Q)/mesh.json $(MESH_PHOTOS)
 	$(MAKE) report BENCH_OUT=$(Q) REPORT_DIR=$(Q)
 
 ONNX := models/files/mobilenet_v2_1.0_224_dequant.onnx

@@ -15,15 +15,25 @@ pub fn read_files(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 /// Compiles `module` once into the compiled-code cache `cache`, which every node of a benchmark
-/// then loads in milliseconds; returns what the module says about itself.
-pub fn precompile_into(cache: &Path, module: &[u8]) -> anyhow::Result<isomesh_protos::GuestInfo> {
-    let sandbox = isomesh_sandbox::Sandbox::new(isomesh_sandbox::SandboxConfig {
-        cache_dir: Some(cache.to_path_buf()),
+/// then loads in milliseconds; returns what the module says about itself. With `compile_cache`
+/// (`--cache-dir`), the compile goes through that cache first: Cranelift's per-function cache
+/// there makes a module compiled by an earlier run (`bench infer` with the same `--cache-dir`)
+/// a matter of seconds.
+pub fn precompile_into(
+    cache: &Path,
+    compile_cache: Option<&Path>,
+    module: &[u8],
+) -> anyhow::Result<isomesh_protos::GuestInfo> {
+    let config = |dir: &Path| isomesh_sandbox::SandboxConfig {
+        cache_dir: Some(dir.to_path_buf()),
         ..isomesh_sandbox::SandboxConfig::default()
-    })?;
+    };
     eprintln!("compiling the module once for all nodes...");
-    let (info, code) = sandbox.precompile(module)?;
-    sandbox.store_precompiled(&isomesh_module::digest::sha256_hex(module), &code)?;
+    let compiler = isomesh_sandbox::Sandbox::new(config(compile_cache.unwrap_or(cache)))?;
+    let (info, code) = compiler.precompile(module)?;
+    // The nodes' cache has a key of its own: the entry is stored (and MAC-ed) there.
+    let store = isomesh_sandbox::Sandbox::new(config(cache))?;
+    store.store_precompiled(&isomesh_module::digest::sha256_hex(module), &code)?;
     Ok(info)
 }
 

@@ -36,6 +36,10 @@ pub struct MeshArgs {
     /// The classifier module every node serves.
     #[arg(long)]
     pub module: PathBuf,
+    /// Compile the module through this compile cache (e.g. `bench infer`'s `--cache-dir`), so
+    /// a module compiled before takes seconds instead of a full compile (default: none).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Photos sent as jobs (cycled); ~100 KB JPEGs are the yardstick.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
@@ -144,7 +148,7 @@ pub async fn mesh(args: MeshArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.module.display()))?;
     let work = tempdir()?;
     let cache = work.join("cache");
-    let info = precompile_into(&cache, &module)?;
+    let info = precompile_into(&cache, args.cache_dir.as_deref(), &module)?;
     let key = BenchKey::new(&work)?;
     let max_nodes = args.nodes.iter().copied().max().unwrap_or(1);
     let setups = (0..max_nodes)

@@ -33,6 +33,10 @@ pub struct OffloadArgs {
     /// The classifier module every node serves.
     #[arg(long)]
     pub module: PathBuf,
+    /// Compile the module through this compile cache (e.g. `bench infer`'s `--cache-dir`), so
+    /// a module compiled before takes seconds instead of a full compile (default: none).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Photos sent as jobs (cycled).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
@@ -123,7 +127,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
 
     // One compiled-code cache for every node: compiled once here, loaded in milliseconds there.
     let cache = work.join("cache");
-    let info = precompile_into(&cache, &module)?;
+    let info = precompile_into(&cache, args.cache_dir.as_deref(), &module)?;
     let key = BenchKey::new(&work)?;
     let plan = [
         ("bo-d1", Tier::Device, port, args.device_cores),

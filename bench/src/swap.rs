@@ -18,6 +18,7 @@
 //! artifact with its engine and target) are read from the retained manifest itself.
 
 use crate::common::{listen, machine, ms, read_files, stats, tempdir, Listener};
+use anyhow::Context as _;
 use isomesh_protos::{ModuleManifest, NodeStatus, Tier};
 use isomesh_sandbox::target::CrossCompiler;
 use isomesh_sandbox::{Sandbox, SandboxConfig};
@@ -123,7 +124,15 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     })?;
     eprintln!("compiling the starting module once for all nodes...");
     let (from_info, from_code) = sandbox.precompile(&from)?;
-    let to_info = Sandbox::new(SandboxConfig::default())?.precompile(&to)?.0;
+    // What the rolled-out module calls itself, from its identity section: compiling it here
+    // to ask would cost a full compile and warm no cache the measured rollout uses.
+    let to_identity = isomesh_module::identity::read(&to)
+        .with_context(|| format!("reading {}'s identity section", args.to.display()))?;
+    let to_info = isomesh_protos::GuestInfo {
+        name: to_identity.name,
+        version: to_identity.version,
+        ..Default::default()
+    };
     let tiers = [Tier::Device, Tier::Edge, Tier::Cloud];
     let mut setups = Vec::new();
     for n in 0..args.nodes.max(1) {
