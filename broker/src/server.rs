@@ -59,11 +59,11 @@ fn reload_on_sighup(config: BrokerConfig, shared: crate::access::Shared) {
                     let accounts = access.passwords.as_ref().map(|p| p.len());
                     crate::access::replace(&shared, access);
                     tracing::info!(
-                    password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
-                            acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
-                            accounts = accounts.unwrap_or_default(),
-                            "reloaded the password and ACL files"
-                        );
+                        password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                        acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                        accounts = accounts.unwrap_or_default(),
+                        "reloaded the password and ACL files"
+                    );
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: cannot reload, keeping the password and ACL files in force")
