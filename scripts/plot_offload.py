@@ -14,13 +14,16 @@ import matplotlib.ticker  # noqa: E402
 COLORS = {"budget": "tab:green", "local-only": "tab:red", "always-up": "tab:blue"}
 
 
-def plain_log_labels(axis):
-    """Log-axis labels as plain numbers at 1, 2 and 5 of each decade (`200`, not `2x10^2`):
-    matplotlib's default labels every minor tick on a narrow range, and they overlap."""
-    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+def plain_log_labels(axis, low, high):
+    """Log-axis labels as plain numbers (`200`, `5k`, not `2x10^2`): at 1, 2 and 5 of each decade
+    when the data span at most a decade and a half, else at each power of ten only, so labels
+    never run into each other (matplotlib's default labels every minor tick on a narrow range)."""
+    plain = matplotlib.ticker.FuncFormatter(
+        lambda value, _: f"{value / 1000:g}k" if value >= 1000 else f"{value:g}")
     axis.set_major_formatter(plain)
     axis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
-    axis.set_minor_formatter(plain)
+    narrow = low > 0 and high / low <= 10 ** 1.5
+    axis.set_minor_formatter(plain if narrow else matplotlib.ticker.NullFormatter())
 
 
 def main(src, dst):
@@ -45,7 +48,7 @@ def main(src, dst):
                           f"n={run['sent']})")
         ax.axvline(budget, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")
-        plain_log_labels(ax.xaxis)
+        plain_log_labels(ax.xaxis, *ax.get_xlim())
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{load:g}x device capacity ({run['rate_per_s']:.1f} jobs/s)")
         ax.set_xlabel("round-trip latency, ms (log); dashed: budget")
@@ -70,7 +73,7 @@ def main(src, dst):
     hit.legend(fontsize=8)
     hit.grid(True, alpha=0.3)
     pct.set_yscale("log")
-    plain_log_labels(pct.yaxis)
+    plain_log_labels(pct.yaxis, *pct.get_ylim())
     pct.set_title("latency percentiles")
     pct.set_xlabel("offered load (x device capacity)")
     pct.set_ylabel("ms (log)")
