@@ -2,6 +2,11 @@
 # Everything else here is a step of those two.
 
 CARGO ?= cargo
+# What the native (x86_64) builds and tests select: the whole workspace but the guest, which is
+# built for Wasm (`module`, `guest-test`). Selected natively, its tract would be resolved into
+# the features of crates the binaries share (cranelift's among them), so a build that selects it
+# and one that does not compile those twice.
+NATIVE := --workspace --exclude isomesh-guest
 # One build serves everything: the binaries are static (musl), so the very files the tests and
 # the demo run are the ones the container images ship (stripped on the way in).
 TARGET := x86_64-unknown-linux-musl
@@ -17,22 +22,24 @@ ARM_BIN := target/$(ARM_TARGET)/release
 # compiler-rt and libunwind from source: 3-4 minutes of a fresh build on 2 cores, for nothing.
 ARM_LINK := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
 
-.PHONY: demo test setup module build arm64-node arm64 images compose-test unit integration lint deny deny-tool checks-build bench bench-quick bench-python report clean-demo fuzz fuzz-build
+.PHONY: demo test setup module build build-native guest-test arm64-node arm64 images compose-test unit integration lint deny deny-tool checks-build bench bench-quick bench-python report clean-demo fuzz fuzz-build
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
 	./scripts/demo.sh $(BIN)
 
-## Unit tests, the integration suite against isomesh-broker and again against Mosquitto (with
-## the aarch64 node under qemu in the mixed-ISA tests), then the container fault tests of the
-## compose mesh (real containers, built by `make images`, an arm64 device among them).
-# Every cargo command selects the whole workspace so features resolve once and target/ is reused.
+## Unit tests (the classifier's in Wasm: guest-test), the integration suite against
+## isomesh-broker and again against Mosquitto (with the aarch64 node under qemu in the mixed-ISA
+## tests), then the container fault tests of the compose mesh (real containers, built by
+## `make images`, an arm64 device among them).
+# Every cargo command selects the same packages (NATIVE) so features resolve once and target/ is
+# reused; the guest's own tests ran in Wasm (guest-test).
 # Tests of isomesh-broker alone (`isomesh_broker_only`) are filtered out of the Mosquitto run,
 # so cargo reports them as filtered out there rather than passed.
-test: setup module build arm64-node images
-	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release --target $(TARGET) --workspace --lib --bins --test integration
-	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release --target $(TARGET) --workspace --test integration -- --skip isomesh_broker_only
-	$(CARGO) test --release --target $(TARGET) --workspace --test compose -- --nocapture
+test: setup module build arm64-node images guest-test
+	ISOMESH_TEST_BROKER=isomesh $(CARGO) test --release --target $(TARGET) $(NATIVE) --lib --bins --test integration
+	ISOMESH_TEST_BROKER=mosquitto $(CARGO) test --release --target $(TARGET) $(NATIVE) --test integration -- --skip isomesh_broker_only
+	$(CARGO) test --release --target $(TARGET) $(NATIVE) --test compose -- --nocapture
 
 ## The container images of compose.yaml (static musl binaries + module, FROM scratch; no
 ## registry), and isomesh:arm64, the linux/arm64 device node.
@@ -41,7 +48,7 @@ images: setup module build arm64-node
 
 ## Only the container fault tests of the compose mesh.
 compose-test: module build arm64-node images
-	$(CARGO) test --release --target $(TARGET) --workspace --test compose -- --nocapture
+	$(CARGO) test --release --target $(TARGET) $(NATIVE) --test compose -- --nocapture
 
 setup:
 	./scripts/setup.sh
@@ -59,7 +66,18 @@ $(MODULE_V2): $(shell find guest -type f -not -path '*/target/*') models/MANIFES
 	cp $(MODULE) $@
 
 build: setup
-	$(CARGO) build --release --target $(TARGET) --workspace --bins
+	$(CARGO) build --release --target $(TARGET) $(NATIVE) --bins
+
+## The same, with the native tract baseline of `isomesh bench infer` in isomesh-bench (tract for
+## this machine: ~6 CPU-minutes of a fresh build on 2 cores that nothing else needs).
+build-native: setup
+	$(CARGO) build --release --target $(TARGET) $(NATIVE) --bins --features isomesh-bench/native-baseline
+
+## The classifier's unit tests, run as the module runs: built for wasm32-wasip1 on the module's
+## own dependency build, and run in wasmtime with WASI by isomesh-wasi-run (testkit), cargo's
+## runner for that target here. Natively they would need tract built for this machine too.
+guest-test: setup module build
+	CARGO_TARGET_WASM32_WASIP1_RUNNER=$(abspath $(BIN))/isomesh-wasi-run $(CARGO) test --release -p isomesh-guest --target wasm32-wasip1 --lib
 
 ## The aarch64 node alone: what the mixed-ISA tests and the arm64 image run. The slow part of
 ## a fresh build (wasmtime and its Cranelift for aarch64: ~12 min on 2 cores), so only the node.
@@ -79,7 +97,7 @@ arm64: setup
 LINT_TARGET_DIR := target/lint
 lint:
 	$(CARGO) fmt --all -- --check
-	CARGO_TARGET_DIR=$(LINT_TARGET_DIR) $(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	CARGO_TARGET_DIR=$(LINT_TARGET_DIR) $(CARGO) clippy --release --workspace --all-targets --all-features -- -D warnings
 
 ## Licences, banned crates and sources of every dependency (deny.toml); cargo-deny from crates.io
 ## when missing. Advisories need GitHub (see deny.toml).
@@ -112,7 +130,10 @@ PHOTOS := $(wildcard $(ISOMESH_IMAGES)/*.jp*g)
 # The issue's ~100 KB photos for the mesh run.
 MESH_PHOTOS := $(filter %/banana.jpg %/cat_720p.jpg %/elephants.jpg,$(PHOTOS))
 ISOMESH := ./$(BIN)/isomesh
-bench: module build images bench-python
+# build-native after the images' build (`build`, which it depends on): the same binaries, and
+# isomesh-bench with the native tract baseline.
+bench: module images bench-python
+	$(MAKE) build-native
 	mkdir -p target/bench-cache
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --out $(BENCH_OUT)/infer.json $(PHOTOS)
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 0.25 --out $(BENCH_OUT)/infer-device.json $(PHOTOS)

@@ -61,7 +61,7 @@ def inference(bench_dir, plots, out):
         ort = (run.get("onnxruntime") or {}).get("infer_ms", {}).get("median")
         rows.append([tier, fmt(cores, 2) if cores else "all",
                      fmt(infer["wasm"]["median"]), fmt(infer["wasm"]["p95"]),
-                     fmt(infer["native"]["median"]), fmt(ort),
+                     fmt((infer.get("native") or {}).get("median")), fmt(ort),
                      fmt(infer["wasm_over_native_median"], 2, "x"),
                      fmt(infer.get("wasm_over_onnxruntime_median"), 2, "x"),
                      fmt(600 / infer["wasm"]["median"], 0, "x")])
@@ -72,6 +72,10 @@ def inference(bench_dir, plots, out):
     out.append(table(["tier", "cores", "Wasm median ms", "Wasm p95 ms", "native tract ms",
                       "onnxruntime ms", "Wasm / native", "Wasm / onnxruntime",
                       "paper's 0.6 s / ours"], rows))
+    if any(not run["infer_ms"].get("native") for _, run in runs):
+        out.append("\nNative tract: not built into this `isomesh-bench` (`make bench` builds it "
+                   "with `--features isomesh-bench/native-baseline`; `make bench-quick` and the "
+                   "tests' build leave it out).\n")
     whole = dict(runs).get("whole machine")
     if whole:
         compile_ms = whole.get("compile_ms")

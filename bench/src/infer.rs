@@ -1,12 +1,13 @@
 //! `isomesh bench infer`: what the sandbox costs. In one run, on the same images: MobileNetV2
-//! latency inside Wasm and natively (the same guest crate linked into this binary), what a call
+//! latency inside Wasm and natively (the same guest crate linked into this binary, with the
+//! `native-baseline` feature that `make bench` turns on), what a call
 //! across the sandbox boundary costs next to the work it carries (an empty call, decoding only,
 //! a whole classification), compile time, cached load time and resident memory; with
 //! `--onnxruntime`, the same model in onnxruntime too, the tool a user would pick instead (through
 //! its Python package: a baseline, not a dependency). With `--cpu-cores`, all of it runs under a
 //! CPU quota, as on a device or an edge box. Writes JSON.
 
-use crate::common::{machine, ms, read_files, stats, tempdir};
+use crate::common::{machine, ms, read_files, stats, tempdir, Stats};
 use anyhow::Context;
 use isomesh_sandbox::{Sandbox, SandboxConfig};
 use isomesh_testkit::harness::CpuQuota;
@@ -102,13 +103,17 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         // One untimed run each to warm caches, then alternate so drift hits both alike.
         let warm = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
         wasm_top1.push(warm.top.first().map(|score| score.index));
-        native_classifier(image)?;
+        if let Some(native_classifier) = &native_classifier {
+            native_classifier(image)?;
+        }
         for _ in 0..args.iterations {
             let t = Instant::now();
             let answer = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
             classify_calls.add(t.elapsed(), answer.decode_us + answer.infer_us);
             wasm.push(answer.infer_us as f64 / 1000.0);
-            native.push(native_classifier(image)?);
+            if let Some(native_classifier) = &native_classifier {
+                native.push(native_classifier(image)?);
+            }
             let t = Instant::now();
             if let Some(answer) = instance.preprocess(image) {
                 let answer = answer.map_err(anyhow::Error::msg)?;
@@ -117,8 +122,9 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         }
     }
     let rss_end = crate::common::own_status_kib("VmRSS:");
-    let (w, n) = (stats(&mut wasm), stats(&mut native));
-    let ratio = w.median / n.median;
+    let w = stats(&mut wasm);
+    let n = native_classifier.is_some().then(|| stats(&mut native));
+    let ratio = n.as_ref().map(|n| w.median / n.median);
     let call_overhead = json!([
         {"task": "empty call", "call_us": empty_call_ns / 1000.0, "work_us": 0.0,
          "overhead_us": empty_call_ns / 1000.0, "overhead_fraction": 1.0},
@@ -144,7 +150,7 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         "iterations_per_image": args.iterations,
         "cpu_cores": args.cpu_cores,
         "call_overhead": call_overhead,
-        "infer_ms": {"wasm": w.to_json(), "native": n.to_json(), "wasm_over_native_median": ratio,
+        "infer_ms": {"wasm": w.to_json(), "native": n.as_ref().map(Stats::to_json), "wasm_over_native_median": ratio,
                      "wasm_over_onnxruntime_median": over_onnxruntime},
         "onnxruntime": onnxruntime,
         "empty_call_ns": empty_call_ns,
@@ -165,8 +171,13 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         args.iterations
     );
     println!("  wasm   median {:.1} ms  p95 {:.1} ms", w.median, w.p95);
-    println!("  native median {:.1} ms  p95 {:.1} ms", n.median, n.p95);
-    println!("  wasm / native (median): {ratio:.2}x");
+    match (&n, ratio) {
+        (Some(n), Some(ratio)) => {
+            println!("  native median {:.1} ms  p95 {:.1} ms", n.median, n.p95);
+            println!("  wasm / native (median): {ratio:.2}x");
+        }
+        _ => println!("  native: not built into this isomesh-bench ({NOT_BUILT})"),
+    }
     if let (Some(o), Some(over)) = (&onnxruntime, over_onnxruntime) {
         println!(
             "  onnxruntime (1 thread) median {:.1} ms; wasm / onnxruntime {over:.2}x",
@@ -308,11 +319,19 @@ fn onnxruntime_baseline(
     Ok(report)
 }
 
+/// One native classification: its inference time, ms.
+type NativeRun = Box<dyn Fn(&[u8]) -> anyhow::Result<f64>>;
+
+/// How to get the native baseline into a build that lacks it.
+const NOT_BUILT: &str =
+    "`make bench` builds it: cargo build --features isomesh-bench/native-baseline";
+
 /// Runs the native classifier on a thread of its own. tract's native kernels are hand-written
 /// AVX assembly that can leave the upper halves of the vector registers dirty; on the thread that
 /// runs them, the SSE code Cranelift emits for Wasm then ran ~250x slower here (9.3 s instead of
 /// 35 ms per image). Apart, each keeps its own register state.
-fn native_baseline() -> anyhow::Result<impl Fn(&[u8]) -> anyhow::Result<f64>> {
+#[cfg(feature = "native-baseline")]
+fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
     let (images, requests) = std::sync::mpsc::channel::<Vec<u8>>();
     let (results, answers) = std::sync::mpsc::channel::<Result<f64, String>>();
     std::thread::Builder::new()
@@ -335,10 +354,17 @@ fn native_baseline() -> anyhow::Result<impl Fn(&[u8]) -> anyhow::Result<f64>> {
                 }
             }
         })?;
-    Ok(move |image: &[u8]| {
+    Ok(Some(Box::new(move |image: &[u8]| {
         images.send(image.to_vec())?;
         answers
             .recv()?
             .map_err(|e| anyhow::anyhow!("native classifier: {e}"))
-    })
+    })))
+}
+
+/// Without the `native-baseline` feature: no native column (said once, on stderr).
+#[cfg(not(feature = "native-baseline"))]
+fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
+    eprintln!("native tract baseline: not built into this isomesh-bench ({NOT_BUILT})");
+    Ok(None)
 }

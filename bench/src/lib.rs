@@ -2,7 +2,7 @@
 //! `scripts/bench_report.py` turns into `docs/benchmarks.md`.
 //!
 //! - [`infer`]: the sandbox against the same classifier linked natively (this is the only crate
-//!   that links tract natively) and against onnxruntime; the call overhead; compile and load
+//!   that links tract natively, and only with its `native-baseline` feature) and against onnxruntime; the call overhead; compile and load
 //!   times; memory.
 //! - [`swap`]: a rollout under load against restarting nodes on the new module.
 //! - [`offload`]: the offload policies under Poisson load, device to cloud, under CPU quotas.

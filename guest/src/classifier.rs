@@ -116,9 +116,10 @@ mod tests {
         assert_eq!(labels[954], "banana");
     }
 
-    /// The native build must agree with onnxruntime's top-1 on every shared photo.
+    /// The classifier must agree with onnxruntime's top-1 on every photo of `photos/`. The test
+    /// runs in Wasm (`make guest-test`), as the module does; the photos are read through WASI.
     #[test]
-    fn native_classifier_matches_the_reference_on_real_photos() {
+    fn the_classifier_matches_the_reference_on_real_photos() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../photos");
         let expected =
             std::fs::read_to_string(format!("{dir}/expected.tsv")).expect("expected.tsv");
