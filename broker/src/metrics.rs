@@ -270,12 +270,7 @@ pub async fn serve(listener: TcpListener, scx: ServerContext, counters: Arc<Coun
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The value of one series in an exposition.
-    fn value(text: &str, series: &str) -> Option<f64> {
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-    }
+    use isomesh_testkit::metrics::value;
 
     #[test]
     fn drops_are_counted_by_reason_and_every_reason_is_shown() {

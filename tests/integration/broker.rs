@@ -595,6 +595,22 @@ mod isomesh_broker_only {
         }
     }
 
+    /// Publishes `payload(i)` retained at QoS 1 on `m/0` to `m/4`.
+    async fn publish_retained(publisher: &Client311, payload: impl Fn(u8) -> Vec<u8>) {
+        for i in 0..5u8 {
+            publisher
+                .client
+                .publish(
+                    format!("m/{i}"),
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                    payload(i),
+                )
+                .await
+                .expect("publish");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn the_metrics_page_counts_clients_messages_queues_and_retained_bytes() {
         use isomesh_testkit::metrics::value;
@@ -623,18 +639,7 @@ mod isomesh_broker_only {
 
         // Five retained messages of 1 000 bytes: the watcher gets them, the queue of the
         // session that is away holds them, the retained store keeps them.
-        for i in 0..5u8 {
-            publisher
-                .client
-                .publish(
-                    format!("m/{i}"),
-                    rumqttc::QoS::AtLeastOnce,
-                    true,
-                    pattern(1_000, i),
-                )
-                .await
-                .expect("publish");
-        }
+        publish_retained(&publisher, |i| pattern(1_000, i)).await;
         for i in 0..5 {
             watcher
                 .next(WITHIN)
@@ -672,18 +677,7 @@ mod isomesh_broker_only {
         );
 
         // The retained messages cleared (empty payloads): their bytes are gone from the page.
-        for i in 0..5u8 {
-            publisher
-                .client
-                .publish(
-                    format!("m/{i}"),
-                    rumqttc::QoS::AtLeastOnce,
-                    true,
-                    Vec::new(),
-                )
-                .await
-                .expect("publish");
-        }
+        publish_retained(&publisher, |_| Vec::new()).await;
         wait_for_page(&addr, "no retained message left", |page| {
             gauge(page, "isomesh_broker_retained_messages") == 0.0
                 && gauge(page, "isomesh_broker_retained_bytes") == 0.0
