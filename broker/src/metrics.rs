@@ -25,6 +25,7 @@
 //! and pop); the retained bytes are summed over the retained store at scrape time, a few hundred
 //! messages in a mesh (each held as a shared buffer, so the walk copies no payload).
 
+use isomesh_http::header;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::types::Reason;
@@ -148,11 +149,12 @@ pub fn render(counters: &Counters, gauges: &Gauges) -> String {
 
 fn write_all(out: &mut String, counters: &Counters, gauges: &Gauges) -> std::fmt::Result {
     let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    writeln!(
+    header(
         out,
-        "# HELP isomesh_broker_connects_total CONNECTs answered, by result."
+        "isomesh_broker_connects_total",
+        "counter",
+        "CONNECTs answered, by result.",
     )?;
-    writeln!(out, "# TYPE isomesh_broker_connects_total counter")?;
     writeln!(
         out,
         "isomesh_broker_connects_total{{result=\"accepted\"}} {}",
@@ -176,15 +178,15 @@ fn write_all(out: &mut String, counters: &Counters, gauges: &Gauges) -> std::fmt
         ),
     ];
     for (name, help, value) in totals {
-        writeln!(out, "# HELP {name} {help}")?;
-        writeln!(out, "# TYPE {name} counter")?;
+        header(out, name, "counter", help)?;
         writeln!(out, "{name} {value}")?;
     }
-    writeln!(
+    header(
         out,
-        "# HELP isomesh_broker_messages_dropped_total Messages not delivered, by reason."
+        "isomesh_broker_messages_dropped_total",
+        "counter",
+        "Messages not delivered, by reason.",
     )?;
-    writeln!(out, "# TYPE isomesh_broker_messages_dropped_total counter")?;
     for (reason, counter) in DROP_REASONS.iter().zip(&counters.dropped) {
         writeln!(
             out,
@@ -230,16 +232,16 @@ fn write_all(out: &mut String, counters: &Counters, gauges: &Gauges) -> std::fmt
         ),
     ];
     for (name, help, value) in gauges_now {
-        writeln!(out, "# HELP {name} {help}")?;
-        writeln!(out, "# TYPE {name} gauge")?;
+        header(out, name, "gauge", help)?;
         writeln!(out, "{name} {value}")?;
     }
     if let Some(bytes) = gauges.resident_memory_bytes {
-        writeln!(
+        header(
             out,
-            "# HELP process_resident_memory_bytes Resident memory size in bytes."
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the broker process.",
         )?;
-        writeln!(out, "# TYPE process_resident_memory_bytes gauge")?;
         writeln!(out, "process_resident_memory_bytes {bytes}")?;
     }
     Ok(())

@@ -155,6 +155,14 @@ fn not_found(offered: &str) -> Page {
     Page::plain("404 Not Found", format!("this serves {offered}\n"))
 }
 
+/// The `# HELP` and `# TYPE` lines that open a metric in Prometheus' text format: `kind` is
+/// `counter`, `gauge` or `histogram`.
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) -> std::fmt::Result {
+    use std::fmt::Write as _;
+    writeln!(out, "# HELP {name} {help}")?;
+    writeln!(out, "# TYPE {name} {kind}")
+}
+
 /// The process's resident set, from `/proc/self/statm` (Linux); `None` elsewhere. Both pages
 /// carry it as Prometheus' usual `process_resident_memory_bytes`.
 pub fn resident_memory_bytes() -> Option<u64> {

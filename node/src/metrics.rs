@@ -32,7 +32,7 @@
 
 use crate::scheduler::Load;
 use crate::slot::{ModuleSlot, RolloutBoard};
-use isomesh_http::Page;
+use isomesh_http::{header, Page};
 use isomesh_mesh::relay::Relay;
 use isomesh_protos::{hop, JobResult, Tier};
 use std::fmt::Write as _;
@@ -377,11 +377,6 @@ impl Metrics {
         }
         Ok(())
     }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) -> std::fmt::Result {
-    writeln!(out, "# HELP {name} {help}")?;
-    writeln!(out, "# TYPE {name} {kind}")
 }
 
 /// A label value as the exposition format wants it.
