@@ -4,7 +4,7 @@
     python3 scripts/bench_report.py BENCH_DIR MARKDOWN_OUT PLOT_DIR
 
 BENCH_DIR holds what the benchmarks wrote (infer*.json, swap*.json, container.json,
-offload.json, mesh.json); a missing file makes its section say so instead of failing, so the
+offload.json, offload-steady.json, mesh.json); a missing file makes its section say so instead of failing, so the
 quick CI run and a partial run still get a report. Each section puts our figure beside the
 paper's (Kuribayashi et al., WF-IoT 2023). Ratios are taken inside one run only: this machine
 is shared and noisy, so a ratio of two runs would mostly measure the neighbours.
@@ -300,6 +300,54 @@ def offload(bench_dir, out):
     out.append("\n![offload](offload.png)\n")
 
 
+def offload_steady(bench_dir, plots, out):
+    out.append("## Offload stability (`isomesh bench offload --arrivals steady --repeat N`)\n")
+    data = load(bench_dir, "offload-steady.json")
+    if not data:
+        out.append("Not run.\n")
+        return
+    setup = data["setup"]
+    runs = data["runs"]
+    rate = runs[0]["rate_per_s"] if runs else float("nan")
+    out.append(f"The same steady stream, {fmt(rate, 1)} jobs/s ({runs[0]['load'] if runs else '?'}x "
+               f"the device's capacity of {fmt(data['device_capacity_per_s'], 1)}/s) for "
+               f"{setup['duration_s']} s with a {setup['budget_ms']} ms budget, sent to the device "
+               f"of a fresh mesh {setup['repeat']} times per policy. No CPU quotas: the device, "
+               "both edges and the cloud share the machine's cores, as nodes on one box do. "
+               "Goal: every budget-policy run at least 90% in budget, none below local-only.\n")
+    rows = []
+    for d in data["distributions"]:
+        mine = [r for r in runs if r["policy"] == d["policy"] and r["load"] == d["load"]]
+        median = lambda key: sorted(r[key] for r in mine)[len(mine) // 2] if mine else None
+        h = d["hit_rate"]
+        rows.append([d["policy"], d["runs"],
+                     " / ".join(fmt(100 * h[k], 1, "%") if h[k] is not None else "-"
+                                for k in ("min", "p10", "median", "max")),
+                     d["runs_below_90_percent"], median("fallbacks"), median("wasted_runs"),
+                     sum(r["lost"] + r["failed"] for r in mine)])
+    out.append(table(["policy", "runs", "in budget: min / p10 / median / max",
+                      "runs below 90%", "fallbacks (median run)", "jobs run twice (median run)",
+                      "lost + failed (all runs)"], rows))
+    fig, ax = plt.subplots(figsize=(6, 3))
+    policies = [d["policy"] for d in data["distributions"]]
+    for i, d in enumerate(data["distributions"]):
+        shares = [100 * s for s in d["hit_rates"]]
+        # Spread equal values sideways so twenty runs stay countable.
+        xs = [i + 0.25 * ((k % 9) - 4) / 4 for k in range(len(shares))]
+        ax.scatter(xs, shares, s=14, alpha=0.8)
+    ax.axhline(90, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlim(-0.6, len(policies) - 0.4)
+    ax.set_xticks(range(len(policies)))
+    ax.set_xticklabels(policies)
+    ax.set_ylim(0, 102)
+    ax.set_ylabel("jobs in budget, % (one dot a run)")
+    ax.set_title(f"Steady stream, shared cores: {setup['repeat']} runs per policy", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(plots, "offload_steady.png"), dpi=110)
+    plt.close(fig)
+    out.append("\n![offload stability](offload_steady.png)\n")
+
+
 def mesh(bench_dir, plots, out):
     out.append("## Mesh throughput and latency (`isomesh bench mesh`)\n")
     data = load(bench_dir, "mesh.json")
@@ -388,6 +436,7 @@ def main():
     inference(bench_dir, plots, out)
     mesh(bench_dir, plots, out)
     offload(bench_dir, out)
+    offload_steady(bench_dir, plots, out)
     with open(markdown, "w") as f:
         f.write("\n".join(out) + "\n")
     print(f"wrote {markdown} and plots in {plots}")

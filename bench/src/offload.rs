@@ -9,6 +9,15 @@
 //! so every policy sees the same sequence. Measured per policy and load: share of jobs answered
 //! within the budget (as the sender sees it), latency percentiles, where jobs ran, jobs lost.
 //! Writes JSON, with every latency, for `scripts/plot_offload.py`.
+//!
+//! A second scenario asks whether the policy is stable rather than how good it is once: with
+//! `--no-cpu-quota --arrivals steady --repeat N`, every node shares the machine's cores (as
+//! several nodes on one edge box do), jobs arrive at a constant rate, and each run starts a
+//! fresh mesh. The same stream then gives one in-budget share per run, and the report gives their
+//! distribution per policy (a policy that tips into a state where every queue grows shows up as
+//! a low tail, not as a lower average). Each run also counts where jobs went (their paths), the
+//! jobs a node ran after giving up waiting on the tier above (fallbacks), and the runs whose
+//! answer nobody took (the same job run twice: work the machine spent for nothing).
 
 use crate::common::{listen, machine, ms, precompile_into, read_files, stats, tempdir, Listener};
 use anyhow::Context;
@@ -51,6 +60,13 @@ pub struct OffloadArgs {
         default_value = "budget,local-only,always-up"
     )]
     pub policies: Vec<Policy>,
+    /// How jobs arrive: `poisson` (random gaps averaging 1/rate) or `steady` (one every 1/rate).
+    #[arg(long, value_enum, default_value_t = Arrivals::Poisson)]
+    pub arrivals: Arrivals,
+    /// Runs of every policy and load, each on a freshly started mesh: the report then gives the
+    /// distribution of their in-budget shares.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
     /// Seconds of arrivals per policy and load.
     #[arg(long, default_value_t = 20)]
     pub duration_s: u64,
@@ -87,6 +103,24 @@ pub struct OffloadArgs {
     pub keep: bool,
 }
 
+/// How the jobs of a run are spaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arrivals {
+    /// Exponential gaps: a Poisson process, as many independent senders make.
+    Poisson,
+    /// Equal gaps: one camera at a fixed frame rate.
+    Steady,
+}
+
+impl Arrivals {
+    fn name(self) -> &'static str {
+        match self {
+            Arrivals::Poisson => "poisson",
+            Arrivals::Steady => "steady",
+        }
+    }
+}
+
 /// One benchmark node: where it lives, how it reaches the broker, its CPU quota.
 struct BenchNode {
     setup: NodeSetup,
@@ -101,6 +135,8 @@ struct Sender {
     topics: Topics,
     replies: String,
     images: Vec<Vec<u8>>,
+    /// The last status heard from each node, by node id.
+    statuses: HashMap<String, NodeStatus>,
 }
 
 /// One job of a run and its answer.
@@ -113,6 +149,10 @@ struct Answer {
     latency_ms: f64,
     tier: Tier,
     ok: bool,
+    /// The nodes the job went through, the sender's first (`d1>e2>c1`).
+    path: String,
+    /// A node on the way ran the job itself after waiting in vain for the tier above.
+    fallback: bool,
 }
 
 pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
@@ -184,6 +224,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         topics,
         replies,
         images,
+        statuses: HashMap::new(),
     };
 
     // The device's capacity: its median service time, one job at a time, nothing forwarded.
@@ -195,8 +236,9 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         &mut sender,
     )
     .await?;
+    // 30 jobs: the machine is shared, and a rate set from a few would swing from run to run.
     let mut service = Vec::new();
-    for n in 0..12 {
+    for n in 0..32 {
         let result = sender.one_job(&format!("calibrate-{n}"), n).await?;
         if n >= 2 {
             service.push(result.timing.map(|t| t.total_ms).unwrap_or(f64::NAN));
@@ -209,19 +251,45 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
 
     let mut runs = Vec::new();
     for &policy in &args.policies {
-        let mut procs = start_mesh(&nodes, &key, quotas.as_deref(), policy, &mut sender).await?;
-        for (load_index, &load) in args.loads.iter().enumerate() {
-            let rate = load * capacity;
-            eprintln!(
-                "{}: {load}x = {rate:.1} jobs/s for {} s",
-                policy.name(),
-                args.duration_s
-            );
-            let seed = args.seed.wrapping_add(load_index as u64);
-            let sent = sender.poisson_run(policy, load, rate, seed, &args).await?;
-            runs.push(summary(policy, load, rate, &sent, args.budget_ms));
+        for repeat in 0..args.repeat {
+            let mut procs =
+                start_mesh(&nodes, &key, quotas.as_deref(), policy, &mut sender).await?;
+            for (load_index, &load) in args.loads.iter().enumerate() {
+                let rate = load * capacity;
+                eprint!(
+                    "{}: {load}x = {rate:.1} jobs/s for {} s ({}{})",
+                    policy.name(),
+                    args.duration_s,
+                    args.arrivals.name(),
+                    if args.repeat > 1 {
+                        format!(", run {} of {}", repeat + 1, args.repeat)
+                    } else {
+                        String::new()
+                    }
+                );
+                // The same arrivals in every run and for every policy.
+                let seed = args.seed.wrapping_add(load_index as u64);
+                // Statuses queued since the mesh started (a stopped node's last one included)
+                // come before the fresh ones, which then count from here.
+                while let Ok(p) = sender.events.try_recv() {
+                    sender.take(&p, "", &mut []);
+                }
+                let before = sender.jobs_done();
+                let prefix = format!("{}-{load}-{repeat}-", policy.name());
+                let sent = sender.stream(&prefix, rate, seed, &args).await?;
+                let ran = sender.jobs_done().saturating_sub(before);
+                let mut run = summary(policy, load, rate, &sent, args.budget_ms, ran);
+                run["repeat"] = json!(repeat);
+                eprintln!(
+                    ": {:.1}% in budget, {} fallbacks, {} jobs run twice",
+                    run["hit_rate"].as_f64().unwrap_or(f64::NAN) * 100.0,
+                    run["fallbacks"],
+                    run["wasted_runs"]
+                );
+                runs.push(run);
+            }
+            stop_mesh(&mut procs);
         }
-        stop_mesh(&mut procs);
     }
     drop(quotas);
     // A group is removed once empty.
@@ -243,11 +311,26 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         };
         get(a) / get(b)
     };
+    let distributions: Vec<serde_json::Value> = args
+        .policies
+        .iter()
+        .flat_map(|&policy| args.loads.iter().map(move |&load| (policy, load)))
+        .map(|(policy, load)| {
+            let shares: Vec<f64> = runs
+                .iter()
+                .filter(|r| r["policy"] == policy.name() && r["load"].as_f64() == Some(load))
+                .filter_map(|r| r["hit_rate"].as_f64())
+                .collect();
+            distribution(policy, load, shares)
+        })
+        .collect();
     let report = json!({
         "machine": machine(),
         "setup": {
             "budget_ms": args.budget_ms,
             "duration_s": args.duration_s,
+            "arrivals": args.arrivals.name(),
+            "repeat": args.repeat,
             "cores": {"device": args.device_cores, "edge": args.edge_cores, "cloud": args.cloud_cores,
                       "quota": !args.no_cpu_quota},
             "link_delay_ms_each_way": {"device": 0, "edge": args.edge_link_ms, "cloud": args.cloud_link_ms},
@@ -257,6 +340,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         "device_service_ms": device_service_ms,
         "device_capacity_per_s": capacity,
         "runs": runs,
+        "distributions": distributions,
         "summary": {
             "hit_rate_at_highest_load": args.policies.iter().map(|p| (p.name(), find(*p, high).map(|r| r["hit_rate"].clone()))).collect::<HashMap<_, _>>(),
             "p50_at_lowest_load_ms": args.policies.iter().map(|p| (p.name(), find(*p, low).map(|r| r["latency_ms"]["median"].clone()))).collect::<HashMap<_, _>>(),
@@ -319,7 +403,8 @@ async fn start_mesh(
             if p.topic.starts_with(b"isomesh/status/") {
                 if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
                     let ready = status.online && status.module.is_some();
-                    online.insert(status.node_id, ready);
+                    online.insert(status.node_id.clone(), ready);
+                    sender.statuses.insert(status.node_id.clone(), status);
                 }
             }
         }
@@ -375,17 +460,15 @@ impl Sender {
         anyhow::bail!("no answer to {job_id} within 60 s")
     }
 
-    /// Poisson arrivals at `rate` per second for the run's duration, then waits for every
-    /// answer (120 s at most: what is missing then counts as lost).
-    async fn poisson_run(
+    /// Jobs at `rate` per second for the run's duration, spaced as `--arrivals` says, then waits
+    /// for every answer (120 s at most: what is missing then counts as lost).
+    async fn stream(
         &mut self,
-        policy: Policy,
-        load: f64,
+        prefix: &str,
         rate: f64,
         seed: u64,
         args: &OffloadArgs,
     ) -> anyhow::Result<Vec<Sent>> {
-        let prefix = format!("{}-{load}-", policy.name());
         let mut random = SplitMix(seed);
         let mut sent: Vec<Sent> = Vec::new();
         let started = Instant::now();
@@ -404,11 +487,15 @@ impl Sender {
                     at: Instant::now(),
                     answer: None,
                 });
-                next += Duration::from_secs_f64(random.exponential(rate));
+                let gap = match args.arrivals {
+                    Arrivals::Poisson => random.exponential(rate),
+                    Arrivals::Steady => 1.0 / rate.max(1e-9),
+                };
+                next += Duration::from_secs_f64(gap);
                 continue;
             }
             if let Ok(Some(p)) = tokio::time::timeout(next - now, self.events.recv()).await {
-                take_answer(&p, &prefix, &mut sent);
+                self.take(&p, prefix, &mut sent);
             }
         }
         let by = Instant::now() + Duration::from_secs(120);
@@ -416,15 +503,32 @@ impl Sender {
             if let Ok(Some(p)) =
                 tokio::time::timeout(Duration::from_secs(1), self.events.recv()).await
             {
-                take_answer(&p, &prefix, &mut sent);
+                self.take(&p, prefix, &mut sent);
             }
         }
-        // Let the queues empty before the next run.
+        // Let the queues empty (copies of jobs answered already may still run above) before
+        // the next run, and their statuses come in.
         tokio::time::sleep(Duration::from_secs(2)).await;
         while let Ok(p) = self.events.try_recv() {
-            take_answer(&p, &prefix, &mut sent);
+            self.take(&p, prefix, &mut sent);
         }
         Ok(sent)
+    }
+
+    /// Takes in one message: an answer to a job of this run, or a node's status.
+    fn take(&mut self, p: &Publish, prefix: &str, sent: &mut [Sent]) {
+        if p.topic.starts_with(b"isomesh/status/") {
+            if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
+                self.statuses.insert(status.node_id.clone(), status);
+            }
+            return;
+        }
+        take_answer(p, prefix, sent);
+    }
+
+    /// Jobs the nodes ran to their end so far, in all (from their last statuses).
+    fn jobs_done(&self) -> u64 {
+        self.statuses.values().map(|s| s.jobs_done).sum()
     }
 }
 
@@ -440,10 +544,23 @@ fn take_answer(p: &Publish, prefix: &str, sent: &mut [Sent]) {
         return;
     };
     if let Some(job) = sent.get_mut(index) {
+        // Hops run from the node the sender reached to the one that ran the job.
+        let path = result
+            .hops
+            .iter()
+            .map(|h| h.node.strip_prefix("bo-").unwrap_or(&h.node))
+            .collect::<Vec<_>>()
+            .join(">");
+        let fallback = result
+            .hops
+            .iter()
+            .any(|h| h.action == isomesh_protos::hop::Action::Fallback as i32);
         job.answer.get_or_insert(Answer {
             latency_ms: ms(job.at.elapsed()),
             tier: Tier::try_from(result.tier).unwrap_or(Tier::Unspecified),
             ok: result.error.is_empty(),
+            path,
+            fallback,
         });
     }
 }
@@ -454,6 +571,7 @@ fn summary(
     rate: f64,
     sent: &[Sent],
     budget_ms: u32,
+    ran: u64,
 ) -> serde_json::Value {
     let answered: Vec<&Answer> = sent.iter().filter_map(|s| s.answer.as_ref()).collect();
     let mut latencies: Vec<f64> = answered.iter().map(|a| a.latency_ms).collect();
@@ -469,6 +587,10 @@ fn summary(
             .count()
     };
     let latency = stats(&mut latencies);
+    let mut paths: std::collections::BTreeMap<&str, usize> = Default::default();
+    for answer in &answered {
+        *paths.entry(answer.path.as_str()).or_default() += 1;
+    }
     json!({
         "policy": policy.name(),
         "load": load,
@@ -480,8 +602,38 @@ fn summary(
         "hit_rate": hits as f64 / sent.len().max(1) as f64,
         "ran_on": {"device": ran_on(Tier::Device), "edge": ran_on(Tier::Edge), "cloud": ran_on(Tier::Cloud)},
         "missed_on": {"device": missed_on(Tier::Device), "edge": missed_on(Tier::Edge), "cloud": missed_on(Tier::Cloud)},
+        "paths": paths,
+        "fallbacks": answered.iter().filter(|a| a.fallback).count(),
+        // Every job runs at least once; a copy run above after its sender ran it itself (or
+        // the other way round) is run twice, and one of the two answers is dropped.
+        "jobs_run": ran,
+        "wasted_runs": ran.saturating_sub(answered.len() as u64),
         "latency_ms": latency.to_json(),
         "latencies_ms": latencies,
+    })
+}
+
+/// The in-budget shares of the runs of one policy and load: how they spread, and how many fell
+/// below 90%.
+fn distribution(policy: Policy, load: f64, mut shares: Vec<f64>) -> serde_json::Value {
+    shares.sort_by(f64::total_cmp);
+    // Nearest rank: the smallest share with at least `q` of the runs at or below it.
+    let rank = |q: f64| -> Option<f64> {
+        let n = shares.len();
+        (n > 0).then(|| shares[((q * n as f64).ceil() as usize).clamp(1, n) - 1])
+    };
+    json!({
+        "policy": policy.name(),
+        "load": load,
+        "runs": shares.len(),
+        "hit_rate": {
+            "min": rank(0.0),
+            "p10": rank(0.1),
+            "median": rank(0.5),
+            "max": rank(1.0),
+        },
+        "runs_below_90_percent": shares.iter().filter(|&&s| s < 0.9).count(),
+        "hit_rates": shares,
     })
 }
 
@@ -508,6 +660,20 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_distribution_gives_nearest_rank_percentiles_and_counts_runs_below_90_percent() {
+        let shares = vec![0.95, 0.15, 0.92, 0.14, 0.93, 0.94, 0.91, 0.90, 0.96, 0.97];
+        let d = distribution(Policy::Budget, 1.5, shares);
+        assert_eq!(d["runs"], 10);
+        assert_eq!(d["hit_rate"]["min"], 0.14);
+        assert_eq!(d["hit_rate"]["p10"], 0.14);
+        assert_eq!(d["hit_rate"]["median"], 0.92);
+        assert_eq!(d["hit_rate"]["max"], 0.97);
+        assert_eq!(d["runs_below_90_percent"], 2);
+        let none = distribution(Policy::LocalOnly, 1.0, Vec::new());
+        assert_eq!(none["hit_rate"]["median"], serde_json::Value::Null);
+    }
 
     #[test]
     fn exponential_gaps_average_one_over_the_rate() {
