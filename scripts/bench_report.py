@@ -4,8 +4,8 @@
     python3 scripts/bench_report.py BENCH_DIR MARKDOWN_OUT PLOT_DIR
 
 BENCH_DIR holds what the benchmarks wrote (infer*.json, swap*.json, container.json,
-offload.json, offload-steady.json, mesh.json); a missing file makes its section say so instead of failing, so the
-quick CI run and a partial run still get a report. Each section puts our figure beside the
+offload.json, offload-steady.json, mesh.json); a missing file makes its section say so
+instead of failing, so the quick CI run and a partial run still get a report. Each section puts our figure beside the
 paper's (Kuribayashi et al., WF-IoT 2023). Ratios are taken inside one run only: this machine
 is shared and noisy, so a ratio of two runs would mostly measure the neighbours.
 """
@@ -318,7 +318,9 @@ def offload_steady(bench_dir, plots, out):
     rows = []
     for d in data["distributions"]:
         mine = [r for r in runs if r["policy"] == d["policy"] and r["load"] == d["load"]]
-        median = lambda key: sorted(r[key] for r in mine)[len(mine) // 2] if mine else None
+
+        def median(key):
+            return sorted(r[key] for r in mine)[len(mine) // 2] if mine else None
         h = d["hit_rate"]
         rows.append([d["policy"], d["runs"],
                      " / ".join(fmt(100 * h[k], 1, "%") if h[k] is not None else "-"
