@@ -52,6 +52,11 @@ pub struct OffloadArgs {
     /// Offered loads, as multiples of the device's measured capacity.
     #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4")]
     pub loads: Vec<f64>,
+    /// Take the device's service time as this many ms instead of measuring it, so two builds
+    /// are compared at the same rates (on a shared machine the measurement moves with the
+    /// neighbours: 48-72 ms within one afternoon here).
+    #[arg(long, value_name = "MS")]
+    pub device_ms: Option<f64>,
     /// Policies compared (every node runs the one under test).
     #[arg(
         long,
@@ -227,25 +232,10 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         statuses: HashMap::new(),
     };
 
-    // The device's capacity: its median service time, one job at a time, nothing forwarded.
-    let mut procs = start_mesh(
-        &nodes,
-        &key,
-        quotas.as_deref(),
-        Policy::LocalOnly,
-        &mut sender,
-    )
-    .await?;
-    // 30 jobs: the machine is shared, and a rate set from a few would swing from run to run.
-    let mut service = Vec::new();
-    for n in 0..32 {
-        let result = sender.one_job(&format!("calibrate-{n}"), n).await?;
-        if n >= 2 {
-            service.push(result.timing.map(|t| t.total_ms).unwrap_or(f64::NAN));
-        }
-    }
-    stop_mesh(&mut procs);
-    let device_service_ms = stats(&mut service).median;
+    let device_service_ms = match args.device_ms {
+        Some(ms) => ms,
+        None => measure_device(&nodes, &key, quotas.as_deref(), &mut sender).await?,
+    };
     let capacity = 1000.0 / device_service_ms;
     eprintln!("device: {device_service_ms:.1} ms a job, capacity {capacity:.2} jobs/s");
 
@@ -338,6 +328,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
             "seed": args.seed,
         },
         "device_service_ms": device_service_ms,
+        "device_service_ms_given": args.device_ms.is_some(),
         "device_capacity_per_s": capacity,
         "runs": runs,
         "distributions": distributions,
@@ -368,6 +359,26 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&work);
     }
     Ok(())
+}
+
+/// The device's service time: the median of 30 jobs sent one at a time, nothing forwarded (30:
+/// the machine is shared, and a rate set from a few would swing from run to run).
+async fn measure_device(
+    nodes: &[BenchNode],
+    key: &BenchKey,
+    quotas: Option<&[CpuQuota]>,
+    sender: &mut Sender,
+) -> anyhow::Result<f64> {
+    let mut procs = start_mesh(nodes, key, quotas, Policy::LocalOnly, sender).await?;
+    let mut service = Vec::new();
+    for n in 0..32 {
+        let result = sender.one_job(&format!("calibrate-{n}"), n).await?;
+        if n >= 2 {
+            service.push(result.timing.map(|t| t.total_ms).unwrap_or(f64::NAN));
+        }
+    }
+    stop_mesh(&mut procs);
+    Ok(stats(&mut service).median)
 }
 
 /// Starts every node under `policy`, each in its CPU quota, and waits until all are online.
