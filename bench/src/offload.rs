@@ -262,7 +262,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
                 // Statuses queued since the mesh started (a stopped node's last one included)
                 // come before the fresh ones, which then count from here.
                 while let Ok(p) = sender.events.try_recv() {
-                    sender.take(&p, "", &mut []);
+                    sender.heard(&p);
                 }
                 let before = sender.jobs_done();
                 let prefix = format!("{}-{load}-{repeat}-", policy.name());
@@ -411,12 +411,9 @@ async fn start_mesh(
         if let Ok(Some(p)) =
             tokio::time::timeout(Duration::from_secs(1), sender.events.recv()).await
         {
-            if p.topic.starts_with(b"isomesh/status/") {
-                if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
-                    let ready = status.online && status.module.is_some();
-                    online.insert(status.node_id.clone(), ready);
-                    sender.statuses.insert(status.node_id.clone(), status);
-                }
+            if let Some(status) = sender.heard(&p) {
+                let ready = status.online && status.module.is_some();
+                online.insert(status.node_id.clone(), ready);
             }
         }
     }
@@ -528,13 +525,20 @@ impl Sender {
 
     /// Takes in one message: an answer to a job of this run, or a node's status.
     fn take(&mut self, p: &Publish, prefix: &str, sent: &mut [Sent]) {
-        if p.topic.starts_with(b"isomesh/status/") {
-            if let Ok(status) = NodeStatus::decode(p.payload.as_ref()) {
-                self.statuses.insert(status.node_id.clone(), status);
-            }
-            return;
+        if self.heard(p).is_none() {
+            take_answer(p, prefix, sent);
         }
-        take_answer(p, prefix, sent);
+    }
+
+    /// Records `p` if it is a node's status, and returns it.
+    fn heard(&mut self, p: &Publish) -> Option<&NodeStatus> {
+        if !p.topic.starts_with(b"isomesh/status/") {
+            return None;
+        }
+        let status = NodeStatus::decode(p.payload.as_ref()).ok()?;
+        let node = status.node_id.clone();
+        self.statuses.insert(node.clone(), status);
+        self.statuses.get(&node)
     }
 
     /// Jobs the nodes ran to their end so far, in all (from their last statuses).
