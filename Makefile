@@ -145,7 +145,7 @@ bench: module images bench-python
 	$(ISOMESH) bench swap --before-s 20 --arm64 $(ARM_BIN)/isomesh-node --no-precompile --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-arm64-compile.json $(PHOTOS)
 	python3 scripts/bench_container.py --isomesh $(ISOMESH) --out $(BENCH_OUT)/container.json
 	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --out $(BENCH_OUT)/offload.json $(PHOTOS)
-	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --no-cpu-quota --arrivals steady --repeat 20 --loads 1.8 --duration-s 10 --policies budget,local-only --out $(BENCH_OUT)/offload-steady.json $(PHOTOS)
+	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --no-cpu-quota --arrivals steady --repeat 20 --loads 1.5,1.8 --duration-s 10 --policies budget,local-only --out $(BENCH_OUT)/offload-steady.json $(PHOTOS)
 	$(ISOMESH) bench mesh --module $(MODULE) --cache-dir target/bench-cache --out $(BENCH_OUT)/mesh.json $(MESH_PHOTOS)
 	$(MAKE) report BENCH_OUT=$(BENCH_OUT) REPORT_DIR=docs
 
@@ -159,7 +159,7 @@ bench-quick: module build images bench-python
 	$(ISOMESH) bench swap --nodes 2 --before-s 2 --from $(MODULE) --to $(MODULE_V2) --out $(Q)/swap.json $(PHOTOS)
 	python3 scripts/bench_container.py --quick --isomesh $(ISOMESH) --out $(Q)/container.json
 	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --policies budget --loads 1 --duration-s 3 --out $(Q)/offload.json $(PHOTOS)
-	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --no-cpu-quota --arrivals steady --repeat 2 --loads 1.8 --duration-s 2 --policies budget --out $(Q)/offload-steady.json $(PHOTOS)
+	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --no-cpu-quota --arrivals steady --repeat 2 --loads 1.5 --duration-s 2 --policies budget --out $(Q)/offload-steady.json $(PHOTOS)
 	$(ISOMESH) bench mesh --module $(MODULE) --cache-dir target/bench-cache --nodes 1,2 --jobs-per-node 4 --latency-jobs 4 --workers 1,2 --out $(Q)/mesh.json $(MESH_PHOTOS)
 	$(MAKE) report BENCH_OUT=$(Q) REPORT_DIR=$(Q)
 

@@ -308,42 +308,53 @@ def offload_steady(bench_dir, plots, out):
         return
     setup = data["setup"]
     runs = data["runs"]
-    rate = runs[0]["rate_per_s"] if runs else float("nan")
-    out.append(f"The same steady stream, {fmt(rate, 1)} jobs/s ({runs[0]['load'] if runs else '?'}x "
-               f"the device's capacity of {fmt(data['device_capacity_per_s'], 1)}/s) for "
-               f"{setup['duration_s']} s with a {setup['budget_ms']} ms budget, sent to the device "
-               f"of a fresh mesh {setup['repeat']} times per policy. No CPU quotas: the device, "
-               "both edges and the cloud share the machine's cores, as nodes on one box do. "
-               "Goal: every budget-policy run at least 90% in budget, none below local-only.\n")
+    out.append(f"The same steady stream for {setup['duration_s']} s with a {setup['budget_ms']} ms "
+               f"budget, sent to the device of a fresh mesh {setup['repeat']} times per policy and "
+               f"load (load: a multiple of the device's capacity of "
+               f"{fmt(data['device_capacity_per_s'], 1)} jobs/s). No CPU quotas: the device, both "
+               "edges and the cloud share the machine's cores, as nodes on one box do. CPU demand: "
+               "what the nodes and the broker used, per second of the stream, as a share of all "
+               "the cores (over 100%: more than the machine can serve). Goal: every budget-policy "
+               "run of a stream the machine can serve at least 90% in budget, none below "
+               "local-only.\n")
     rows = []
+
+    def median(values):
+        values = sorted(v for v in values if v is not None)
+        return values[len(values) // 2] if values else None
     for d in data["distributions"]:
         mine = [r for r in runs if r["policy"] == d["policy"] and r["load"] == d["load"]]
-
-        def median(key):
-            return sorted(r[key] for r in mine)[len(mine) // 2] if mine else None
         h = d["hit_rate"]
-        rows.append([d["policy"], d["runs"],
+        demand = [100 * r["cpu"]["cpu_demand_share"] for r in mine if "cpu" in r]
+        per_job = [r["cpu"]["cpu_ms_per_job"] for r in mine if "cpu" in r]
+        rows.append([f"{d['load']}x ({fmt(mine[0]['rate_per_s'], 1) if mine else '-'}/s)",
+                     d["policy"], d["runs"],
                      " / ".join(fmt(100 * h[k], 1, "%") if h[k] is not None else "-"
                                 for k in ("min", "p10", "median", "max")),
-                     d["runs_below_90_percent"], median("fallbacks"), median("wasted_runs"),
+                     d["runs_below_90_percent"],
+                     f"{fmt(min(demand), 0, '%')} - {fmt(max(demand), 0, '%')}" if demand else "-",
+                     fmt(median(per_job), 1),
+                     median([r["fallbacks"] for r in mine]), median([r["wasted_runs"] for r in mine]),
                      sum(r["lost"] + r["failed"] for r in mine)])
-    out.append(table(["policy", "runs", "in budget: min / p10 / median / max",
-                      "runs below 90%", "fallbacks (median run)", "jobs run twice (median run)",
+    out.append(table(["load", "policy", "runs", "in budget: min / p10 / median / max",
+                      "runs below 90%", "CPU demand (min - max)", "CPU ms a job (median run)",
+                      "fallbacks (median run)", "jobs run twice (median run)",
                       "lost + failed (all runs)"], rows))
-    fig, ax = plt.subplots(figsize=(6, 3))
-    policies = [d["policy"] for d in data["distributions"]]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    labels = [f"{d['policy']}\n{d['load']}x" for d in data["distributions"]]
     for i, d in enumerate(data["distributions"]):
         shares = [100 * s for s in d["hit_rates"]]
         # Spread equal values sideways so twenty runs stay countable.
         xs = [i + 0.25 * ((k % 9) - 4) / 4 for k in range(len(shares))]
         ax.scatter(xs, shares, s=14, alpha=0.8)
     ax.axhline(90, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlim(-0.6, len(policies) - 0.4)
-    ax.set_xticks(range(len(policies)))
-    ax.set_xticklabels(policies)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylim(0, 102)
     ax.set_ylabel("jobs in budget, % (one dot a run)")
-    ax.set_title(f"Steady stream, shared cores: {setup['repeat']} runs per policy", fontsize=10)
+    ax.set_title(f"Steady stream, shared cores: {setup['repeat']} runs per policy and load",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(plots, "offload_steady.png"), dpi=110)
     plt.close(fig)

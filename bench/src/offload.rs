@@ -8,7 +8,8 @@
 //! to the device, each job with the same budget. The arrival times come from a seeded generator,
 //! so every policy sees the same sequence. Measured per policy and load: share of jobs answered
 //! within the budget (as the sender sees it), latency percentiles, where jobs ran, jobs lost.
-//! Writes JSON, with every latency, for `scripts/plot_offload.py`.
+//! Every run (a policy at a load) starts on a freshly started mesh. Writes JSON, with every
+//! latency, for `scripts/plot_offload.py` and `scripts/bench_report.py`.
 //!
 //! A second scenario asks whether the policy is stable rather than how good it is once: with
 //! `--no-cpu-quota --arrivals steady --repeat N`, every node shares the machine's cores (as
@@ -16,8 +17,11 @@
 //! fresh mesh. The same stream then gives one in-budget share per run, and the report gives their
 //! distribution per policy (a policy that tips into a state where every queue grows shows up as
 //! a low tail, not as a lower average). Each run also counts where jobs went (their paths), the
-//! jobs a node ran after giving up waiting on the tier above (fallbacks), and the runs whose
-//! answer nobody took (the same job run twice: work the machine spent for nothing).
+//! jobs a node ran after giving up waiting on the tier above (fallbacks), the runs whose
+//! answer nobody took (the same job run twice: work the machine spent for nothing), and the CPU
+//! time each node and the broker used (from `/proc`): per job, and in all per second of the
+//! stream as a share of the machine's cores, which tells a stream the machine can serve from
+//! one it cannot, whatever the policy.
 
 use crate::common::{listen, machine, ms, precompile_into, read_files, stats, tempdir, Listener};
 use anyhow::Context;
@@ -241,10 +245,11 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
 
     let mut runs = Vec::new();
     for &policy in &args.policies {
-        for repeat in 0..args.repeat {
-            let mut procs =
-                start_mesh(&nodes, &key, quotas.as_deref(), policy, &mut sender).await?;
-            for (load_index, &load) in args.loads.iter().enumerate() {
+        for (load_index, &load) in args.loads.iter().enumerate() {
+            for repeat in 0..args.repeat {
+                // A fresh mesh for every run: no run inherits another's queues or estimates.
+                let mut procs =
+                    start_mesh(&nodes, &key, quotas.as_deref(), policy, &mut sender).await?;
                 let rate = load * capacity;
                 eprint!(
                     "{}: {load}x = {rate:.1} jobs/s for {} s ({}{})",
@@ -265,20 +270,29 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
                     sender.heard(&p);
                 }
                 let before = sender.jobs_done();
+                let work_before = node_work(&nodes, &procs, broker.pid(), &sender);
                 let prefix = format!("{}-{load}-{repeat}-", policy.name());
                 let sent = sender.stream(&prefix, rate, seed, &args).await?;
                 let ran = sender.jobs_done().saturating_sub(before);
                 let mut run = summary(policy, load, rate, &sent, args.budget_ms, ran);
                 run["repeat"] = json!(repeat);
+                run["cpu"] = cpu_per_job(
+                    &work_before,
+                    &node_work(&nodes, &procs, broker.pid(), &sender),
+                    args.duration_s,
+                );
                 eprintln!(
-                    ": {:.1}% in budget, {} fallbacks, {} jobs run twice",
+                    ": {:.1}% in budget, {} fallbacks, {} jobs run twice, {:.1} ms CPU a job, \
+                     {:.0}% of the cores' time",
                     run["hit_rate"].as_f64().unwrap_or(f64::NAN) * 100.0,
                     run["fallbacks"],
-                    run["wasted_runs"]
+                    run["wasted_runs"],
+                    run["cpu"]["cpu_ms_per_job"].as_f64().unwrap_or(f64::NAN),
+                    run["cpu"]["cpu_demand_share"].as_f64().unwrap_or(f64::NAN) * 100.0
                 );
                 runs.push(run);
+                stop_mesh(&mut procs);
             }
-            stop_mesh(&mut procs);
         }
     }
     drop(quotas);
@@ -626,6 +640,100 @@ fn summary(
         "latency_ms": latency.to_json(),
         "latencies_ms": latencies,
     })
+}
+
+/// What one node had done at some moment: jobs run to their end (its last status) and the CPU
+/// time its process had used.
+struct NodeWork {
+    id: String,
+    jobs: u64,
+    cpu: Option<Duration>,
+}
+
+/// Each node's work so far, and the broker's (no jobs of its own, but its CPU time is taken
+/// from the same cores).
+fn node_work(
+    nodes: &[BenchNode],
+    procs: &[Proc],
+    broker_pid: u32,
+    sender: &Sender,
+) -> Vec<NodeWork> {
+    let mut work: Vec<NodeWork> = nodes
+        .iter()
+        .zip(procs)
+        .map(|(node, proc)| NodeWork {
+            id: node.setup.id.clone(),
+            jobs: sender
+                .statuses
+                .get(&node.setup.id)
+                .map_or(0, |s| s.jobs_done),
+            cpu: process_cpu_time(proc.pid()),
+        })
+        .collect();
+    work.push(NodeWork {
+        id: "broker".into(),
+        jobs: 0,
+        cpu: process_cpu_time(broker_pid),
+    });
+    work
+}
+
+/// CPU time per job run, per node and over the mesh, between two readings, and the CPU the
+/// whole run took (nodes and broker) per second of the stream, as a share of the machine's
+/// cores: how close the stream came to what this machine can serve at all, and whether a job
+/// costs more CPU (not only more wall time) when more nodes compute on the same cores.
+fn cpu_per_job(before: &[NodeWork], after: &[NodeWork], duration_s: u64) -> serde_json::Value {
+    let mut nodes = serde_json::Map::new();
+    let (mut all_jobs, mut all_cpu, mut with_broker) = (0u64, Duration::ZERO, Duration::ZERO);
+    for (b, a) in before.iter().zip(after) {
+        let jobs = a.jobs.saturating_sub(b.jobs);
+        let cpu = match (b.cpu, a.cpu) {
+            (Some(b), Some(a)) => a.saturating_sub(b),
+            _ => continue,
+        };
+        with_broker += cpu;
+        if a.id == "broker" {
+            nodes.insert(a.id.clone(), json!({"cpu_s": cpu.as_secs_f64()}));
+            continue;
+        }
+        all_jobs += jobs;
+        all_cpu += cpu;
+        nodes.insert(
+            a.id.trim_start_matches("bo-").to_string(),
+            json!({
+                "jobs": jobs,
+                "cpu_s": cpu.as_secs_f64(),
+                "cpu_ms_per_job": (jobs > 0).then(|| cpu.as_secs_f64() * 1000.0 / jobs as f64),
+            }),
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    json!({
+        "nodes": nodes,
+        "cpu_ms_per_job": (all_jobs > 0).then(|| all_cpu.as_secs_f64() * 1000.0 / all_jobs as f64),
+        // Over 1: the stream asked more of the cores than they have, and queues grew.
+        "cpu_demand_share": with_broker.as_secs_f64() / (duration_s.max(1) as f64 * cores as f64),
+    })
+}
+
+/// The CPU time a process has used, all its threads: the sum of each thread's time on a CPU
+/// in `/proc/PID/task/*/schedstat` (nanoseconds, unlike `/proc/PID/stat`'s clock ticks).
+/// `None` where procfs is not there to read.
+fn process_cpu_time(pid: u32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0u64;
+    for task in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            // A thread that ended between the listing and the read.
+            continue;
+        };
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(Duration::from_nanos(total))
 }
 
 /// The in-budget shares of the runs of one policy and load: how they spread, and how many fell

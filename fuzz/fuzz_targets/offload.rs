@@ -63,6 +63,7 @@ fn run(data: &[u8]) -> Result<()> {
     }
     let situation = Situation {
         budget_ms: u.arbitrary()?,
+        plan_share: hostile_f64(&mut u)?,
         hops: u.int_in_range(0..=5)?,
         max_hops: u.int_in_range(0..=5)?,
         local: Load {

@@ -70,6 +70,13 @@ pub struct NodeConfig {
     #[arg(long, env = "ISOMESH_OFFLOAD", value_enum, default_value_t = Policy::Budget)]
     pub offload: Policy,
 
+    /// The share of a job's budget this node plans to finish it within, from 0.1 to 1: a job it
+    /// would finish later goes up (`budget` policy). The rest of the budget is headroom for what
+    /// the estimate cannot foresee, above all other work taking the CPU from under a queue the
+    /// node has already accepted.
+    #[arg(long, env = "ISOMESH_PLAN_SHARE", default_value_t = 0.5, value_parser = plan_share)]
+    pub plan_share: f64,
+
     /// Most times a job may be forwarded; a job that has made this many hops runs where it is.
     #[arg(long, env = "ISOMESH_MAX_HOPS", default_value_t = 3)]
     pub max_hops: u32,
@@ -212,6 +219,21 @@ impl NodeConfig {
     }
 }
 
+/// `--plan-share`: a share of the budget, from 0.1 (plan to finish in a tenth of it) to 1 (plan
+/// to use all of it).
+fn plan_share(text: &str) -> Result<f64, String> {
+    let share: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number; give a share such as 0.5"))?;
+    if (0.1..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err(format!(
+            "{share} is not a share from 0.1 to 1 (0.5 plans to finish a job in half its budget)"
+        ))
+    }
+}
+
 /// Errors reading a config file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -347,6 +369,17 @@ mod tests {
         assert_eq!(parse_tier("cloud"), Ok(Tier::Cloud));
         let err = parse_tier("fog").unwrap_err();
         assert!(err.contains("fog") && err.contains("device, edge or cloud"));
+    }
+
+    #[test]
+    fn a_plan_share_is_a_number_from_a_tenth_to_one() {
+        assert_eq!(plan_share("0.5"), Ok(0.5));
+        assert_eq!(plan_share("1"), Ok(1.0));
+        let err = plan_share("half").unwrap_err();
+        assert!(err.contains("`half` is not a number"), "{err}");
+        let err = plan_share("1.5").unwrap_err();
+        assert!(err.contains("from 0.1 to 1"), "{err}");
+        assert!(plan_share("NaN").is_err());
     }
 
     #[test]

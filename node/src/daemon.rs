@@ -245,6 +245,7 @@ pub async fn run(
             budget_ms: config.budget_ms,
             max_payload_bytes: config.max_payload_bytes,
             offload: config.offload,
+            plan_share: config.plan_share,
             max_hops: config.max_hops,
             max_queue: config.max_queue,
             workers: config.workers,

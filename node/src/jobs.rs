@@ -66,6 +66,8 @@ pub struct JobSettings {
     pub budget_ms: u32,
     pub max_payload_bytes: usize,
     pub offload: Policy,
+    /// The share of a job's budget this node plans to finish it within (`--plan-share`).
+    pub plan_share: f64,
     pub max_hops: u32,
     /// Jobs in the node at most before a job that would run here is refused.
     pub max_queue: usize,
@@ -159,6 +161,7 @@ fn situation(ctx: &JobContext, peers: &Peers, job: &Job) -> Situation {
     };
     Situation {
         budget_ms: job.budget_ms,
+        plan_share: ctx.settings.plan_share,
         hops: job.hops,
         max_hops: ctx.settings.max_hops,
         local: offload::Load {
@@ -261,6 +264,9 @@ pub fn accept(
         }
         decision => decision,
     };
+    ctx.metrics.placed(match decision {
+        Decision::Run(reason) | Decision::Forward(_, reason) => reason,
+    });
     let plan = match decision {
         Decision::Forward(tier, reason) => match relay_token() {
             Ok(token) => {

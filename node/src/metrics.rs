@@ -11,6 +11,9 @@
 //! - `isomesh_job_stage_seconds{stage}`: histograms of `queue`, `decode` and `infer` for jobs run
 //!   on this node, and of `total` (acceptance to answer) for every answered job.
 //! - `isomesh_offloads_total{to}`: jobs published to a tier above ([`Metrics::offloaded`]).
+//! - `isomesh_placements_total{reason}`: every decision where a job runs, by its reason
+//!   ([`Metrics::placed`]); `parent_no_faster` counts jobs kept here past their planned share of
+//!   the budget because no tier above looked sooner: the mesh as a whole is overloaded.
 //! - `isomesh_queue_depth`, `isomesh_service_ewma_seconds`: read from the scheduler's live load
 //!   at scrape time, as are `isomesh_forwarded_waiting` from the relay (jobs sent up and not
 //!   answered yet: together with the queue, every job this node holds), and `isomesh_module_info{name,version,sha256}` and
@@ -26,13 +29,14 @@
 //!   ([`Metrics::link_up`], [`Metrics::link_down`]), which also says when it starts to drain
 //!   ([`Metrics::draining`]).
 //!
-//! The node's MQTT loop holds the [`Metrics`] handle and calls the two counters; everything else
+//! The node's MQTT loop holds the [`Metrics`] handle and calls the counters; everything else
 //! is read when a scrape comes, so the hot path costs a few atomic adds. The HTTP side is
 //! [`isomesh_http`], which the broker's metrics share.
 
 use crate::scheduler::Load;
 use crate::slot::{ModuleSlot, RolloutBoard};
 use isomesh_http::{header, Page};
+use isomesh_mesh::offload::Reason;
 use isomesh_mesh::relay::Relay;
 use isomesh_protos::{hop, JobResult, Tier};
 use std::fmt::Write as _;
@@ -70,6 +74,8 @@ pub struct Metrics {
     stages: [Histogram; 4],
     /// Jobs published to a tier above, indexed as [`UPPER_TIERS`].
     offloads: [AtomicU64; 2],
+    /// Placement decisions, indexed as [`Reason::ALL`].
+    placements: [AtomicU64; Reason::ALL.len()],
     /// Whether the MQTT link is up (between a CONNACK and the next connection error).
     connected: AtomicBool,
     /// CONNACKs received.
@@ -97,6 +103,7 @@ impl Metrics {
             jobs: Default::default(),
             stages: Default::default(),
             offloads: Default::default(),
+            placements: Default::default(),
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
             draining: AtomicBool::new(false),
@@ -182,6 +189,13 @@ impl Metrics {
         }
     }
 
+    /// Counts one decision of where a job runs.
+    pub fn placed(&self, reason: Reason) {
+        if let Some(count) = self.placements.get(reason.index()) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The text exposition format (version 0.0.4) of every metric.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -239,6 +253,21 @@ impl Metrics {
                 out,
                 "isomesh_offloads_total{{to=\"{}\"}} {}",
                 tier.name(),
+                count.load(Ordering::Relaxed)
+            )?;
+        }
+        header(
+            out,
+            "isomesh_placements_total",
+            "counter",
+            "Decisions where a job runs, by reason; parent_no_faster: kept here past its planned \
+             share of the budget since no tier above looked sooner (the mesh is overloaded).",
+        )?;
+        for (reason, count) in Reason::ALL.iter().zip(&self.placements) {
+            writeln!(
+                out,
+                "isomesh_placements_total{{reason=\"{}\"}} {}",
+                reason.label(),
                 count.load(Ordering::Relaxed)
             )?;
         }

@@ -226,6 +226,13 @@ async fn offloads_are_counted_where_they_leave_and_where_they_run() {
         value(&device, "isomesh_offloads_total{to=\"cloud\"}"),
         Some(0.0)
     );
+    // Each decision is counted once, by its reason: the device's policy sent all four up.
+    assert_eq!(
+        value(&device, "isomesh_placements_total{reason=\"always_up\"}"),
+        Some(4.0),
+        "{device}"
+    );
+    assert_eq!(sum(&device, "isomesh_placements_total", &[]), 4.0);
     assert_eq!(
         sum(&device, "isomesh_jobs_total", &["where=\"forwarded\""]),
         4.0,
@@ -248,6 +255,12 @@ async fn offloads_are_counted_where_they_leave_and_where_they_run() {
         "{edge}"
     );
     assert_eq!(sum(&edge, "isomesh_offloads_total", &[]), 0.0);
+    // The edge has no tier above online: every job stayed there for that reason.
+    assert_eq!(
+        value(&edge, "isomesh_placements_total{reason=\"no_parent\"}"),
+        Some(4.0),
+        "{edge}"
+    );
 }
 
 /// Polls `GET path` on `addr` until its status code is `code`; returns that answer's body.
