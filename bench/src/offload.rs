@@ -270,7 +270,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
                     sender.heard(&p);
                 }
                 let before = sender.jobs_done();
-                let work_before = node_work(&nodes, &procs, broker.pid(), &sender);
+                let work_before = mesh_work(&nodes, &procs, broker.pid(), &sender);
                 let prefix = format!("{}-{load}-{repeat}-", policy.name());
                 let sent = sender.stream(&prefix, rate, seed, &args).await?;
                 let ran = sender.jobs_done().saturating_sub(before);
@@ -278,7 +278,7 @@ pub async fn offload(args: OffloadArgs) -> anyhow::Result<()> {
                 run["repeat"] = json!(repeat);
                 run["cpu"] = cpu_per_job(
                     &work_before,
-                    &node_work(&nodes, &procs, broker.pid(), &sender),
+                    &mesh_work(&nodes, &procs, broker.pid(), &sender),
                     args.duration_s,
                 );
                 eprintln!(
@@ -650,69 +650,64 @@ struct NodeWork {
     cpu: Option<Duration>,
 }
 
-/// Each node's work so far, and the broker's (no jobs of its own, but its CPU time is taken
-/// from the same cores).
-fn node_work(
-    nodes: &[BenchNode],
-    procs: &[Proc],
-    broker_pid: u32,
-    sender: &Sender,
-) -> Vec<NodeWork> {
-    let mut work: Vec<NodeWork> = nodes
-        .iter()
-        .zip(procs)
-        .map(|(node, proc)| NodeWork {
-            id: node.setup.id.clone(),
-            jobs: sender
-                .statuses
-                .get(&node.setup.id)
-                .map_or(0, |s| s.jobs_done),
-            cpu: process_cpu_time(proc.pid()),
-        })
-        .collect();
-    work.push(NodeWork {
-        id: "broker".into(),
-        jobs: 0,
-        cpu: process_cpu_time(broker_pid),
-    });
-    work
+/// One reading of the mesh: each node's work, and the broker's CPU time (no jobs of its own,
+/// but it runs on the same cores).
+struct MeshWork {
+    nodes: Vec<NodeWork>,
+    broker_cpu: Option<Duration>,
+}
+
+fn mesh_work(nodes: &[BenchNode], procs: &[Proc], broker_pid: u32, sender: &Sender) -> MeshWork {
+    MeshWork {
+        nodes: nodes
+            .iter()
+            .zip(procs)
+            .map(|(node, proc)| NodeWork {
+                id: node.setup.id.clone(),
+                jobs: sender
+                    .statuses
+                    .get(&node.setup.id)
+                    .map_or(0, |s| s.jobs_done),
+                cpu: process_cpu_time(proc.pid()),
+            })
+            .collect(),
+        broker_cpu: process_cpu_time(broker_pid),
+    }
 }
 
 /// CPU time per job run, per node and over the mesh, between two readings, and the CPU the
 /// whole run took (nodes and broker) per second of the stream, as a share of the machine's
 /// cores: how close the stream came to what this machine can serve at all, and whether a job
 /// costs more CPU (not only more wall time) when more nodes compute on the same cores.
-fn cpu_per_job(before: &[NodeWork], after: &[NodeWork], duration_s: u64) -> serde_json::Value {
+fn cpu_per_job(before: &MeshWork, after: &MeshWork, duration_s: u64) -> serde_json::Value {
+    let used = |b: Option<Duration>, a: Option<Duration>| Some(a?.saturating_sub(b?));
+    let ms_per_job =
+        |cpu: Duration, jobs: u64| (jobs > 0).then(|| cpu.as_secs_f64() * 1000.0 / jobs as f64);
     let mut nodes = serde_json::Map::new();
-    let (mut all_jobs, mut all_cpu, mut with_broker) = (0u64, Duration::ZERO, Duration::ZERO);
-    for (b, a) in before.iter().zip(after) {
-        let jobs = a.jobs.saturating_sub(b.jobs);
-        let cpu = match (b.cpu, a.cpu) {
-            (Some(b), Some(a)) => a.saturating_sub(b),
-            _ => continue,
-        };
-        with_broker += cpu;
-        if a.id == "broker" {
-            nodes.insert(a.id.clone(), json!({"cpu_s": cpu.as_secs_f64()}));
+    let (mut all_jobs, mut all_cpu) = (0u64, Duration::ZERO);
+    for (b, a) in before.nodes.iter().zip(&after.nodes) {
+        let Some(cpu) = used(b.cpu, a.cpu) else {
             continue;
-        }
+        };
+        let jobs = a.jobs.saturating_sub(b.jobs);
         all_jobs += jobs;
         all_cpu += cpu;
         nodes.insert(
             a.id.trim_start_matches("bo-").to_string(),
-            json!({
-                "jobs": jobs,
-                "cpu_s": cpu.as_secs_f64(),
-                "cpu_ms_per_job": (jobs > 0).then(|| cpu.as_secs_f64() * 1000.0 / jobs as f64),
-            }),
+            json!({"jobs": jobs, "cpu_s": cpu.as_secs_f64(), "cpu_ms_per_job": ms_per_job(cpu, jobs)}),
         );
     }
+    let broker = used(before.broker_cpu, after.broker_cpu);
+    if let Some(cpu) = broker {
+        nodes.insert("broker".into(), json!({"cpu_s": cpu.as_secs_f64()}));
+    }
+    let broker = broker.unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     json!({
         "nodes": nodes,
-        "cpu_ms_per_job": (all_jobs > 0).then(|| all_cpu.as_secs_f64() * 1000.0 / all_jobs as f64),
+        "cpu_ms_per_job": ms_per_job(all_cpu, all_jobs),
         // Over 1: the stream asked more of the cores than they have, and queues grew.
-        "cpu_demand_share": with_broker.as_secs_f64() / (duration_s.max(1) as f64 * cores as f64),
+        "cpu_demand_share": (all_cpu + broker).as_secs_f64() / (duration_s.max(1) as f64 * cores as f64),
     })
 }
 
