@@ -22,7 +22,7 @@ ARM_BIN := target/$(ARM_TARGET)/release
 # compiler-rt and libunwind from source: 3-4 minutes of a fresh build on 2 cores, for nothing.
 ARM_LINK := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
 
-.PHONY: demo test setup module build build-native guest-test arm64-node arm64 images compose-test unit integration lint deny deny-tool checks-build bench bench-quick bench-python report clean-demo fuzz fuzz-build
+.PHONY: demo test setup module module-variants build build-native guest-test arm64-node arm64 images compose-test unit integration lint deny deny-tool checks-build bench bench-quick bench-python report clean-demo fuzz fuzz-build
 
 ## Run the whole mesh (embedded broker + device, edge, cloud nodes) on the shared photos.
 demo: setup module build
@@ -133,9 +133,9 @@ ISOMESH := ./$(BIN)/isomesh
 # build-native after the images' build (`build`, which it depends on): the same binaries, and
 # isomesh-bench with the native tract baseline.
 bench: module images bench-python
-	$(MAKE) build-native
+	$(MAKE) build-native module-variants
 	mkdir -p target/bench-cache
-	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --out $(BENCH_OUT)/infer.json $(PHOTOS)
+	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --variant relaxed-simd=$(MODULE_RELAXED) --out $(BENCH_OUT)/infer.json $(PHOTOS)
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 0.25 --out $(BENCH_OUT)/infer-device.json $(PHOTOS)
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 0.5 --out $(BENCH_OUT)/infer-edge.json $(PHOTOS)
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 1 --out $(BENCH_OUT)/infer-cloud.json $(PHOTOS)
@@ -148,6 +148,13 @@ bench: module images bench-python
 	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --no-cpu-quota --arrivals steady --repeat 20 --loads 1.5,1.8 --duration-s 10 --policies budget,local-only --out $(BENCH_OUT)/offload-steady.json $(PHOTOS)
 	$(ISOMESH) bench mesh --module $(MODULE) --cache-dir target/bench-cache --out $(BENCH_OUT)/mesh.json $(MESH_PHOTOS)
 	$(MAKE) report BENCH_OUT=$(BENCH_OUT) REPORT_DIR=docs
+
+## Builds of the module `make bench` times beside the shipped one (`bench infer --variant`):
+## relaxed-simd, tract's fused multiply-add kernels (`f32x4.relaxed_madd`), which an engine
+## without relaxed SIMD cannot load. Its own target directory: other RUSTFLAGS rebuild tract.
+MODULE_RELAXED := target/variants/relaxed-simd/wasm32-wasip1/release/isomesh_guest.wasm
+module-variants: setup
+	CARGO_TARGET_DIR=target/variants/relaxed-simd RUSTFLAGS="-C target-feature=+simd128,+relaxed-simd" $(CARGO) build --release -p isomesh-guest --target wasm32-wasip1
 
 ## Every benchmark in seconds, to keep them working (CI runs it after `make test`): the same
 ## commands with tiny counts, the report in target/bench-quick/ (never docs/' figures).

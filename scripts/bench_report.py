@@ -150,6 +150,43 @@ def inference(bench_dir, plots, out):
         out.append("\n![call overhead](call_overhead.png)\n")
 
 
+def where_time_goes(bench_dir, out):
+    """The whole-machine run's profile (the guest's `isomesh_profile`, natively the same call) and
+    the module builds timed beside it (`--variant`)."""
+    run = load(bench_dir, "infer.json")
+    if not run:
+        return
+    out.append("## Where the Wasm time goes (`isomesh bench infer`, whole machine)\n")
+    profile = run.get("profile") or []
+    if not profile:
+        out.append("No profile: the module exports no `isomesh_profile`.\n")
+    else:
+        out.append("One profiled classification of every photo in Wasm and natively, by kind of "
+                   "operation of tract's plan (mean per photo). The rest of the plan's "
+                   "operations take under 0.1 ms each.\n")
+        rows = [[f"`{o['op']}`", o["nodes"], fmt(o["wasm_ms"], 2), fmt(o.get("native_ms"), 2),
+                 fmt(o.get("wasm_over_native"), 2, "x")]
+                for o in profile if o["wasm_ms"] >= 0.1 or (o.get("native_ms") or 0) >= 0.1]
+        total_wasm = sum(o["wasm_ms"] for o in profile)
+        total_native = sum(o.get("native_ms") or 0 for o in profile)
+        rows.append(["all", sum(o["nodes"] for o in profile), fmt(total_wasm, 2),
+                     fmt(total_native or None, 2),
+                     fmt(total_wasm / total_native if total_native else None, 2, "x")])
+        out.append(table(["operation", "nodes", "Wasm ms", "native ms", "Wasm / native"], rows))
+    variants = run.get("variants") or []
+    if variants:
+        out.append("\nOther builds of the module, timed in the same run (each photo's runs "
+                   "alternate between all of them and native tract):\n")
+        rows = [["`--module` (as shipped)", fmt(run["infer_ms"]["wasm"]["median"]), "1.00x",
+                 fmt(run["infer_ms"].get("wasm_over_native_median"), 2, "x"), "-"]]
+        rows += [[v["label"], fmt(v["infer_ms"]["median"]), fmt(v["over_module_median"], 2, "x"),
+                  fmt(v.get("over_native_median"), 2, "x"),
+                  f"{v['top1_agrees_with_module']} of {len(run['images'])}"]
+                 for v in variants]
+        out.append(table(["build", "median ms", "/ shipped", "/ native", "same top-1"], rows))
+    out.append("")
+
+
 def update(bench_dir, out):
     out.append("## Update time (`isomesh bench swap`, `scripts/bench_container.py`)\n")
     out.append("Paper: ~1.4 s to restart the Wasm runtime on a new module vs 10+ s to reboot "
@@ -447,6 +484,7 @@ def main():
            + ", shared with other work: compare ratios within a run, not across runs.\n"]
     update(bench_dir, out)
     inference(bench_dir, plots, out)
+    where_time_goes(bench_dir, out)
     mesh(bench_dir, plots, out)
     offload(bench_dir, out)
     offload_steady(bench_dir, plots, out)

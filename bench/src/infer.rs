@@ -41,6 +41,32 @@ pub struct InferArgs {
     /// directory, removed after the run).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Another build of the classifier to time beside `--module` (repeatable): each image's runs
+    /// alternate between all of them and the native baseline, so a slower or faster spell of the
+    /// machine hits every variant alike. Each gets its own column: median, and over native.
+    #[arg(long, value_name = "LABEL=MODULE.wasm", value_parser = parse_variant)]
+    pub variant: Vec<(String, PathBuf)>,
+}
+
+fn parse_variant(arg: &str) -> Result<(String, PathBuf), String> {
+    match arg.split_once('=') {
+        Some((label, path)) if !label.is_empty() && !path.is_empty() => {
+            Ok((label.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!(
+            "{arg:?}: expected LABEL=MODULE.wasm, e.g. 4x8=target/variants/4x8.wasm"
+        )),
+    }
+}
+
+/// One `--variant`: its module, an instance of it, and its timings.
+struct Variant {
+    label: String,
+    path: PathBuf,
+    sha256: String,
+    instance: isomesh_sandbox::Instance,
+    infer_ms: Vec<f64>,
+    top1: Vec<Option<u32>>,
 }
 
 /// The onnxruntime baseline, carried in the binary so it runs from any directory.
@@ -93,6 +119,21 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     }
     let empty_call_ns = started.elapsed().as_nanos() as f64 / calls as f64;
 
+    let mut variants = Vec::new();
+    for (label, path) in &args.variant {
+        eprintln!("loading variant {label}: {} ...", path.display());
+        let loaded = sandbox.load_file(path, |probe, info| {
+            isomesh_module::selftest::run(&mut probe.classifier(), info)
+        })?;
+        variants.push(Variant {
+            label: label.clone(),
+            path: path.clone(),
+            sha256: loaded.sha256.clone(),
+            instance: sandbox.instantiate(&loaded).map_err(anyhow::Error::msg)?,
+            infer_ms: Vec::new(),
+            top1: Vec::new(),
+        });
+    }
     let mut wasm = Vec::new();
     let mut native = Vec::new();
     let mut wasm_top1 = Vec::new();
@@ -104,7 +145,14 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         let warm = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
         wasm_top1.push(warm.top.first().map(|score| score.index));
         if let Some(native_classifier) = &native_classifier {
-            native_classifier(image)?;
+            native_classifier(image, Run::Timed)?;
+        }
+        for variant in &mut variants {
+            let warm = variant
+                .instance
+                .classify(image, 5)
+                .map_err(anyhow::Error::msg)?;
+            variant.top1.push(warm.top.first().map(|score| score.index));
         }
         for _ in 0..args.iterations {
             let t = Instant::now();
@@ -112,7 +160,14 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
             classify_calls.add(t.elapsed(), answer.decode_us + answer.infer_us);
             wasm.push(answer.infer_us as f64 / 1000.0);
             if let Some(native_classifier) = &native_classifier {
-                native.push(native_classifier(image)?);
+                native.push(native_classifier(image, Run::Timed)?.infer_ms);
+            }
+            for variant in &mut variants {
+                let answer = variant
+                    .instance
+                    .classify(image, 5)
+                    .map_err(anyhow::Error::msg)?;
+                variant.infer_ms.push(answer.infer_us as f64 / 1000.0);
             }
             let t = Instant::now();
             if let Some(answer) = instance.preprocess(image) {
@@ -121,10 +176,21 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let profile = profile(&mut instance, native_classifier.as_ref(), &images)?;
     let rss_end = crate::common::own_status_kib("VmRSS:");
     let w = stats(&mut wasm);
     let n = native_classifier.is_some().then(|| stats(&mut native));
     let ratio = n.as_ref().map(|n| w.median / n.median);
+    let variants_json: Vec<serde_json::Value> = variants
+        .iter_mut()
+        .map(|v| {
+            let s = stats(&mut v.infer_ms);
+            json!({"label": v.label, "path": v.path.display().to_string(), "sha256": v.sha256,
+                   "infer_ms": s.to_json(), "over_native_median": n.as_ref().map(|n| s.median / n.median),
+                   "over_module_median": s.median / w.median,
+                   "top1_agrees_with_module": v.top1.iter().zip(&wasm_top1).filter(|(a, b)| a == b).count()})
+        })
+        .collect();
     let call_overhead = json!([
         {"task": "empty call", "call_us": empty_call_ns / 1000.0, "work_us": 0.0,
          "overhead_us": empty_call_ns / 1000.0, "overhead_fraction": 1.0},
@@ -153,6 +219,8 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         "infer_ms": {"wasm": w.to_json(), "native": n.as_ref().map(Stats::to_json), "wasm_over_native_median": ratio,
                      "wasm_over_onnxruntime_median": over_onnxruntime},
         "onnxruntime": onnxruntime,
+        "variants": variants_json,
+        "profile": profile,
         "empty_call_ns": empty_call_ns,
         "compile_ms": compile.map(ms),
         "first_load_with_selftest_ms": ms(cold_load),
@@ -177,6 +245,16 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
             println!("  wasm / native (median): {ratio:.2}x");
         }
         _ => println!("  native: not built into this isomesh-bench ({NOT_BUILT})"),
+    }
+    for v in &variants_json {
+        println!(
+            "  variant {}: median {:.1} ms, {:.2}x the module, {} of {} top-1 agree",
+            v["label"].as_str().unwrap_or("?"),
+            v["infer_ms"]["median"].as_f64().unwrap_or(f64::NAN),
+            v["over_module_median"].as_f64().unwrap_or(f64::NAN),
+            v["top1_agrees_with_module"],
+            images.len()
+        );
     }
     if let (Some(o), Some(over)) = (&onnxruntime, over_onnxruntime) {
         println!(
@@ -319,8 +397,75 @@ fn onnxruntime_baseline(
     Ok(report)
 }
 
-/// One native classification: its inference time, ms.
-type NativeRun = Box<dyn Fn(&[u8]) -> anyhow::Result<f64>>;
+/// Where an inference's time goes, in Wasm and natively, by kind of operation (tract's own names):
+/// one profiled classification of every image on each side, after the timed runs. Per operation,
+/// the mean ms an image and Wasm/native; most expensive in Wasm first. Empty when the module
+/// exports no `isomesh_profile`.
+fn profile(
+    instance: &mut isomesh_sandbox::Instance,
+    native: Option<&NativeRun>,
+    images: &[Vec<u8>],
+) -> anyhow::Result<serde_json::Value> {
+    // (op, nodes, Wasm ns, native ns), summed over the images.
+    let mut ops: Vec<(String, u32, u64, u64)> = Vec::new();
+    let mut add = |op: &str, nodes: u32, ns: u64, in_wasm: bool| {
+        let ix = match ops.iter().position(|o| o.0 == op) {
+            Some(ix) => ix,
+            None => {
+                ops.push((op.to_string(), nodes, 0, 0));
+                ops.len() - 1
+            }
+        };
+        if in_wasm {
+            ops[ix].2 += ns;
+        } else {
+            ops[ix].3 += ns;
+        }
+    };
+    for image in images {
+        let Some(answer) = instance.profile(image, 5) else {
+            return Ok(json!([]));
+        };
+        for op in answer.map_err(anyhow::Error::msg)?.ops {
+            add(&op.op, op.nodes, op.ns, true);
+        }
+        if let Some(native) = native {
+            for (op, nodes, ns) in native(image, Run::Profiled)?.ops {
+                add(&op, nodes, ns, false);
+            }
+        }
+    }
+    ops.sort_by_key(|o| std::cmp::Reverse(o.2));
+    let per_image = |ns: u64| ns as f64 / 1e6 / images.len() as f64;
+    Ok(ops
+        .into_iter()
+        .map(|(op, nodes, wasm, native_ns)| {
+            let native_ms = native.map(|_| per_image(native_ns));
+            json!({"op": op, "nodes": nodes, "wasm_ms": per_image(wasm), "native_ms": native_ms,
+                   "wasm_over_native": native_ms.filter(|n| *n > 0.0).map(|n| per_image(wasm) / n)})
+        })
+        .collect())
+}
+
+/// What the native baseline is asked to do with an image.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    /// Classify it, for its inference time.
+    Timed,
+    /// Classify it with the time of each kind of operation (`Classifier::profile`).
+    Profiled,
+}
+
+/// One native classification.
+#[derive(Debug, Default)]
+struct NativeAnswer {
+    infer_ms: f64,
+    /// `Run::Profiled` only: (operation, nodes, ns).
+    ops: Vec<(String, u32, u64)>,
+}
+
+/// The native baseline: classifies an image on its own thread.
+type NativeRun = Box<dyn Fn(&[u8], Run) -> anyhow::Result<NativeAnswer>>;
 
 /// How to get the native baseline into a build that lacks it.
 const NOT_BUILT: &str =
@@ -332,8 +477,8 @@ const NOT_BUILT: &str =
 /// 35 ms per image). Apart, each keeps its own register state.
 #[cfg(feature = "native-baseline")]
 fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
-    let (images, requests) = std::sync::mpsc::channel::<Vec<u8>>();
-    let (results, answers) = std::sync::mpsc::channel::<Result<f64, String>>();
+    let (images, requests) = std::sync::mpsc::channel::<(Vec<u8>, Run)>();
+    let (results, answers) = std::sync::mpsc::channel::<Result<NativeAnswer, String>>();
     std::thread::Builder::new()
         .name("native-baseline".into())
         .spawn(move || {
@@ -344,18 +489,25 @@ fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
                     return;
                 }
             };
-            while let Ok(image) = requests.recv() {
-                let answer = classifier
-                    .classify(&image, 5)
-                    .map(|a| a.infer_us as f64 / 1000.0)
-                    .map_err(|e| e.to_string());
+            while let Ok((image, run)) = requests.recv() {
+                let answer = match run {
+                    Run::Timed => classifier.classify(&image, 5).map(|a| NativeAnswer {
+                        infer_ms: a.infer_us as f64 / 1000.0,
+                        ops: Vec::new(),
+                    }),
+                    Run::Profiled => classifier.profile(&image, 5).map(|(a, ops)| NativeAnswer {
+                        infer_ms: a.infer_us as f64 / 1000.0,
+                        ops: ops.into_iter().map(|t| (t.op, t.nodes, t.ns)).collect(),
+                    }),
+                }
+                .map_err(|e| e.to_string());
                 if results.send(answer).is_err() {
                     return;
                 }
             }
         })?;
-    Ok(Some(Box::new(move |image: &[u8]| {
-        images.send(image.to_vec())?;
+    Ok(Some(Box::new(move |image: &[u8], run: Run| {
+        images.send((image.to_vec(), run))?;
         answers
             .recv()?
             .map_err(|e| anyhow::anyhow!("native classifier: {e}"))
@@ -367,4 +519,24 @@ fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
 fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
     eprintln!("native tract baseline: not built into this isomesh-bench ({NOT_BUILT})");
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_is_a_label_and_a_module() {
+        assert_eq!(
+            parse_variant("relaxed-simd=target/variants/a=b.wasm"),
+            Ok((
+                "relaxed-simd".to_string(),
+                PathBuf::from("target/variants/a=b.wasm")
+            ))
+        );
+        for bad in ["module.wasm", "=module.wasm", "label=", ""] {
+            let error = parse_variant(bad).expect_err(bad);
+            assert!(error.contains("LABEL=MODULE.wasm"), "{bad}: {error}");
+        }
+    }
 }

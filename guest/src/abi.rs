@@ -2,8 +2,10 @@
 //! `protos/proto/isomesh.proto`). Buffers cross the boundary as `(ptr << 32) | len`; every
 //! message is protobuf, so neither side hand-writes a layout.
 
-use crate::{classifier, Classifier, Error, MODEL_SHA256, MODULE_NAME, MODULE_VERSION};
-use isomesh_protos::{guest_error::Kind, guest_outcome::Outcome, GuestClassification};
+use crate::{
+    classifier, Classification, Classifier, Error, MODEL_SHA256, MODULE_NAME, MODULE_VERSION,
+};
+use isomesh_protos::{guest_error::Kind, guest_outcome::Outcome, GuestClassification, GuestOpTime};
 use isomesh_protos::{GuestError, GuestInfo, GuestOutcome, GuestScore, GUEST_ABI_VERSION};
 use prost::Message;
 use std::alloc::{alloc, dealloc, Layout};
@@ -78,14 +80,33 @@ pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) ->
     let result = loaded().and_then(|c| c.classify(&image, top_k.max(1) as usize));
     drop(image);
     let outcome = match result {
-        Ok(answer) => Outcome::Classification(GuestClassification {
-            top: answer
-                .top
+        Ok(answer) => Outcome::Classification(to_guest_classification(answer)),
+        Err(e) => Outcome::Error(to_guest_error(e)),
+    };
+    hand_out_outcome(outcome)
+}
+
+/// `isomesh_classify`, with the answer's `ops` saying where the inference's time went, by kind of
+/// operation (`Classifier::profile`). Optional in the ABI: `isomesh bench infer` calls it.
+///
+/// # Safety
+/// As for `isomesh_classify`.
+#[no_mangle]
+pub unsafe extern "C" fn isomesh_profile(ptr: *mut u8, len: u32, top_k: u32) -> u64 {
+    let image = take_image(ptr, len);
+    let result = loaded().and_then(|c| c.profile(&image, top_k.max(1) as usize));
+    drop(image);
+    let outcome = match result {
+        Ok((answer, ops)) => Outcome::Classification(GuestClassification {
+            ops: ops
                 .into_iter()
-                .map(|(index, prob)| GuestScore { index, prob })
+                .map(|t| GuestOpTime {
+                    op: t.op,
+                    nodes: t.nodes,
+                    ns: t.ns,
+                })
                 .collect(),
-            decode_us: answer.decode_us,
-            infer_us: answer.infer_us,
+            ..to_guest_classification(answer)
         }),
         Err(e) => Outcome::Error(to_guest_error(e)),
     };
@@ -120,6 +141,19 @@ fn loaded() -> Result<&'static Classifier, Error> {
     }
     let classifier = Classifier::load()?;
     Ok(CLASSIFIER.get_or_init(|| classifier))
+}
+
+fn to_guest_classification(answer: Classification) -> GuestClassification {
+    GuestClassification {
+        top: answer
+            .top
+            .into_iter()
+            .map(|(index, prob)| GuestScore { index, prob })
+            .collect(),
+        decode_us: answer.decode_us,
+        infer_us: answer.infer_us,
+        ops: Vec::new(),
+    }
 }
 
 fn to_guest_error(error: Error) -> GuestError {

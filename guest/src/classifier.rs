@@ -6,7 +6,9 @@
 
 use crate::{preprocess, Error};
 use std::time::Instant;
+use tract_core::internal::{EvalContext, OpState};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::tract_core;
 
 static MODEL_ONNX: &[u8] = include_bytes!(env!("ISOMESH_MODEL_PATH"));
 static LABELS: &str = include_str!(env!("ISOMESH_LABELS_PATH"));
@@ -50,6 +52,50 @@ impl Classifier {
 
     /// Classifies one encoded image and returns the `top_k` most probable classes.
     pub fn classify(&self, image: &[u8], top_k: usize) -> Result<Classification, Error> {
+        self.run(image, top_k, tract_core::plan::eval)
+    }
+
+    /// [`Classifier::classify`], timing each of the plan's operations on the way: where an
+    /// inference's time goes, by kind of operation, most expensive first. For `isomesh bench
+    /// infer`, which runs it in Wasm and natively to compare the two operation by operation.
+    pub fn profile(
+        &self,
+        image: &[u8],
+        top_k: usize,
+    ) -> Result<(Classification, Vec<OpTime>), Error> {
+        let mut times: Vec<OpTime> = Vec::new();
+        let answer = self.run(image, top_k, |ctx, state, node, inputs| {
+            let started = Instant::now();
+            let outputs = tract_core::plan::eval(ctx, state, node, inputs);
+            let spent = started.elapsed().as_nanos() as u64;
+            let op = node.op().name();
+            match times.iter_mut().find(|t| t.op == op) {
+                Some(time) => {
+                    time.nodes += 1;
+                    time.ns += spent;
+                }
+                None => times.push(OpTime {
+                    op: op.to_string(),
+                    nodes: 1,
+                    ns: spent,
+                }),
+            }
+            outputs
+        })?;
+        times.sort_by_key(|t| std::cmp::Reverse(t.ns));
+        Ok((answer, times))
+    }
+
+    /// Decodes `image`, runs the plan with `eval` evaluating each operation, and ranks.
+    fn run<E>(&self, image: &[u8], top_k: usize, eval: E) -> Result<Classification, Error>
+    where
+        E: for<'a, 'b, 'c> FnMut(
+            &'a EvalContext<'a>,
+            Option<&'b mut (dyn OpState + 'static)>,
+            &'c TypedNode,
+            TVec<TValue>,
+        ) -> TractResult<TVec<TValue>>,
+    {
         let started = Instant::now();
         let input = preprocess::image_to_input(image)?;
         let decoded = Instant::now();
@@ -58,7 +104,8 @@ impl Classifier {
             .map_err(|e| Error::Model(format!("building the input tensor: {e}")))?;
         let outputs = self
             .plan
-            .run(tvec!(tensor.into()))
+            .spawn()
+            .and_then(|mut state| state.run_plan_with_eval(tvec!(tensor.into()), eval))
             .map_err(|e| Error::Model(format!("running MobileNetV2: {e:#}")))?;
         let no_logits =
             |why: String| Error::Model(format!("the model returned no f32 logits: {why}"));
@@ -79,6 +126,17 @@ impl Classifier {
             infer_us: (finished - decoded).as_micros() as u64,
         })
     }
+}
+
+/// The time one kind of operation took in a profiled inference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTime {
+    /// tract's name for the operation (`OptMatMul`, `DepthWiseConv`, `Add`...).
+    pub op: String,
+    /// How many of the plan's nodes run it.
+    pub nodes: u32,
+    /// Their time together, ns.
+    pub ns: u64,
 }
 
 /// Softmax over `logits`, then the `k` largest probabilities, highest first.
@@ -114,6 +172,34 @@ mod tests {
         assert_eq!(labels.len(), CLASS_COUNT);
         assert_eq!(labels[285], "Egyptian cat");
         assert_eq!(labels[954], "banana");
+    }
+
+    #[test]
+    fn a_profiled_classification_answers_as_a_plain_one_and_says_where_its_time_went() {
+        let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../photos/banana.jpg");
+        let bytes = std::fs::read(photo).expect("photo");
+        let classifier = Classifier::load().expect("model loads");
+        let plain = classifier.classify(&bytes, 5).expect("classifies");
+        let (profiled, ops) = classifier.profile(&bytes, 5).expect("profiles");
+        let classes = |c: &Classification| c.top.iter().map(|t| t.0).collect::<Vec<_>>();
+        assert_eq!(classes(&profiled), classes(&plain));
+        let matmul = ops
+            .iter()
+            .find(|o| o.op == "OptMatMul")
+            .expect("matrix products");
+        assert!(matmul.nodes >= 30 && matmul.ns > 0, "{matmul:?}");
+        let timed: u32 = ops.iter().map(|o| o.nodes).sum();
+        assert!(timed as usize <= classifier.plan.model().nodes().len());
+        assert!(
+            ops.windows(2).all(|w| w[0].ns >= w[1].ns),
+            "not ranked: {ops:?}"
+        );
+        // Each operation is timed inside the inference's own window (us, rounded down).
+        let spent: u64 = ops.iter().map(|o| o.ns).sum();
+        assert!(
+            spent <= (profiled.infer_us + 1) * 1000,
+            "{spent} ns in {profiled:?}"
+        );
     }
 
     /// The classifier must agree with onnxruntime's top-1 on every photo of `photos/`. The test

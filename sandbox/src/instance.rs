@@ -92,6 +92,8 @@ pub struct Instance {
     classify: TypedFunc<(u32, u32, u32), u64>,
     /// Optional (`isomesh bench infer` only).
     preprocess: Option<TypedFunc<(u32, u32), u64>>,
+    /// Optional (`isomesh bench infer` only).
+    profile: Option<TypedFunc<(u32, u32, u32), u64>>,
     stderr: MemoryOutputPipe,
     call_ticks: u64,
 }
@@ -131,6 +133,7 @@ impl Instance {
             preprocess: instance
                 .get_typed_func(&mut store, "isomesh_preprocess")
                 .ok(),
+            profile: instance.get_typed_func(&mut store, "isomesh_profile").ok(),
             store,
             memory,
             stderr,
@@ -207,6 +210,23 @@ impl Instance {
         Some(self.hand_in(image).and_then(|(ptr, len)| {
             let packed = preprocess
                 .call(&mut self.store, (ptr, len))
+                .map_err(|e| CallError::Trapped(self.describe_trap(e)))?;
+            self.outcome(packed)
+        }))
+    }
+
+    /// Classifies one image as [`Instance::classify`] does, with the answer's `ops` saying where
+    /// the inference's time went, by kind of operation; `None` when the module does not export
+    /// `isomesh_profile`. For the benchmarks.
+    pub fn profile(
+        &mut self,
+        image: &[u8],
+        top_k: u32,
+    ) -> Option<Result<GuestClassification, CallError>> {
+        let profile = self.profile.clone()?;
+        Some(self.hand_in(image).and_then(|(ptr, len)| {
+            let packed = profile
+                .call(&mut self.store, (ptr, len, top_k))
                 .map_err(|e| CallError::Trapped(self.describe_trap(e)))?;
             self.outcome(packed)
         }))

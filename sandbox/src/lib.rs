@@ -433,6 +433,11 @@ pub(crate) fn engine_config(
         // table: dropping a swapped-out module of ~26,500 functions took ~1.8 s of CPU, a
         // 7-10 s stall of the first job after a hot swap on a 0.25-CPU device container.
         .native_unwind_info(false);
+    if std::env::var_os("ISOMESH_WASM_PERFMAP").is_some() {
+        // For `perf record`: /tmp/perf-PID.map names the module's functions (a module built
+        // without `strip` keeps their names). Where the guest's time goes, function by function.
+        wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     if let Some((dir, key)) = cache {
         // A new version that changes only weights or a little code reuses the machine code
         // of every unchanged function instead of compiling all of them again. Entries are

@@ -10,6 +10,7 @@ mod metrics;
 mod mixed_isa;
 mod module_faults;
 mod offload;
+mod profile;
 mod rollout;
 mod security;
 mod trust_broker;
