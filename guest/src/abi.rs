@@ -76,14 +76,10 @@ pub extern "C" fn isomesh_load() -> u64 {
 /// `ptr`/`len` must be a buffer from `isomesh_alloc`; this call takes ownership of it.
 #[no_mangle]
 pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) -> u64 {
-    let image = take_image(ptr, len);
-    let result = loaded().and_then(|c| c.classify(&image, top_k.max(1) as usize));
-    drop(image);
-    let outcome = match result {
-        Ok(answer) => Outcome::Classification(to_guest_classification(answer)),
-        Err(e) => Outcome::Error(to_guest_error(e)),
-    };
-    hand_out_outcome(outcome)
+    answer_image(ptr, len, |image| {
+        let answer = loaded()?.classify(image, top_k.max(1) as usize)?;
+        Ok(to_guest_classification(answer))
+    })
 }
 
 /// `isomesh_classify`, with the answer's `ops` saying where the inference's time went, by kind of
@@ -93,11 +89,9 @@ pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) ->
 /// As for `isomesh_classify`.
 #[no_mangle]
 pub unsafe extern "C" fn isomesh_profile(ptr: *mut u8, len: u32, top_k: u32) -> u64 {
-    let image = take_image(ptr, len);
-    let result = loaded().and_then(|c| c.profile(&image, top_k.max(1) as usize));
-    drop(image);
-    let outcome = match result {
-        Ok((answer, ops)) => Outcome::Classification(GuestClassification {
+    answer_image(ptr, len, |image| {
+        let (answer, ops) = loaded()?.profile(image, top_k.max(1) as usize)?;
+        Ok(GuestClassification {
             ops: ops
                 .into_iter()
                 .map(|t| GuestOpTime {
@@ -107,10 +101,8 @@ pub unsafe extern "C" fn isomesh_profile(ptr: *mut u8, len: u32, top_k: u32) -> 
                 })
                 .collect(),
             ..to_guest_classification(answer)
-        }),
-        Err(e) => Outcome::Error(to_guest_error(e)),
-    };
-    hand_out_outcome(outcome)
+        })
+    })
 }
 
 /// Decodes and resizes the image only (no inference): the middle rung of the call-overhead
@@ -120,19 +112,34 @@ pub unsafe extern "C" fn isomesh_profile(ptr: *mut u8, len: u32, top_k: u32) -> 
 /// As for `isomesh_classify`.
 #[no_mangle]
 pub unsafe extern "C" fn isomesh_preprocess(ptr: *mut u8, len: u32) -> u64 {
-    let image = take_image(ptr, len);
-    let started = std::time::Instant::now();
-    let result = crate::preprocess::image_to_input(&image);
-    let decode_us = started.elapsed().as_micros() as u64;
-    drop(image);
-    let outcome = match result {
-        Ok(_) => Outcome::Classification(GuestClassification {
-            decode_us,
+    answer_image(ptr, len, |image| {
+        let started = std::time::Instant::now();
+        // Held past the clock, as a classification holds it: freeing it is not decoding.
+        let _input = crate::preprocess::image_to_input(image)?;
+        Ok(GuestClassification {
+            decode_us: started.elapsed().as_micros() as u64,
             ..GuestClassification::default()
-        }),
+        })
+    })
+}
+
+/// What every export that takes an image does around its work: takes the buffer the host filled,
+/// runs `work` on it, frees the image before the answer is encoded, and hands the outcome out.
+///
+/// # Safety
+/// As for `take_image`.
+unsafe fn answer_image(
+    ptr: *mut u8,
+    len: u32,
+    work: impl FnOnce(&[u8]) -> Result<GuestClassification, Error>,
+) -> u64 {
+    let image = take_image(ptr, len);
+    let result = work(&image);
+    drop(image);
+    hand_out_outcome(match result {
+        Ok(answer) => Outcome::Classification(answer),
         Err(e) => Outcome::Error(to_guest_error(e)),
-    };
-    hand_out_outcome(outcome)
+    })
 }
 
 fn loaded() -> Result<&'static Classifier, Error> {
