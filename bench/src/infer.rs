@@ -9,10 +9,12 @@
 
 use crate::common::{machine, ms, read_files, stats, tempdir, Stats};
 use anyhow::Context;
-use isomesh_sandbox::{Sandbox, SandboxConfig};
+use isomesh_protos::{guest_input::Layout, GuestInput, GuestModel};
+use isomesh_sandbox::{LoadedModule, Sandbox, SandboxConfig};
 use isomesh_testkit::harness::CpuQuota;
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -46,6 +48,25 @@ pub struct InferArgs {
     /// machine hits every variant alike. Each gets its own column: median, and over native.
     #[arg(long, value_name = "LABEL=MODULE.wasm", value_parser = parse_variant)]
     pub variant: Vec<(String, PathBuf)>,
+    /// Time this ONNX classifier, served by the module's code in place of the model it embeds
+    /// (a user's own model, before it is rolled out), in Wasm and natively. Needs --labels.
+    #[arg(
+        long,
+        value_name = "MODEL.onnx",
+        requires = "labels",
+        conflicts_with = "onnxruntime"
+    )]
+    pub model: Option<PathBuf>,
+    /// The class names of --model, one a line, in the order of its outputs.
+    #[arg(long, value_name = "LABELS.txt", requires = "model")]
+    pub labels: Option<PathBuf>,
+    /// How an image becomes --model's input: nchw-f32-imagenet (float32 channels first,
+    /// normalised as torchvision does) or nhwc-u8 (raw pixels channels last).
+    #[arg(long, default_value = "nchw-f32-imagenet", value_parser = isomesh_module::model::parse_layout)]
+    pub input_layout: Layout,
+    /// Side of --model's square input, pixels.
+    #[arg(long, default_value_t = 224)]
+    pub input_side: u32,
 }
 
 fn parse_variant(arg: &str) -> Result<(String, PathBuf), String> {
@@ -103,6 +124,11 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         "the second load did not come from the cache"
     );
     let cached_load = cached.compiled.elapsed;
+    let given = match &args.model {
+        Some(onnx) => Some(GivenModel::read(&sandbox, &module, onnx, &args)?),
+        None => None,
+    };
+    let module = given.as_ref().map_or(module, |g| g.loaded.clone());
     // Only now: the compile is a publisher's or a first start's cost, not a tier's.
     let quota = match args.cpu_cores {
         Some(cores) => Some(SelfQuota::enter(cores)?),
@@ -122,9 +148,14 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     let mut variants = Vec::new();
     for (label, path) in &args.variant {
         eprintln!("loading variant {label}: {} ...", path.display());
-        let loaded = sandbox.load_file(path, |probe, info| {
+        let mut loaded = sandbox.load_file(path, |probe, info| {
             isomesh_module::selftest::run(&mut probe.classifier(), info)
         })?;
+        if let Some(given) = &given {
+            loaded = sandbox.load_with_model(&loaded, given.model.clone(), |probe, info| {
+                isomesh_module::selftest::run(&mut probe.classifier(), info)
+            })?;
+        }
         variants.push(Variant {
             label: label.clone(),
             path: path.clone(),
@@ -139,7 +170,7 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     let mut wasm_top1 = Vec::new();
     let mut classify_calls = Boundary::default();
     let mut preprocess_calls = Boundary::default();
-    let native_classifier = native_baseline()?;
+    let native_classifier = native_baseline(given.as_ref().map(|g| &g.model))?;
     for image in &images {
         // One untimed run each to warm caches, then alternate so drift hits both alike.
         let warm = instance.classify(image, 5).map_err(anyhow::Error::msg)?;
@@ -213,6 +244,8 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         "machine": machine(),
         "module": {"path": args.module.display().to_string(), "sha256": module.sha256, "bytes": std::fs::metadata(&args.module)?.len()},
         "images": args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        // Each image's top-1 in Wasm, by the labels of the model served.
+        "top1": wasm_top1.iter().map(|index| index.and_then(|i| module.info.labels.get(i as usize))).collect::<Vec<_>>(),
         "iterations_per_image": args.iterations,
         "cpu_cores": args.cpu_cores,
         "call_overhead": call_overhead,
@@ -220,6 +253,7 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
                      "wasm_over_onnxruntime_median": over_onnxruntime},
         "onnxruntime": onnxruntime,
         "variants": variants_json,
+        "model": given.as_ref().map(GivenModel::to_json),
         "profile": profile,
         "empty_call_ns": empty_call_ns,
         "compile_ms": compile.map(ms),
@@ -233,11 +267,27 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
-    println!(
-        "MobileNetV2 inference, {} images x {} runs",
-        images.len(),
-        args.iterations
-    );
+    match &given {
+        Some(given) => {
+            println!(
+                "{} ({} classes) served by the module's code, {} images x {} runs",
+                given.path.display(),
+                given.model.labels.len(),
+                images.len(),
+                args.iterations
+            );
+            println!(
+                "  model handed in: plan built and self-tested in {:.0} ms, no compile ({})",
+                ms(given.loaded.compiled.elapsed),
+                given.checked.describe()
+            );
+        }
+        None => println!(
+            "MobileNetV2 inference, {} images x {} runs",
+            images.len(),
+            args.iterations
+        ),
+    }
     println!("  wasm   median {:.1} ms  p95 {:.1} ms", w.median, w.p95);
     match (&n, ratio) {
         (Some(n), Some(ratio)) => {
@@ -288,6 +338,63 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     drop(quota);
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// `--model`: a classifier served by the module's code in place of the one it embeds.
+struct GivenModel {
+    path: PathBuf,
+    model: GuestModel,
+    /// The module's code serving it (`Sandbox::load_with_model`).
+    loaded: Arc<LoadedModule>,
+    checked: isomesh_module::selftest::Checked,
+}
+
+impl GivenModel {
+    fn read(
+        sandbox: &Sandbox,
+        code: &LoadedModule,
+        onnx: &std::path::Path,
+        args: &InferArgs,
+    ) -> anyhow::Result<GivenModel> {
+        let labels = args.labels.as_deref().context("--model needs --labels")?;
+        let input = GuestInput {
+            layout: args.input_layout as i32,
+            side: args.input_side,
+        };
+        let model = isomesh_module::model::read(onnx, labels, input)?;
+        eprintln!(
+            "handing {} ({} labels, {}, {} px) to the module's code ...",
+            onnx.display(),
+            model.labels.len(),
+            isomesh_module::model::layout_name(args.input_layout),
+            args.input_side
+        );
+        let mut checked = None;
+        let loaded = sandbox.load_with_model(code, model.clone(), |probe, info| {
+            isomesh_module::selftest::run_saying(&mut probe.classifier(), info).map(
+                |(service, how)| {
+                    checked = Some(how);
+                    service
+                },
+            )
+        })?;
+        Ok(GivenModel {
+            path: onnx.to_owned(),
+            model,
+            loaded,
+            checked: checked.context("the self-test did not run")?,
+        })
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let input = self.model.input.unwrap_or_default();
+        json!({"path": self.path.display().to_string(), "sha256": self.model.sha256,
+               "bytes": self.model.onnx.len(), "classes": self.model.labels.len(),
+               "input_layout": isomesh_module::model::layout_name(input.layout()),
+               "input_side": input.side,
+               "swap_in_ms": ms(self.loaded.compiled.elapsed),
+               "self_test": self.checked.describe()})
+    }
 }
 
 /// Calls across the sandbox boundary: the time the host saw each take, and the work the guest
@@ -476,13 +583,31 @@ const NOT_BUILT: &str =
 /// runs them, the SSE code Cranelift emits for Wasm then ran ~250x slower here (9.3 s instead of
 /// 35 ms per image). Apart, each keeps its own register state.
 #[cfg(feature = "native-baseline")]
-fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
+fn native_baseline(given: Option<&GuestModel>) -> anyhow::Result<Option<NativeRun>> {
+    use isomesh_guest::preprocess::{InputSpec, Layout as NativeLayout};
     let (images, requests) = std::sync::mpsc::channel::<(Vec<u8>, Run)>();
     let (results, answers) = std::sync::mpsc::channel::<Result<NativeAnswer, String>>();
+    let given = given.cloned();
     std::thread::Builder::new()
         .name("native-baseline".into())
         .spawn(move || {
-            let classifier = match isomesh_guest::Classifier::load() {
+            let loaded = match given {
+                None => isomesh_guest::Classifier::load(),
+                Some(model) => {
+                    let input = model.input.unwrap_or_default();
+                    let layout = match input.layout() {
+                        Layout::NchwF32Imagenet => NativeLayout::NchwF32ImageNet,
+                        Layout::NhwcU8 => NativeLayout::NhwcU8,
+                    };
+                    let side = input.side;
+                    isomesh_guest::Classifier::from_onnx(
+                        &model.onnx,
+                        model.labels,
+                        InputSpec { layout, side },
+                    )
+                }
+            };
+            let classifier = match loaded {
                 Ok(classifier) => classifier,
                 Err(e) => {
                     let _ = results.send(Err(e.to_string()));
@@ -516,7 +641,7 @@ fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
 
 /// Without the `native-baseline` feature: no native column (said once, on stderr).
 #[cfg(not(feature = "native-baseline"))]
-fn native_baseline() -> anyhow::Result<Option<NativeRun>> {
+fn native_baseline(_given: Option<&GuestModel>) -> anyhow::Result<Option<NativeRun>> {
     eprintln!("native tract baseline: not built into this isomesh-bench ({NOT_BUILT})");
     Ok(None)
 }

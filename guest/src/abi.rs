@@ -2,16 +2,26 @@
 //! `protos/proto/isomesh.proto`). Buffers cross the boundary as `(ptr << 32) | len`; every
 //! message is protobuf, so neither side hand-writes a layout.
 
-use crate::{
-    classifier, Classification, Classifier, Error, MODEL_SHA256, MODULE_NAME, MODULE_VERSION,
-};
-use isomesh_protos::{guest_error::Kind, guest_outcome::Outcome, GuestClassification, GuestOpTime};
-use isomesh_protos::{GuestError, GuestInfo, GuestOutcome, GuestScore, GUEST_ABI_VERSION};
+use crate::preprocess::{self, InputSpec};
+use crate::{Classification, Classifier, Error, MODEL_SHA256, MODULE_NAME, MODULE_VERSION};
+use isomesh_protos::{guest_error::Kind, guest_input, guest_outcome::Outcome};
+use isomesh_protos::{GuestClassification, GuestError, GuestInfo, GuestModel, GuestOpTime};
+use isomesh_protos::{GuestOutcome, GuestScore, GUEST_ABI_VERSION};
 use prost::Message;
 use std::alloc::{alloc, dealloc, Layout};
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::rc::Rc;
 
-static CLASSIFIER: OnceLock<Classifier> = OnceLock::new();
+/// The model this instance serves and its sha256: the embedded one, built on first use, until
+/// the host hands it another (`isomesh_load_model`). A Wasm instance has one thread.
+struct Serving {
+    classifier: Classifier,
+    model_sha256: String,
+}
+
+thread_local! {
+    static SERVING: RefCell<Option<Rc<Serving>>> = const { RefCell::new(None) };
+}
 
 extern "C" {
     fn __wasm_call_ctors();
@@ -49,16 +59,30 @@ pub unsafe extern "C" fn isomesh_free(ptr: *mut u8, len: u32) {
     }
 }
 
+/// Describes the model served: the embedded one (without building its plan) until the host
+/// hands in another.
 #[no_mangle]
 pub extern "C" fn isomesh_info() -> u64 {
+    let (model_sha256, side, labels) = match SERVING.with(|s| s.borrow().clone()) {
+        Some(serving) => (
+            serving.model_sha256.clone(),
+            serving.classifier.input().side,
+            serving.classifier.labels().to_vec(),
+        ),
+        None => (
+            MODEL_SHA256.into(),
+            preprocess::INPUT_SIDE,
+            crate::classifier::labels().map(String::from).collect(),
+        ),
+    };
     let info = GuestInfo {
         abi_version: GUEST_ABI_VERSION,
         name: MODULE_NAME.into(),
         version: MODULE_VERSION.into(),
-        model_sha256: MODEL_SHA256.into(),
-        input_width: crate::preprocess::INPUT_SIDE,
-        input_height: crate::preprocess::INPUT_SIDE,
-        labels: classifier::labels().map(String::from).collect(),
+        model_sha256,
+        input_width: side,
+        input_height: side,
+        labels,
     };
     hand_out(info.encode_to_vec())
 }
@@ -72,12 +96,51 @@ pub extern "C" fn isomesh_load() -> u64 {
     hand_out_outcome(outcome)
 }
 
+/// Builds the plan of the model in the buffer (an encoded `GuestModel`) and serves it from then
+/// on. On any error the model served before stays. Optional in the ABI: a model rollout needs
+/// it, a module that lacks it serves only its embedded model.
+///
+/// # Safety
+/// `ptr`/`len` must be a buffer from `isomesh_alloc`; this call takes ownership of it.
+#[no_mangle]
+pub unsafe extern "C" fn isomesh_load_model(ptr: *mut u8, len: u32) -> u64 {
+    let bytes = take_buffer(ptr, len);
+    let outcome = match swap_in_model(&bytes) {
+        Ok(()) => Outcome::Classification(GuestClassification::default()),
+        Err(e) => Outcome::Error(to_guest_error(e)),
+    };
+    drop(bytes);
+    hand_out_outcome(outcome)
+}
+
+fn swap_in_model(bytes: &[u8]) -> Result<(), Error> {
+    let model = GuestModel::decode(bytes)
+        .map_err(|e| Error::Model(format!("the host sent a garbled GuestModel: {e}")))?;
+    let layout = match model.input.as_ref().map(|input| input.layout()) {
+        None | Some(guest_input::Layout::NchwF32Imagenet) => preprocess::Layout::NchwF32ImageNet,
+        Some(guest_input::Layout::NhwcU8) => preprocess::Layout::NhwcU8,
+    };
+    let side = match model.input.as_ref().map(|input| input.side) {
+        None | Some(0) => preprocess::INPUT_SIDE,
+        Some(side) => side,
+    };
+    let classifier = Classifier::from_onnx(&model.onnx, model.labels, InputSpec { layout, side })?;
+    let serving = Serving {
+        classifier,
+        model_sha256: model.sha256,
+    };
+    SERVING.with(|s| *s.borrow_mut() = Some(Rc::new(serving)));
+    Ok(())
+}
+
 /// # Safety
 /// `ptr`/`len` must be a buffer from `isomesh_alloc`; this call takes ownership of it.
 #[no_mangle]
 pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) -> u64 {
     answer_image(ptr, len, |image| {
-        let answer = loaded()?.classify(image, top_k.max(1) as usize)?;
+        let answer = loaded()?
+            .classifier
+            .classify(image, top_k.max(1) as usize)?;
         Ok(to_guest_classification(answer))
     })
 }
@@ -90,7 +153,7 @@ pub unsafe extern "C" fn isomesh_classify(ptr: *mut u8, len: u32, top_k: u32) ->
 #[no_mangle]
 pub unsafe extern "C" fn isomesh_profile(ptr: *mut u8, len: u32, top_k: u32) -> u64 {
     answer_image(ptr, len, |image| {
-        let (answer, ops) = loaded()?.profile(image, top_k.max(1) as usize)?;
+        let (answer, ops) = loaded()?.classifier.profile(image, top_k.max(1) as usize)?;
         Ok(GuestClassification {
             ops: ops
                 .into_iter()
@@ -112,10 +175,19 @@ pub unsafe extern "C" fn isomesh_profile(ptr: *mut u8, len: u32, top_k: u32) -> 
 /// As for `isomesh_classify`.
 #[no_mangle]
 pub unsafe extern "C" fn isomesh_preprocess(ptr: *mut u8, len: u32) -> u64 {
+    // The input of the model served (one handed in may take another side or layout), without
+    // building the embedded model's plan for it.
+    let spec = SERVING
+        .with(|s| {
+            s.borrow()
+                .as_ref()
+                .map(|serving| serving.classifier.input())
+        })
+        .unwrap_or(InputSpec::IMAGENET_224);
     answer_image(ptr, len, |image| {
         let started = std::time::Instant::now();
         // Held past the clock, as a classification holds it: freeing it is not decoding.
-        let _input = crate::preprocess::image_to_input(image)?;
+        let _input = preprocess::image_to(image, spec)?;
         Ok(GuestClassification {
             decode_us: started.elapsed().as_micros() as u64,
             ..GuestClassification::default()
@@ -127,13 +199,13 @@ pub unsafe extern "C" fn isomesh_preprocess(ptr: *mut u8, len: u32) -> u64 {
 /// runs `work` on it, frees the image before the answer is encoded, and hands the outcome out.
 ///
 /// # Safety
-/// As for `take_image`.
+/// As for `take_buffer`.
 unsafe fn answer_image(
     ptr: *mut u8,
     len: u32,
     work: impl FnOnce(&[u8]) -> Result<GuestClassification, Error>,
 ) -> u64 {
-    let image = take_image(ptr, len);
+    let image = take_buffer(ptr, len);
     let result = work(&image);
     drop(image);
     hand_out_outcome(match result {
@@ -142,12 +214,17 @@ unsafe fn answer_image(
     })
 }
 
-fn loaded() -> Result<&'static Classifier, Error> {
-    if let Some(classifier) = CLASSIFIER.get() {
-        return Ok(classifier);
+/// The model served, building the embedded one's plan on first use.
+fn loaded() -> Result<Rc<Serving>, Error> {
+    if let Some(serving) = SERVING.with(|s| s.borrow().clone()) {
+        return Ok(serving);
     }
-    let classifier = Classifier::load()?;
-    Ok(CLASSIFIER.get_or_init(|| classifier))
+    let serving = Rc::new(Serving {
+        classifier: Classifier::load()?,
+        model_sha256: MODEL_SHA256.into(),
+    });
+    SERVING.with(|s| *s.borrow_mut() = Some(serving.clone()));
+    Ok(serving)
 }
 
 fn to_guest_classification(answer: Classification) -> GuestClassification {
@@ -176,11 +253,11 @@ fn to_guest_error(error: Error) -> GuestError {
     }
 }
 
-/// Takes ownership of an image buffer the host filled after `isomesh_alloc`.
+/// Takes ownership of a buffer (an image, a model) the host filled after `isomesh_alloc`.
 ///
 /// # Safety
 /// `ptr`/`len` must be a buffer from `isomesh_alloc`, not used again by the caller.
-unsafe fn take_image(ptr: *mut u8, len: u32) -> Vec<u8> {
+unsafe fn take_buffer(ptr: *mut u8, len: u32) -> Vec<u8> {
     if len == 0 {
         Vec::new()
     } else {

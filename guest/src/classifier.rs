@@ -1,10 +1,15 @@
-//! The MobileNetV2 plan and what turns its logits into an answer.
+//! The model's plan and what turns its scores into an answer.
 //!
 //! Building the plan (parse 14 MB of ONNX, optimise, allocate) is the expensive part, so a
 //! [`Classifier`] is built once per instance and then serves every call; a call only decodes,
-//! runs the plan and ranks 1000 probabilities.
+//! runs the plan and ranks the probabilities.
+//!
+//! The module embeds MobileNetV2 ([`Classifier::load`]), but its code runs any ONNX image
+//! classifier it is handed ([`Classifier::from_onnx`]): a new model then needs no new module,
+//! and so no new machine code to compile or ship.
 
-use crate::{preprocess, Error};
+use crate::preprocess::{self, Input, InputSpec, Layout};
+use crate::Error;
 use std::time::Instant;
 use tract_core::internal::{EvalContext, OpState};
 use tract_onnx::prelude::*;
@@ -18,9 +23,11 @@ pub const CLASS_COUNT: usize = 1000;
 
 type Plan = std::sync::Arc<TypedRunnableModel>;
 
-/// A ready-to-run MobileNetV2.
+/// A ready-to-run classifier: a model's plan, the input it takes and its class names.
 pub struct Classifier {
     plan: Plan,
+    input: InputSpec,
+    labels: Vec<String>,
 }
 
 /// The top-k answer for one image, and where its time went.
@@ -38,16 +45,73 @@ pub fn labels() -> impl Iterator<Item = &'static str> {
 }
 
 impl Classifier {
-    /// Parses, types and optimises the embedded model.
+    /// Parses, types and optimises the embedded MobileNetV2.
     pub fn load() -> Result<Classifier, Error> {
-        let side = preprocess::INPUT_SIDE as usize;
+        Classifier::from_onnx(
+            MODEL_ONNX,
+            labels().map(String::from).collect(),
+            InputSpec::IMAGENET_224,
+        )
+        .map_err(|e| Error::Model(format!("the embedded MobileNetV2: {e}")))
+    }
+
+    /// Parses, types and optimises an ONNX classifier whose first input takes `input` and whose
+    /// first output scores each of `labels`. Refuses a model that does not fit them.
+    pub fn from_onnx(
+        onnx: &[u8],
+        labels: Vec<String>,
+        input: InputSpec,
+    ) -> Result<Classifier, Error> {
+        if labels.is_empty() {
+            return Err(Error::Model("the model comes with no labels".into()));
+        }
+        if input.side == 0 || input.side > preprocess::MAX_INPUT_SIDE {
+            return Err(Error::Model(format!(
+                "an input side of {} pixels (1 to {} accepted)",
+                input.side,
+                preprocess::MAX_INPUT_SIDE
+            )));
+        }
+        let fact = match input.layout {
+            Layout::NchwF32ImageNet => f32::fact(input.shape()),
+            Layout::NhwcU8 => u8::fact(input.shape()),
+        };
         let plan = tract_onnx::onnx()
-            .model_for_read(&mut std::io::Cursor::new(MODEL_ONNX))
-            .and_then(|model| model.with_input_fact(0, f32::fact([1, 3, side, side]).into()))
+            .model_for_read(&mut std::io::Cursor::new(onnx))
+            .and_then(|model| model.with_input_fact(0, fact.into()))
             .and_then(|model| model.into_optimized())
             .and_then(|model| model.into_runnable())
-            .map_err(|e| Error::Model(format!("loading the embedded MobileNetV2: {e:#}")))?;
-        Ok(Classifier { plan })
+            .map_err(|e| Error::Model(format!("loading the ONNX model: {e:#}")))?;
+        let scores = plan.model().output_fact(0).ok().and_then(|fact| {
+            fact.shape
+                .as_concrete()
+                .map(|dims| dims.iter().product::<usize>())
+        });
+        match scores {
+            Some(count) if count == labels.len() => Ok(Classifier {
+                plan,
+                input,
+                labels,
+            }),
+            Some(count) => Err(Error::Model(format!(
+                "the model scores {count} classes but {} labels came with it",
+                labels.len()
+            ))),
+            None => Err(Error::Model(
+                "the model's output has no fixed size: a classifier scores a fixed set of classes"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Class names, index order.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// The input the model takes.
+    pub fn input(&self) -> InputSpec {
+        self.input
     }
 
     /// Classifies one encoded image and returns the `top_k` most probable classes.
@@ -97,18 +161,21 @@ impl Classifier {
         ) -> TractResult<TVec<TValue>>,
     {
         let started = Instant::now();
-        let input = preprocess::image_to_input(image)?;
+        let input = preprocess::image_to(image, self.input)?;
         let decoded = Instant::now();
-        let side = preprocess::INPUT_SIDE as usize;
-        let tensor = Tensor::from_shape(&[1, 3, side, side], &input)
-            .map_err(|e| Error::Model(format!("building the input tensor: {e}")))?;
+        let shape = self.input.shape();
+        let tensor = match &input {
+            Input::F32(values) => Tensor::from_shape(&shape, values),
+            Input::U8(values) => Tensor::from_shape(&shape, values),
+        }
+        .map_err(|e| Error::Model(format!("building the input tensor: {e}")))?;
         let outputs = self
             .plan
             .spawn()
             .and_then(|mut state| state.run_plan_with_eval(tvec!(tensor.into()), eval))
-            .map_err(|e| Error::Model(format!("running MobileNetV2: {e:#}")))?;
+            .map_err(|e| Error::Model(format!("running the model: {e:#}")))?;
         let no_logits =
-            |why: String| Error::Model(format!("the model returned no f32 logits: {why}"));
+            |why: String| Error::Model(format!("the model returned no f32 scores: {why}"));
         let output = outputs
             .first()
             .ok_or_else(|| no_logits("no output".into()))?;
@@ -200,6 +267,115 @@ mod tests {
             spent <= (profiled.infer_us + 1) * 1000,
             "{spent} ns in {profiled:?}"
         );
+    }
+
+    /// Every photo's channel means, in the order and scale `spec`'s input holds them.
+    fn channel_means(bytes: &[u8], spec: InputSpec) -> [f32; 3] {
+        let mut sums = [0f64; 3];
+        let count = (spec.side * spec.side) as f64;
+        match preprocess::image_to(bytes, spec).expect("decodes") {
+            Input::F32(values) => {
+                for (i, v) in values.iter().enumerate() {
+                    sums[i / (spec.side * spec.side) as usize] += *v as f64;
+                }
+            }
+            Input::U8(values) => {
+                for (i, v) in values.iter().enumerate() {
+                    sums[i % 3] += *v as f64 / 255.0;
+                }
+            }
+        }
+        sums.map(|s| (s / count) as f32)
+    }
+
+    fn photos() -> Vec<(String, Vec<u8>)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../photos");
+        let mut photos: Vec<_> = std::fs::read_dir(dir)
+            .expect("photos/")
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|ext| ext == "jpg" || ext == "jpeg" || ext == "png")
+            })
+            .map(|path| {
+                let bytes = std::fs::read(&path).expect("photo");
+                (path.display().to_string(), bytes)
+            })
+            .collect();
+        photos.sort();
+        assert!(photos.len() >= 5, "{photos:?}");
+        photos
+    }
+
+    /// The module's code serves a model it did not embed, with that model's labels and input
+    /// layout: every answer is the photo's strongest channel, as the test works it out itself.
+    #[test]
+    fn a_model_handed_in_answers_with_its_own_labels_in_either_layout() {
+        let labels: Vec<String> = crate::means_model::LABELS.map(String::from).to_vec();
+        for layout in [Layout::NchwF32ImageNet, Layout::NhwcU8] {
+            let spec = InputSpec { layout, side: 64 };
+            let classifier =
+                Classifier::from_onnx(&crate::means_model::onnx(spec), labels.clone(), spec)
+                    .expect("the means model loads");
+            assert_eq!(classifier.labels(), labels.as_slice());
+            let mut seen = std::collections::BTreeSet::new();
+            for (name, bytes) in photos() {
+                let means = channel_means(&bytes, spec);
+                let expected = top_k_softmax(&means, 3);
+                let answer = classifier.classify(&bytes, 3).expect("classifies");
+                assert_eq!(
+                    answer.top[0].0, expected[0].0,
+                    "{name} {layout:?}: {means:?}"
+                );
+                assert!(
+                    (answer.top[0].1 - expected[0].1).abs() < 1e-3,
+                    "{name} {layout:?}: {answer:?} vs {expected:?}"
+                );
+                seen.insert(answer.top[0].0);
+            }
+            // The photos are not all one colour: the answers depend on them.
+            assert!(seen.len() >= 2, "{layout:?}: every photo answered {seen:?}");
+        }
+    }
+
+    #[test]
+    fn a_model_that_does_not_fit_its_labels_or_input_is_refused() {
+        let spec = InputSpec {
+            layout: Layout::NchwF32ImageNet,
+            side: 32,
+        };
+        let onnx = crate::means_model::onnx(spec);
+        let two = vec!["red".to_string(), "green".to_string()];
+        let refused = |result: Result<Classifier, Error>| match result {
+            Err(Error::Model(why)) => why,
+            Err(other) => panic!("not a model error: {other:?}"),
+            Ok(_) => panic!("accepted"),
+        };
+        let why = refused(Classifier::from_onnx(&onnx, two, spec));
+        assert!(why.contains("scores 3 classes but 2 labels"), "{why}");
+        let why = refused(Classifier::from_onnx(&onnx, vec![], spec));
+        assert!(why.contains("no labels"), "{why}");
+        let labels: Vec<String> = crate::means_model::LABELS.map(String::from).to_vec();
+        let why = refused(Classifier::from_onnx(b"not onnx", labels.clone(), spec));
+        assert!(why.contains("loading the ONNX model"), "{why}");
+        let huge = InputSpec {
+            side: preprocess::MAX_INPUT_SIDE + 1,
+            ..spec
+        };
+        let why = refused(Classifier::from_onnx(&onnx, labels.clone(), huge));
+        assert!(why.contains("input side"), "{why}");
+        // The model takes u8 channels last; the input said f32 channels first. tract types it
+        // anyway (its Cast takes f32 too), so the refusal is for the 32 scores that come out.
+        let nhwc = InputSpec {
+            layout: Layout::NhwcU8,
+            side: 32,
+        };
+        let why = refused(Classifier::from_onnx(
+            &crate::means_model::onnx(nhwc),
+            labels,
+            spec,
+        ));
+        assert!(why.contains("scores 32 classes but 3 labels"), "{why}");
     }
 
     /// The classifier must agree with onnxruntime's top-1 on every photo of `photos/`. The test

@@ -6,12 +6,16 @@
 //! compares the sandbox against, and what the unit tests below run on the real photos.
 //!
 //! - [`preprocess`]: image bytes -> normalised NCHW tensor (decode limits stop decompression bombs).
-//! - [`classifier`]: the tract plan, softmax and top-k.
+//! - [`classifier`]: the tract plan, softmax and top-k; the embedded model, or any ONNX image
+//!   classifier the host hands in (`isomesh_load_model`).
+//! - [`means_model`]: a tiny real ONNX classifier (a colour per channel) for the tests.
 //! - `abi` (wasm32 only): the exported functions the host calls, documented in
 //!   `protos/proto/isomesh.proto`.
 
 #[cfg(feature = "model")]
 pub mod classifier;
+#[cfg(feature = "model")]
+pub mod means_model;
 pub mod preprocess;
 
 #[cfg(all(target_arch = "wasm32", feature = "model"))]

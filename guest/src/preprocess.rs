@@ -1,19 +1,21 @@
-//! Turns encoded image bytes into MobileNetV2's input: the standard ImageNet preprocessing of
-//! `models/README.md` (resize the shorter side to 256 bilinearly, centre-crop 224x224, scale to
-//! [0,1], normalise by the ImageNet mean and std, channels first).
+//! Turns encoded image bytes into a classifier's input. The embedded MobileNetV2 takes the
+//! standard ImageNet preprocessing of `models/README.md` (resize the shorter side to 256
+//! bilinearly, centre-crop 224x224, scale to [0,1], normalise by the ImageNet mean and std,
+//! channels first); a model handed in at run time ([`InputSpec`]) may take another side, or the
+//! raw pixels channels last as TensorFlow Lite's quantised classifiers do.
 //!
 //! Decoding happens here, inside the sandbox, so a hostile image can at worst trap the guest. The
 //! decoder limits reject a decompression bomb (a tiny PNG declaring 30000x30000 pixels) from its
 //! header, before anything is allocated.
 
 use crate::Error;
-use image::{imageops::FilterType, ImageError, ImageFormat, ImageReader, Limits};
+use image::{imageops::FilterType, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 use std::io::Cursor;
 
-/// Side of the square the model sees.
+/// Side of the square the embedded model sees.
 pub const INPUT_SIDE: u32 = 224;
-/// Shorter side after the first resize.
-const RESIZE_SIDE: u32 = 256;
+/// Largest input side a model may ask for.
+pub const MAX_INPUT_SIDE: u32 = 1024;
 /// Largest width or height accepted (a 64-megapixel image).
 pub const MAX_SIDE: u32 = 8192;
 /// Largest allocation the decoder may make, in bytes.
@@ -24,8 +26,66 @@ const MAX_ASPECT: u32 = 16;
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// Decodes `bytes` and returns the `[1, 3, 224, 224]` input, flattened channels first.
+/// How the pixels of the crop become the model's input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// f32 `[1, 3, side, side]`, `(p/255 - mean)/std` with ImageNet's mean and std.
+    NchwF32ImageNet,
+    /// u8 `[1, side, side, 3]`, the pixels as they are.
+    NhwcU8,
+}
+
+/// The input a model takes (`GuestInput` of the ABI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputSpec {
+    pub layout: Layout,
+    /// Side of the square crop, pixels.
+    pub side: u32,
+}
+
+impl InputSpec {
+    /// The embedded MobileNetV2's input.
+    pub const IMAGENET_224: InputSpec = InputSpec {
+        layout: Layout::NchwF32ImageNet,
+        side: INPUT_SIDE,
+    };
+
+    /// The tensor's shape, as the model declares its input.
+    pub fn shape(&self) -> [usize; 4] {
+        let side = self.side as usize;
+        match self.layout {
+            Layout::NchwF32ImageNet => [1, 3, side, side],
+            Layout::NhwcU8 => [1, side, side, 3],
+        }
+    }
+}
+
+/// A model's input, flattened in its layout's order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    F32(Vec<f32>),
+    U8(Vec<u8>),
+}
+
+/// Decodes `bytes` and returns the embedded model's `[1, 3, 224, 224]` input, flattened
+/// channels first.
 pub fn image_to_input(bytes: &[u8]) -> Result<Vec<f32>, Error> {
+    let crop = decode_and_crop(bytes, INPUT_SIDE)?;
+    Ok(nchw_imagenet(&crop))
+}
+
+/// Decodes `bytes` and returns the input `spec` describes.
+pub fn image_to(bytes: &[u8], spec: InputSpec) -> Result<Input, Error> {
+    let crop = decode_and_crop(bytes, spec.side)?;
+    Ok(match spec.layout {
+        Layout::NchwF32ImageNet => Input::F32(nchw_imagenet(&crop)),
+        Layout::NhwcU8 => Input::U8(crop.into_raw()),
+    })
+}
+
+/// Decodes `bytes`, resizes the shorter side to `side` x 8/7 (256 for 224) and crops the centre
+/// square of `side` pixels.
+fn decode_and_crop(bytes: &[u8], side: u32) -> Result<RgbImage, Error> {
     if bytes.is_empty() {
         return Err(Error::EmptyInput);
     }
@@ -62,37 +122,40 @@ pub fn image_to_input(bytes: &[u8]) -> Result<Vec<f32>, Error> {
             "{width}x{height} has an aspect ratio over {MAX_ASPECT}:1"
         )));
     }
-    // torchvision's Resize(256): the shorter side becomes 256, the other is truncated.
+    // torchvision's Resize(256) for a 224 crop: the shorter side becomes 256, the other is
+    // truncated.
+    let resize_side = (side * 8).div_ceil(7);
     let (new_w, new_h) = if width <= height {
         (
-            RESIZE_SIDE,
-            (height as u64 * RESIZE_SIDE as u64 / width as u64) as u32,
+            resize_side,
+            (height as u64 * resize_side as u64 / width as u64) as u32,
         )
     } else {
         (
-            (width as u64 * RESIZE_SIDE as u64 / height as u64) as u32,
-            RESIZE_SIDE,
+            (width as u64 * resize_side as u64 / height as u64) as u32,
+            resize_side,
         )
     };
     let resized = image::imageops::resize(&rgb, new_w, new_h, FilterType::Triangle);
     // torchvision's CenterCrop rounds the offset.
-    let left = ((new_w - INPUT_SIDE) as f32 / 2.0).round() as u32;
-    let top = ((new_h - INPUT_SIDE) as f32 / 2.0).round() as u32;
+    let left = ((new_w - side) as f32 / 2.0).round() as u32;
+    let top = ((new_h - side) as f32 / 2.0).round() as u32;
+    Ok(image::imageops::crop_imm(&resized, left, top, side, side).to_image())
+}
 
-    let plane = (INPUT_SIDE * INPUT_SIDE) as usize;
+/// The crop as `(p/255 - mean)/std`, channels first.
+fn nchw_imagenet(crop: &RgbImage) -> Vec<f32> {
+    let (width, height) = crop.dimensions();
+    let plane = (width * height) as usize;
     let mut input = vec![0f32; 3 * plane];
     let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
     let bias: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
-    for y in 0..INPUT_SIDE {
-        for x in 0..INPUT_SIDE {
-            let pixel = resized.get_pixel(left + x, top + y).0;
-            let at = (y * INPUT_SIDE + x) as usize;
-            for c in 0..3 {
-                input[c * plane + at] = pixel[c] as f32 * scale[c] + bias[c];
-            }
+    for (at, pixel) in crop.pixels().enumerate() {
+        for c in 0..3 {
+            input[c * plane + at] = pixel.0[c] as f32 * scale[c] + bias[c];
         }
     }
-    Ok(input)
+    input
 }
 
 /// The JPEG decoder fills a truncated scan with grey and answers anyway, so a cut-off upload
@@ -141,6 +204,40 @@ mod tests {
             image_to_input(&bomb),
             Err(Error::ImageTooLarge(_))
         ));
+    }
+
+    #[test]
+    fn both_layouts_hold_the_same_crop() {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../photos/banana.jpg"))
+            .expect("photos/banana.jpg");
+        let nchw = image_to_input(&bytes).expect("decodes");
+        let nhwc = match image_to(
+            &bytes,
+            InputSpec {
+                layout: Layout::NhwcU8,
+                side: 224,
+            },
+        ) {
+            Ok(Input::U8(pixels)) => pixels,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(nhwc.len(), 224 * 224 * 3);
+        assert_eq!(nchw.len(), nhwc.len());
+        let plane = 224 * 224;
+        for (i, &p) in nhwc.iter().enumerate() {
+            let (at, c) = (i / 3, i % 3);
+            let normalised = (p as f32 / 255.0 - MEAN[c]) / STD[c];
+            assert!((nchw[c * plane + at] - normalised).abs() < 1e-4, "{i}");
+        }
+        // Another side crops another square from a proportionally resized image.
+        let small = image_to(
+            &bytes,
+            InputSpec {
+                layout: Layout::NhwcU8,
+                side: 96,
+            },
+        );
+        assert!(matches!(small, Ok(Input::U8(p)) if p.len() == 96 * 96 * 3));
     }
 
     #[test]

@@ -12,12 +12,16 @@
 //! 4. [`trust`]: before any file of that directory is compiled (rolled out or copied in by hand),
 //!    the signed manifest beside it must name its sha256; once compiled, it must pass the
 //!    [`selftest`] before it serves.
+//!
+//! A [`model`] is the other part a module's code may serve: an ONNX classifier, its labels and
+//! its input, handed to code the node already has.
 
 pub mod agent;
 pub mod digest;
 pub mod fetch;
 pub mod history;
 pub mod identity;
+pub mod model;
 pub mod package;
 pub mod rejection;
 pub mod selftest;

@@ -7,6 +7,9 @@
 //! a module whose labels are ImageNet's (it has a "pelican" class), a real photo embedded in the
 //! node (`assets/pelican.jpeg`, CC BY 2.0, see `assets/README.md`) must come out as "pelican": a
 //! module with scrambled weights or a broken preprocessing passes the first check, not this one.
+//! A classifier of other classes (a user's own model) has no photo here to recognise, so it is
+//! checked for shape and determinism only: the drawn image must get the same answer twice;
+//! [`run`] says which checks ran.
 
 use isomesh_protos::{GuestClassification, GuestInfo};
 use std::time::{Duration, Instant};
@@ -29,8 +32,8 @@ pub enum SelfTestError {
     /// The classify call itself failed (a trap, the deadline, an error answer).
     #[error("{0}")]
     Call(String),
-    #[error("asked for 5 classes, got {0}")]
-    ClassCount(usize),
+    #[error("asked for {wanted} classes, got {got}")]
+    ClassCount { wanted: usize, got: usize },
     #[error("class index {index} is past the {labels} labels")]
     PastLabels { index: u32, labels: usize },
     #[error("probabilities are not ranked values in [0, 1]: {0}")]
@@ -39,25 +42,63 @@ pub enum SelfTestError {
     SumAboveOne(f32),
     #[error("no class for the known photo")]
     NoClass,
+    #[error("the same image got two answers: {first} then {second}")]
+    NotDeterministic { first: String, second: String },
     #[error("the known photo of a {PHOTO_LABEL} came out as {label:?} (p={prob:.3})")]
     Misread { label: String, prob: f32 },
+}
+
+/// Which checks a self-test ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// Shape, and the known photo recognised: an ImageNet classifier.
+    ShapeAndPhoto,
+    /// Shape and determinism only: a classifier of other classes.
+    ShapeAndDeterminism,
+}
+
+impl Checked {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Checked::ShapeAndPhoto => "answer shape, and a known photo recognised",
+            Checked::ShapeAndDeterminism => {
+                "answer shape and determinism only (no known photo for these classes)"
+            }
+        }
+    }
 }
 
 /// Runs the self-test through `classify` on a freshly loaded module described by `info`: the
 /// drawn image, then the photo if the module's labels are ImageNet's. Returns how long the last
 /// classification took, the node's service-time estimate until it has run a job.
 pub fn run(classify: &mut Classify<'_>, info: &GuestInfo) -> Result<Duration, SelfTestError> {
+    run_saying(classify, info).map(|(service, _)| service)
+}
+
+/// [`run`], saying which checks ran.
+pub fn run_saying(
+    classify: &mut Classify<'_>,
+    info: &GuestInfo,
+) -> Result<(Duration, Checked), SelfTestError> {
     let timed = Instant::now();
     let answer = classify(&IMAGE, 5).map_err(SelfTestError::Call)?;
-    let mut service = timed.elapsed();
+    let service = timed.elapsed();
     check(&answer, info.labels.len())?;
     if knows_photo(&info.labels) {
         let timed = Instant::now();
         let answer = classify(PHOTO, 1).map_err(SelfTestError::Call)?;
-        service = timed.elapsed();
+        let service = timed.elapsed();
         check_photo(&answer, &info.labels)?;
+        return Ok((service, Checked::ShapeAndPhoto));
     }
-    Ok(service)
+    let again = classify(&IMAGE, 5).map_err(SelfTestError::Call)?;
+    if again.top != answer.top {
+        return Err(SelfTestError::NotDeterministic {
+            first: format!("{:?}", answer.top),
+            second: format!("{:?}", again.top),
+        });
+    }
+    Ok((service, Checked::ShapeAndDeterminism))
 }
 
 /// Whether a module with these labels must recognise [`PHOTO`].
@@ -82,10 +123,15 @@ pub fn check_photo(answer: &GuestClassification, labels: &[String]) -> Result<()
     }
 }
 
-/// Checks that `answer` is a well-formed top-5 over `label_count` classes.
+/// Checks that `answer` is a well-formed top-5 over `label_count` classes (all of them, when
+/// there are fewer than 5).
 pub fn check(answer: &GuestClassification, label_count: usize) -> Result<(), SelfTestError> {
-    if answer.top.len() != 5 {
-        return Err(SelfTestError::ClassCount(answer.top.len()));
+    let wanted = label_count.min(5);
+    if answer.top.len() != wanted {
+        return Err(SelfTestError::ClassCount {
+            wanted,
+            got: answer.top.len(),
+        });
     }
     let mut sum = 0.0f32;
     let mut previous = f32::INFINITY;
@@ -173,11 +219,16 @@ mod tests {
         };
         assert!(check(&good, 1000).is_ok());
         assert_eq!(
-            check(&good, 3),
+            check(&good, 5),
             Err(SelfTestError::PastLabels {
-                index: 3,
-                labels: 3
+                index: 5,
+                labels: 5
             })
+        );
+        // A classifier of 3 classes answers all 3 when asked for 5.
+        assert_eq!(
+            check(&good, 3),
+            Err(SelfTestError::ClassCount { wanted: 3, got: 5 })
         );
         let unranked = GuestClassification {
             top: vec![
@@ -192,6 +243,38 @@ mod tests {
         assert!(matches!(
             check(&unranked, 1000),
             Err(SelfTestError::NotRanked(_))
+        ));
+    }
+
+    /// A classifier of three classes: every answer ranks the same three, so only the shape and
+    /// determinism can be checked, and `run_saying` says so; a model whose answers wander fails.
+    #[test]
+    fn a_classifier_of_other_classes_is_checked_for_shape_and_determinism() {
+        let score = |index, prob| GuestScore { index, prob };
+        let info = GuestInfo {
+            labels: vec!["red".into(), "green".into(), "blue".into()],
+            ..Default::default()
+        };
+        let steady = |_: &[u8], _: u32| {
+            Ok(GuestClassification {
+                top: vec![score(2, 0.5), score(0, 0.3), score(1, 0.2)],
+                ..Default::default()
+            })
+        };
+        let (_, checked) = run_saying(&mut { steady }, &info).expect("passes");
+        assert_eq!(checked, Checked::ShapeAndDeterminism);
+        let mut calls = 0u32;
+        let mut flipping = |_: &[u8], _: u32| {
+            calls += 1;
+            let (a, b) = if calls == 1 { (0, 1) } else { (1, 0) };
+            Ok(GuestClassification {
+                top: vec![score(a, 0.5), score(b, 0.3), score(2, 0.2)],
+                ..Default::default()
+            })
+        };
+        assert!(matches!(
+            run_saying(&mut flipping, &info),
+            Err(SelfTestError::NotDeterministic { .. })
         ));
     }
 }

@@ -10,7 +10,8 @@
 use crate::{
     CallError, Sandbox, EPOCH_TICK, MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES, MAX_TABLE_ELEMENTS,
 };
-use isomesh_protos::{guest_outcome::Outcome, GuestClassification, GuestInfo, GuestOutcome};
+use isomesh_protos::GuestOutcome;
+use isomesh_protos::{guest_outcome::Outcome, GuestClassification, GuestInfo, GuestModel};
 use prost::Message;
 use wasmtime::{Memory, Module, ResourceLimiter, Store, Trap, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -94,6 +95,8 @@ pub struct Instance {
     preprocess: Option<TypedFunc<(u32, u32), u64>>,
     /// Optional (`isomesh bench infer` only).
     profile: Option<TypedFunc<(u32, u32, u32), u64>>,
+    /// Optional: serving a model the module does not embed.
+    load_given_model: Option<TypedFunc<(u32, u32), u64>>,
     stderr: MemoryOutputPipe,
     call_ticks: u64,
 }
@@ -134,6 +137,9 @@ impl Instance {
                 .get_typed_func(&mut store, "isomesh_preprocess")
                 .ok(),
             profile: instance.get_typed_func(&mut store, "isomesh_profile").ok(),
+            load_given_model: instance
+                .get_typed_func(&mut store, "isomesh_load_model")
+                .ok(),
             store,
             memory,
             stderr,
@@ -175,6 +181,23 @@ impl Instance {
             .load
             .clone()
             .call(&mut self.store, ())
+            .map_err(|e| CallError::Trapped(self.describe_trap(e)))?;
+        self.outcome(packed).map(|_| ())
+    }
+
+    /// Builds `model`'s plan inside the guest, which serves it from then on in place of the model
+    /// it embeds. On an error the guest keeps serving what it served before.
+    pub fn serve_model(&mut self, model: &GuestModel) -> Result<(), CallError> {
+        let load = self.load_given_model.clone().ok_or_else(|| {
+            CallError::Trapped(
+                "the module cannot serve a model it does not embed (it exports no \
+                 `isomesh_load_model`): roll out a newer build of the classifier first"
+                    .into(),
+            )
+        })?;
+        let (ptr, len) = self.hand_in(&model.encode_to_vec())?;
+        let packed = load
+            .call(&mut self.store, (ptr, len))
             .map_err(|e| CallError::Trapped(self.describe_trap(e)))?;
         self.outcome(packed).map(|_| ())
     }
@@ -232,11 +255,11 @@ impl Instance {
         }))
     }
 
-    /// Copies `image` into a guest buffer, which the next call takes ownership of.
+    /// Copies `image` (or a model) into a guest buffer, which the next call takes ownership of.
     fn hand_in(&mut self, image: &[u8]) -> Result<(u32, u32), CallError> {
         self.arm();
         let len = u32::try_from(image.len())
-            .map_err(|_| CallError::Trapped("image larger than 4 GiB".into()))?;
+            .map_err(|_| CallError::Trapped("input larger than 4 GiB".into()))?;
         let ptr = self
             .alloc
             .clone()
@@ -244,13 +267,13 @@ impl Instance {
             .map_err(|e| CallError::Trapped(self.describe_trap(e)))?;
         if len > 0 && ptr == 0 {
             return Err(CallError::Trapped(format!(
-                "the module could not allocate {len} bytes for the image (memory limit {} MiB)",
+                "the module could not allocate {len} bytes for its input (memory limit {} MiB)",
                 self.store.data().limiter.limit >> 20
             )));
         }
         self.memory
             .write(&mut self.store, ptr as usize, image)
-            .map_err(|e| CallError::Trapped(format!("writing the image into guest memory: {e}")))?;
+            .map_err(|e| CallError::Trapped(format!("writing the input into guest memory: {e}")))?;
         Ok((ptr, len))
     }
 

@@ -20,7 +20,7 @@ pub use instance::Instance;
 pub use target::CrossCompiler;
 
 use isomesh_module::digest::is_wasm;
-use isomesh_protos::{GuestError, GuestInfo, ModuleRef, GUEST_ABI_VERSION};
+use isomesh_protos::{GuestError, GuestInfo, GuestModel, ModuleRef, GUEST_ABI_VERSION};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,6 +83,12 @@ pub enum LoadError {
     Abi { path: PathBuf, reason: String },
     #[error("module {path} failed its self-test: {reason}")]
     SelfTest { path: PathBuf, reason: String },
+    #[error("model {model_sha256} does not load in module {module}: {reason}")]
+    Model {
+        model_sha256: String,
+        module: String,
+        reason: String,
+    },
     #[error("creating the wasmtime engine: {0}")]
     Engine(String),
     #[error(transparent)]
@@ -129,11 +135,16 @@ pub struct LoadedModule {
     pub info: GuestInfo,
     /// The file it came from.
     pub path: PathBuf,
-    /// Whether compiled code came from the on-disk cache, and how long getting it took.
+    /// Whether compiled code came from the on-disk cache, and how long getting it took (for a
+    /// module serving a model handed in, [`Sandbox::load_with_model`]: reused, and how long
+    /// building and self-testing the model's plan took).
     pub compiled: CompileReport,
     /// How long the self-test's last classification took: the service-time estimate a node
     /// uses for offload decisions before it has run a job of its own.
     pub self_test_service: Duration,
+    /// The model every instance serves in place of the one the module embeds
+    /// ([`Sandbox::load_with_model`]); `None`: the embedded one.
+    pub model: Option<Arc<GuestModel>>,
     module: Module,
     /// Instances built ahead of time (the self-test's among them), handed to workers on a swap
     /// so the first jobs on a new module do not wait for an instance to be built.
@@ -332,7 +343,46 @@ impl Sandbox {
             path: path.to_owned(),
             compiled,
             self_test_service,
+            model: None,
             module,
+            warm: std::sync::Mutex::new(vec![probe]),
+        }))
+    }
+
+    /// The compiled code of `code` serving `model` instead of the model it embeds: no compile,
+    /// only the new model's plan built in a probe instance, which must pass `self_test` as a new
+    /// module does. `code` keeps serving meanwhile. `model.sha256` names the model from then on
+    /// (`info.model_sha256`); `info.labels` are the model's.
+    pub fn load_with_model<E: std::fmt::Display>(
+        &self,
+        code: &LoadedModule,
+        model: GuestModel,
+        self_test: impl FnOnce(&mut Instance, &GuestInfo) -> Result<Duration, E>,
+    ) -> Result<Arc<LoadedModule>, LoadError> {
+        let started = Instant::now();
+        let refused = |reason: String| LoadError::Model {
+            model_sha256: model.sha256.clone(),
+            module: code.label(),
+            reason,
+        };
+        let mut probe = Instance::new(self, &code.module).map_err(&refused)?;
+        probe
+            .serve_model(&model)
+            .map_err(|e| refused(e.to_string()))?;
+        let info = probe.info().map_err(&refused)?;
+        let self_test_service = self_test(&mut probe, &info)
+            .map_err(|e| refused(format!("its self-test failed: {e}")))?;
+        Ok(Arc::new(LoadedModule {
+            sha256: code.sha256.clone(),
+            info,
+            path: code.path.clone(),
+            compiled: CompileReport {
+                from_cache: true,
+                elapsed: started.elapsed(),
+            },
+            self_test_service,
+            model: Some(Arc::new(model)),
+            module: code.module.clone(),
             warm: std::sync::Mutex::new(vec![probe]),
         }))
     }
@@ -397,7 +447,10 @@ impl Sandbox {
     /// A fresh instance of `module`, with the model plan built and ready to classify.
     pub fn instantiate(&self, module: &LoadedModule) -> Result<Instance, CallError> {
         let mut instance = Instance::new(self, &module.module).map_err(CallError::Trapped)?;
-        instance.load_model()?;
+        match &module.model {
+            Some(model) => instance.serve_model(model)?,
+            None => instance.load_model()?,
+        }
         Ok(instance)
     }
 }

@@ -8,6 +8,7 @@ mod classify;
 mod lifecycle;
 mod metrics;
 mod mixed_isa;
+mod model;
 mod module_faults;
 mod offload;
 mod profile;
