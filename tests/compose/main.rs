@@ -620,15 +620,16 @@ async fn restart_a_device_under_load(mesh: &Mesh, name: &str) {
     );
 }
 
-/// A burst of 20 photos at d1, with a budget sized from d1's own measured service time: eight
-/// photos' worth. A node plans to finish within half the budget (`--plan-share`), so d1 keeps
-/// the first few (four photos' worth of plan, room for a compose camera job ahead of them and
-/// a margin for its deviation) but cannot run 20 arriving within a second, so it sends the
-/// rest up. (A fixed 500 ms budget broke on a day the machine ran at half speed: a
-/// 0.25-CPU device then averaged past the 250 ms it planned to and sent all 20 up.) Every job
-/// answered once, correctly; returns how many stayed on d1 and how many went up.
+/// A burst of 20 photos at d1, with a budget sized from d1's own measured service time
+/// ([`measured_service_ms`]): eight photos' worth. A node plans to finish within half the
+/// budget (`--plan-share`), so d1 keeps the first few (four photos' worth of plan, room for a
+/// compose camera job ahead of them and a margin for its deviation) but cannot run 20 arriving
+/// within a second, so it sends the rest up. (A fixed 500 ms budget broke on a day the
+/// machine ran at half speed: a 0.25-CPU device then averaged past the 250 ms it planned to
+/// and sent all 20 up.) Every job answered once, correctly; returns how many stayed on d1 and
+/// how many went up.
 async fn burst_at_d1(mesh: &Mesh, name: &str) -> (usize, usize) {
-    let service_ms = measured_service_ms(&mesh.metrics_addr("d1")).await;
+    let service_ms = measured_service_ms(mesh).await;
     let budget_ms = (8.0 * service_ms).ceil().max(500.0) as u32;
     eprintln!("{name}: d1 averages {service_ms:.0} ms a photo; burst budget {budget_ms} ms");
     let budget = budget_ms.to_string();
@@ -659,20 +660,30 @@ async fn burst_at_d1(mesh: &Mesh, name: &str) -> (usize, usize) {
     (stayed, went_up)
 }
 
-/// The node's moving-average service time (`isomesh_service_ewma_seconds`), in ms, once it has
-/// one: the compose camera sends every device a photo every 1.5 s.
-async fn measured_service_ms(addr: &str) -> f64 {
+/// d1's moving-average service time (`isomesh_service_ewma_seconds`), in ms, after it has run a
+/// job of its own: one photo with a budget of a minute, which no device sends up. (The compose
+/// camera's jobs cannot be relied on for it: with their 500 ms budget a slow machine's device
+/// sends every one of them up and runs none.)
+async fn measured_service_ms(mesh: &Mesh) -> f64 {
+    let addr = mesh.metrics_addr("d1");
+    let warm_up = Camera::start(
+        &mesh.broker_url(),
+        &["--node", "d1", "--count", "1", "--budget-ms", "60000"],
+    )
+    .finish();
+    warm_up.assert_exactly_one_correct_answer_each();
+    assert_eq!(warm_up.answered_by("d1"), 1, "{}", warm_up.summary);
     let within = Duration::from_secs(60);
     let deadline = Instant::now() + within;
     loop {
-        let text = metrics::scrape(addr).unwrap_or_else(|e| panic!("scraping {addr}: {e}"));
+        let text = metrics::scrape(&addr).unwrap_or_else(|e| panic!("scraping {addr}: {e}"));
         let seconds = metric(&text, "isomesh_service_ewma_seconds", &[]);
         if seconds > 0.0 {
             return seconds * 1000.0;
         }
         assert!(
             Instant::now() < deadline,
-            "{addr} ran no job of the compose camera within {within:?}"
+            "d1 answered a job but reports no service time within {within:?}:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
