@@ -584,7 +584,7 @@ const NOT_BUILT: &str =
 /// 35 ms per image). Apart, each keeps its own register state.
 #[cfg(feature = "native-baseline")]
 fn native_baseline(given: Option<&GuestModel>) -> anyhow::Result<Option<NativeRun>> {
-    use isomesh_guest::preprocess::{InputSpec, Layout as NativeLayout};
+    use isomesh_guest::preprocess::InputSpec;
     let (images, requests) = std::sync::mpsc::channel::<(Vec<u8>, Run)>();
     let (results, answers) = std::sync::mpsc::channel::<Result<NativeAnswer, String>>();
     let given = given.cloned();
@@ -593,19 +593,11 @@ fn native_baseline(given: Option<&GuestModel>) -> anyhow::Result<Option<NativeRu
         .spawn(move || {
             let loaded = match given {
                 None => isomesh_guest::Classifier::load(),
-                Some(model) => {
-                    let input = model.input.unwrap_or_default();
-                    let layout = match input.layout() {
-                        Layout::NchwF32Imagenet => NativeLayout::NchwF32ImageNet,
-                        Layout::NhwcU8 => NativeLayout::NhwcU8,
-                    };
-                    let side = input.side;
-                    isomesh_guest::Classifier::from_onnx(
-                        &model.onnx,
-                        model.labels,
-                        InputSpec { layout, side },
-                    )
-                }
+                Some(model) => isomesh_guest::Classifier::from_onnx(
+                    &model.onnx,
+                    model.labels,
+                    InputSpec::from_guest(model.input.as_ref()),
+                ),
             };
             let classifier = match loaded {
                 Ok(classifier) => classifier,

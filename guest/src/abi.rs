@@ -4,7 +4,7 @@
 
 use crate::preprocess::{self, InputSpec};
 use crate::{Classification, Classifier, Error, MODEL_SHA256, MODULE_NAME, MODULE_VERSION};
-use isomesh_protos::{guest_error::Kind, guest_input, guest_outcome::Outcome};
+use isomesh_protos::{guest_error::Kind, guest_outcome::Outcome};
 use isomesh_protos::{GuestClassification, GuestError, GuestInfo, GuestModel, GuestOpTime};
 use isomesh_protos::{GuestOutcome, GuestScore, GUEST_ABI_VERSION};
 use prost::Message;
@@ -116,15 +116,8 @@ pub unsafe extern "C" fn isomesh_load_model(ptr: *mut u8, len: u32) -> u64 {
 fn swap_in_model(bytes: &[u8]) -> Result<(), Error> {
     let model = GuestModel::decode(bytes)
         .map_err(|e| Error::Model(format!("the host sent a garbled GuestModel: {e}")))?;
-    let layout = match model.input.as_ref().map(|input| input.layout()) {
-        None | Some(guest_input::Layout::NchwF32Imagenet) => preprocess::Layout::NchwF32ImageNet,
-        Some(guest_input::Layout::NhwcU8) => preprocess::Layout::NhwcU8,
-    };
-    let side = match model.input.as_ref().map(|input| input.side) {
-        None | Some(0) => preprocess::INPUT_SIDE,
-        Some(side) => side,
-    };
-    let classifier = Classifier::from_onnx(&model.onnx, model.labels, InputSpec { layout, side })?;
+    let input = InputSpec::from_guest(model.input.as_ref());
+    let classifier = Classifier::from_onnx(&model.onnx, model.labels, input)?;
     let serving = Serving {
         classifier,
         model_sha256: model.sha256,

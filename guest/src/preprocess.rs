@@ -50,6 +50,26 @@ impl InputSpec {
         side: INPUT_SIDE,
     };
 
+    /// The input a `GuestInput` of the ABI describes: ImageNet's float32 channels first and a
+    /// side of 224 where it says nothing (no input, side 0).
+    pub fn from_guest(input: Option<&isomesh_protos::GuestInput>) -> InputSpec {
+        use isomesh_protos::guest_input::Layout as GuestLayout;
+        let Some(input) = input else {
+            return InputSpec::IMAGENET_224;
+        };
+        InputSpec {
+            layout: match input.layout() {
+                GuestLayout::NchwF32Imagenet => Layout::NchwF32ImageNet,
+                GuestLayout::NhwcU8 => Layout::NhwcU8,
+            },
+            side: if input.side == 0 {
+                INPUT_SIDE
+            } else {
+                input.side
+            },
+        }
+    }
+
     /// The tensor's shape, as the model declares its input.
     pub fn shape(&self) -> [usize; 4] {
         let side = self.side as usize;
@@ -238,6 +258,28 @@ mod tests {
             },
         );
         assert!(matches!(small, Ok(Input::U8(p)) if p.len() == 96 * 96 * 3));
+    }
+
+    #[test]
+    fn the_abi_input_says_layout_and_side_and_defaults_to_imagenet_224() {
+        use isomesh_protos::{guest_input, GuestInput};
+        assert_eq!(InputSpec::from_guest(None), InputSpec::IMAGENET_224);
+        let unsaid = GuestInput::default();
+        assert_eq!(
+            InputSpec::from_guest(Some(&unsaid)),
+            InputSpec::IMAGENET_224
+        );
+        let nhwc = GuestInput {
+            layout: guest_input::Layout::NhwcU8 as i32,
+            side: 96,
+        };
+        assert_eq!(
+            InputSpec::from_guest(Some(&nhwc)),
+            InputSpec {
+                layout: Layout::NhwcU8,
+                side: 96
+            }
+        );
     }
 
     #[test]
