@@ -20,7 +20,9 @@
 //! Mosquitto's file formats (one set of files serves both brokers), [`owner`] says which account
 //! owns a client id, [`publishing`] what a publish or a will may carry beyond the ACL (retained
 //! places, status tiers), and [`access`] enforces all of them through rmqtt's hooks; SIGHUP
-//! reloads the files. [`metrics`] serves the broker's Prometheus page on `--metrics-listen`. The
+//! reloads the files. [`session_rules`] puts back two MQTT 5 rules rmqtt leaves out (topic
+//! aliases from clients; no session expiry given by a DISCONNECT to a session that asked for
+//! none). [`metrics`] serves the broker's Prometheus page on `--metrics-listen`. The
 //! binary in `main.rs` only parses flags and calls these.
 
 pub mod access;
@@ -32,6 +34,7 @@ pub mod owner;
 pub mod passwords;
 pub mod publishing;
 mod server;
+pub mod session_rules;
 
 pub use config::BrokerConfig;
 pub use server::run;

@@ -103,6 +103,7 @@ pub async fn run(
         .plugins_config_map_add(SHARED_SUBSCRIPTION, SHARED_SUBSCRIPTION_CONFIG)
         .build()
         .await;
+    *scx.extends.fitter_mgr_mut().await = Box::new(crate::session_rules::StandardFitterManager);
     rmqtt_plugins::retainer::register(&scx, true, false)
         .await
         .map_err(|e| BrokerError::Plugin {
@@ -210,6 +211,7 @@ fn limits(config: &BrokerConfig, secured: bool, builder: Builder) -> Builder {
         .max_inflight(NonZeroU16::new(config.max_inflight.max(1)).unwrap_or(NonZeroU16::MIN))
         .max_mqueue_len(config.max_queue)
         .message_expiry_interval(config.message_expiry())
+        .max_topic_aliases(crate::session_rules::TOPIC_ALIASES)
         .allow_zero_keepalive(true)
         .allow_anonymous(config.allow_anonymous && !secured)
         // Replies and job hand-offs are small packets: do not let Nagle hold them back.

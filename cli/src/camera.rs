@@ -39,7 +39,8 @@ use tokio::time::Instant;
 pub struct CameraArgs {
     /// Folder of JPEG/PNG photos, sent in name order, round and round.
     pub dir: PathBuf,
-    /// Broker URL.
+    /// Broker URL, or the members of a clustered broker: URL,URL,... (the camera moves to the
+    /// next when its member goes).
     #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
     /// Send to these nodes in turn (repeat the flag or separate ids with commas).
@@ -126,36 +127,59 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() % 1_000_000_000)
         .unwrap_or_default();
-    let broker = isomesh_mqtt::login::BrokerAddress::parse(&args.broker)?;
-    let mut options = broker.options(&id, &isomesh_mqtt::login::Login::from_env(), None)?;
-    options
-        .set_keep_alive(Duration::from_secs(10))
-        .set_max_packet_size(Some(256 << 20))
-        // Answers published while the camera reconnects wait in its session.
-        .set_clean_start(false)
-        .set_session_expiry_interval(Some(3600));
+    let members = isomesh_mqtt::login::BrokerAddress::parse_members(&args.broker)?;
+    let mut member_options = Vec::with_capacity(members.len());
+    for member in &members {
+        let mut options = member.options(&id, &isomesh_mqtt::login::Login::from_env(), None)?;
+        options
+            .set_keep_alive(Duration::from_secs(10))
+            .set_max_packet_size(Some(256 << 20))
+            // Answers published while the camera reconnects wait in its session.
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(3600));
+        member_options.push(options);
+    }
     // Room for every job sent while the broker is away: they go out once it is back.
-    let (client, mut eventloop) = AsyncClient::new(options, 4096);
-    let first = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(e),
+    let (client, mut eventloop) = AsyncClient::new(member_options[0].clone(), 4096);
+    // The first member that accepts; the link starts from it and moves on from there.
+    let mut failures = Vec::new();
+    let mut members_shown: Vec<String> = members.iter().map(|m| m.display()).collect();
+    for (index, member) in members.iter().enumerate() {
+        eventloop.options = member_options[index].clone();
+        let first = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
             }
+        })
+        .await;
+        match first {
+            Ok(Ok(())) => {
+                member_options.rotate_left(index);
+                members_shown.rotate_left(index);
+                break;
+            }
+            Ok(Err(e)) => failures.push(format!(
+                "cannot connect to the broker at {}: {e}",
+                member.display()
+            )),
+            Err(_) => failures.push(format!(
+                "no answer from the broker at {} within 10 s",
+                member.display()
+            )),
         }
-    })
-    .await;
-    match first {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => anyhow::bail!("cannot connect to the broker at {}: {e}", args.broker),
-        Err(_) => anyhow::bail!("no answer from the broker at {} within 10 s", args.broker),
+    }
+    if failures.len() == members.len() {
+        anyhow::bail!("{}", failures.join("\n"));
     }
     client.try_subscribe(reply_to.clone(), QoS::AtLeastOnce)?;
     client.try_subscribe(topics.all_status(), QoS::AtMostOnce)?;
     // From here the connection is polled by a task of its own: the shutter's ticks below
     // would otherwise cancel a reconnection half-way (isomesh_mqtt::link).
-    let mut link = isomesh_mqtt::link::Link::spawn(eventloop);
+    let mut link = isomesh_mqtt::link::Link::spawn_members(eventloop, member_options);
     // Nodes heard online with a module, by id and tier.
     let mut serving: HashMap<String, Tier> = HashMap::new();
     let is_ready = |serving: &HashMap<String, Tier>| match args.tier {
@@ -240,7 +264,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                     let wait = Duration::from_secs(args.ask_again_after_s);
                     let now = Instant::now();
                     ask_again = Some((now + wait, now + wait / 2));
-                    eprintln!("isomesh camera: reconnected to {}", args.broker);
+                    eprintln!("isomesh camera: reconnected to {}", members_shown.get(link.member()).map_or("", String::as_str));
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();

@@ -20,7 +20,7 @@ pub struct ClassifyArgs {
     /// JPEG or PNG files.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
-    /// Broker URL.
+    /// Broker URL, or the members of a clustered broker: URL,URL,... (the first that answers).
     #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
     /// Send to this node.

@@ -94,7 +94,7 @@ pub struct RolloutArgs {
     /// How long --wait waits, s.
     #[arg(long, default_value_t = 300)]
     pub timeout_s: u64,
-    /// Broker URL.
+    /// Broker URL, or the members of a clustered broker: URL,URL,... (the first that answers).
     #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
     /// Topic prefix of the mesh.

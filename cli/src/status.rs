@@ -32,7 +32,7 @@ const REDRAW: Duration = Duration::from_secs(2);
 /// Show the nodes of the mesh.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// Broker URL.
+    /// Broker URL, or the members of a clustered broker: URL,URL,... (the first that answers).
     #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
     /// Keep the table live, redrawing every 2 s.

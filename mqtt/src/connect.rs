@@ -14,10 +14,14 @@ pub fn client_id(command: &str) -> String {
 
 /// A unique client id for one run of the tool against `broker`: owned by the username that
 /// will log in (the URL's, else `$ISOMESH_USERNAME`), as isomesh-broker requires (a client id
-/// belongs to one account: `{username}:...`). The replies topic `isomesh/replies/{client id}`
+/// belongs to one account: `{username}:...`). With a list of members, the first one's
+/// username counts (a cluster's members share their accounts). The replies topic `isomesh/replies/{client id}`
 /// is then readable through deploy/acl.conf's `pattern read isomesh/replies/%c`.
 pub fn client_id_at(broker: &str, command: &str) -> String {
-    let from_url = BrokerAddress::parse(broker).ok().and_then(|a| a.username);
+    let from_url = BrokerAddress::parse_members(broker)
+        .ok()
+        .and_then(|members| members.into_iter().next())
+        .and_then(|a| a.username);
     let username = from_url.or(Login::from_env().username);
     client_id_as(username.as_deref(), command)
 }
@@ -36,10 +40,37 @@ pub fn client_id_as(username: Option<&str>, command: &str) -> String {
     }
 }
 
-/// Connects a clean-session MQTT 5 client and waits for the broker's CONNACK.
+/// Connects a clean-session MQTT 5 client and waits for the broker's CONNACK. `broker` may
+/// list the members of a clustered broker (`URL,URL,...`): they are tried in turn, and the
+/// first that accepts is used.
 pub async fn connect(broker: &str, id: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
-    let address = BrokerAddress::parse(broker)?;
-    let mut options = address.options(id, &Login::from_env(), None)?;
+    let members = BrokerAddress::parse_members(broker)?;
+    let mut failures = Vec::new();
+    for address in &members {
+        match connect_to(address, id).await {
+            Ok(connected) => return Ok(connected),
+            Err(e) => failures.push(e),
+        }
+    }
+    match (members.as_slice(), failures.len()) {
+        ([address], 1) => anyhow::bail!(
+            "{}\nIs it running (`isomesh-broker --listen {}:{}`)? If it asks for a login, give one in the URL (mqtt://USER:PASSWORD@HOST:PORT) or in $ISOMESH_USERNAME and $ISOMESH_PASSWORD.",
+            failures[0],
+            address.host,
+            address.port
+        ),
+        _ => anyhow::bail!(
+            "no member of the broker accepted a connection:\n  {}\nAre they running? If they ask for a login, give one in the URLs or in $ISOMESH_USERNAME and $ISOMESH_PASSWORD.",
+            failures.join("\n  ")
+        ),
+    }
+}
+
+/// One member: connected, or why not in a sentence.
+async fn connect_to(address: &BrokerAddress, id: &str) -> Result<(AsyncClient, EventLoop), String> {
+    let mut options = address
+        .options(id, &Login::from_env(), None)
+        .map_err(|e| e.to_string())?;
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(256 << 20));
@@ -55,16 +86,14 @@ pub async fn connect(broker: &str, id: &str) -> anyhow::Result<(AsyncClient, Eve
     };
     match tokio::time::timeout(Duration::from_secs(10), connected).await {
         Ok(Ok(())) => Ok((client, eventloop)),
-        Ok(Err(e)) => anyhow::bail!(
-            "cannot connect to the broker at {}: {e}\nIs it running (`isomesh-broker --listen {}:{}`)? If it asks for a login, give one in the URL (mqtt://USER:PASSWORD@HOST:PORT) or in $ISOMESH_USERNAME and $ISOMESH_PASSWORD.",
-            address.display(),
-            address.host,
-            address.port
-        ),
-        Err(_) => anyhow::bail!(
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to the broker at {}: {e}",
+            address.display()
+        )),
+        Err(_) => Err(format!(
             "no answer from the broker at {} within 10 s",
             address.display()
-        ),
+        )),
     }
 }
 

@@ -5,8 +5,10 @@
 //!   credentials and certificates that go with it, made into rumqttc options;
 //! - [`link`]: a connection polled by a task of its own, so a caller's `select!` can never drop
 //!   a connection half-way through its CONNECT;
+//! - [`failover`]: which member of a broker cluster to connect to next, and when;
 //! - [`connect`]: a short-lived client of the `isomesh` tool, connected or a clear error.
 
 pub mod connect;
+pub mod failover;
 pub mod link;
 pub mod login;

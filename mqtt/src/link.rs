@@ -12,8 +12,17 @@
 //! will not change), and hands every event over a channel, whose receiving end is cancel-safe.
 //! [`Link::close`] ends it the way the broker needs: what is in flight acknowledged first, then
 //! the DISCONNECT, flushed.
+//!
+//! Given the members of a broker cluster ([`Link::spawn_members`]), the task also moves to the
+//! next member when its own cannot be reached, as [`crate::failover::Rotation`] decides: the
+//! event loop's options are swapped before it connects again, so the client, its requests and
+//! its session settings stay the same.
 
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
+use crate::failover::{Failure, Rotation};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,6 +44,8 @@ pub struct Link {
     events: mpsc::Receiver<Polled>,
     close: Option<oneshot::Sender<Close>>,
     task: tokio::task::JoinHandle<()>,
+    /// The member the task connects to (an index into the members given).
+    member: Arc<AtomicUsize>,
 }
 
 /// How to end the connection.
@@ -47,14 +58,36 @@ struct Close {
 impl Link {
     /// Starts polling `eventloop` (connecting as needed) in a task of the current runtime.
     pub fn spawn(eventloop: EventLoop) -> Link {
+        Link::spawn_members(eventloop, Vec::new())
+    }
+
+    /// The same, for a broker of several members: `members` holds each member's options, the
+    /// first being those `eventloop` was made with; the task moves between them as
+    /// [`Rotation`] says. With fewer than two it stays with the event loop's broker.
+    pub fn spawn_members(eventloop: EventLoop, members: Vec<MqttOptions>) -> Link {
         let (events_tx, events) = mpsc::channel(AHEAD);
         let (close_tx, close_rx) = oneshot::channel();
-        let task = tokio::spawn(pump(eventloop, events_tx, close_rx));
+        let member = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(pump(
+            eventloop,
+            members,
+            member.clone(),
+            events_tx,
+            close_rx,
+        ));
         Link {
             events,
             close: Some(close_tx),
             task,
+            member,
         }
+    }
+
+    /// The member connected to or being connected to: an index into the members given to
+    /// [`Link::spawn_members`] (0 with one broker). Read with an event, it names the member
+    /// that event came from, unless the task moved on since.
+    pub fn member(&self) -> usize {
+        self.member.load(Ordering::Relaxed)
     }
 
     /// The next event or connection error. Cancel-safe: a `select!` may drop it freely.
@@ -86,12 +119,16 @@ impl Drop for Link {
     }
 }
 
-/// The task: poll, hand over, pause after errors, until told to close.
+/// The task: poll, hand over, pause after errors (moving to another member when there are
+/// several), until told to close.
 async fn pump(
     mut eventloop: EventLoop,
+    members: Vec<MqttOptions>,
+    member: Arc<AtomicUsize>,
     events: mpsc::Sender<Polled>,
     mut close: oneshot::Receiver<Close>,
 ) {
+    let mut rotation = Rotation::new(members.len(), PAUSE_AFTER_ERROR, PAUSE_AFTER_REFUSAL);
     loop {
         // A poll is never dropped half-way; only a close request ends the wait for it, and a
         // connection closed then is being closed anyway.
@@ -101,9 +138,27 @@ async fn pump(
             polled = eventloop.poll() => polled,
         };
         let pause = match &polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                rotation.connected();
+                None
+            }
             Ok(_) => None,
-            Err(ConnectionError::ConnectionRefused(_)) => Some(PAUSE_AFTER_REFUSAL),
-            Err(_) => Some(PAUSE_AFTER_ERROR),
+            Err(e) => {
+                let failure = match e {
+                    ConnectionError::ConnectionRefused(_) => Failure::Refused,
+                    _ => Failure::Lost,
+                };
+                let next = rotation.failed(failure);
+                if next.moved {
+                    if let Some(options) = members.get(next.member) {
+                        let (host, port) = options.broker_address();
+                        tracing::warn!(member = next.member + 1, %host, port, error = %e, "moving to the next broker member");
+                        eventloop.options = options.clone();
+                        member.store(next.member, Ordering::Relaxed);
+                    }
+                }
+                (!next.pause.is_zero()).then_some(next.pause)
+            }
         };
         tokio::select! {
             biased;

@@ -7,6 +7,11 @@
 //! way to keep a password off command lines). TLS trusts the CA certificates of `--ca-file`
 //! (`$ISOMESH_CA_FILE`) and presents `--cert-file`/`--key-file` (`$ISOMESH_CERT_FILE`,
 //! `$ISOMESH_KEY_FILE`) when the broker asks for a client certificate.
+//!
+//! Several URLs separated by commas name the members of one clustered broker
+//! ([`BrokerAddress::parse_members`]): a client connects to the first and moves to the next when
+//! its member goes ([`crate::failover`]). A password with a comma in it cannot go in such a
+//! list; give it in `--password` or `$ISOMESH_PASSWORD`.
 
 use rumqttc::v5::MqttOptions;
 use rustls::pki_types::pem::PemObject;
@@ -26,6 +31,9 @@ pub enum LoginError {
     BadPort(String),
     #[error("no host in broker URL {0:?}: {USAGE}")]
     NoHost(String),
+    /// A list of members with nothing between two commas.
+    #[error("empty member {position} in the broker list {list:?}: separate members' URLs with one comma")]
+    EmptyMember { position: usize, list: String },
     /// The TLS files are missing, unreadable or do not fit together.
     #[error("{0}")]
     Tls(String),
@@ -115,6 +123,24 @@ impl BrokerAddress {
         })
     }
 
+    /// The members of a broker given as a comma-separated list of URLs (one URL is a broker of
+    /// one member). An error names the member at fault.
+    pub fn parse_members(list: &str) -> Result<Vec<BrokerAddress>, LoginError> {
+        list.split(',')
+            .map(str::trim)
+            .enumerate()
+            .map(|(index, url)| {
+                if url.is_empty() {
+                    return Err(LoginError::EmptyMember {
+                        position: index + 1,
+                        list: redact_list(list),
+                    });
+                }
+                BrokerAddress::parse(url)
+            })
+            .collect()
+    }
+
     /// The URL without its password, for logs and error messages.
     pub fn display(&self) -> String {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
@@ -153,6 +179,18 @@ impl BrokerAddress {
         }
         Ok(options)
     }
+}
+
+/// A broker URL or list of members fit for logs: each member without its password (as given
+/// when it does not parse).
+pub fn redact_list(list: &str) -> String {
+    list.split(',')
+        .map(|url| {
+            BrokerAddress::parse(url.trim())
+                .map_or_else(|_| url.trim().to_string(), |a| a.display())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A TLS client configuration that trusts `login.ca_file` and presents its certificate, if any.
@@ -233,6 +271,30 @@ mod tests {
         assert_eq!(
             BrokerAddress::parse("mqtt://:1883"),
             Err(LoginError::NoHost("mqtt://:1883".into()))
+        );
+    }
+
+    #[test]
+    fn a_list_of_members_parses_each_and_names_the_one_at_fault() {
+        let members = BrokerAddress::parse_members("mqtt://a:1883, mqtt://n1:pw@b:1884,c").unwrap();
+        let hosts: Vec<(&str, u16)> = members.iter().map(|m| (m.host.as_str(), m.port)).collect();
+        assert_eq!(hosts, [("a", 1883), ("b", 1884), ("c", 1883)]);
+        assert_eq!(members[1].password.as_deref(), Some("pw"));
+        assert_eq!(BrokerAddress::parse_members("mqtt://a").unwrap().len(), 1);
+        assert_eq!(
+            BrokerAddress::parse_members("mqtt://u:secret@a,,b"),
+            Err(LoginError::EmptyMember {
+                position: 2,
+                list: "mqtt://u@a:1883,,mqtt://b:1883".into()
+            })
+        );
+        assert_eq!(
+            BrokerAddress::parse_members("mqtt://a,mqtt://b:x"),
+            Err(LoginError::BadPort("mqtt://b:x".into()))
+        );
+        assert_eq!(
+            redact_list("mqtt://u:secret@a:1,mqtts://b"),
+            "mqtt://u@a:1,mqtts://b:8883"
         );
     }
 }

@@ -30,7 +30,8 @@ pub struct NodeConfig {
     #[arg(long, env = "ISOMESH_TIER", value_parser = parse_tier)]
     pub tier: Tier,
 
-    /// Broker URL, mqtt://HOST:PORT.
+    /// Broker URL, mqtt://HOST:PORT; or the members of a clustered broker, URL,URL,...: the node
+    /// connects to the first and moves to the next when its member cannot be reached.
     #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
 

@@ -10,7 +10,7 @@
 use crate::config::NodeConfig;
 use crate::event_loop::{self, LoopSettings};
 use crate::executor::RolloutExecutor;
-use crate::jobs::{InFlight, JobContext, JobSettings};
+use crate::jobs::{InFlight, JobContext, JobSettings, Sessions};
 use crate::manager::ModuleManager;
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
@@ -114,7 +114,7 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    let broker = BrokerAddress::parse(&config.broker)?;
+    let members = BrokerAddress::parse_members(&config.broker)?;
     let store = ModuleStore::open(&config.modules).map_err(|source| NodeError::ModuleDir {
         path: config.modules.clone(),
         source,
@@ -188,7 +188,12 @@ pub async fn run(
         allow_unsigned: config.allow_unsigned,
         ..sandbox.limits()
     };
-    let (client, eventloop) = AsyncClient::new(mqtt_options(&config, &topics, &broker)?, 256);
+    // One set of options per member of the broker (usually one); the link moves between them.
+    let member_options = members
+        .iter()
+        .map(|member| mqtt_options(&config, &topics, member))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (client, eventloop) = AsyncClient::new(member_options[0].clone(), 256);
     let agent = RolloutAgent::new(
         AgentConfig {
             node: config.id.clone(),
@@ -228,7 +233,8 @@ pub async fn run(
         published: std::cell::Cell::new(Instant::now()),
     };
     let settings = LoopSettings {
-        broker: config.broker.clone(),
+        members: members.iter().map(BrokerAddress::display).collect(),
+        member_options,
         status_interval_s: config.status_interval_s,
     };
     let ctx = Arc::new(JobContext {
@@ -240,6 +246,7 @@ pub async fn run(
         relay,
         answered: Answered::default(),
         in_flight: InFlight::default(),
+        sessions: Sessions::default(),
         metrics,
         settings: JobSettings {
             budget_ms: config.budget_ms,

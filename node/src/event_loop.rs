@@ -22,11 +22,10 @@ use isomesh_mesh::recent::RecentIds;
 use isomesh_mesh::request::JobIds;
 use isomesh_module::agent::Event as RolloutEvent;
 use isomesh_mqtt::link::Link;
-use isomesh_mqtt::login::BrokerAddress;
 use isomesh_sandbox::LoadedModule;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{Event, EventLoop};
+use rumqttc::v5::{Event, EventLoop, MqttOptions};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,8 +36,10 @@ const ROLLOUT_TICK: Duration = Duration::from_millis(250);
 
 /// What the loop needs besides the job pipeline.
 pub struct LoopSettings {
-    /// The broker URL, for logs (its password is never printed).
-    pub broker: String,
+    /// The broker's members (usually one), for logs: their URLs without passwords.
+    pub members: Vec<String>,
+    /// The options to connect to each member with, in the same order.
+    pub member_options: Vec<MqttOptions>,
     pub status_interval_s: u64,
 }
 
@@ -52,9 +53,9 @@ pub async fn run(
     mut started: tokio::sync::oneshot::Receiver<Option<Arc<LoadedModule>>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let broker = redacted(&settings.broker);
     tokio::pin!(shutdown);
-    let mut link = Link::spawn(eventloop);
+    let members = settings.members;
+    let mut link = Link::spawn_members(eventloop, settings.member_options);
     let ids = JobIds::new(&ctx.responder.node);
     let mut recent = RecentIds::default();
     let mut peers = Peers::new(Duration::from_secs(
@@ -111,6 +112,7 @@ pub async fn run(
                 rollouts.handle(RolloutEvent::InstallFailed { module, reason });
             }
             Some(event) = link.next() => {
+                let broker = members.get(link.member()).map_or("", String::as_str);
                 if event.is_err() {
                     // What `/readyz` and `isomesh_broker_connected` say until the next CONNACK.
                     ctx.metrics.link_down();
@@ -119,7 +121,10 @@ pub async fn run(
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         tracing::info!(broker = %broker, session_present = ack.session_present, "connected");
-                        ctx.metrics.link_up();
+                        if !ack.session_present {
+                            ctx.sessions.renew();
+                        }
+                        ctx.metrics.link_up(link.member());
                         connected = true;
                         if !draining {
                             subscribe(&ctx, addressed_here(&ctx));
@@ -163,16 +168,17 @@ pub async fn run(
                             rollouts.handle(RolloutEvent::Publish { topic: &topic, payload: &publish.payload });
                             continue;
                         }
-                        match jobs::accept(&ctx, &ids, &mut recent, &peers, &publish) {
+                        let message = jobs::JobMessage { publish, session: ctx.sessions.current() };
+                        match jobs::accept(&ctx, &ids, &mut recent, &peers, &message) {
                             Taken::Serve(accepted) => {
-                                tasks.spawn(jobs::serve(ctx.clone(), accepted, publish));
+                                tasks.spawn(jobs::serve(ctx.clone(), accepted, message));
                             }
                             Taken::Answer(answer) => {
-                                tasks.spawn(jobs::answer_now(ctx.clone(), answer, publish));
+                                tasks.spawn(jobs::answer_now(ctx.clone(), answer, message));
                             }
                             Taken::HeldWithRunningJob => {}
                             Taken::AlreadyAnswered => {
-                                let _ = ctx.client.try_ack(&publish);
+                                let _ = ctx.client.try_ack(&message.publish);
                             }
                         }
                     }
@@ -181,13 +187,13 @@ pub async fn run(
                     Err(rumqttc::v5::ConnectionError::ConnectionRefused(
                         code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
                     )) => {
-                        tracing::error!(broker = %broker, ?code, "the broker refused this node's login: check --username/--password ($ISOMESH_USERNAME/$ISOMESH_PASSWORD) against the broker's password file; retrying in 5 s");
+                        tracing::error!(?members, ?code, "the broker refused this node's login: check --username/--password ($ISOMESH_USERNAME/$ISOMESH_PASSWORD) against the broker's password file; trying again in 5 s (at once on another member)");
                     }
                     Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
-                        tracing::error!(broker = %broker, ?code, "the broker refused this node's connection; retrying in 5 s");
+                        tracing::error!(?members, ?code, "the broker refused this node's connection; trying again in 5 s (at once on another member)");
                     }
                     Err(e) => {
-                        tracing::warn!(broker = %broker, error = %e, "broker connection lost; retrying in 1 s");
+                        tracing::warn!(error = %e, "broker connection lost; connecting again");
                     }
                 }
             }
@@ -234,9 +240,4 @@ fn once_started(ctx: &JobContext) -> Vec<(String, QoS)> {
         ),
         (ctx.topics.all_manifests(), QoS::AtLeastOnce),
     ]
-}
-
-/// A broker URL fit for logs: without its password.
-fn redacted(url: &str) -> String {
-    BrokerAddress::parse(url).map_or_else(|_| url.to_string(), |a| a.display())
 }

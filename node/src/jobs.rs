@@ -54,6 +54,8 @@ pub struct JobContext {
     pub answered: Answered,
     /// Jobs taken and not answered yet, with the copies of them that arrived meanwhile.
     pub in_flight: InFlight,
+    /// The broker session job messages arrive in.
+    pub sessions: Sessions,
     /// Counters served on `--metrics-listen`.
     pub metrics: Arc<Metrics>,
     pub settings: JobSettings,
@@ -76,14 +78,58 @@ pub struct JobSettings {
     pub offload_grace: Duration,
 }
 
+/// A job message as it arrived, with the broker session it arrived in: its acknowledgement
+/// means something only in that session. After the node moves to a broker (a cluster's other
+/// member, or one restarted without persistence) that does not have its session, a PUBACK with
+/// the old packet id would acknowledge whatever the new session numbered so, maybe a job not
+/// yet answered. The job is still answered; the sender, who owns it end to end, is the one who
+/// asks again for what that broker lost.
+#[derive(Debug, Clone)]
+pub struct JobMessage {
+    pub publish: Publish,
+    pub session: u64,
+}
+
+/// The broker sessions this node has had: a new number each time the broker starts one afresh
+/// (a CONNACK without `session_present`).
+#[derive(Default)]
+pub struct Sessions(std::sync::atomic::AtomicU64);
+
+impl Sessions {
+    /// The session messages arrive in now.
+    pub fn current(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The broker started a new session: messages of the earlier ones are not to be
+    /// acknowledged any more.
+    pub fn renew(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Acknowledges `message` if its session is still the broker's.
+async fn ack(ctx: &JobContext, message: &JobMessage) {
+    if message.session != ctx.sessions.current() {
+        tracing::info!(
+            pkid = message.publish.pkid,
+            "not acknowledging a job of an earlier broker session (the broker now holds a new one)"
+        );
+        return;
+    }
+    if let Err(e) = ctx.client.ack(&message.publish).await {
+        tracing::warn!(error = %e, "cannot acknowledge a job message");
+    }
+}
+
 /// Jobs taken and not answered yet, by [`Request::key`], each with the redelivered copies of it
 /// that arrived meanwhile: those are acknowledged together with the job, once it is answered,
 /// so a node that dies first leaves them all to the broker.
 #[derive(Default)]
-pub struct InFlight(Mutex<HashMap<String, Vec<Publish>>>);
+pub struct InFlight(Mutex<HashMap<String, Vec<JobMessage>>>);
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Publish>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<JobMessage>>> {
         // Each operation is one call on the map: a panicking holder leaves it consistent.
         self.0
             .lock()
@@ -95,7 +141,7 @@ impl InFlight {
     }
 
     /// Holds `copy` back if its job is still running; `false` if it is not.
-    fn hold_copy(&self, key: &str, copy: &Publish) -> bool {
+    fn hold_copy(&self, key: &str, copy: &JobMessage) -> bool {
         match self.lock().get_mut(key) {
             Some(copies) => {
                 copies.push(copy.clone());
@@ -106,7 +152,7 @@ impl InFlight {
     }
 
     /// The job is answered: the copies held back, to acknowledge.
-    fn finish(&self, key: &str) -> Vec<Publish> {
+    fn finish(&self, key: &str) -> Vec<JobMessage> {
         self.lock().remove(key).unwrap_or_default()
     }
 }
@@ -189,9 +235,10 @@ pub fn accept(
     ids: &JobIds,
     recent: &mut RecentIds,
     peers: &Peers,
-    publish: &Publish,
+    message: &JobMessage,
 ) -> Taken {
     let at = Instant::now();
+    let publish = &message.publish;
     let topic = String::from_utf8_lossy(&publish.topic);
     let node = &ctx.responder.node;
     let props = publish.properties.as_ref();
@@ -220,7 +267,7 @@ pub fn accept(
     };
     let key = request.key();
     if !recent.insert(&key) {
-        if ctx.in_flight.hold_copy(&key, publish) {
+        if ctx.in_flight.hold_copy(&key, message) {
             tracing::info!(job_id = %request.job.job_id, "another copy of a job running here; acknowledged with its answer");
             return Taken::HeldWithRunningJob;
         }
@@ -340,21 +387,19 @@ fn reject(ctx: &JobContext, request: Request, key: String, message: String) -> T
 }
 
 /// Publishes an answer given without running anything, then acknowledges the message.
-pub async fn answer_now(ctx: Arc<JobContext>, answer: Box<Answer>, publish: Publish) {
+pub async fn answer_now(ctx: Arc<JobContext>, answer: Box<Answer>, message: JobMessage) {
     let Answer { reply, result, key } = *answer;
     publish_reply(&ctx.client, &reply, &result).await;
     ctx.metrics.answered(&result);
     if let Some(key) = key {
         ctx.answered.insert(&key, &result);
     }
-    if let Err(e) = ctx.client.ack(&publish).await {
-        tracing::warn!(error = %e, "cannot acknowledge a job message");
-    }
+    ack(&ctx, &message).await;
 }
 
 /// Runs one request to its single answer, here or above, then acknowledges the message that
 /// carried it (and the copies of it that arrived meanwhile).
-pub async fn serve(ctx: Arc<JobContext>, accepted: Box<Accepted>, publish: Publish) {
+pub async fn serve(ctx: Arc<JobContext>, accepted: Box<Accepted>, message: JobMessage) {
     let Accepted {
         request,
         key,
@@ -387,10 +432,8 @@ pub async fn serve(ctx: Arc<JobContext>, accepted: Box<Accepted>, publish: Publi
     ctx.metrics.answered(&result);
     // Remembered before the copies are let go, so a copy arriving in between finds the answer.
     ctx.answered.insert(&key, &result);
-    for message in ctx.in_flight.finish(&key).iter().chain([&publish]) {
-        if let Err(e) = ctx.client.ack(message).await {
-            tracing::warn!(error = %e, "cannot acknowledge a job message");
-        }
+    for copy in ctx.in_flight.finish(&key).iter().chain([&message]) {
+        ack(&ctx, copy).await;
     }
 }
 

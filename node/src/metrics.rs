@@ -27,7 +27,8 @@
 //! - `isomesh_broker_connected` (1 while connected) and `isomesh_broker_connects_total` (every
 //!   CONNACK: more than 1 means the node lost its broker and came back), set by the MQTT loop
 //!   ([`Metrics::link_up`], [`Metrics::link_down`]), which also says when it starts to drain
-//!   ([`Metrics::draining`]).
+//!   ([`Metrics::draining`]); with several `--broker` members, `isomesh_broker_member` (which
+//!   one, 1 for the first) and `isomesh_broker_member_changes_total` (fail-overs).
 //!
 //! The node's MQTT loop holds the [`Metrics`] handle and calls the counters; everything else
 //! is read when a scrape comes, so the hot path costs a few atomic adds. The HTTP side is
@@ -40,7 +41,7 @@ use isomesh_mesh::offload::Reason;
 use isomesh_mesh::relay::Relay;
 use isomesh_protos::{hop, JobResult, Tier};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -80,6 +81,10 @@ pub struct Metrics {
     connected: AtomicBool,
     /// CONNACKs received.
     connects: AtomicU64,
+    /// The `--broker` member of the last CONNACK, counted from 1; 0 before the first.
+    member: AtomicUsize,
+    /// CONNACKs from another member than the one before.
+    member_changes: AtomicU64,
     /// Set once the node starts to shut down: it answers what it holds and takes nothing new.
     draining: AtomicBool,
 }
@@ -106,14 +111,20 @@ impl Metrics {
             placements: Default::default(),
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
+            member: AtomicUsize::new(0),
+            member_changes: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         }
     }
 
-    /// The broker accepted the connection (a CONNACK).
-    pub fn link_up(&self) {
+    /// The broker accepted the connection (a CONNACK), member `member` of `--broker` (from 0).
+    pub fn link_up(&self, member: usize) {
         self.connected.store(true, Ordering::Relaxed);
         self.connects.fetch_add(1, Ordering::Relaxed);
+        let before = self.member.swap(member + 1, Ordering::Relaxed);
+        if before != 0 && before != member + 1 {
+            self.member_changes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The connection failed or was lost; the MQTT loop connects again by itself.
@@ -353,6 +364,28 @@ impl Metrics {
             out,
             "isomesh_broker_connects_total {}",
             self.connects.load(Ordering::Relaxed)
+        )?;
+        header(
+            out,
+            "isomesh_broker_member",
+            "gauge",
+            "Which --broker member the node connected to last (1 for the first; 0 before any).",
+        )?;
+        writeln!(
+            out,
+            "isomesh_broker_member {}",
+            self.member.load(Ordering::Relaxed)
+        )?;
+        header(
+            out,
+            "isomesh_broker_member_changes_total",
+            "counter",
+            "Connections to another --broker member than the one before: fail-overs.",
+        )?;
+        writeln!(
+            out,
+            "isomesh_broker_member_changes_total {}",
+            self.member_changes.load(Ordering::Relaxed)
         )
     }
 }
@@ -611,7 +644,7 @@ mod tests {
             why.contains("no self-tested module") && why.contains("not connected"),
             "{why}"
         );
-        m.link_up();
+        m.link_up(0);
         let why = m.readiness().expect_err("still no module");
         assert!(!why.contains("not connected"), "{why}");
         m.draining();
@@ -620,9 +653,25 @@ mod tests {
         let text = m.render();
         assert!(text.contains("\nisomesh_broker_connected 1\n"), "{text}");
         m.link_down();
-        m.link_up();
+        m.link_up(0);
         let text = m.render();
         assert!(text.contains("\nisomesh_broker_connects_total 2"), "{text}");
+        assert!(text.contains("\nisomesh_broker_member 1\n"), "{text}");
+        assert!(
+            text.contains("\nisomesh_broker_member_changes_total 0"),
+            "{text}"
+        );
+        // A fail-over to the second member, and back.
+        m.link_down();
+        m.link_up(1);
+        m.link_down();
+        m.link_up(0);
+        let text = m.render();
+        assert!(text.contains("\nisomesh_broker_member 1\n"), "{text}");
+        assert!(
+            text.contains("\nisomesh_broker_member_changes_total 2"),
+            "{text}"
+        );
         m.link_down();
         assert!(m.render().contains("\nisomesh_broker_connected 0\n"));
     }
