@@ -146,30 +146,13 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     let mut members_shown: Vec<String> = members.iter().map(|m| m.display()).collect();
     for (index, member) in members.iter().enumerate() {
         eventloop.options = member_options[index].clone();
-        let first = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-        .await;
-        match first {
-            Ok(Ok(())) => {
+        match isomesh_mqtt::connect::first_connack(&mut eventloop, member).await {
+            Ok(()) => {
                 member_options.rotate_left(index);
                 members_shown.rotate_left(index);
                 break;
             }
-            Ok(Err(e)) => failures.push(format!(
-                "cannot connect to the broker at {}: {e}",
-                member.display()
-            )),
-            Err(_) => failures.push(format!(
-                "no answer from the broker at {} within 10 s",
-                member.display()
-            )),
+            Err(failure) => failures.push(failure),
         }
     }
     if failures.len() == members.len() {

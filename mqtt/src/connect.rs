@@ -75,6 +75,16 @@ async fn connect_to(address: &BrokerAddress, id: &str) -> Result<(AsyncClient, E
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(Some(256 << 20));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
+    first_connack(&mut eventloop, address).await?;
+    Ok((client, eventloop))
+}
+
+/// Polls `eventloop` (its options pointing at `address`) until the broker's CONNACK, for at
+/// most 10 s: `Ok` once connected, else why not, in a sentence naming the member.
+pub async fn first_connack(
+    eventloop: &mut EventLoop,
+    address: &BrokerAddress,
+) -> Result<(), String> {
     let connected = async {
         loop {
             match eventloop.poll().await {
@@ -85,7 +95,7 @@ async fn connect_to(address: &BrokerAddress, id: &str) -> Result<(AsyncClient, E
         }
     };
     match tokio::time::timeout(Duration::from_secs(10), connected).await {
-        Ok(Ok(())) => Ok((client, eventloop)),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!(
             "cannot connect to the broker at {}: {e}",
             address.display()
