@@ -52,8 +52,9 @@ pub async fn connect(broker: &str, id: &str) -> anyhow::Result<(AsyncClient, Eve
             Err(e) => failures.push(e),
         }
     }
-    match (members.as_slice(), failures.len()) {
-        ([address], 1) => anyhow::bail!(
+    // Every member failed: one broker's error says what to check on it.
+    match members.as_slice() {
+        [address] => anyhow::bail!(
             "{}\nIs it running (`isomesh-broker --listen {}:{}`)? If it asks for a login, give one in the URL (mqtt://USER:PASSWORD@HOST:PORT) or in $ISOMESH_USERNAME and $ISOMESH_PASSWORD.",
             failures[0],
             address.host,
