@@ -5,6 +5,7 @@ mod camera;
 mod classify;
 mod common;
 mod compile;
+mod follow;
 mod progress;
 mod rollout;
 mod sign;

@@ -11,14 +11,12 @@
 use isomesh_mesh::topics::Topics;
 use isomesh_module::package::{Package, PackageSpec, DEFAULT_CHUNK_SIZE};
 use isomesh_module::signing::SecretKey;
-use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::{NodeStatus, Tier};
 use isomesh_sandbox::{CrossCompiler, Sandbox, SandboxConfig};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -309,22 +307,11 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
 
     // Follow the nodes' statuses until each targeted node serves the module or refused it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
-    let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
-    let mut outcome: BTreeMap<String, Result<Duration, String>> = BTreeMap::new();
-    let targeted = |status: &NodeStatus| {
-        let tier = Tier::try_from(status.tier).unwrap_or(Tier::Unspecified);
-        isomesh_module::package::is_target(&manifest, tier, &status.node_id)
-    };
+    let mut follow = crate::follow::Follow::new(&manifest, &args.node);
     // Retained statuses arrive first; give them a moment so the set of targets is known.
     let settle = tokio::time::Instant::now() + Duration::from_millis(500);
     loop {
-        let waiting: Vec<&String> = nodes
-            .iter()
-            .filter(|(id, s)| s.online && targeted(s) && !outcome.contains_key(*id))
-            .map(|(id, _)| id)
-            .chain(args.node.iter().filter(|id| !outcome.contains_key(*id)))
-            .collect();
-        if tokio::time::Instant::now() >= settle && waiting.is_empty() {
+        if tokio::time::Instant::now() >= settle && follow.waiting().is_empty() {
             break;
         }
         let status = match tokio::time::timeout_at(deadline.max(settle), statuses.recv()).await {
@@ -332,57 +319,20 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
             Ok(None) => anyhow::bail!("lost the broker connection while waiting for the nodes"),
             Err(_) if tokio::time::Instant::now() < settle => continue,
             Err(_) => {
-                for id in waiting.into_iter().cloned().collect::<Vec<_>>() {
-                    let last = nodes
-                        .get(&id)
-                        .and_then(|s| s.rollout.as_ref())
-                        .map(crate::status::describe_rollout)
-                        .unwrap_or_else(|| "no status".into());
-                    outcome.insert(
-                        id,
-                        Err(format!(
-                            "timed out after {} s; last: {last}",
-                            args.timeout_s
-                        )),
-                    );
-                }
+                follow.time_out(args.timeout_s);
                 break;
             }
         };
-        let id = status.node_id.clone();
-        if status
-            .module
-            .as_ref()
-            .is_some_and(|m| m.sha256 == manifest.sha256)
-        {
-            outcome.entry(id.clone()).or_insert(Ok(started.elapsed()));
-        } else if let Some(state) = status.rollout.as_ref().filter(|r| {
-            r.module
-                .as_ref()
-                .is_some_and(|m| m.sha256 == manifest.sha256)
-        }) {
-            if state.phase == Phase::Rejected as i32 {
-                outcome
-                    .entry(id.clone())
-                    .or_insert(Err(format!("rejected: {}", state.reason)));
-            }
+        if let Some(line) = follow.heard(status, started.elapsed()) {
+            eprintln!("{line}");
         }
-        if targeted(&status) || args.node.contains(&id) {
-            if let Some(line) = crate::progress::progress(nodes.get(&id), &status, &manifest.sha256)
-            {
-                eprintln!("{line}");
-            }
-        }
-        nodes.insert(id, status);
     }
     let _ = client.disconnect().await;
     println!("{:<12} {:<8} RESULT", "NODE", "TIER");
+    let outcome = follow.outcome();
     let mut all_ok = !outcome.is_empty();
-    for (id, result) in &outcome {
-        let tier = nodes
-            .get(id)
-            .map(|s| Tier::try_from(s.tier).unwrap_or(Tier::Unspecified).name())
-            .unwrap_or("?");
+    for (id, result) in outcome {
+        let tier = follow.tier_name(id);
         match result {
             Ok(after) => println!(
                 "{id:<12} {tier:<8} serving {}@{} {:.2} s after the rollout started",

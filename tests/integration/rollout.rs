@@ -323,7 +323,7 @@ async fn nodes_re_seed_a_broker_that_lost_its_retained_messages() {
     let node = TestNode::start(node_with_keys("r5", "edge", broker.port(), &keys)).await;
     let (code, output) =
         isomesh(&rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2)).await;
-    assert_eq!(code, 0, "{output}");
+    assert_eq!(code, 0, "{output}\nthe node's log:\n{}", node.log());
     broker.restart().await;
     // The restarted broker knows nothing; the node notices and publishes the module again.
     let mut late = NodeSpec::with_guest("r5late", "device", broker.port());
