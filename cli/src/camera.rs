@@ -6,11 +6,15 @@
 //! through broker trouble. Its session is persistent and it subscribes again after every
 //! (re)connection, so answers published while it reconnects still reach it. And it owns its
 //! jobs end to end: a broker restarted without persistence loses the jobs and answers it held,
-//! so `--ask-again-after-s` after a reconnection the camera publishes again, under the same job
-//! id, every job still unanswered that it sent before, or in the first half of that wait (the
-//! nodes may not have subscribed to the new broker yet). A node that answered it already sends the same answer
-//! again (see `answered`); one still running it ignores the copy. The camera prints the first
-//! answer of each job and counts any later one as a duplicate.
+//! so after a reconnection it asks again: `--ask-again-after-s` later it publishes again, under
+//! the same job id, every job still unanswered that is at least half that wait old, and it goes
+//! on in rounds of that wait until a round finds none, each job at most once per reconnection.
+//! Rounds, not one: on a new broker member the nodes may take seconds to subscribe again (a
+//! cluster's surviving members wait on the lost one at first), and a job that reached the
+//! member before its node did is lost however late it was sent. A node that answered it
+//! already sends the same answer again (see `answered`); one still running it ignores the
+//! copy. The camera prints the first answer of each job and counts any later one as a
+//! duplicate.
 //!
 //! Ctrl-C (or SIGTERM) stops the shutter: the camera then waits for the answers still due, as
 //! after its last photo, and prints its summary.
@@ -58,7 +62,8 @@ pub struct CameraArgs {
     /// Photos to send before stopping (0 = never stop).
     #[arg(long, env = "ISOMESH_CAMERA_COUNT", default_value_t = 0)]
     pub count: u64,
-    /// After a reconnection, jobs still unanswered this long afterwards are published again, s.
+    /// After a reconnection, jobs still unanswered this long afterwards (and at least half as
+    /// old) are published again, in rounds this long apart until a round finds none, s.
     #[arg(long, default_value_t = 10)]
     pub ask_again_after_s: u64,
     /// Before the first photo, wait up to this long for the target nodes (or one node of the
@@ -86,7 +91,8 @@ struct Pending {
     target: String,
     job: Vec<u8>,
     sent: Instant,
-    asked_again: bool,
+    /// The last reconnection (its number) after which this job was asked again; 0: never.
+    asked_after: u64,
 }
 
 /// Counts for the summary line.
@@ -180,8 +186,8 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     let mut answered: HashSet<String> = HashSet::new();
     let mut shutter = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     shutter.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Set at a reconnection: when to ask again, and for jobs sent before when.
-    let mut ask_again: Option<(Instant, Instant)> = None;
+    // Set at a reconnection: when the next round of asking again is due.
+    let mut ask_again: Option<Instant> = None;
     let mut last_sent = Instant::now();
     let wait = Duration::from_secs(args.timeout_s);
     let mut stop_requested = std::pin::pin!(stop_signal());
@@ -191,7 +197,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
         if done_sending && pending.is_empty() {
             break;
         }
-        let ask_at = ask_again.map(|(at, _)| at);
+        let ask_at = ask_again;
         tokio::select! {
             _ = tokio::time::sleep_until(ready_by), if !ready => {
                 let mut waiting: Vec<&String> = args.nodes.iter().filter(|n| !serving.contains_key(*n)).collect();
@@ -218,18 +224,23 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 if let Err(e) = client.try_publish(target.clone(), QoS::AtLeastOnce, false, bytes.clone()) {
                     eprintln!("isomesh camera: photo {n} not sent now ({e}); it is asked again later");
                 }
-                pending.insert(job.job_id, Pending { photo, target, job: bytes, sent: Instant::now(), asked_again: false });
+                pending.insert(job.job_id, Pending { photo, target, job: bytes, sent: Instant::now(), asked_after: 0 });
                 tally.sent += 1;
                 last_sent = Instant::now();
             }
             _ = sleep_until(ask_at) => {
-                if let Some((_, before)) = ask_again.take() {
-                    for p in pending.values_mut().filter(|p| p.sent < before) {
-                        let _ = client.try_publish(p.target.clone(), QoS::AtLeastOnce, false, p.job.clone());
-                        p.asked_again = true;
-                        tally.asked_again += 1;
-                    }
+                // Jobs at least half a wait old: younger ones were sent once the mesh had had
+                // that long to settle, and get their turn in the next round if still due.
+                let wait = Duration::from_secs(args.ask_again_after_s);
+                let now = Instant::now();
+                let mut asked = 0;
+                for p in pending.values_mut().filter(|p| p.asked_after < tally.reconnects && now.duration_since(p.sent) >= wait / 2) {
+                    let _ = client.try_publish(p.target.clone(), QoS::AtLeastOnce, false, p.job.clone());
+                    p.asked_after = tally.reconnects;
+                    tally.asked_again += 1;
+                    asked += 1;
                 }
+                ask_again = (asked > 0).then_some(now + wait);
             }
             _ = tokio::time::sleep_until(last_sent + wait), if done_sending => break,
             _ = &mut stop_requested, if !stopped => {
@@ -242,11 +253,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                     // The broker may have lost the subscription with everything else.
                     tally.reconnects += 1;
                     let _ = client.try_subscribe(reply_to.clone(), QoS::AtLeastOnce);
-                    // Jobs sent in the first half of the wait are asked again too: the nodes
-                    // may not have subscribed again yet when they reached the new broker.
-                    let wait = Duration::from_secs(args.ask_again_after_s);
-                    let now = Instant::now();
-                    ask_again = Some((now + wait, now + wait / 2));
+                    ask_again = Some(Instant::now() + Duration::from_secs(args.ask_again_after_s));
                     eprintln!("isomesh camera: reconnected to {}", members_shown.get(link.member()).map_or("", String::as_str));
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -288,7 +295,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                         let mut line = report::to_json(&result);
                         line["file"] = path.display().to_string().into();
                         line["round_trip_ms"] = (p.sent.elapsed().as_secs_f64() * 1000.0).into();
-                        line["asked_again"] = p.asked_again.into();
+                        line["asked_again"] = (p.asked_after > 0).into();
                         println!("{line}");
                     } else {
                         print_answer(false, args.budget_ms, path, &result, p.sent.elapsed());
