@@ -6,8 +6,9 @@
 # TLS tests' certificates, and the model files (models/fetch.sh). For the aarch64 (ARM) device
 # tier: the aarch64-unknown-linux-musl Rust target, cargo-zigbuild and ziglang (PyPI: zig is the C
 # cross compiler and linker), qemu-user-static (Debian: runs aarch64 binaries on this x86 host),
-# binutils-aarch64-linux-gnu (Debian: its strip strips the aarch64 node for the image), and
-# qemu-aarch64 registered
+# binutils-aarch64-linux-gnu (Debian: its strip strips the aarch64 node for the image),
+# protobuf-compiler (Debian: protoc, which the broker's cluster protocol, gRPC, is generated
+# with at build time), and qemu-aarch64 registered
 # with the kernel's binfmt_misc so Docker can run linux/arm64 containers. Safe to run again: it
 # skips what is already there. Docker Engine and docker-compose are not installed here: the
 # container tests need them and say so if missing.
@@ -34,6 +35,8 @@ packages=()
 command -v mosquitto_pub >/dev/null || packages+=(mosquitto-clients)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || packages+=(mosquitto)
 command -v musl-gcc >/dev/null || packages+=(musl-tools)
+# The broker's cluster protocol is gRPC: its build generates code from .proto files with protoc.
+command -v protoc >/dev/null || packages+=(protobuf-compiler)
 # Runs the aarch64 node on this host: the tests call it directly, Docker through binfmt_misc.
 [ -x /usr/bin/qemu-aarch64-static ] || packages+=(qemu-user-static)
 # Binutils' strip knows x86 only; the cross binutils' strips the aarch64 node for the arm64 image

@@ -87,6 +87,10 @@ pub struct BrokerConfig {
     /// default: only for a demo or a network nobody else can reach.
     #[arg(long, env = "ISOMESH_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
+
+    /// Membership of a cluster of isomesh-brokers ([`crate::cluster`]); none by default.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 impl BrokerConfig {

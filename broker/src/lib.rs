@@ -22,11 +22,13 @@
 //! places, status tiers), and [`access`] enforces all of them through rmqtt's hooks; SIGHUP
 //! reloads the files. [`session_rules`] puts back two MQTT 5 rules rmqtt leaves out (topic
 //! aliases from clients; no session expiry given by a DISCONNECT to a session that asked for
-//! none). [`metrics`] serves the broker's Prometheus page on `--metrics-listen`. The
+//! none). [`cluster`] makes the broker a member of a cluster of isomesh-brokers (rmqtt's
+//! broadcast cluster), so the mesh survives the loss of one. [`metrics`] serves the broker's Prometheus page on `--metrics-listen`. The
 //! binary in `main.rs` only parses flags and calls these.
 
 pub mod access;
 pub mod acl;
+pub mod cluster;
 pub mod config;
 pub mod health;
 pub mod metrics;
@@ -68,6 +70,8 @@ pub enum BrokerError {
     Passwords(#[from] passwords::PasswordFileError),
     #[error(transparent)]
     Acl(#[from] acl::AclError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     #[error("nobody could connect: give accounts with --password-file FILE (make them with `isomesh-broker passwd FILE USER`), or let clients in without one with --allow-anonymous (a demo or a closed network only)")]
     NoAccess,
 }

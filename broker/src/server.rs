@@ -98,11 +98,18 @@ pub async fn run(
             })?),
             None => None,
         };
-    let scx = ServerContext::new()
+    let listen_error = |addr, reason: String| BrokerError::Listen { addr, reason };
+    let cluster = config.cluster.cluster()?;
+    let mut scx = ServerContext::new()
         .plugins_config_map_add(RETAINER, retainer_config)
-        .plugins_config_map_add(SHARED_SUBSCRIPTION, SHARED_SUBSCRIPTION_CONFIG)
-        .build()
-        .await;
+        .plugins_config_map_add(SHARED_SUBSCRIPTION, SHARED_SUBSCRIPTION_CONFIG);
+    if let Some(cluster) = &cluster {
+        scx = scx
+            .node_id(cluster.id)
+            .circuit_breaker_config(crate::cluster::circuit_breaker())
+            .plugins_config_map_add(crate::cluster::PLUGIN, cluster.plugin_config());
+    }
+    let scx = scx.build().await;
     *scx.extends.fitter_mgr_mut().await = Box::new(crate::session_rules::StandardFitterManager);
     rmqtt_plugins::retainer::register(&scx, true, false)
         .await
@@ -116,6 +123,21 @@ pub async fn run(
             plugin: SHARED_SUBSCRIPTION,
             reason: e.to_string(),
         })?;
+    if let Some(cluster) = &cluster {
+        // rmqtt serves the members' port from a task that only logs a failure to bind: bind it
+        // once here first, so a port in use stops the start with an error that says so.
+        let grpc = std::net::TcpListener::bind(cluster.listen)
+            .map_err(|e| listen_error(cluster.listen, e.to_string()))?;
+        drop(grpc);
+        scx.node
+            .start_grpc_server(scx.clone(), cluster.listen, true, false);
+        rmqtt_cluster_broadcast::register(&scx, true, false)
+            .await
+            .map_err(|e| BrokerError::Plugin {
+                plugin: crate::cluster::PLUGIN,
+                reason: e.to_string(),
+            })?;
+    }
     let secured = access.passwords.is_some() || access.acl.is_some();
     if access.passwords.is_none() && access.acl.is_some() && config.allow_anonymous {
         tracing::warn!("--acl-file with --allow-anonymous and no --password-file: usernames are whatever clients claim, so anyone who reaches this port can take any role of the ACL (rollout included); add --password-file");
@@ -135,7 +157,6 @@ pub async fn run(
         // The task ends with the runtime, when the broker stops.
         tokio::spawn(crate::metrics::serve(listener, scx.clone(), counters));
     }
-    let listen_error = |addr, reason: String| BrokerError::Listen { addr, reason };
     let mut server = MqttServer::new(scx);
     if !config.tls_only {
         let listener = limits(
@@ -186,6 +207,9 @@ pub async fn run(
         password_file = %config.password_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         acl_file = %config.acl_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         allow_anonymous = config.allow_anonymous,
+        cluster_id = cluster.as_ref().map_or(0, |c| c.id),
+        cluster_listen = %cluster.as_ref().map(|c| c.listen.to_string()).unwrap_or_else(|| "-".into()),
+        cluster_members = %cluster.as_ref().map(|c| c.members.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")).unwrap_or_else(|| "-".into()),
         "isomesh-broker serving MQTT 3.1.1 and 5"
     );
     if config.allow_anonymous && !secured {

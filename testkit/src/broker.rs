@@ -50,6 +50,8 @@ pub struct TestBroker {
     bind: &'static str,
     /// The port of isomesh-broker's `--metrics-listen`, when it serves one.
     metrics_port: Option<u16>,
+    /// More flags of isomesh-broker (a cluster member's), kept for restarts.
+    extra_args: Vec<String>,
 }
 
 /// A TLS listener beside the plain one (files in PEM, from `scripts/test_certs.py`).
@@ -96,17 +98,46 @@ impl TestBroker {
     /// Starts an isomesh-broker (anonymous access) that also serves its Prometheus metrics
     /// (`--metrics-listen`, at [`TestBroker::metrics_addr`]).
     pub async fn start_with_metrics() -> TestBroker {
-        TestBroker::start_bound(BrokerKind::Isomesh, "127.0.0.1", None, None, true).await
+        TestBroker::start_bound(BrokerKind::Isomesh, "127.0.0.1", None, None, true, vec![]).await
     }
 
     /// Starts a broker of the given kind (anonymous access) listening on every interface, so
     /// containers reach it through their network's gateway (the compose tests' other broker).
     pub async fn start_for_containers(kind: BrokerKind) -> TestBroker {
-        TestBroker::start_bound(kind, "0.0.0.0", None, None, false).await
+        TestBroker::start_bound(kind, "0.0.0.0", None, None, false, vec![]).await
     }
 
     async fn start_with(kind: BrokerKind, access: Option<Access>, tls: Option<Tls>) -> TestBroker {
-        TestBroker::start_bound(kind, "127.0.0.1", access, tls, false).await
+        TestBroker::start_bound(kind, "127.0.0.1", access, tls, false, vec![]).await
+    }
+
+    /// Starts `members` isomesh-brokers as one cluster (`--cluster-*`, members talking over
+    /// 127.0.0.1) and waits until each accepts connections. Member `i` of the result has
+    /// cluster id `i + 1`.
+    pub async fn start_cluster(members: usize) -> Vec<TestBroker> {
+        let grpc_ports: Vec<u16> = (0..members).map(|_| crate::free_port()).collect();
+        let list = grpc_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut brokers = Vec::new();
+        for (i, port) in grpc_ports.iter().enumerate() {
+            let args = vec![
+                "--cluster-id".to_string(),
+                (i + 1).to_string(),
+                "--cluster-listen".to_string(),
+                format!("127.0.0.1:{port}"),
+                "--cluster-members".to_string(),
+                list.clone(),
+            ];
+            brokers.push(
+                TestBroker::start_bound(BrokerKind::Isomesh, "127.0.0.1", None, None, false, args)
+                    .await,
+            );
+        }
+        brokers
     }
 
     async fn start_bound(
@@ -115,6 +146,7 @@ impl TestBroker {
         access: Option<Access>,
         tls: Option<Tls>,
         metrics: bool,
+        extra_args: Vec<String>,
     ) -> TestBroker {
         let dir = tempfile::tempdir().expect("a temp dir for the broker");
         // A free port is free only until someone else binds it: a broker that finds its port
@@ -132,6 +164,7 @@ impl TestBroker {
                 access.as_ref(),
                 tls.as_ref().zip(tls_port),
                 metrics_port,
+                &extra_args,
             )
             .await;
             match started {
@@ -156,6 +189,7 @@ impl TestBroker {
             tls,
             bind,
             metrics_port,
+            extra_args,
         }
     }
 
@@ -206,6 +240,7 @@ impl TestBroker {
             self.access.as_ref(),
             self.tls.as_ref().map(|(t, p)| (t, *p)),
             self.metrics_port,
+            &self.extra_args,
         )
         .await
         .unwrap_or_else(|e| panic!("{e:?}"));
@@ -268,6 +303,7 @@ async fn spawn_listening(
     access: Option<&Access>,
     tls: Option<(&Tls, u16)>,
     metrics_port: Option<u16>,
+    extra_args: &[String],
 ) -> Result<Child, NotListening> {
     let log_path = dir.join("broker.log");
     // The log is appended to across restarts: count the ready lines already in it.
@@ -304,6 +340,7 @@ async fn spawn_listening(
             if let Some(port) = metrics_port {
                 command.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
             }
+            command.args(extra_args);
             command
         }
         BrokerKind::Mosquitto => {

@@ -5,6 +5,7 @@ mod answers;
 mod bad_input;
 mod broker;
 mod classify;
+mod cluster;
 mod failover;
 mod lifecycle;
 mod metrics;

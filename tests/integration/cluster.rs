@@ -1,0 +1,185 @@
+//! Three isomesh-brokers as one cluster (`--cluster-*`, rmqtt's broadcast cluster): the mesh
+//! works across members and survives the loss of one.
+//!
+//! Each test starts three members on 127.0.0.1 and spreads the mesh's clients over them: a
+//! rollout published through one member reaches nodes on the others, including one that joins
+//! later and one member restarted empty; a tier's job queue (a shared subscription) is split
+//! between nodes on different members with every job answered once; and a kill -9 of the member
+//! a camera and a node are on moves both to another member with no job lost or answered twice.
+//!
+//! Only isomesh-broker clusters: with `ISOMESH_TEST_BROKER=mosquitto` these are filtered out
+//! (`isomesh_broker_only`). The clients' side of fail-over, which must not depend on rmqtt, is
+//! `failover`, run on both brokers.
+
+mod isomesh_broker_only {
+    use isomesh_testkit::broker::TestBroker;
+    use isomesh_testkit::camera::Camera;
+    use isomesh_testkit::mqtt::Client;
+    use isomesh_testkit::node::{classify_photo, serves, wait_status, NodeSpec, TestNode};
+    use isomesh_testkit::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_2};
+    use isomesh_testkit::{isomesh, photos};
+    use std::time::{Duration, Instant};
+
+    /// Generous: a cold compile of the classifier takes ~15 s, more with both cores busy.
+    const CONVERGE_WITHIN: Duration = Duration::from_secs(240);
+
+    fn node_with_keys<'a>(id: &'a str, tier: &'a str, port: u16, keys: &Keys) -> NodeSpec<'a> {
+        let mut spec = NodeSpec::with_guest(id, tier, port);
+        spec.extra_args = keys.node_args();
+        spec
+    }
+
+    /// Waits until the member on `port` holds the module's retained manifest, and returns its
+    /// version. A member that has just started copies the others' retained messages a moment
+    /// later, so a subscription that got none is made again until `within` runs out.
+    async fn retained_manifest_version(port: u16, client_id: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut client = Client::connect(port, &format!("{client_id}-{attempt}")).await;
+            client
+                .subscribe(&format!("isomesh/modules/{MODULE_NAME}/manifest"))
+                .await;
+            if let Some(publish) = client.next(Duration::from_secs(2)).await {
+                assert!(publish.retain, "the manifest is not a retained message");
+                let manifest = <isomesh_protos::ModuleManifest as prost::Message>::decode(
+                    publish.payload.as_ref(),
+                )
+                .expect("a manifest");
+                return manifest.version;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no retained manifest on the member at port {port} within {within:?}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rollout_through_one_member_reaches_nodes_on_the_others_and_a_restarted_member() {
+        let mut members = TestBroker::start_cluster(3).await;
+        let keys = Keys::new();
+        let edge = TestNode::start(node_with_keys("cl-e1", "edge", members[2].port(), &keys)).await;
+        // Through member 1: `--wait` follows cl-e1's statuses, which it publishes on member 3.
+        let (code, output) = isomesh(&rollout::rollout_args(
+            &members[0].url(),
+            &keys,
+            &guest_module_v2(),
+            VERSION_2,
+            CONVERGE_WITHIN,
+        ))
+        .await;
+        assert_eq!(code, 0, "{output}\ncl-e1's log:\n{}", edge.log());
+        assert!(
+            output.contains("cl-e1") && output.contains("serving mobilenet_v2@0.2.0"),
+            "{output}"
+        );
+
+        // Member 2 is killed and started again with nothing in memory: it copies the retained
+        // messages (the module's chunks and manifest) from the others.
+        members[1].restart().await;
+        let version =
+            retained_manifest_version(members[1].port(), "cl-manifest", Duration::from_secs(60))
+                .await;
+        assert_eq!(version, VERSION_2, "{}", members[1].log());
+
+        // A node that joins later on member 2, with no module of its own, gets it from there.
+        let mut late = NodeSpec::with_guest("cl-d1", "device", members[1].port());
+        late.modules.clear();
+        late.extra_args = keys.node_args();
+        let late = TestNode::spawn(&late);
+        wait_status(members[1].port(), "cl-d1", CONVERGE_WITHIN, |s| {
+            serves(s, VERSION_2)
+        })
+        .await;
+        // A job published on member 1 for the node on member 2, answered back on member 1.
+        let result = classify_photo(members[0].port(), "cl-d1", Duration::from_secs(120)).await;
+        let top1 = result["top"][0]["index"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{result}\ncl-d1's log:\n{}", late.log()));
+        assert!(photos()[0].accepts(top1 as u32), "{result}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_tiers_jobs_are_shared_between_nodes_on_different_members_each_answered_once() {
+        let members = TestBroker::start_cluster(3).await;
+        let first = TestNode::start(NodeSpec::with_guest("cl-s1", "edge", members[0].port())).await;
+        let second =
+            TestNode::start(NodeSpec::with_guest("cl-s2", "edge", members[1].port())).await;
+        // Each node has subscribed to the tier's queue on its own member once its status says
+        // it serves (the subscription goes out before that status).
+        let camera = Camera::start(
+            &members[2].url(),
+            &["--tier", "edge", "--rate", "4", "--count", "24"],
+        );
+        let seen = camera.finish();
+        seen.assert_exactly_one_correct_answer_each();
+        let (by_first, by_second) = (seen.answered_by("cl-s1"), seen.answered_by("cl-s2"));
+        eprintln!("the tier's 24 jobs: {by_first} answered by cl-s1 (member 1), {by_second} by cl-s2 (member 2)");
+        assert!(
+            by_first > 0 && by_second > 0,
+            "both members' nodes took jobs from the tier's queue: cl-s1 {by_first}, cl-s2 {by_second}\ncl-s1:\n{}\ncl-s2:\n{}",
+            first.log(),
+            second.log()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn killing_the_member_of_a_camera_and_a_node_moves_both_and_loses_no_job() {
+        let mut members = TestBroker::start_cluster(3).await;
+        let list = format!("{},{}", members[0].url(), members[1].url());
+        let node = TestNode::start(NodeSpec::with_guest_and_args(
+            "cl-f1",
+            "device",
+            members[0].port(),
+            &["--broker", &list],
+        ))
+        .await;
+        let camera = Camera::start(
+            &list,
+            &[
+                "--node",
+                "cl-f1",
+                "--rate",
+                "5",
+                "--count",
+                "30",
+                // Jobs the killed member took with it go out again 6 s after the camera moved.
+                "--ask-again-after-s",
+                "6",
+            ],
+        );
+        node.wait_for_log_times("classified", 5, Duration::from_secs(120))
+            .await;
+        let killed = Instant::now();
+        let killed_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        members[0].kill();
+        // Seen from member 3, which neither client uses: the cluster carries the status. The
+        // status retained from before the kill says online too: wait for one published after.
+        let status = wait_status(members[2].port(), "cl-f1", Duration::from_secs(60), |s| {
+            s.online && s.module.is_some() && s.published_at_ms >= killed_at_ms
+        })
+        .await;
+        eprintln!(
+            "cl-f1 online with {:?} on member 2, seen on member 3, {} ms after member 1 was killed",
+            status.module.as_ref().map(|m| &m.version),
+            killed.elapsed().as_millis()
+        );
+        let seen = camera.finish();
+        seen.assert_exactly_one_correct_answer_each();
+        assert!(
+            seen.log
+                .contains(&format!("reconnected to {}", members[1].url())),
+            "the camera moved to member 2:\n{}",
+            seen.log
+        );
+        assert!(
+            node.log().contains("moving to the next broker member"),
+            "the node moved:\n{}",
+            node.log()
+        );
+    }
+}
