@@ -174,21 +174,34 @@ impl Cluster {
 /// [`circuit_breaker`] opened. Members on one LAN answer in milliseconds, so a few seconds is ample.
 pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// When a member stops waiting for another that does not answer: after two failures of the
-/// last four messages, for [`BREAKER_OPEN`]; then one message tries it again. rmqtt's default
-/// (10 calls in a 45 s window, then 30 s open) held every publisher on the others for 10 of
-/// [`PEER_TIMEOUT`] each before the first opening.
+/// When a member stops waiting for another that does not answer: when at least half of the
+/// messages of the last [`BREAKER_WINDOW`] failed (two at least), for [`BREAKER_OPEN`]; then one
+/// message tries it again. The window spans three [`PEER_TIMEOUT`]s, so a member whose clients
+/// publish little (one node, its statuses and answers each waiting in turn) still sees enough
+/// failures in it to stop waiting; with a shorter one it never did, and its node's publishes
+/// waited 2 s each until the test's end (measured in compose).
+///
+/// A window of time, not of calls: rmqtt's count-based window (tower-resilience 0.10) counts
+/// every call since the breaker last changed state, so after a healthy hour it took as many
+/// failures as there had been successes to open, and meanwhile every publish on the survivors
+/// waited [`PEER_TIMEOUT`] (measured in compose: clients' pings went unanswered for 15 s and more
+/// after a member was killed). rmqtt's default (a 45 s window, ten calls, 30 s open) likewise
+/// held publishers for the first ten failures.
 pub fn circuit_breaker() -> rmqtt::context::CircuitBreakerConfig {
     rmqtt::context::CircuitBreakerConfig {
         failure_rate_threshold: 0.5,
-        window: rmqtt::context::WindowConfig::CountBased(rmqtt::context::CountBasedWindowConfig {
-            sliding_window_size: 4,
+        window: rmqtt::context::WindowConfig::TimeBased(rmqtt::context::TimeBasedWindowConfig {
+            sliding_window_duration: BREAKER_WINDOW,
+            ..Default::default()
         }),
         minimum_number_of_calls: 2,
         wait_duration_in_open: BREAKER_OPEN,
         ..Default::default()
     }
 }
+
+/// The span of recent messages the breaker judges a member by.
+pub const BREAKER_WINDOW: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// How long a member that failed stays skipped before it is tried again.
 pub const BREAKER_OPEN: std::time::Duration = std::time::Duration::from_secs(10);
