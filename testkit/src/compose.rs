@@ -7,7 +7,8 @@
 //! `docker-compose down -v`, and if the test is failing it first prints every service's log.
 //! Tests need Docker: without it they fail with a message saying so, never skip. The mesh has
 //! an ARM device, d4 (linux/arm64, `isomesh:arm64`), which an x86 host runs under qemu: where
-//! Docker cannot run arm64 containers, they fail saying so too.
+//! Docker cannot run arm64 containers, they fail saying so too. [`Mesh::up_clustered`] runs the
+//! same mesh on three clustered brokers (`compose.cluster.yaml`).
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -23,6 +24,9 @@ pub const ARM_NODE: &str = "d4";
 /// The target triple the ARM device's node is built for (its status's `target`).
 pub const ARM_TARGET: &str = "aarch64-unknown-linux-musl";
 
+/// The broker services of the clustered mesh (`compose.cluster.yaml`): members 1, 2 and 3.
+pub const MEMBERS: [&str; 3] = ["broker", "broker2", "broker3"];
+
 /// A compose project started from the repository's compose.yaml.
 pub struct Mesh {
     project: String,
@@ -30,6 +34,8 @@ pub struct Mesh {
     port: u16,
     /// The broker the containers use, when it is not compose's own (`ISOMESH_BROKER_URL`).
     outside_broker: Option<String>,
+    /// Three clustered brokers (`compose.cluster.yaml` over compose.yaml) instead of one.
+    clustered: bool,
 }
 
 /// Panics unless Docker, docker-compose and the isomesh images are all there, and Docker runs
@@ -99,7 +105,14 @@ impl Mesh {
     /// Starts `services` (all of compose.yaml's default services when empty) in a new project
     /// named after `name`, and returns once the broker is healthy.
     pub fn up(name: &str, services: &[&str]) -> Mesh {
-        Mesh::start(name, crate::free_port(), None, services)
+        Mesh::start(name, crate::free_port(), None, false, services)
+    }
+
+    /// Like [`Mesh::up`] with compose.cluster.yaml over compose.yaml: the brokers are the three
+    /// members of one cluster ([`MEMBERS`]; `services` should name them) and the nodes spread
+    /// over them.
+    pub fn up_clustered(name: &str, services: &[&str]) -> Mesh {
+        Mesh::start(name, crate::free_port(), None, true, services)
     }
 
     /// Starts `services` (nodes, the camera) without compose's broker, pointed at a broker that
@@ -109,12 +122,18 @@ impl Mesh {
     /// puts at the subnet's first address.
     pub fn up_on_host_broker(name: &str, services: &[&str], port: u16) -> Mesh {
         let url = format!("mqtt://{}.1:{port}", subnet_prefix());
-        Mesh::start(name, port, Some(url), services)
+        Mesh::start(name, port, Some(url), false, services)
     }
 
     /// `docker-compose up -d` of `services` in project `name`; with an outside broker, without
     /// compose's own (`--no-deps`).
-    fn start(name: &str, port: u16, outside_broker: Option<String>, services: &[&str]) -> Mesh {
+    fn start(
+        name: &str,
+        port: u16,
+        outside_broker: Option<String>,
+        clustered: bool,
+        services: &[&str],
+    ) -> Mesh {
         require_docker();
         let mut args = vec!["up", "-d", "--no-color", "--quiet-pull"];
         if outside_broker.is_some() {
@@ -125,6 +144,7 @@ impl Mesh {
             project: format!("isomesh-test-{name}-{}", std::process::id()),
             port,
             outside_broker,
+            clustered,
         };
         mesh.compose_ok(&args);
         mesh
@@ -139,13 +159,39 @@ impl Mesh {
         self.port
     }
 
+    /// The host's loopback port of a cluster member's MQTT listener (`broker` is the one
+    /// [`Mesh::broker_port`] gives; the others are published on free ports).
+    pub fn member_port(&self, member: &str) -> u16 {
+        if member == "broker" {
+            return self.port;
+        }
+        let published = self.compose_ok(&["port", member, "1883"]);
+        published
+            .trim()
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or_else(|| panic!("{member}'s MQTT port is not published: {published:?}"))
+    }
+
+    /// A cluster member's URL as seen from the host.
+    pub fn member_url(&self, member: &str) -> String {
+        format!("mqtt://127.0.0.1:{}", self.member_port(member))
+    }
+
     /// A `docker-compose` command on this project.
     pub fn compose(&self, args: &[&str]) -> Output {
         let root = crate::workspace_root();
         let mut command = Command::new("docker-compose");
         command
             .current_dir(&root)
-            .args(["-p", &self.project, "-f", "compose.yaml"])
+            .args(["-p", &self.project, "-f", "compose.yaml"]);
+        if self.clustered {
+            command.args(["-f", "compose.cluster.yaml"]).env(
+                "ISOMESH_CLUSTER_SUBNET",
+                format!("{}.0/24", cluster_subnet_prefix()),
+            );
+        }
+        command
             .args(args)
             .env("ISOMESH_MQTT_PORT", self.port.to_string())
             .env("ISOMESH_IMAGES", photos_dir())
@@ -286,7 +332,12 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for service in ["broker"].iter().chain(NODES.iter()) {
+            let brokers: &[&str] = if self.clustered {
+                &MEMBERS
+            } else {
+                &["broker"]
+            };
+            for service in brokers.iter().chain(NODES.iter()) {
                 eprintln!("----- {service} -----\n{}", tail(&self.logs(service), 60));
             }
         }
@@ -299,6 +350,11 @@ impl Drop for Mesh {
 /// not claim the same one.
 fn subnet_prefix() -> String {
     format!("10.213.{}", std::process::id() % 250)
+}
+
+/// The same for the cluster members' own network (`compose.cluster.yaml`).
+fn cluster_subnet_prefix() -> String {
+    format!("10.214.{}", std::process::id() % 250)
 }
 
 /// The last `n` lines of `text`.

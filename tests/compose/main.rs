@@ -5,12 +5,14 @@
 //! fault the test checks the promise: no job lost, exactly one answer per job (also none twice
 //! on the wire), each with its photo's reference label.
 //!
+//! One test runs the mesh on three clustered brokers (compose.cluster.yaml) and kills one.
+//!
 //! Needs Docker Engine, docker-compose and the images, and Docker able to run linux/arm64
 //! containers; fails (never skips) without them.
 
 use isomesh_testkit::broker::{BrokerKind, TestBroker};
 use isomesh_testkit::camera::Camera;
-use isomesh_testkit::compose::{docker_ok, statuses, Mesh, ARM_NODE, ARM_TARGET, NODES};
+use isomesh_testkit::compose::{docker_ok, statuses, Mesh, ARM_NODE, ARM_TARGET, MEMBERS, NODES};
 use isomesh_testkit::metrics;
 use isomesh_testkit::node::wait_status;
 use std::time::{Duration, Instant};
@@ -356,6 +358,122 @@ async fn a_broker_restart_under_load_loses_nothing() {
     assert!(
         manifest.is_some_and(|m| m.retain),
         "no retained manifest after the broker restart"
+    );
+}
+
+/// Waits until every node of `nodes` that began putting its module back on the broker has
+/// handed all of it to its connection (its log says so; the bytes may still be on their way).
+async fn wait_reseeds_logged(mesh: &Mesh, nodes: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let busy: Vec<&&str> = nodes
+            .iter()
+            .filter(|n| {
+                let log = mesh.logs(n);
+                log.matches("publishing it again").count() > log.matches("module re-seeded").count()
+            })
+            .collect();
+        if busy.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{busy:?} still re-seeding their module after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The mesh on three clustered isomesh-brokers (compose.cluster.yaml), a device on each member:
+/// member 1, the one d1 and a camera use, is killed under a photo stream to the three devices;
+/// d1 and the camera move to another member, and every job is answered exactly once. (A rollout
+/// across members, a restarted member and a tier shared between members are the `cluster`
+/// integration tests, on processes: each container here costs CI time.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_member_killed_under_load_moves_its_clients_and_loses_no_job() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let started = Instant::now();
+    let devices = ["d1", "d2", "d3"];
+    let mut services = MEMBERS.to_vec();
+    services.extend(devices);
+    let mesh = Mesh::up_clustered("cluster", &services);
+    // Read through member 1: d2's and d3's statuses, published on members 2 and 3, crossed the
+    // cluster.
+    mesh.wait_serving(&devices, "0.1.0", READY_WITHIN).await;
+    eprintln!(
+        "cluster: three members and three devices serving after {:?}",
+        started.elapsed()
+    );
+    // The members started empty, so the devices put their module back on the broker (29 MB of
+    // chunks each) as they came up. A kill while d1's burst is still being written leaves its
+    // socket full towards a peer that is gone, and its keep-alive cannot fire until the kernel
+    // gives up (seen: d1 silent for 90 s; docs/limits.md). So the fault comes once d1's burst is
+    // through: its re-seed logged, then a status it published after that, which follows the
+    // chunks on its connection, seen on member 3.
+    wait_reseeds_logged(&mesh, &devices).await;
+    let reseeded_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    wait_status(
+        mesh.member_port("broker3"),
+        "d1",
+        Duration::from_secs(120),
+        |s| s.online && s.published_at_ms >= reseeded_ms,
+    )
+    .await;
+
+    let second = mesh.member_url("broker2");
+    let members = format!("{},{second}", mesh.broker_url());
+    let metrics = metrics_addrs(&mesh, &devices);
+    let before = answered(&metrics);
+    // No budget: each job runs on the device it was sent to, so jobs for d2 and d3 cross from
+    // the camera's member to theirs, and their answers back.
+    let camera = Camera::start(
+        &members,
+        &[
+            "--node",
+            "d1,d2,d3",
+            "--rate",
+            "4",
+            "--count",
+            "36",
+            "--ask-again-after-s",
+            "8",
+        ],
+    );
+    wait_answered(&metrics, before, 6.0).await;
+    let killed = Instant::now();
+    let killed_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    mesh.kill9("broker");
+    // Seen on member 3, which neither d1 nor the camera uses: a status d1 published after the
+    // kill, so from the member it moved to.
+    let status = wait_status(
+        mesh.member_port("broker3"),
+        "d1",
+        Duration::from_secs(90),
+        |s| s.online && s.module.is_some() && s.published_at_ms >= killed_at_ms,
+    )
+    .await;
+    eprintln!(
+        "cluster: d1 online again ({:?}) {} ms after member 1 was killed, seen on member 3",
+        status.module.as_ref().map(|m| &m.version),
+        killed.elapsed().as_millis()
+    );
+    let seen = camera.finish();
+    eprintln!("cluster: camera summary {}", seen.summary);
+    seen.assert_exactly_one_correct_answer_each();
+    assert!(
+        seen.log.contains(&format!("reconnected to {second}")),
+        "the camera moved to member 2:\n{}",
+        seen.log
+    );
+    let d1_log = mesh.logs("d1");
+    assert!(
+        d1_log.contains("moving to the next broker member"),
+        "d1 moved:\n{}",
+        isomesh_testkit::compose::tail(&d1_log, 30)
     );
 }
 
