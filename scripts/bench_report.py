@@ -409,6 +409,11 @@ def mesh(bench_dir, plots, out):
                f"{setup['node_cores'] or 'all'} cores; photos of {setup['mean_photo_bytes'] // 1000} KB "
                f"mean, QoS 1. Latency: one job at a time. Throughput: twice as many jobs in "
                f"flight as nodes. Goal: scaling efficiency >= 90%.\n")
+    if any(r.get("broker_members", 1) > 1 for r in data["runs"]):
+        out.append("`isomesh-broker x3`: three isomesh-brokers as one cluster (`--cluster-*`), the "
+                   "benchmark's client on member 1 and the nodes on the others first (node i on "
+                   "member (i + 1) % 3 + 1), so each job and its answer cross the cluster: its "
+                   "rows against `isomesh-broker`'s are the cluster's cost.\n")
     rows = []
     for run in data["runs"]:
         lat = run["latency"]["latency_ms"]

@@ -1,9 +1,10 @@
 //! `isomesh bench mesh`: what the mesh delivers end to end, through a real broker, and what a
 //! node costs in memory.
 //!
-//! For each broker (`isomesh-broker`, and Mosquitto when installed) and each node count (1, 2,
-//! 4 by default): that many edge nodes share the edge tier's queue (`$share/edge/...`), and the
-//! benchmark, an ordinary MQTT client, publishes protobuf jobs of real photos there at QoS 1:
+//! For each broker (`isomesh-broker`, Mosquitto when installed, and three isomesh-brokers as one
+//! cluster) and each node count (1, 2, 4 by default): that many edge nodes share the edge tier's
+//! queue (`$share/edge/...`), and the benchmark, an ordinary MQTT client, publishes protobuf jobs
+//! of real photos there at QoS 1:
 //!
 //! - latency: one job at a time, so the round trip is the mesh's own (publish, broker, node,
 //!   result, broker, back), not a queue's;
@@ -17,11 +18,18 @@
 //! idle and after the load, and one node with 1, 2 and 4 workers (each worker owns a sandbox
 //! instance), whose slope is the cost of one more instance. Every job must come back exactly
 //! once, classified; the report counts any that did not. Writes JSON.
+//!
+//! On the cluster (`isomesh-cluster`) the benchmark's client is on member 1 and node `i` on
+//! member `(i + 1) % 3 + 1`: the first node is on member 2, so every job crosses the cluster
+//! twice (the job to the node's member, the answer back) and the figures are the cluster's cost
+//! over one broker.
 
 use crate::common::{listen, machine, ms, precompile_into, read_files, stats, tempdir, Listener};
 use anyhow::Context;
 use isomesh_protos::{Job, JobResult, NodeStatus, Tier};
-use isomesh_testkit::harness::{start_broker, start_node, BenchKey, CpuQuota, NodeSetup, Proc};
+use isomesh_testkit::harness::{
+    start_broker, start_broker_cluster, start_node, BenchKey, CpuQuota, NodeSetup, Proc,
+};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::mqttbytes::QoS;
@@ -46,8 +54,13 @@ pub struct MeshArgs {
     /// Node counts measured.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub nodes: Vec<usize>,
-    /// Brokers measured: `isomesh` (isomesh-broker) and `mosquitto`.
-    #[arg(long, value_delimiter = ',', default_value = "isomesh,mosquitto")]
+    /// Brokers measured: `isomesh` (isomesh-broker), `mosquitto`, `isomesh-cluster` (three
+    /// isomesh-brokers as one cluster).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "isomesh,mosquitto,isomesh-cluster"
+    )]
     pub brokers: Vec<BrokerKind>,
     /// Jobs each node answers in the throughput phase.
     #[arg(long, default_value_t = 30)]
@@ -76,6 +89,24 @@ pub struct MeshArgs {
 pub enum BrokerKind {
     Isomesh,
     Mosquitto,
+    IsomeshCluster,
+}
+
+/// The members of the cluster that `isomesh-cluster` measures.
+const CLUSTER_MEMBERS: usize = 3;
+
+/// A running broker: its processes, and the MQTT port of each member (one unless clustered).
+struct Broker {
+    _procs: Vec<Proc>,
+    ports: Vec<u16>,
+}
+
+impl Broker {
+    /// The port node `i` connects to: on a cluster, not the benchmark client's member (the
+    /// first) for the first node, and the members in turn after it.
+    fn port_of_node(&self, i: usize) -> u16 {
+        self.ports[(i + 1) % self.ports.len()]
+    }
 }
 
 impl BrokerKind {
@@ -83,14 +114,33 @@ impl BrokerKind {
         match self {
             BrokerKind::Isomesh => "isomesh-broker",
             BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::IsomeshCluster => "isomesh-broker x3",
         }
+    }
+
+    /// Starts this broker (every member of it) with its first member on loopback `port`.
+    fn start_all(self, port: u16, work: &Path) -> anyhow::Result<Broker> {
+        if self != BrokerKind::IsomeshCluster {
+            return Ok(Broker {
+                _procs: vec![self.start(port, work)?],
+                ports: vec![port],
+            });
+        }
+        let mut ports = vec![port];
+        for _ in 1..CLUSTER_MEMBERS {
+            ports.push(isomesh_testkit::try_free_port()?);
+        }
+        Ok(Broker {
+            _procs: start_broker_cluster(&ports)?,
+            ports,
+        })
     }
 
     /// Starts this broker on loopback `port`, anonymous (a benchmark's broker lives for
     /// seconds and listens on 127.0.0.1 only).
     fn start(self, port: u16, work: &Path) -> anyhow::Result<Proc> {
         let child = match self {
-            BrokerKind::Isomesh => return start_broker(port),
+            BrokerKind::Isomesh | BrokerKind::IsomeshCluster => return start_broker(port),
             BrokerKind::Mosquitto => {
                 let conf = work.join(format!("mosquitto-{port}.conf"));
                 // As close to isomesh-broker as it gets: no persistence, no payload limit,
@@ -180,7 +230,7 @@ pub async fn mesh(args: MeshArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for &broker_kind in &args.brokers {
         let port = isomesh_testkit::try_free_port()?;
-        let _broker = broker_kind.start(port, &work)?;
+        let broker = broker_kind.start_all(port, &work)?;
         let mut sender = Sender {
             listener: wait_for_broker(port).await?,
             images: images.clone(),
@@ -191,8 +241,8 @@ pub async fn mesh(args: MeshArgs) -> anyhow::Result<()> {
                 .map(|i| quota(&format!("mesh-{i}")))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut procs = Vec::new();
-            for (setup, group) in setups.iter().take(count).zip(&groups) {
-                let proc = start_node(setup, port, &node_flags(&key, 1))?;
+            for (i, (setup, group)) in setups.iter().take(count).zip(&groups).enumerate() {
+                let proc = start_node(setup, broker.port_of_node(i), &node_flags(&key, 1))?;
                 if let Some(group) = group {
                     group.add(proc.pid())?;
                 }
@@ -219,6 +269,7 @@ pub async fn mesh(args: MeshArgs) -> anyhow::Result<()> {
             drop(groups);
             runs.push(json!({
                 "broker": broker_kind.name(),
+                "broker_members": broker.ports.len(),
                 "nodes": count,
                 "latency": summary(&latency),
                 "throughput": {
@@ -523,12 +574,12 @@ fn summary(sent: &[Sent]) -> serde_json::Value {
 }
 
 fn print_table(report: &serde_json::Value) {
-    println!("broker          nodes  p50 ms  p99 ms  photos/s  efficiency  lost");
+    println!("broker             nodes  p50 ms  p99 ms  photos/s  efficiency  lost");
     for run in report["runs"].as_array().into_iter().flatten() {
         let lost = run["latency"]["lost"].as_u64().unwrap_or(0)
             + run["throughput"]["loaded"]["lost"].as_u64().unwrap_or(0);
         println!(
-            "{:<15} {:>5}  {:>6.1}  {:>6.1}  {:>8.2}  {:>10}  {lost}",
+            "{:<18} {:>5}  {:>6.1}  {:>6.1}  {:>8.2}  {:>10}  {lost}",
             run["broker"].as_str().unwrap_or("?"),
             run["nodes"],
             run["latency"]["latency_ms"]["median"]

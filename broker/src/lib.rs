@@ -23,8 +23,9 @@
 //! reloads the files. [`session_rules`] puts back two MQTT 5 rules rmqtt leaves out (topic
 //! aliases from clients; no session expiry given by a DISCONNECT to a session that asked for
 //! none). [`cluster`] makes the broker a member of a cluster of isomesh-brokers (rmqtt's
-//! broadcast cluster), so the mesh survives the loss of one. [`metrics`] serves the broker's Prometheus page on `--metrics-listen`. The
-//! binary in `main.rs` only parses flags and calls these.
+//! broadcast cluster), so the mesh survives the loss of one. [`metrics`] serves the broker's
+//! Prometheus page on `--metrics-listen`. The binary in `main.rs` only parses flags and calls
+//! these.
 
 pub mod access;
 pub mod acl;

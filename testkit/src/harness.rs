@@ -38,6 +38,11 @@ impl Proc {
 
 /// Starts `isomesh-broker` on `port`.
 pub fn start_broker(port: u16) -> anyhow::Result<Proc> {
+    start_broker_with(port, &[])
+}
+
+/// Starts `isomesh-broker` on `port` with `extra` flags.
+fn start_broker_with(port: u16, extra: &[String]) -> anyhow::Result<Proc> {
     let child = Command::new(crate::binary("isomesh-broker")?)
         // Loopback only, for the length of a benchmark: no logins.
         .args([
@@ -45,10 +50,42 @@ pub fn start_broker(port: u16) -> anyhow::Result<Proc> {
             &format!("127.0.0.1:{port}"),
             "--allow-anonymous",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     Ok(Proc(child))
+}
+
+/// Starts `ports.len()` isomesh-brokers as one cluster on loopback (`--cluster-*`), member
+/// `i + 1` serving MQTT on `ports[i]`; their cluster ports are picked free here.
+pub fn start_broker_cluster(ports: &[u16]) -> anyhow::Result<Vec<Proc>> {
+    let grpc = ports
+        .iter()
+        .map(|_| crate::try_free_port().context("a free port for a cluster member"))
+        .collect::<anyhow::Result<Vec<u16>>>()?;
+    let members = grpc
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    ports
+        .iter()
+        .zip(&grpc)
+        .enumerate()
+        .map(|(i, (&port, grpc_port))| {
+            let flags = [
+                "--cluster-id".to_string(),
+                (i + 1).to_string(),
+                "--cluster-listen".to_string(),
+                format!("127.0.0.1:{grpc_port}"),
+                "--cluster-members".to_string(),
+                members.clone(),
+            ];
+            start_broker_with(port, &flags)
+        })
+        .collect()
 }
 
 /// The rollout key of a benchmark mesh: its nodes trust it, and the modules they start with
