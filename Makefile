@@ -121,7 +121,8 @@ checks-build: setup deny-tool fuzz-build lint
 ## vs process restarts (with precompiled code, then with every node compiling), with an aarch64
 ## node under qemu (with its precompiled code, then compiling itself), and vs a
 ## container restart in the compose mesh; the offload policies under Poisson load; mesh latency,
-## throughput and scaling for 1/2/4 nodes on isomesh-broker and Mosquitto, and node memory.
+## throughput and scaling for 1/2/4 nodes on isomesh-broker, Mosquitto and three clustered
+## isomesh-brokers, and node memory.
 ## CPU quotas need root. JSON in bench-out/, then docs/benchmarks.md and its plots.
 BENCH_OUT ?= bench-out
 # The photos (photos/, with their sources and reference answers), or $ISOMESH_IMAGES.
