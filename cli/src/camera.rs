@@ -13,14 +13,15 @@
 //! cluster's surviving members wait on the lost one at first), and a job that reached the
 //! member before its node did is lost however late it was sent. A node that answered it
 //! already sends the same answer again (see `answered`); one still running it ignores the
-//! copy. The camera prints the first answer of each job and counts any later one as a
-//! duplicate.
+//! copy. The camera prints the first answer of each job; a later one counts as `answered_again`
+//! while the job has been asked again that many times (the first answer was late, not lost, and
+//! the copy was answered too), and as a duplicate beyond that.
 //!
 //! Ctrl-C (or SIGTERM) stops the shutter: the camera then waits for the answers still due, as
 //! after its last photo, and prints its summary.
 //!
 //! The last line is a JSON summary (`{"summary":{...}}`): sent, answered, missing, errors,
-//! late, duplicates, asked_again, reconnects, and answers by node. Exit code 0 when every photo
+//! late, duplicates, answered_again, asked_again, reconnects, and answers by node. Exit code 0 when every photo
 //! got an answer and none was an error, 1 otherwise, 2 when the camera itself failed.
 
 use crate::classify::{print_answer, print_header};
@@ -33,7 +34,7 @@ use prost::Message;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -93,6 +94,8 @@ struct Pending {
     sent: Instant,
     /// The last reconnection (its number) after which this job was asked again; 0: never.
     asked_after: u64,
+    /// How many times it was asked again.
+    asked_again: u32,
 }
 
 /// Counts for the summary line.
@@ -103,6 +106,7 @@ struct Tally {
     errors: u64,
     late: u64,
     duplicates: u64,
+    answered_again: u64,
     asked_again: u64,
     reconnects: u64,
     by_node: BTreeMap<String, u64>,
@@ -183,7 +187,10 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     }
     let mut tally = Tally::default();
     let mut pending: HashMap<String, Pending> = HashMap::new();
-    let mut answered: HashSet<String> = HashSet::new();
+    // Every job answered, with how many more answers it may still get: one per time it was
+    // asked again (the node repeats its answer to a copy; the first answer may only have been
+    // late). An answer beyond those is a duplicate.
+    let mut answered: HashMap<String, u32> = HashMap::new();
     let mut shutter = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     shutter.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Set at a reconnection: when the next round of asking again is due.
@@ -224,7 +231,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 if let Err(e) = client.try_publish(target.clone(), QoS::AtLeastOnce, false, bytes.clone()) {
                     eprintln!("isomesh camera: photo {n} not sent now ({e}); it is asked again later");
                 }
-                pending.insert(job.job_id, Pending { photo, target, job: bytes, sent: Instant::now(), asked_after: 0 });
+                pending.insert(job.job_id, Pending { photo, target, job: bytes, sent: Instant::now(), asked_after: 0, asked_again: 0 });
                 tally.sent += 1;
                 last_sent = Instant::now();
             }
@@ -237,6 +244,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 for p in pending.values_mut().filter(|p| p.asked_after < tally.reconnects && now.duration_since(p.sent) >= wait / 2) {
                     let _ = client.try_publish(p.target.clone(), QoS::AtLeastOnce, false, p.job.clone());
                     p.asked_after = tally.reconnects;
+                    p.asked_again += 1;
                     tally.asked_again += 1;
                     asked += 1;
                 }
@@ -277,12 +285,17 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                         continue;
                     };
                     let Some(p) = pending.remove(&result.job_id) else {
-                        if answered.contains(&result.job_id) {
-                            tally.duplicates += 1;
+                        match answered.get_mut(&result.job_id) {
+                            Some(echoes) if *echoes > 0 => {
+                                *echoes -= 1;
+                                tally.answered_again += 1;
+                            }
+                            Some(_) => tally.duplicates += 1,
+                            None => {}
                         }
                         continue;
                     };
-                    answered.insert(result.job_id.clone());
+                    answered.insert(result.job_id.clone(), p.asked_again);
                     tally.answered += 1;
                     *tally.by_node.entry(result.node.clone()).or_default() += 1;
                     if !result.error.is_empty() {
@@ -314,7 +327,8 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
         serde_json::json!({"summary": {
             "sent": tally.sent, "answered": tally.answered, "missing": missing,
             "missing_ids": missing_ids, "errors": tally.errors, "late": tally.late,
-            "duplicates": tally.duplicates, "asked_again": tally.asked_again,
+            "duplicates": tally.duplicates, "answered_again": tally.answered_again,
+            "asked_again": tally.asked_again,
             // The first connection is not a reconnection.
             "reconnects": tally.reconnects, "by_node": tally.by_node,
         }})

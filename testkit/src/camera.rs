@@ -64,7 +64,8 @@ impl Camera {
 
 impl Seen {
     /// Asserts the fault tests' promise: every job answered, exactly once (no second answer
-    /// reached the camera either), without error, with the reference label for its photo.
+    /// reached the camera either, but the node's repeat of an answer to a job the camera asked
+    /// again: `answered_again`), without error, with the reference label for its photo.
     pub fn assert_exactly_one_correct_answer_each(&self) {
         let s = &self.summary;
         let count = |key: &str| s[key].as_u64().unwrap_or(u64::MAX);
