@@ -167,11 +167,69 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The other members, those this one sends to.
+    pub fn peers(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(move |m| m.id != self.id)
+    }
+
+    /// Waits until every other member's cluster port accepts a connection, or `within` passes,
+    /// and returns the members that never did.
+    ///
+    /// Why a member waits before it joins: rmqtt opens its link to each peer once, when the
+    /// cluster starts, and a link that finds no one listening tries again only 3 s later.
+    /// Meanwhile every message for that peer waits [`PEER_TIMEOUT`] and fails, two such failures
+    /// open the [`circuit_breaker`], and for [`BREAKER_OPEN`] after that the peer gets nothing:
+    /// answers published on the member that started first never reached clients on the last
+    /// one (seen in CI: the members started one after another, and half of a tier's jobs went
+    /// unanswered). Members that start together (compose) each wait until the others listen;
+    /// one that starts while another is down waits `within` and joins without it.
+    pub async fn wait_for_peers(&self, within: std::time::Duration) -> Vec<Member> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut waiting: Vec<Member> = self.peers().cloned().collect();
+        loop {
+            let mut still = Vec::new();
+            for member in waiting {
+                let probe = tokio::net::TcpStream::connect(member.addr.as_str());
+                let listening = tokio::time::timeout(PROBE_TIMEOUT, probe)
+                    .await
+                    .is_ok_and(|connected| connected.is_ok());
+                if !listening {
+                    still.push(member);
+                }
+            }
+            waiting = still;
+            if waiting.is_empty() || tokio::time::Instant::now() >= deadline {
+                return waiting;
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+}
+
+/// How long a starting member waits for the others' cluster ports before it joins without
+/// them ([`Cluster::wait_for_peers`]): members started together listen within a second or
+/// two of each other; a member missing after this is taken to be down.
+pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long one probe of a member's port may take (a host that drops packets never refuses).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often a starting member probes the ports of members not listening yet.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How long a member waits for another to take a message.
 ///
 /// Every publish is offered to every other member, and its PUBACK waits for their replies: with a
 /// member gone, each publish on the others waited this long (rmqtt's default, 60 s) until the
 /// [`circuit_breaker`] opened. Members on one LAN answer in milliseconds, so a few seconds is ample.
+///
+/// Not longer: a node that moves to a survivor waits this long on its first publishes there
+/// (each is offered to the dead member too, until the breaker opens), and with 4 s its check for
+/// the module's retained manifest (3-5 s after connecting) came up empty, so it published its
+/// 29 MB of chunks again while jobs waited (measured in compose: back in 5.8 s instead of
+/// 1.2 s, jobs lost). Not shorter: the same timeout bounds the copy of every retained message
+/// a restarted member asks its peers for, tens of MB in one reply.
 pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// When a member stops waiting for another that does not answer: when at least half of the
@@ -209,6 +267,7 @@ pub const BREAKER_OPEN: std::time::Duration = std::time::Duration::from_secs(10)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn config(id: u64, members: &str) -> ClusterConfig {
         ClusterConfig {
@@ -264,6 +323,57 @@ mod tests {
             Err(ClusterError::Duplicate { id: 1, .. })
         ));
         assert!(ClusterConfig::default().cluster().expect("alone").is_none());
+    }
+
+    /// Members on real sockets: one listening, one that starts listening a moment later, and
+    /// one that never does.
+    #[tokio::test]
+    async fn a_starting_member_waits_for_peers_that_listen_and_names_those_that_do_not() {
+        let listening = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let late = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let late_addr = late.local_addr().expect("an address");
+        // Bound and closed again: nothing listens there.
+        let absent_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("an address");
+        drop(late);
+        let members = format!(
+            "1@127.0.0.1:1,2@{},3@{late_addr}",
+            listening.local_addr().expect("an address")
+        );
+        let cluster = config(1, &members)
+            .cluster()
+            .expect("valid")
+            .expect("a cluster");
+        let waited = tokio::spawn({
+            let cluster = cluster.clone();
+            async move { cluster.wait_for_peers(Duration::from_secs(30)).await }
+        });
+        // Member 3 starts while member 1 is already waiting for it (several probes in).
+        tokio::time::sleep(PROBE_INTERVAL * 3).await;
+        let _late_listener = tokio::net::TcpListener::bind(late_addr)
+            .await
+            .expect("the late member's port again");
+        assert_eq!(waited.await.expect("the wait"), Vec::<Member>::new());
+
+        let members = format!(
+            "1@127.0.0.1:1,2@{},3@{absent_addr}",
+            listening.local_addr().expect("an address")
+        );
+        let cluster = config(1, &members)
+            .cluster()
+            .expect("valid")
+            .expect("a cluster");
+        let missing = cluster.wait_for_peers(Duration::from_millis(300)).await;
+        assert_eq!(
+            missing,
+            vec![Member {
+                id: 3,
+                addr: absent_addr.to_string()
+            }]
+        );
     }
 
     #[test]

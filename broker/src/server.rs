@@ -78,6 +78,8 @@ pub async fn run(
     config: BrokerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
+    // Polled while a cluster member waits for its peers and then while serving.
+    let mut shutdown = std::pin::pin!(shutdown);
     // Retained module chunks and manifests must outlive any TTL: they are the rollout's state.
     // rmqtt's retainer bounds their count and each one's size, not their total bytes: the
     // worst case is the product of the two.
@@ -131,6 +133,27 @@ pub async fn run(
         drop(grpc);
         scx.node
             .start_grpc_server(scx.clone(), cluster.listen, true, false);
+        // Join once the others listen, so rmqtt's links to them connect at the first try
+        // (Cluster::wait_for_peers says why); clients are served only after that.
+        let waiting: Vec<String> = cluster.peers().map(ToString::to_string).collect();
+        tracing::info!(members = %waiting.join(","), "waiting for the other cluster members to listen");
+        let missing = tokio::select! {
+            missing = cluster.wait_for_peers(crate::cluster::JOIN_WAIT) => missing,
+            _ = &mut shutdown => {
+                tracing::info!("isomesh-broker stopping on request, before it joined the cluster");
+                return Ok(());
+            }
+        };
+        if missing.is_empty() {
+            tracing::info!("every other cluster member listens: joining");
+        } else {
+            let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                missing = %missing.join(","),
+                "cluster members not listening after {:?}: joining without them; until one starts and the link to it connects (every 3 s), messages for its clients are dropped",
+                crate::cluster::JOIN_WAIT
+            );
+        }
         rmqtt_cluster_broadcast::register(&scx, true, false)
             .await
             .map_err(|e| BrokerError::Plugin {
@@ -218,7 +241,7 @@ pub async fn run(
     let server = server.build();
     tokio::select! {
         served = server.run() => served.map_err(|e| BrokerError::Serve(e.to_string())),
-        _ = shutdown => {
+        _ = &mut shutdown => {
             // Dropping the server closes the listener; sessions end when the runtime stops.
             tracing::info!("isomesh-broker stopping on request");
             Ok(())

@@ -112,9 +112,16 @@ impl TestBroker {
     }
 
     /// Starts `members` isomesh-brokers as one cluster (`--cluster-*`, members talking over
-    /// 127.0.0.1) and waits until each accepts connections. Member `i` of the result has
-    /// cluster id `i + 1`.
+    /// 127.0.0.1), all at once as compose starts them, and waits until each accepts
+    /// connections. Member `i` of the result has cluster id `i + 1`.
     pub async fn start_cluster(members: usize) -> Vec<TestBroker> {
+        TestBroker::start_cluster_staggered(members, Duration::ZERO).await
+    }
+
+    /// [`TestBroker::start_cluster`] with member `i` started `i * gap` after the first, as
+    /// members on machines that boot at different times are. A member serves clients only once
+    /// the others listen on their cluster ports (or after isomesh-broker's join wait).
+    pub async fn start_cluster_staggered(members: usize, gap: Duration) -> Vec<TestBroker> {
         let grpc_ports: Vec<u16> = (0..members).map(|_| crate::free_port()).collect();
         let list = grpc_ports
             .iter()
@@ -122,8 +129,9 @@ impl TestBroker {
             .map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
-        let mut brokers = Vec::new();
-        for (i, port) in grpc_ports.iter().enumerate() {
+        // Concurrently: a member waits for the others' cluster ports before it serves MQTT,
+        // so members started one after another would each wait out the join wait.
+        let starting = grpc_ports.iter().enumerate().map(|(i, port)| {
             let args = vec![
                 "--cluster-id".to_string(),
                 (i + 1).to_string(),
@@ -132,10 +140,16 @@ impl TestBroker {
                 "--cluster-members".to_string(),
                 list.clone(),
             ];
-            brokers.push(
+            tokio::spawn(async move {
+                tokio::time::sleep(gap * i as u32).await;
                 TestBroker::start_bound(BrokerKind::Isomesh, "127.0.0.1", None, None, false, args)
-                    .await,
-            );
+                    .await
+            })
+        });
+        let starting: Vec<_> = starting.collect();
+        let mut brokers = Vec::new();
+        for member in starting {
+            brokers.push(member.await.expect("a cluster member started"));
         }
         brokers
     }
@@ -266,7 +280,12 @@ impl TestBroker {
 
     /// What the broker has logged so far (for assertion messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The file the broker logs to, kept across [`TestBroker::restart`]s.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("broker.log")
     }
 }
 

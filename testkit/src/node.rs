@@ -390,22 +390,44 @@ pub async fn wait_status_as(
         None => Client::connect(port, &id).await,
     };
     watcher.subscribe(&format!("isomesh/status/{node}")).await;
+    match next_status_where(&mut watcher, within, done).await {
+        Ok(status) => status,
+        Err(last) => {
+            panic!("node {node}: condition not met within {within:?}; last status: {last:?}")
+        }
+    }
+}
+
+/// [`wait_status`] for a test that explains a timeout itself (with logs): the last status
+/// seen, if any, when `done` was not met within `within`.
+pub async fn try_wait_status(
+    port: u16,
+    node: &str,
+    within: Duration,
+    done: impl Fn(&NodeStatus) -> bool,
+) -> Result<NodeStatus, Option<NodeStatus>> {
+    let mut watcher = Client::connect(port, &format!("wait-{node}-{}", unique())).await;
+    watcher.subscribe(&format!("isomesh/status/{node}")).await;
+    next_status_where(&mut watcher, within, done).await
+}
+
+async fn next_status_where(
+    watcher: &mut Client,
+    within: Duration,
+    done: impl Fn(&NodeStatus) -> bool,
+) -> Result<NodeStatus, Option<NodeStatus>> {
     let deadline = tokio::time::Instant::now() + within;
     let mut last = None;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match watcher.next(left).await {
-            Some(publish) => {
-                let status = NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus");
-                if done(&status) {
-                    return status;
-                }
-                last = Some(status);
-            }
-            None => {
-                panic!("node {node}: condition not met within {within:?}; last status: {last:?}")
-            }
+        let Some(publish) = watcher.next(left).await else {
+            return Err(last);
+        };
+        let status = NodeStatus::decode(publish.payload.as_ref()).expect("NodeStatus");
+        if done(&status) {
+            return Ok(status);
         }
+        last = Some(status);
     }
 }
 

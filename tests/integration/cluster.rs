@@ -15,9 +15,12 @@ mod isomesh_broker_only {
     use isomesh_testkit::broker::TestBroker;
     use isomesh_testkit::camera::Camera;
     use isomesh_testkit::mqtt::Client;
-    use isomesh_testkit::node::{classify_photo, serves, wait_status, NodeSpec, TestNode};
+    use isomesh_testkit::node::{
+        classify_photo, serves, try_wait_status, wait_status, NodeSpec, TestNode,
+    };
     use isomesh_testkit::rollout::{self, guest_module_v2, Keys, MODULE_NAME, VERSION_2};
     use isomesh_testkit::{isomesh, photos};
+    use std::path::PathBuf;
     use std::time::{Duration, Instant};
 
     /// Generous: a cold compile of the classifier takes ~15 s, more with both cores busy.
@@ -56,9 +59,44 @@ mod isomesh_broker_only {
         }
     }
 
+    /// Prints the members' warnings and errors when the test panics while it is in scope, so
+    /// a failure (a job lost, a status or answer that never came) shows the links to peers,
+    /// the circuit breaker and the forwards that failed.
+    struct WarningsOnPanic(Vec<PathBuf>);
+
+    impl WarningsOnPanic {
+        fn of(members: &[TestBroker]) -> WarningsOnPanic {
+            WarningsOnPanic(members.iter().map(TestBroker::log_path).collect())
+        }
+    }
+
+    impl Drop for WarningsOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("{}", warnings_of(&self.0));
+            }
+        }
+    }
+
+    /// The members' warnings and errors.
+    fn warnings_of(logs: &[PathBuf]) -> String {
+        let mut out = String::new();
+        for (i, log) in logs.iter().enumerate() {
+            out.push_str(&format!("member {}'s warnings and errors:\n", i + 1));
+            for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+                if line.contains("WARN") || line.contains("ERROR") {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_rollout_through_one_member_reaches_nodes_on_the_others_and_a_restarted_member() {
         let mut members = TestBroker::start_cluster(3).await;
+        let _warnings = WarningsOnPanic::of(&members);
         let keys = Keys::new();
         let edge = TestNode::start(node_with_keys("cl-e1", "edge", members[2].port(), &keys)).await;
         // Through member 1: `--wait` follows cl-e1's statuses, which it publishes on member 3.
@@ -101,9 +139,48 @@ mod isomesh_broker_only {
         assert!(photos()[0].accepts(top1 as u32), "{result}");
     }
 
+    /// Members that boot at different times: the first serves its clients only once it
+    /// reaches the others, so what its clients publish reaches the last member's at once.
+    /// Before, the first member's link to a member that did not listen yet tried again only
+    /// after 3 s, its messages meanwhile timed out, and the circuit breaker then dropped
+    /// everything for that member for 10 s (CI: half of a tier's jobs unanswered).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_member_that_starts_first_reaches_the_later_ones_from_its_first_message() {
+        let members = TestBroker::start_cluster_staggered(3, Duration::from_millis(1500)).await;
+        let _warnings = WarningsOnPanic::of(&members);
+        let mut subscriber = Client::connect(members[2].port(), "cl-late-sub").await;
+        subscriber.subscribe("cl/boot/#").await;
+        let mut publisher = Client::connect(members[0].port(), "cl-early-pub").await;
+        for i in 0..12 {
+            publisher
+                .publish(&format!("cl/boot/{i}"), vec![i as u8])
+                .await;
+            // One at a time, each acknowledged before the next goes out.
+            assert!(
+                publisher.next_ack(Duration::from_secs(30)).await.is_some(),
+                "no PUBACK for message {i}"
+            );
+        }
+        let mut got: Vec<String> = Vec::new();
+        while got.len() < 12 {
+            match subscriber.next(Duration::from_secs(20)).await {
+                Some(publish) => got.push(String::from_utf8_lossy(&publish.topic).into_owned()),
+                None => panic!(
+                    "the subscriber on member 3 got {} of 12 messages published on member 1: {got:?}\nmember 1's log:\n{}",
+                    got.len(),
+                    members[0].log()
+                ),
+            }
+        }
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 12, "{got:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_tiers_jobs_are_shared_between_nodes_on_different_members_each_answered_once() {
         let members = TestBroker::start_cluster(3).await;
+        let _warnings = WarningsOnPanic::of(&members);
         let first = TestNode::start(NodeSpec::with_guest("cl-s1", "edge", members[0].port())).await;
         let second =
             TestNode::start(NodeSpec::with_guest("cl-s2", "edge", members[1].port())).await;
@@ -128,6 +205,7 @@ mod isomesh_broker_only {
     #[tokio::test(flavor = "multi_thread")]
     async fn killing_the_member_of_a_camera_and_a_node_moves_both_and_loses_no_job() {
         let mut members = TestBroker::start_cluster(3).await;
+        let _warnings = WarningsOnPanic::of(&members);
         let list = format!("{},{}", members[0].url(), members[1].url());
         let node = TestNode::start(NodeSpec::with_guest_and_args(
             "cl-f1",
@@ -159,10 +237,16 @@ mod isomesh_broker_only {
         members[0].kill();
         // Seen from member 3, which neither client uses: the cluster carries the status. The
         // status retained from before the kill says online too: wait for one published after.
-        let status = wait_status(members[2].port(), "cl-f1", Duration::from_secs(60), |s| {
+        let status = try_wait_status(members[2].port(), "cl-f1", Duration::from_secs(60), |s| {
             s.online && s.module.is_some() && s.published_at_ms >= killed_at_ms
         })
-        .await;
+        .await
+        .unwrap_or_else(|last| {
+            panic!(
+                "no status of cl-f1 published after the kill reached member 3 within 60 s; the last: {last:?}\ncl-f1's log:\n{}",
+                node.log()
+            )
+        });
         eprintln!(
             "cl-f1 online with {:?} on member 2, seen on member 3, {} ms after member 1 was killed",
             status.module.as_ref().map(|m| &m.version),
