@@ -165,9 +165,7 @@ impl Cluster {
             PEER_TIMEOUT.as_millis()
         )
     }
-}
 
-impl Cluster {
     /// The other members, those this one sends to.
     pub fn peers(&self) -> impl Iterator<Item = &Member> {
         self.members.iter().filter(move |m| m.id != self.id)

@@ -21,8 +21,9 @@
 //! after its last photo, and prints its summary.
 //!
 //! The last line is a JSON summary (`{"summary":{...}}`): sent, answered, missing, errors,
-//! late, duplicates, answered_again, asked_again, reconnects, and answers by node. Exit code 0 when every photo
-//! got an answer and none was an error, 1 otherwise, 2 when the camera itself failed.
+//! late, duplicates, answered_again, asked_again, reconnects, and answers by node. Exit code 0
+//! when every photo got an answer and none was an error, 1 otherwise, 2 when the camera itself
+//! failed.
 
 use crate::classify::{print_answer, print_header};
 use anyhow::Context;
@@ -187,10 +188,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     }
     let mut tally = Tally::default();
     let mut pending: HashMap<String, Pending> = HashMap::new();
-    // Every job answered, with how many more answers it may still get: one per time it was
-    // asked again (the node repeats its answer to a copy; the first answer may only have been
-    // late). An answer beyond those is a duplicate.
-    let mut answered: HashMap<String, u32> = HashMap::new();
+    let mut answered = Answered::default();
     let mut shutter = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     shutter.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Set at a reconnection: when the next round of asking again is due.
@@ -285,17 +283,14 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                         continue;
                     };
                     let Some(p) = pending.remove(&result.job_id) else {
-                        match answered.get_mut(&result.job_id) {
-                            Some(echoes) if *echoes > 0 => {
-                                *echoes -= 1;
-                                tally.answered_again += 1;
-                            }
-                            Some(_) => tally.duplicates += 1,
-                            None => {}
+                        match answered.another(&result.job_id) {
+                            Another::Repeat => tally.answered_again += 1,
+                            Another::Duplicate => tally.duplicates += 1,
+                            Another::Unknown => {}
                         }
                         continue;
                     };
-                    answered.insert(result.job_id.clone(), p.asked_again);
+                    answered.first(&result.job_id, p.asked_again);
                     tally.answered += 1;
                     *tally.by_node.entry(result.node.clone()).or_default() += 1;
                     if !result.error.is_empty() {
@@ -361,6 +356,41 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// The jobs answered, each with how many more answers it may still get: one per time it was
+/// asked again (the node repeats its answer to the copy, and the first answer may only have
+/// been late). An answer beyond those is a duplicate.
+#[derive(Default)]
+struct Answered(HashMap<String, u32>);
+
+/// What a further answer to an answered job is.
+#[derive(Debug, PartialEq, Eq)]
+enum Another {
+    /// The node's repeat, for a copy the camera published.
+    Repeat,
+    /// More answers than the job was asked for.
+    Duplicate,
+    /// A job of another run (the client id's replies topic outlives a run).
+    Unknown,
+}
+
+impl Answered {
+    /// The job's first answer, after it was asked again `asked_again` times.
+    fn first(&mut self, job_id: &str, asked_again: u32) {
+        self.0.insert(job_id.to_string(), asked_again);
+    }
+
+    fn another(&mut self, job_id: &str) -> Another {
+        match self.0.get_mut(job_id) {
+            Some(repeats) if *repeats > 0 => {
+                *repeats -= 1;
+                Another::Repeat
+            }
+            Some(_) => Another::Duplicate,
+            None => Another::Unknown,
+        }
+    }
+}
+
 /// The photos of `dir` (`.jpg`, `.jpeg`, `.png`), by name, read once.
 fn read_photos(dir: &std::path::Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -388,4 +418,21 @@ fn read_photos(dir: &std::path::Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>>
             Ok((path, bytes))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_asked_again_may_be_answered_once_more_per_copy_and_no_more() {
+        let mut answered = Answered::default();
+        answered.first("never-asked-again", 0);
+        answered.first("asked-again-twice", 2);
+        assert_eq!(answered.another("never-asked-again"), Another::Duplicate);
+        assert_eq!(answered.another("asked-again-twice"), Another::Repeat);
+        assert_eq!(answered.another("asked-again-twice"), Another::Repeat);
+        assert_eq!(answered.another("asked-again-twice"), Another::Duplicate);
+        assert_eq!(answered.another("of-another-run"), Another::Unknown);
+    }
 }

@@ -3,7 +3,8 @@
 //!
 //! Each test starts three members on 127.0.0.1 and spreads the mesh's clients over them: a
 //! rollout published through one member reaches nodes on the others, including one that joins
-//! later and one member restarted empty; a tier's job queue (a shared subscription) is split
+//! later and one member restarted empty; members started at different times reach each other
+//! from the first message; a tier's job queue (a shared subscription) is split
 //! between nodes on different members with every job answered once; and a kill -9 of the member
 //! a camera and a node are on moves both to another member with no job lost or answered twice.
 //!
