@@ -178,9 +178,9 @@ impl Cluster {
     /// cluster starts, and a link that finds no one listening tries again only 3 s later.
     /// Meanwhile every message for that peer waits [`PEER_TIMEOUT`] and fails, two such failures
     /// open the [`circuit_breaker`], and for [`BREAKER_OPEN`] after that the peer gets nothing:
-    /// answers published on the member that started first never reached clients on the last
-    /// one (seen in CI: the members started one after another, and half of a tier's jobs went
-    /// unanswered). Members that start together (compose) each wait until the others listen;
+    /// answers published on the member that started first do not reach clients on the last one
+    /// (the likely cause of a CI failure: members started one after another, and the jobs
+    /// answered by the node on the first member, half of a tier's, went unanswered). Members that start together (compose) each wait until the others listen;
     /// one that starts while another is down waits `within` and joins without it.
     pub async fn wait_for_peers(&self, within: std::time::Duration) -> Vec<Member> {
         let deadline = tokio::time::Instant::now() + within;

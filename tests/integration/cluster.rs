@@ -142,9 +142,10 @@ mod isomesh_broker_only {
 
     /// Members that boot at different times: the first serves its clients only once it
     /// reaches the others, so what its clients publish reaches the last member's at once.
-    /// Before, the first member's link to a member that did not listen yet tried again only
-    /// after 3 s, its messages meanwhile timed out, and the circuit breaker then dropped
-    /// everything for that member for 10 s (CI: half of a tier's jobs unanswered).
+    /// Otherwise the first member's link to a member that did not listen yet is tried again
+    /// only after 3 s, its messages meanwhile time out, and the circuit breaker then drops
+    /// everything for that member for 10 s (read in rmqtt's code; the likely cause of a CI
+    /// failure where half of a tier's jobs went unanswered).
     #[tokio::test(flavor = "multi_thread")]
     async fn a_member_that_starts_first_reaches_the_later_ones_from_its_first_message() {
         let members = TestBroker::start_cluster_staggered(3, Duration::from_millis(1500)).await;
