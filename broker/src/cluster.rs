@@ -337,18 +337,17 @@ mod tests {
             .and_then(|l| l.local_addr())
             .expect("an address");
         drop(late);
-        let members = format!(
-            "1@127.0.0.1:1,2@{},3@{late_addr}",
-            listening.local_addr().expect("an address")
-        );
-        let cluster = config(1, &members)
-            .cluster()
-            .expect("valid")
-            .expect("a cluster");
-        let waited = tokio::spawn({
-            let cluster = cluster.clone();
-            async move { cluster.wait_for_peers(Duration::from_secs(30)).await }
-        });
+        // Member 1 (this one, never probed) with member 2 listening and member 3 at `third`.
+        let listening_addr = listening.local_addr().expect("an address");
+        let cluster_with = |third: std::net::SocketAddr| {
+            config(1, &format!("1@127.0.0.1:1,2@{listening_addr},3@{third}"))
+                .cluster()
+                .expect("valid")
+                .expect("a cluster")
+        };
+        let cluster = cluster_with(late_addr);
+        let waited =
+            tokio::spawn(async move { cluster.wait_for_peers(Duration::from_secs(30)).await });
         // Member 3 starts while member 1 is already waiting for it (several probes in).
         tokio::time::sleep(PROBE_INTERVAL * 3).await;
         let _late_listener = tokio::net::TcpListener::bind(late_addr)
@@ -356,15 +355,9 @@ mod tests {
             .expect("the late member's port again");
         assert_eq!(waited.await.expect("the wait"), Vec::<Member>::new());
 
-        let members = format!(
-            "1@127.0.0.1:1,2@{},3@{absent_addr}",
-            listening.local_addr().expect("an address")
-        );
-        let cluster = config(1, &members)
-            .cluster()
-            .expect("valid")
-            .expect("a cluster");
-        let missing = cluster.wait_for_peers(Duration::from_millis(300)).await;
+        let missing = cluster_with(absent_addr)
+            .wait_for_peers(Duration::from_millis(300))
+            .await;
         assert_eq!(
             missing,
             vec![Member {
