@@ -13,6 +13,14 @@
 //! [`Link::close`] ends it the way the broker needs: what is in flight acknowledged first, then
 //! the DISCONNECT, flushed.
 //!
+//! A connection can also hang without failing. When the broker's host vanishes (a power cut, a
+//! container killed: no FIN, no RST) while the client's socket is full, rumqttc's poll waits in
+//! its write until the kernel gives up on the connection, minutes later, and its keep-alive ping
+//! cannot go out meanwhile (seen: a node re-seeding 29 MB of module chunks stayed silent for
+//! 90 s). So a poll that has made no progress for two keep-alive periods ([`stall_limit`]) is
+//! given up: the task drops the connection with `EventLoop::clean`, which keeps what was in
+//! flight for the next connection, and reports it lost like any other.
+//!
 //! Given the members of a broker cluster ([`Link::spawn_members`]), the task also moves to the
 //! next member when its own cannot be reached, as [`crate::failover::Rotation`] decides: the
 //! event loop's options are swapped before it connects again, so the client, its requests and
@@ -38,6 +46,16 @@ const PAUSE_AFTER_REFUSAL: Duration = Duration::from_secs(5);
 const AHEAD: usize = 64;
 /// How long [`Link::close`] lets the DISCONNECT take to go out.
 const FLUSH_WITHIN: Duration = Duration::from_secs(3);
+
+/// How long one poll may go without returning before the connection counts as lost: two
+/// keep-alive periods, none with keep-alive off. A live connection returns from a poll at least
+/// once a period (a ping, if nothing else), and a broker drops a client it has heard nothing from
+/// for one and a half; past two, not even a ping got out. The longest a poll waits on its own,
+/// connecting, is rumqttc's connection timeout (5 s), well under the 20 s the shortest keep-alive
+/// here (the camera's, 10 s) gives.
+fn stall_limit(keep_alive: Duration) -> Option<Duration> {
+    (!keep_alive.is_zero()).then(|| keep_alive * 2)
+}
 
 /// The broker connection's event stream.
 pub struct Link {
@@ -135,7 +153,7 @@ async fn pump(
         let polled = tokio::select! {
             biased;
             request = &mut close => return finish(eventloop, request.ok()).await,
-            polled = eventloop.poll() => polled,
+            polled = poll_unless_stalled(&mut eventloop) => polled,
         };
         let pause = match &polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -175,6 +193,29 @@ async fn pump(
                 request = &mut close => return finish(eventloop, request.ok()).await,
                 _ = tokio::time::sleep(pause) => {}
             }
+        }
+    }
+}
+
+/// One poll, given up after [`stall_limit`]: the connection is dropped (what was in flight goes
+/// out again on the next one) and reported as lost.
+async fn poll_unless_stalled(eventloop: &mut EventLoop) -> Polled {
+    let Some(limit) = stall_limit(eventloop.options.keep_alive()) else {
+        return eventloop.poll().await;
+    };
+    match tokio::time::timeout(limit, eventloop.poll()).await {
+        Ok(polled) => polled,
+        Err(_stalled) => {
+            let (host, port) = eventloop.options.broker_address();
+            tracing::warn!(%host, port, stalled_s = limit.as_secs(), "no progress on the broker connection (its host may be gone); dropping it");
+            eventloop.clean();
+            Err(ConnectionError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no progress on the connection to {host}:{port} for {} s (its host may be gone)",
+                    limit.as_secs()
+                ),
+            )))
         }
     }
 }

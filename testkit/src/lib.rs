@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod node;
 pub mod rollout;
+pub mod vanishing;
 
 use std::path::PathBuf;
 

@@ -7,11 +7,16 @@
 //! depend on any one broker: they move, subscribe again and publish their status again on the
 //! member they reach, and the camera, which owns its jobs end to end, asks again for what the
 //! dead member took with it. Its metrics say which member it is on and how often it moved.
+//!
+//! A member whose host vanishes (no FIN, no RST) while a client's socket to it is full must not
+//! hold the client either: the client gives its connection up when a poll has made no progress
+//! for two keep-alive periods, and moves on.
 
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::camera::Camera;
 use isomesh_testkit::metrics::{scrape, value};
 use isomesh_testkit::node::{wait_status, NodeSpec, TestNode};
+use isomesh_testkit::vanishing::VanishingHost;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,4 +91,55 @@ async fn a_node_and_a_camera_move_to_the_next_member_when_theirs_is_killed_and_n
         Some(1.0),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_camera_whose_member_vanishes_mid_burst_gives_it_up_and_moves_on() {
+    let broker = TestBroker::start().await;
+    let node = TestNode::start(NodeSpec::with_guest("fo-burst", "edge", broker.port())).await;
+    // The camera's first member is the same broker behind a host that vanishes once about ten
+    // photos have gone through it; its second, the broker itself.
+    let host = VanishingHost::start(broker.port(), 1 << 20).await;
+    let members = format!("{},{}", host.url(), broker.url());
+    let started = Instant::now();
+    // 100 photos (about 10 MB) in 2 s: after the host vanishes, the rest fill the camera's
+    // socket, and its poll waits in a write that never ends.
+    let camera = Camera::start(
+        &members,
+        &[
+            "--node",
+            "fo-burst",
+            "--rate",
+            "50",
+            "--count",
+            "100",
+            "--ask-again-after-s",
+            "3",
+            "--timeout-s",
+            "90",
+        ],
+    );
+    let seen = camera.finish();
+    eprintln!(
+        "camera done {} ms after it started: {}",
+        started.elapsed().as_millis(),
+        seen.summary
+    );
+    assert!(
+        host.has_vanished(),
+        "the camera's first member never vanished"
+    );
+    seen.assert_exactly_one_correct_answer_each();
+    assert!(
+        seen.log.contains("no progress on the connection"),
+        "the camera gave its stalled connection up:\n{}",
+        seen.log
+    );
+    assert!(
+        seen.log
+            .contains(&format!("reconnected to {}", broker.url())),
+        "the camera moved to its second member:\n{}",
+        seen.log
+    );
+    drop(node);
 }
