@@ -14,8 +14,18 @@
 //! member before its node did is lost however late it was sent. A node that answered it
 //! already sends the same answer again (see `answered`); one still running it ignores the
 //! copy. The camera prints the first answer of each job; a later one counts as `answered_again`
-//! while the job has been asked again that many times (the first answer was late, not lost, and
-//! the copy was answered too), and as a duplicate beyond that.
+//! while the job has had that many copies published (the first answer was late, not lost, and
+//! the copy was answered too), and as a duplicate beyond that. Copies are the camera's own and
+//! those rumqttc publishes after a reconnection: what the last connection had not acknowledged
+//! goes out again, as a new message to the node.
+//!
+//! A reconnection is not the only way to lose a job. A member of a clustered broker cut off from
+//! the others (a partition of the cluster's own network) drops what crosses to it and from it,
+//! and every client's connection stays up, so nothing tells the camera. So a job still
+//! unanswered `--unanswered-after-s` after it was last sent is asked again too (looked for four
+//! times a wait, so up to a quarter of it later), and again every wait while it stays
+//! unanswered: a node still running it holds the copy back and acknowledges it with its answer,
+//! so a slow node costs a few bytes, not a second answer.
 //!
 //! Ctrl-C (or SIGTERM) stops the shutter: the camera then waits for the answers still due, as
 //! after its last photo, and prints its summary.
@@ -68,6 +78,11 @@ pub struct CameraArgs {
     /// old) are published again, in rounds this long apart until a round finds none, s.
     #[arg(long, default_value_t = 10)]
     pub ask_again_after_s: u64,
+    /// A job still unanswered this long after it was last sent is asked again, connection lost
+    /// or not (a clustered broker's member cut off from the others drops what crosses to it), s;
+    /// 0: only after a reconnection.
+    #[arg(long, default_value_t = 30)]
+    pub unanswered_after_s: u64,
     /// Before the first photo, wait up to this long for the target nodes (or one node of the
     /// target tier) to be online with a module, s: a job sent to a node that never connected
     /// is dropped by the broker.
@@ -93,10 +108,37 @@ struct Pending {
     target: String,
     job: Vec<u8>,
     sent: Instant,
+    /// When it was last published: when it was sent or last asked again.
+    last_asked: Instant,
     /// The last reconnection (its number) after which this job was asked again; 0: never.
     asked_after: u64,
     /// How many times it was asked again.
     asked_again: u32,
+    /// Reconnections while it was pending. rumqttc publishes again what the last connection had
+    /// not acknowledged, with no DUP flag (and a broker forwards a QoS 1 copy as a new message
+    /// anyway), so a node may take such a copy for the job asked again and answer it again.
+    resent: u32,
+}
+
+impl Pending {
+    /// Unanswered for `after` since it was last published.
+    fn is_overdue(&self, now: Instant, after: Duration) -> bool {
+        now.saturating_duration_since(self.last_asked) >= after
+    }
+
+    /// Publishes the job again, under the same id.
+    fn ask_again(&mut self, client: &AsyncClient, now: Instant) {
+        // A full request queue (the broker away for long) drops this copy: the job stays
+        // pending and its next turn comes `--unanswered-after-s` later or after a reconnection.
+        let _ = client.try_publish(
+            self.target.clone(),
+            QoS::AtLeastOnce,
+            false,
+            self.job.clone(),
+        );
+        self.last_asked = now;
+        self.asked_again += 1;
+    }
 }
 
 /// Counts for the summary line.
@@ -193,6 +235,13 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
     shutter.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Set at a reconnection: when the next round of asking again is due.
     let mut ask_again: Option<Instant> = None;
+    let unanswered_after =
+        (args.unanswered_after_s > 0).then(|| Duration::from_secs(args.unanswered_after_s));
+    // Overdue jobs are looked for a few times a wait, and asked again together: one log line
+    // for a burst of them, each at most a quarter of a wait late.
+    let check_every = unanswered_after.map_or(Duration::from_secs(1), |after| after / 4);
+    let mut overdue_check = tokio::time::interval(check_every.max(Duration::from_secs(1)));
+    overdue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sent = Instant::now();
     let wait = Duration::from_secs(args.timeout_s);
     let mut stop_requested = std::pin::pin!(stop_signal());
@@ -229,7 +278,8 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 if let Err(e) = client.try_publish(target.clone(), QoS::AtLeastOnce, false, bytes.clone()) {
                     eprintln!("isomesh camera: photo {n} not sent now ({e}); it is asked again later");
                 }
-                pending.insert(job.job_id, Pending { photo, target, job: bytes, sent: Instant::now(), asked_after: 0, asked_again: 0 });
+                let now = Instant::now();
+                pending.insert(job.job_id, Pending { photo, target, job: bytes, sent: now, last_asked: now, asked_after: 0, asked_again: 0, resent: 0 });
                 tally.sent += 1;
                 last_sent = Instant::now();
             }
@@ -240,13 +290,24 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 let now = Instant::now();
                 let mut asked = 0;
                 for p in pending.values_mut().filter(|p| p.asked_after < tally.reconnects && now.duration_since(p.sent) >= wait / 2) {
-                    let _ = client.try_publish(p.target.clone(), QoS::AtLeastOnce, false, p.job.clone());
                     p.asked_after = tally.reconnects;
-                    p.asked_again += 1;
+                    p.ask_again(&client, now);
                     tally.asked_again += 1;
                     asked += 1;
                 }
                 ask_again = (asked > 0).then_some(now + wait);
+            }
+            _ = overdue_check.tick(), if unanswered_after.is_some() => {
+                let now = Instant::now();
+                let mut asked = 0;
+                for p in pending.values_mut().filter(|p| unanswered_after.is_some_and(|after| p.is_overdue(now, after))) {
+                    p.ask_again(&client, now);
+                    tally.asked_again += 1;
+                    asked += 1;
+                }
+                if asked > 0 {
+                    eprintln!("isomesh camera: asked again {asked} job(s) unanswered for {} s or more", args.unanswered_after_s);
+                }
             }
             _ = tokio::time::sleep_until(last_sent + wait), if done_sending => break,
             _ = &mut stop_requested, if !stopped => {
@@ -258,6 +319,9 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     // The broker may have lost the subscription with everything else.
                     tally.reconnects += 1;
+                    for p in pending.values_mut() {
+                        p.resent += 1;
+                    }
                     let _ = client.try_subscribe(reply_to.clone(), QoS::AtLeastOnce);
                     ask_again = Some(Instant::now() + Duration::from_secs(args.ask_again_after_s));
                     eprintln!("isomesh camera: reconnected to {}", members_shown.get(link.member()).map_or("", String::as_str));
@@ -290,7 +354,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                         }
                         continue;
                     };
-                    answered.first(&result.job_id, p.asked_again);
+                    answered.first(&result.job_id, p.asked_again + p.resent);
                     tally.answered += 1;
                     *tally.by_node.entry(result.node.clone()).or_default() += 1;
                     if !result.error.is_empty() {
@@ -303,7 +367,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                         let mut line = report::to_json(&result);
                         line["file"] = path.display().to_string().into();
                         line["round_trip_ms"] = (p.sent.elapsed().as_secs_f64() * 1000.0).into();
-                        line["asked_again"] = (p.asked_after > 0).into();
+                        line["asked_again"] = (p.asked_again > 0).into();
                         println!("{line}");
                     } else {
                         print_answer(false, args.budget_ms, path, &result, p.sent.elapsed());
@@ -356,9 +420,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The jobs answered, each with how many more answers it may still get: one per time it was
-/// asked again (the node repeats its answer to the copy, and the first answer may only have
-/// been late). An answer beyond those is a duplicate.
+/// The jobs answered, each with how many more answers it may still get: one per copy of it
+/// published, by the camera asking again or by rumqttc after a reconnection (the node repeats
+/// its answer to a copy, and the first answer may only have been late). An answer beyond those
+/// is a duplicate.
 #[derive(Default)]
 struct Answered(HashMap<String, u32>);
 
@@ -374,9 +439,9 @@ enum Another {
 }
 
 impl Answered {
-    /// The job's first answer, after it was asked again `asked_again` times.
-    fn first(&mut self, job_id: &str, asked_again: u32) {
-        self.0.insert(job_id.to_string(), asked_again);
+    /// The job's first answer, after `copies` more copies of it were published.
+    fn first(&mut self, job_id: &str, copies: u32) {
+        self.0.insert(job_id.to_string(), copies);
     }
 
     fn another(&mut self, job_id: &str) -> Another {
@@ -434,5 +499,27 @@ mod tests {
         assert_eq!(answered.another("asked-again-twice"), Another::Repeat);
         assert_eq!(answered.another("asked-again-twice"), Another::Duplicate);
         assert_eq!(answered.another("of-another-run"), Another::Unknown);
+    }
+
+    #[test]
+    fn a_job_is_overdue_once_unanswered_for_the_wait_since_it_was_last_asked() {
+        let start = Instant::now();
+        let after = Duration::from_secs(30);
+        let mut job = Pending {
+            photo: 0,
+            target: "isomesh/jobs/d1".into(),
+            job: Vec::new(),
+            sent: start,
+            last_asked: start,
+            asked_after: 0,
+            asked_again: 0,
+            resent: 0,
+        };
+        assert!(!job.is_overdue(start + Duration::from_secs(29), after));
+        assert!(job.is_overdue(start + after, after));
+        // Asked again, its next turn is a whole wait later.
+        job.last_asked = start + after;
+        assert!(!job.is_overdue(start + Duration::from_secs(59), after));
+        assert!(job.is_overdue(start + Duration::from_secs(60), after));
     }
 }

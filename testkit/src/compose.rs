@@ -239,34 +239,43 @@ impl Mesh {
         docker_ok(&["restart", "-t", "10", &self.container(service)]);
     }
 
-    /// The compose network's name.
-    fn network(&self) -> String {
+    /// The name Docker gives compose's network `network` (`mesh`, or `cluster` in a clustered
+    /// mesh).
+    fn network(&self, network: &str) -> String {
         // docker-compose 1.x lower-cases the project name and drops characters other than
         // letters, digits, '-' and '_'.
-        format!("{}_mesh", self.project.to_lowercase())
+        format!("{}_{network}", self.project.to_lowercase())
     }
 
-    /// Cuts `service` off the network; returns its address there, for [`Mesh::reconnect`].
+    /// Cuts `service` off the mesh's network; returns its address there, for
+    /// [`Mesh::reconnect`].
     pub fn disconnect(&self, service: &str) -> String {
+        self.disconnect_from(service, "mesh")
+    }
+
+    /// Cuts `service` off compose's network `network` (a cluster member off `cluster`: a
+    /// partition of the cluster that leaves its clients connected); returns its address there.
+    pub fn disconnect_from(&self, service: &str, network: &str) -> String {
         let container = self.container(service);
-        let format = format!(
-            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
-            self.network()
-        );
+        let network = self.network(network);
+        let format = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
         let ip = docker_ok(&["inspect", "-f", &format, &container])
             .trim()
             .to_string();
-        assert!(
-            !ip.is_empty(),
-            "no address of {service} on {}",
-            self.network()
-        );
-        docker_ok(&["network", "disconnect", &self.network(), &container]);
+        assert!(!ip.is_empty(), "no address of {service} on {network}");
+        docker_ok(&["network", "disconnect", &network, &container]);
         ip
     }
 
-    /// Puts `service` back on the network at its old address (so its TCP connections may live).
+    /// Puts `service` back on the mesh's network at its old address (so its TCP connections may
+    /// live).
     pub fn reconnect(&self, service: &str, ip: &str) {
+        self.reconnect_to(service, "mesh", ip, service);
+    }
+
+    /// Puts `service` back on `network` at its old address, under `alias` (a member's name on
+    /// `cluster`, e.g. member3).
+    pub fn reconnect_to(&self, service: &str, network: &str, ip: &str, alias: &str) {
         let container = self.container(service);
         docker_ok(&[
             "network",
@@ -274,8 +283,8 @@ impl Mesh {
             "--ip",
             ip,
             "--alias",
-            service,
-            &self.network(),
+            alias,
+            &self.network(network),
             &container,
         ]);
     }
