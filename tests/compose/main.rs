@@ -386,6 +386,29 @@ async fn wait_reseeds_logged(mesh: &Mesh, nodes: &[&str]) {
     }
 }
 
+/// The devices of the clustered mesh, one on each member (compose.cluster.yaml): d1 on member
+/// 1, d2 on member 2, d3 on member 3.
+const CLUSTER_DEVICES: [&str; 3] = ["d1", "d2", "d3"];
+
+/// The mesh on three clustered isomesh-brokers with [`CLUSTER_DEVICES`], serving 0.1.0 (read
+/// through member 1: d2's and d3's statuses crossed the cluster) and done putting their module
+/// back on the members, which started empty (29 MB of chunks each, copied to every member):
+/// their re-seeds logged as handed to their connections.
+async fn clustered_devices(name: &str) -> Mesh {
+    let started = Instant::now();
+    let mut services = MEMBERS.to_vec();
+    services.extend(CLUSTER_DEVICES);
+    let mesh = Mesh::up_clustered(name, &services);
+    mesh.wait_serving(&CLUSTER_DEVICES, "0.1.0", READY_WITHIN)
+        .await;
+    wait_reseeds_logged(&mesh, &CLUSTER_DEVICES).await;
+    eprintln!(
+        "{name}: three members and three devices serving, re-seeds through, after {:?}",
+        started.elapsed()
+    );
+    mesh
+}
+
 /// The mesh on three clustered isomesh-brokers (compose.cluster.yaml), a device on each member:
 /// member 1, the one d1 and a camera use, is killed under a photo stream to the three devices;
 /// d1 and the camera move to another member, and every job is answered exactly once. (A rollout
@@ -394,26 +417,14 @@ async fn wait_reseeds_logged(mesh: &Mesh, nodes: &[&str]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_member_killed_under_load_moves_its_clients_and_loses_no_job() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let started = Instant::now();
-    let devices = ["d1", "d2", "d3"];
-    let mut services = MEMBERS.to_vec();
-    services.extend(devices);
-    let mesh = Mesh::up_clustered("cluster", &services);
-    // Read through member 1: d2's and d3's statuses, published on members 2 and 3, crossed the
-    // cluster.
-    mesh.wait_serving(&devices, "0.1.0", READY_WITHIN).await;
-    eprintln!(
-        "cluster: three members and three devices serving after {:?}",
-        started.elapsed()
-    );
-    // The members started empty, so the devices put their module back on the broker (29 MB of
-    // chunks each) as they came up. A kill while d1's burst is still being written leaves its
-    // socket full towards a peer that is gone, and its keep-alive cannot fire: d1 gives the
-    // connection up only after two keep-alive periods without progress (30 s; before that
-    // watchdog, seen silent for 90 s: docs/limits.md). So the fault comes once d1's burst is
-    // through, and the time printed is the fail-over's, not that wait's: its re-seed logged, then a status it published after that, which follows the
-    // chunks on its connection, seen on member 3.
-    wait_reseeds_logged(&mesh, &devices).await;
+    let devices = CLUSTER_DEVICES;
+    let mesh = clustered_devices("cluster").await;
+    // A kill while d1's re-seed is still being written leaves its socket full towards a peer
+    // that is gone, and its keep-alive cannot fire: d1 gives the connection up only after two
+    // keep-alive periods without progress (30 s; before that watchdog, seen silent for 90 s:
+    // docs/limits.md). So the fault comes once d1's burst is through, and the time printed is
+    // the fail-over's, not that wait's: its re-seed logged (above), then a status it published
+    // after that, which follows the chunks on its connection, seen on member 3.
     let reseeded_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -489,19 +500,10 @@ async fn a_cluster_member_killed_under_load_moves_its_clients_and_loses_no_job()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_member_cut_off_for_10_s_heals_and_no_job_is_lost() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let started = Instant::now();
-    let devices = ["d1", "d2", "d3"];
-    let mut services = MEMBERS.to_vec();
-    services.extend(devices);
-    let mesh = Mesh::up_clustered("cluster-cut", &services);
-    mesh.wait_serving(&devices, "0.1.0", READY_WITHIN).await;
-    // The devices' re-seeds (29 MB of chunks each, copied to every member) are through before
-    // the fault, so what the cut drops is the stream's jobs and answers.
-    wait_reseeds_logged(&mesh, &devices).await;
-    eprintln!(
-        "cluster-cut: three members and three devices serving after {:?}",
-        started.elapsed()
-    );
+    let devices = CLUSTER_DEVICES;
+    // The devices' re-seeds are through before the fault, so what the cut drops is the
+    // stream's jobs and answers.
+    let mesh = clustered_devices("cluster-cut").await;
 
     let metrics = metrics_addrs(&mesh, &devices);
     let before = answered(&metrics);
