@@ -17,7 +17,9 @@
 //! while the job has had that many copies published (the first answer was late, not lost, and
 //! the copy was answered too), and as a duplicate beyond that. Copies are the camera's own and
 //! those rumqttc publishes after a reconnection: what the last connection had not acknowledged
-//! goes out again, as a new message to the node.
+//! goes out again, as a new message to the node. The broker does the same the other way: an
+//! answer whose acknowledgement went down with the connection comes again on the next one,
+//! flagged DUP; past the copies, such an answer counts as `redelivered`, not as a duplicate.
 //!
 //! A reconnection is not the only way to lose a job. A member of a clustered broker cut off from
 //! the others (a partition of the cluster's own network) drops what crosses to it and from it,
@@ -31,7 +33,7 @@
 //! after its last photo, and prints its summary.
 //!
 //! The last line is a JSON summary (`{"summary":{...}}`): sent, answered, missing, errors,
-//! late, duplicates, answered_again, asked_again, reconnects, and answers by node. Exit code 0
+//! late, duplicates, answered_again, redelivered, asked_again, reconnects, and answers by node. Exit code 0
 //! when every photo got an answer and none was an error, 1 otherwise, 2 when the camera itself
 //! failed.
 
@@ -150,6 +152,7 @@ struct Tally {
     late: u64,
     duplicates: u64,
     answered_again: u64,
+    redelivered: u64,
     asked_again: u64,
     reconnects: u64,
     by_node: BTreeMap<String, u64>,
@@ -347,9 +350,13 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
                         continue;
                     };
                     let Some(p) = pending.remove(&result.job_id) else {
-                        match answered.another(&result.job_id) {
+                        match answered.another(&result.job_id, publish.dup) {
                             Another::Repeat => tally.answered_again += 1,
-                            Another::Duplicate => tally.duplicates += 1,
+                            Another::Redelivered => tally.redelivered += 1,
+                            Another::Duplicate => {
+                                tally.duplicates += 1;
+                                eprintln!("isomesh camera: job {} answered once more than it was asked (by {}, packet id {})", result.job_id, result.node, publish.pkid);
+                            }
                             Another::Unknown => {}
                         }
                         continue;
@@ -387,7 +394,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<bool> {
             "sent": tally.sent, "answered": tally.answered, "missing": missing,
             "missing_ids": missing_ids, "errors": tally.errors, "late": tally.late,
             "duplicates": tally.duplicates, "answered_again": tally.answered_again,
-            "asked_again": tally.asked_again,
+            "redelivered": tally.redelivered, "asked_again": tally.asked_again,
             // The first connection is not a reconnection.
             "reconnects": tally.reconnects, "by_node": tally.by_node,
         }})
@@ -423,7 +430,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// The jobs answered, each with how many more answers it may still get: one per copy of it
 /// published, by the camera asking again or by rumqttc after a reconnection (the node repeats
 /// its answer to a copy, and the first answer may only have been late). An answer beyond those
-/// is a duplicate.
+/// is a duplicate, unless the broker flagged it as its own redelivery.
 #[derive(Default)]
 struct Answered(HashMap<String, u32>);
 
@@ -432,6 +439,11 @@ struct Answered(HashMap<String, u32>);
 enum Another {
     /// The node's repeat, for a copy the camera published.
     Repeat,
+    /// The broker's second delivery of an answer (its DUP flag set): the camera's
+    /// acknowledgement of the first went down with the connection, so the broker sent it again
+    /// on the next one, as MQTT's at-least-once delivery must. One answer from the node, two
+    /// deliveries; not a second answer.
+    Redelivered,
     /// More answers than the job was asked for.
     Duplicate,
     /// A job of another run (the client id's replies topic outlives a run).
@@ -444,12 +456,17 @@ impl Answered {
         self.0.insert(job_id.to_string(), copies);
     }
 
-    fn another(&mut self, job_id: &str) -> Another {
+    /// A further answer to `job_id`; `redelivery` when the broker flagged it as one (DUP).
+    /// A flagged answer first uses up the job's copies, since the copy's answer may be what
+    /// the broker delivered again; only past them is it a redelivery. A broker never flags a
+    /// node's own second answer: the DUP flag of a publish is not passed on to subscribers.
+    fn another(&mut self, job_id: &str, redelivery: bool) -> Another {
         match self.0.get_mut(job_id) {
             Some(repeats) if *repeats > 0 => {
                 *repeats -= 1;
                 Another::Repeat
             }
+            Some(_) if redelivery => Another::Redelivered,
             Some(_) => Another::Duplicate,
             None => Another::Unknown,
         }
@@ -494,11 +511,40 @@ mod tests {
         let mut answered = Answered::default();
         answered.first("never-asked-again", 0);
         answered.first("asked-again-twice", 2);
-        assert_eq!(answered.another("never-asked-again"), Another::Duplicate);
-        assert_eq!(answered.another("asked-again-twice"), Another::Repeat);
-        assert_eq!(answered.another("asked-again-twice"), Another::Repeat);
-        assert_eq!(answered.another("asked-again-twice"), Another::Duplicate);
-        assert_eq!(answered.another("of-another-run"), Another::Unknown);
+        assert_eq!(
+            answered.another("never-asked-again", false),
+            Another::Duplicate
+        );
+        assert_eq!(
+            answered.another("asked-again-twice", false),
+            Another::Repeat
+        );
+        assert_eq!(
+            answered.another("asked-again-twice", false),
+            Another::Repeat
+        );
+        assert_eq!(
+            answered.another("asked-again-twice", false),
+            Another::Duplicate
+        );
+        assert_eq!(answered.another("of-another-run", false), Another::Unknown);
+    }
+
+    #[test]
+    fn an_answer_the_broker_delivers_again_is_not_a_second_answer() {
+        let mut answered = Answered::default();
+        answered.first("asked-once", 0);
+        answered.first("asked-again-once", 1);
+        assert_eq!(answered.another("asked-once", true), Another::Redelivered);
+        // Not flagged, the same job's further answer is one the node sent again.
+        assert_eq!(answered.another("asked-once", false), Another::Duplicate);
+        // A flagged answer to a job with a copy out counts against the copy first.
+        assert_eq!(answered.another("asked-again-once", true), Another::Repeat);
+        assert_eq!(
+            answered.another("asked-again-once", true),
+            Another::Redelivered
+        );
+        assert_eq!(answered.another("of-another-run", true), Another::Unknown);
     }
 
     #[test]

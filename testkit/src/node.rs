@@ -246,16 +246,37 @@ impl TestNode {
 
     /// Waits until the node's log contains `needle` at least `times` times (the log spans
     /// restarts); panics with the log after `within`.
+    /// A node that exits without logging it fails the wait at once, not at the deadline.
     pub async fn wait_for_log_times(&self, needle: &str, times: usize, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
-        while self.log().matches(needle).count() < times {
+        loop {
+            // Looked at before the log: once exited, the log read next is all there will be.
+            let exited = self.has_exited();
+            let log = self.log();
+            if log.matches(needle).count() >= times {
+                return;
+            }
+            assert!(
+                !exited,
+                "the node exited before {needle:?} was {times} time(s) in its log:\n{log}"
+            );
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{needle:?} not {times} time(s) in the log within {within:?}:\n{}",
-                self.log()
+                "{needle:?} not {times} time(s) in the log within {within:?}:\n{log}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Whether the node's process has ended (a zombie not yet reaped counts), read from
+    /// `/proc` so that a shared borrow of the node will do.
+    fn has_exited(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
+        // The state is the first field after the command name in parentheses.
+        stat.map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
     }
 
     /// Waits for a retained status with `online` and a module.
