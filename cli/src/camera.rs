@@ -33,9 +33,9 @@
 //! after its last photo, and prints its summary.
 //!
 //! The last line is a JSON summary (`{"summary":{...}}`): sent, answered, missing, errors,
-//! late, duplicates, answered_again, redelivered, asked_again, reconnects, and answers by node. Exit code 0
-//! when every photo got an answer and none was an error, 1 otherwise, 2 when the camera itself
-//! failed.
+//! late, duplicates, answered_again, redelivered, asked_again, reconnects, and answers by
+//! node. Exit code 0 when every photo got an answer and none was an error, 1 otherwise, 2 when
+//! the camera itself failed.
 
 use crate::classify::{print_answer, print_header};
 use anyhow::Context;
