@@ -60,6 +60,30 @@ mod isomesh_broker_only {
         }
     }
 
+    /// Waits until a message published on the member at `from` reaches a subscriber on the one
+    /// at `to`, publishing a probe every half second. A member started again copies the
+    /// others' retained messages as it joins; when that copy times out (seen on a busy CI
+    /// machine), rmqtt's circuit breaker drops its forwards to that peer for the next 10 s, and
+    /// a single job sent meanwhile is lost on the way (the camera would ask again; a test job
+    /// is sent once). The probe makes the job wait for the link, not the test for a fixed time.
+    async fn wait_until_forwarding(from: u16, to: u16, within: Duration) {
+        let topic = format!("test/probe/{from}-{to}-{}", std::process::id());
+        let mut receiver = Client::connect(to, &format!("probe-rx-{from}-{to}")).await;
+        receiver.subscribe(&topic).await;
+        let sender = Client::connect(from, &format!("probe-tx-{from}-{to}")).await;
+        let deadline = Instant::now() + within;
+        loop {
+            sender.publish(&topic, b"probe".to_vec()).await;
+            if receiver.next(Duration::from_millis(500)).await.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing published on port {from} reached port {to} within {within:?}"
+            );
+        }
+    }
+
     /// Prints the members' warnings and errors when the test panics while it is in scope, so
     /// a failure (a job lost, a status or answer that never came) shows the links to peers,
     /// the circuit breaker and the forwards that failed.
@@ -132,7 +156,10 @@ mod isomesh_broker_only {
             serves(s, VERSION_2)
         })
         .await;
-        // A job published on member 1 for the node on member 2, answered back on member 1.
+        // A job published on member 1 for the node on member 2, answered back on member 1,
+        // once the two forward to each other again.
+        wait_until_forwarding(members[0].port(), members[1].port(), CONVERGE_WITHIN).await;
+        wait_until_forwarding(members[1].port(), members[0].port(), CONVERGE_WITHIN).await;
         let result = classify_photo(members[0].port(), "cl-d1", Duration::from_secs(120)).await;
         let top1 = result["top"][0]["index"]
             .as_u64()
