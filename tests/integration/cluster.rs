@@ -62,8 +62,8 @@ mod isomesh_broker_only {
 
     /// Waits until a message published on the member at `from` reaches a subscriber on the one
     /// at `to`, publishing a probe every half second. A member started again copies the
-    /// others' retained messages as it joins; when that copy times out (seen on a busy CI
-    /// machine), rmqtt's circuit breaker drops its forwards to that peer for the next 10 s, and
+    /// others' retained messages as it joins; when that copy times out (seen once in a fresh-clone
+    /// rehearsal, both cores busy), rmqtt's circuit breaker drops its forwards to that peer for the next 10 s, and
     /// a single job sent meanwhile is lost on the way (the camera would ask again; a test job
     /// is sent once). The probe makes the job wait for the link, not the test for a fixed time.
     async fn wait_until_forwarding(from: u16, to: u16, within: Duration) {
