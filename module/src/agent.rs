@@ -29,6 +29,16 @@
 //! restart without persistence): after connecting, a node that serves a rolled-out module and
 //! sees no manifest for it publishes that manifest and its chunks again ([`Action::Reseed`]),
 //! so nodes that join later still converge with no operator action.
+//!
+//! And across a clustered broker that lost a rollout on one member: a member cut off from the
+//! others when a rollout was published never gets its retained messages, and its nodes keep
+//! serving the old version with nothing to tell them. Their statuses still reach the other
+//! members once the cluster heals, so a node serving the rolled-out module that hears a peer it
+//! targets serve an older version, without ever having heard of the new one
+//! ([`peer_is_behind`]), publishes the module again for it: [`PEER_PATIENCE`] after first seeing
+//! it behind if this node comes first of the nodes it hears serve the same module (by id), each
+//! later one [`PEER_TURN`] after that, so one of them does it and the others see its manifest
+//! come again (a mesh of a hundred nodes must not publish it a hundred times).
 
 use crate::fetch::{ChunkRef, Fetch, Taken};
 use crate::history::History;
@@ -39,11 +49,11 @@ use crate::version::compare_versions;
 use isomesh_mesh::topics::Topics;
 use isomesh_protos::rollout_state::Phase;
 use isomesh_protos::{
-    ModuleChunk, ModuleManifest, ModuleRef, PrecompiledArtifact, RolloutState, Tier,
+    ModuleChunk, ModuleManifest, ModuleRef, NodeStatus, PrecompiledArtifact, RolloutState, Tier,
 };
 use prost::Message;
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// With nothing but the precompiled artifact missing for this long, compile instead.
@@ -54,6 +64,17 @@ pub const RESEED_DELAY: Duration = Duration::from_secs(3);
 pub const RETRY_FIRST: Duration = Duration::from_secs(10);
 /// Longest wait between two tries of such a rollout.
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
+/// How long a peer must look behind (see [`peer_is_behind`]) before this node publishes the
+/// served module again for it: a peer that hears a rollout reports it within a second or two.
+pub const PEER_PATIENCE: Duration = Duration::from_secs(10);
+/// How much longer each node serving the same module waits than the one before it (by id) to
+/// publish it again for a peer behind: long enough for the first one's chunks and manifest to
+/// get through.
+pub const PEER_TURN: Duration = Duration::from_secs(20);
+/// After publishing the module again for peers, the wait before doing it again for peers
+/// still behind (it doubles up to [`RETRY_MAX`]): a peer that cannot take it must not make
+/// its neighbours publish tens of MB in a loop.
+pub const PEER_RESEED_AGAIN: Duration = Duration::from_secs(60);
 /// Report fetch progress every this many chunks.
 const PROGRESS_EVERY: u32 = 16;
 
@@ -68,6 +89,11 @@ pub enum Event<'a> {
     /// The node serves this module now (on start, and after every swap).
     /// Boxed: a signed manifest is large beside the other events.
     Serving(Box<Serving>),
+    /// Another node's status (`node`, from its status topic).
+    PeerStatus {
+        node: &'a str,
+        status: &'a NodeStatus,
+    },
     /// The module manager refused the module an [`Action::Install`] wrote; `marked` says the
     /// refusal is remembered (the bytes themselves are bad), with its reason.
     Refused {
@@ -111,7 +137,8 @@ pub enum Action {
     SaveHistory(History),
 }
 
-/// The module this node serves, to publish again because the broker lost it.
+/// The module this node serves, to publish again because the broker lost it, or a member of a
+/// clustered broker never had it.
 #[derive(Debug)]
 pub struct Reseed {
     pub manifest: ModuleManifest,
@@ -151,6 +178,14 @@ pub struct RolloutAgent {
     /// Names of the modules whose manifest the broker handed over since the last connect.
     manifests_seen: HashSet<String>,
     reseed_at: Option<Instant>,
+    /// Peers whose status shows them behind the served module ([`peer_is_behind`]).
+    behind: BTreeSet<String>,
+    /// Peers whose status shows them online serving the same module as this node.
+    alike: BTreeSet<String>,
+    /// When to publish the served module again for the peers behind, if they still are.
+    peer_reseed_at: Option<Instant>,
+    /// The wait after such a re-seed before the next one.
+    peer_backoff: Duration,
 }
 
 impl RolloutAgent {
@@ -171,6 +206,10 @@ impl RolloutAgent {
             rejected: rejected.into_iter().collect(),
             manifests_seen: HashSet::new(),
             reseed_at: None,
+            behind: BTreeSet::new(),
+            alike: BTreeSet::new(),
+            peer_reseed_at: None,
+            peer_backoff: PEER_RESEED_AGAIN,
         }
     }
 
@@ -208,6 +247,7 @@ impl RolloutAgent {
             Event::Publish { topic, payload } => self.on_publish(topic, payload, now),
             Event::Tick => self.on_tick(now),
             Event::Serving(serving) => self.on_serving(*serving),
+            Event::PeerStatus { node, status } => self.on_peer_status(node, status, now),
             Event::Refused { module, marked } => {
                 self.take_installing(&module.sha256);
                 if let Some(reason) = marked {
@@ -258,9 +298,14 @@ impl RolloutAgent {
                 actions.push(Action::SaveHistory(self.history.clone()));
             }
         }
-        // Whatever was waiting to be tried again is superseded by what serves now.
+        // Whatever was waiting to be tried again is superseded by what serves now, and peers
+        // are measured against it from their next status on.
         self.again = None;
         self.backoff = RETRY_FIRST;
+        self.behind.clear();
+        self.alike.clear();
+        self.peer_reseed_at = None;
+        self.peer_backoff = PEER_RESEED_AGAIN;
         self.serving = Some(serving);
         actions
     }
@@ -282,17 +327,65 @@ impl RolloutAgent {
     fn on_connected(&mut self, now: Instant) -> Vec<Action> {
         self.manifests_seen.clear();
         // Spread the nodes' checks so one of them re-seeds and the others see its manifest.
-        let jitter = self
-            .config
-            .node
-            .bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
-            % 2000;
-        self.reseed_at = Some(now + RESEED_DELAY + Duration::from_millis(jitter));
+        self.reseed_at = Some(now + RESEED_DELAY + self.jitter(2000));
         match &self.fetch {
             Some(fetch) => self.subscribe(fetch.outstanding()),
             None => Vec::new(),
         }
+    }
+
+    /// A wait of up to `max_ms` that differs between nodes and stays the same for one node.
+    fn jitter(&self, max_ms: u64) -> Duration {
+        let hash = self
+            .config
+            .node
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        Duration::from_millis(hash % max_ms)
+    }
+
+    /// Notes whether `node` is behind the served module, and plans to publish it again for it.
+    fn on_peer_status(&mut self, node: &str, status: &NodeStatus, now: Instant) -> Vec<Action> {
+        if node == self.config.node {
+            return Vec::new();
+        }
+        let Some(manifest) = self.served_manifest() else {
+            return Vec::new();
+        };
+        let alike = status.online
+            && status
+                .module
+                .as_ref()
+                .is_some_and(|m| m.sha256 == manifest.sha256);
+        let behind = peer_is_behind(manifest, node, status);
+        if alike {
+            self.alike.insert(node.to_string());
+        } else {
+            self.alike.remove(node);
+        }
+        if behind {
+            if self.behind.insert(node.to_string()) {
+                tracing::info!(peer = %node, "a peer the served module is for serves an older version and never heard of this one");
+            }
+            if self.peer_reseed_at.is_none() {
+                self.peer_reseed_at = Some(now + self.peer_wait());
+            }
+        } else if self.behind.remove(node) && self.behind.is_empty() {
+            self.peer_reseed_at = None;
+        }
+        Vec::new()
+    }
+
+    /// How long to let a peer look behind before publishing the module again for it: this
+    /// node's turn among those serving the same module, ordered by id.
+    fn peer_wait(&self) -> Duration {
+        let before = self
+            .alike
+            .iter()
+            .take_while(|n| n.as_str() < self.config.node.as_str())
+            .count()
+            .min(1000) as u32; // a bound that keeps the product far from overflowing
+        PEER_PATIENCE + PEER_TURN * before
     }
 
     fn on_publish(&mut self, topic: &str, payload: &[u8], now: Instant) -> Vec<Action> {
@@ -340,6 +433,10 @@ impl RolloutAgent {
         let served = self.serving.as_ref().map(|s| s.module.clone());
         if served.as_ref().is_some_and(|s| s.sha256 == manifest.sha256) {
             tracing::debug!(module = %label(&module), "manifest for the module already served");
+            // Published again (by a peer, for the peers behind): they get their time to take it.
+            if let Some(at) = self.peer_reseed_at {
+                self.peer_reseed_at = Some(at.max(now + self.peer_wait()));
+            }
             return Vec::new();
         }
         if self
@@ -491,6 +588,9 @@ impl RolloutAgent {
             self.reseed_at = None;
             actions.extend(self.reseed_if_lost());
         }
+        if self.peer_reseed_at.is_some_and(|at| now >= at) {
+            actions.extend(self.reseed_for_peers(now));
+        }
         actions
     }
 
@@ -508,26 +608,57 @@ impl RolloutAgent {
         vec![Action::Report(loading), Action::Install(Box::new(fetch))]
     }
 
+    /// The signed manifest of the module served, if it came with one: what a re-seed publishes.
+    /// (`None` when nothing is served, or a file was dropped in by hand.)
+    fn served_manifest(&self) -> Option<&ModuleManifest> {
+        match &self.serving {
+            Some(Serving {
+                module,
+                manifest: Some(manifest),
+            }) if manifest.sha256 == module.sha256 => Some(manifest),
+            _ => None,
+        }
+    }
+
     fn reseed_if_lost(&self) -> Vec<Action> {
-        let Some(Serving {
-            module,
-            manifest: Some(manifest),
-        }) = &self.serving
-        else {
-            return Vec::new(); // nothing served, or dropped in by hand: nothing signed to publish
+        let Some(manifest) = self.served_manifest() else {
+            return Vec::new();
         };
-        if manifest.sha256 != module.sha256 || self.manifests_seen.contains(&manifest.name) {
+        if self.manifests_seen.contains(&manifest.name) {
             return Vec::new();
         }
         let artifact = self.artifact_for_this_node(manifest);
         tracing::warn!(
-            module = %label(module),
+            module = %label(&module_ref(manifest)),
             "the broker holds no manifest for the module served here (restarted without persistence?); publishing it again"
         );
         vec![Action::Reseed(Box::new(Reseed {
             manifest: manifest.clone(),
             artifact,
         }))]
+    }
+
+    /// Publishes the served module again for the peers still behind it, then waits longer
+    /// before the next time.
+    fn reseed_for_peers(&mut self, now: Instant) -> Vec<Action> {
+        self.peer_reseed_at = None;
+        let Some(manifest) = self.served_manifest() else {
+            return Vec::new();
+        };
+        if self.behind.is_empty() {
+            return Vec::new();
+        }
+        let manifest = manifest.clone();
+        let artifact = self.artifact_for_this_node(&manifest);
+        tracing::warn!(
+            module = %label(&module_ref(&manifest)),
+            peers = ?self.behind,
+            again_in_s = self.peer_backoff.as_secs(),
+            "peers the served module is for still serve an older version and never heard of this one (their broker member was cut off when it was published?); publishing it again"
+        );
+        self.peer_reseed_at = Some(now + self.peer_backoff);
+        self.peer_backoff = (self.peer_backoff * 2).min(RETRY_MAX);
+        vec![Action::Reseed(Box::new(Reseed { manifest, artifact }))]
     }
 
     /// The manifest's precompiled artifact this node loads best, if any.
@@ -572,6 +703,25 @@ impl RolloutAgent {
             .map(|(sha, index)| Action::Unsubscribe(self.config.topics.chunk(&sha, index)))
             .collect()
     }
+}
+
+/// Whether a peer's status shows it behind `manifest`: online, targeted by it, serving an older
+/// version of its module, and the newest rollout it heard of older too (a peer that heard of
+/// this one, or a newer one, is fetching, refused it or moved on: publishing again would not
+/// help it). A version that is not semver never counts as older.
+pub fn peer_is_behind(manifest: &ModuleManifest, node: &str, status: &NodeStatus) -> bool {
+    let older = |m: &ModuleRef| {
+        m.name == manifest.name
+            && compare_versions(&m.version, &manifest.version).is_ok_and(|o| o == Ordering::Less)
+    };
+    let targeted = Tier::try_from(status.tier).is_ok_and(|tier| is_target(manifest, tier, node));
+    let serves_older = status.module.as_ref().is_some_and(older);
+    let heard = status
+        .rollout
+        .as_ref()
+        .and_then(|r| r.module.as_ref())
+        .is_some_and(|m| m.name == manifest.name && !older(m));
+    status.online && targeted && serves_older && !heard
 }
 
 /// The state of a fetch in progress.

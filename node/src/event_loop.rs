@@ -150,7 +150,13 @@ pub async fn run(
                             continue;
                         }
                         if let Some(node) = ctx.topics.status_of(&topic) {
-                            peers.heard(node, read_status(node, &publish.payload));
+                            let status = read_status(node, &publish.payload);
+                            if let Some(status) = status.as_ref().filter(|_| !starting && !draining) {
+                                // A peer still behind the module served here: the agent may
+                                // publish it again (a cluster member that missed the rollout).
+                                rollouts.handle(RolloutEvent::PeerStatus { node, status });
+                            }
+                            peers.heard(node, status);
                             continue;
                         }
                         if draining {

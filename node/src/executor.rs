@@ -5,7 +5,7 @@
 //! showing rollout phases in the status, remembering refused modules in the store, installing a
 //! finished fetch on a thread of its own (inflate, check, write the file; the module manager
 //! then compiles, self-tests and swaps it in), and publishing the served module again when the
-//! broker lost it. It also keeps the agent's history of accepted manifests in the module
+//! broker lost it or a peer never got it. It also keeps the agent's history of accepted manifests in the module
 //! directory ([`isomesh_module::history`]): restored before the agent's first event, saved
 //! whenever a newly served module extends it.
 

@@ -492,13 +492,16 @@ async fn a_cluster_member_killed_under_load_moves_its_clients_and_loses_no_job()
 }
 
 /// The mesh on three clustered isomesh-brokers, a device on each member, with member 3 cut off
-/// the cluster's network for 10 s under a photo stream sent through member 1. Jobs and answers
-/// that cross to or from member 3 meanwhile are dropped (rmqtt's cluster keeps no queue for a
-/// peer), and no client notices: every connection stays up. The cluster heals once member 3 is
-/// back, and the camera asks again for what stayed unanswered (`--unanswered-after-s`), so every
-/// job is answered exactly once.
+/// the cluster's network for 10 s or more under a photo stream sent through member 1, and a
+/// rollout published through member 1 meanwhile. Jobs and answers that cross to or from member
+/// 3 meanwhile are dropped (rmqtt's cluster keeps no queue for a peer), and no client notices:
+/// every connection stays up. The cluster heals once member 3 is back, and the camera asks again
+/// for what stayed unanswered (`--unanswered-after-s`), so every job is answered exactly once.
+/// Member 3 never gets the rollout's retained messages (a member gets them as they are set), so
+/// d3 hears of it only because d1 or d2, hearing d3's status serve the old version, publishes
+/// the module again.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_cluster_member_cut_off_for_10_s_heals_and_no_job_is_lost() {
+async fn a_cluster_member_cut_off_heals_loses_no_job_and_its_node_gets_the_rollout_it_missed() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let devices = CLUSTER_DEVICES;
     // The devices' re-seeds are through before the fault, so what the cut drops is the
@@ -520,6 +523,9 @@ async fn a_cluster_member_cut_off_for_10_s_heals_and_no_job_is_lost() {
             "60",
             "--unanswered-after-s",
             "5",
+            // The cut lasts as long as the rollout takes (its compile): a minute or more here.
+            "--timeout-s",
+            "300",
         ],
     );
     wait_answered(&metrics, before, 6.0).await;
@@ -532,11 +538,27 @@ async fn a_cluster_member_cut_off_for_10_s_heals_and_no_job_is_lost() {
     let prober = Client::connect(member3, "cluster-cut-prober").await;
 
     let ip = mesh.disconnect_from("broker3", "cluster");
-    // The fault's length (member 3 stays cut off this long), not a wait for a condition; a
-    // probe every 250 ms meanwhile.
-    let cut_until = Instant::now() + Duration::from_secs(10);
+    let cut = Instant::now();
+    // The rollout, published through member 1 while member 3 is cut off: the two members left
+    // take it, their devices serve it.
+    let out = mesh.compose(&rollout_command(&[]));
+    assert!(
+        out.status.success(),
+        "the rollout failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    mesh.wait_serving(&["d1", "d2"], "0.2.0", Duration::from_secs(120))
+        .await;
+    eprintln!(
+        "cluster-cut: rolled out to d1 and d2 {:?} into the cut",
+        cut.elapsed()
+    );
+    // The fault's length (member 3 stays cut off at least this long), not a wait for a
+    // condition; a probe every 250 ms, at least 8 of them.
+    let cut_until = cut + Duration::from_secs(10);
     let mut probes = 0;
-    while Instant::now() < cut_until {
+    while Instant::now() < cut_until || probes < 8 {
         prober
             .publish(&format!("cluster-cut/during/{probes}"), "probe")
             .await;
@@ -549,6 +571,12 @@ async fn a_cluster_member_cut_off_for_10_s_heals_and_no_job_is_lost() {
     assert!(
         crossed.is_empty(),
         "member 3 was not cut off: {crossed:?} of its {probes} probes reached member 1"
+    );
+    let d3_log = mesh.logs("d3");
+    assert!(
+        !d3_log.contains("0.2.0"),
+        "d3 heard of 0.2.0 through its cut-off member:\n{}",
+        isomesh_testkit::compose::tail(&d3_log, 20)
     );
     mesh.reconnect_to("broker3", "cluster", &ip, "member3");
     let back = Instant::now();
@@ -614,6 +642,28 @@ async fn a_cluster_member_cut_off_for_10_s_heals_and_no_job_is_lost() {
         "d3, on the member cut off, answered nothing: {}",
         seen.summary
     );
+
+    // The rollout d3's member missed reaches d3, published again by a peer that saw d3 behind.
+    mesh.wait_serving(&["d3"], "0.2.0", Duration::from_secs(180))
+        .await;
+    eprintln!(
+        "cluster-cut: d3 serving 0.2.0 {} ms after member 3's return",
+        back.elapsed().as_millis()
+    );
+    let republished: Vec<&str> = ["d1", "d2"]
+        .into_iter()
+        .filter(|n| {
+            mesh.logs(n).lines().any(|line| {
+                line.contains("never heard of this one") && line.contains("publishing it again")
+            })
+        })
+        .collect();
+    assert!(
+        !republished.is_empty(),
+        "neither d1 nor d2 published the module again for d3:\n{}",
+        isomesh_testkit::compose::tail(&mesh.logs("d3"), 20)
+    );
+    eprintln!("cluster-cut: published again for d3 by {republished:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

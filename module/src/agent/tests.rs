@@ -628,6 +628,179 @@ fn a_node_reseeds_its_module_only_when_the_broker_has_no_manifest_for_it() {
         .is_empty());
 }
 
+/// The status of peer `node`: a device, online unless said, serving `serves` of
+/// mobilenet_v2 and having last heard of `heard`, if given.
+fn peer_status(node: &str, serves: &str, heard: Option<&str>) -> NodeStatus {
+    let module = |version: &str| ModuleRef {
+        name: "mobilenet_v2".into(),
+        version: version.into(),
+        sha256: format!("{version}-digest"),
+    };
+    NodeStatus {
+        node_id: node.into(),
+        tier: Tier::Device as i32,
+        online: true,
+        module: Some(module(serves)),
+        rollout: heard.map(|v| RolloutState {
+            module: Some(module(v)),
+            phase: Phase::Fetching as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn peer_event(agent: &mut RolloutAgent, status: &NodeStatus, now: Instant) -> Vec<Action> {
+    agent.handle(
+        Event::PeerStatus {
+            node: &status.node_id,
+            status,
+        },
+        now,
+    )
+}
+
+fn reseeds(actions: &[Action]) -> Vec<&str> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reseed(r) => Some(r.manifest.version.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_peer_is_behind_only_if_it_should_serve_the_module_and_never_heard_of_it() {
+    let key = SecretKey::generate().unwrap();
+    let manifest = Rollout::of("0.2.0").package(&key, &module(3)).manifest;
+    let behind = |status: &NodeStatus| peer_is_behind(&manifest, &status.node_id, status);
+
+    assert!(behind(&peer_status("d3", "0.1.0", None)));
+    assert!(behind(&peer_status("d3", "0.1.0", Some("0.1.0"))));
+    // Heard of this one (fetching, refused, ...) or of a newer one: publishing again won't help.
+    assert!(!behind(&peer_status("d3", "0.1.0", Some("0.2.0"))));
+    assert!(!behind(&peer_status("d3", "0.1.0", Some("0.3.0"))));
+    // Serving it, or something newer, or nothing yet (it subscribes once it serves).
+    assert!(!behind(&peer_status("d3", "0.2.0", None)));
+    assert!(!behind(&peer_status("d3", "0.3.0", None)));
+    assert!(!behind(&NodeStatus {
+        module: None,
+        ..peer_status("d3", "0.1.0", None)
+    }));
+    // Offline, another module, a version that is not semver.
+    assert!(!behind(&NodeStatus {
+        online: false,
+        ..peer_status("d3", "0.1.0", None)
+    }));
+    let mut other_module = peer_status("d3", "0.1.0", None);
+    if let Some(m) = other_module.module.as_mut() {
+        m.name = "other".into();
+    }
+    assert!(!behind(&other_module));
+    assert!(!behind(&peer_status("d3", "latest", None)));
+
+    // Not a target: the module is for edges, or for other nodes.
+    let for_edges = Rollout {
+        tiers: vec![Tier::Edge],
+        ..Rollout::of("0.2.0")
+    }
+    .package(&key, &module(3))
+    .manifest;
+    let d3 = peer_status("d3", "0.1.0", None);
+    assert!(!peer_is_behind(&for_edges, "d3", &d3));
+    let for_d1 = ModuleManifest {
+        target_nodes: vec!["d1".into()],
+        ..manifest.clone()
+    };
+    assert!(!peer_is_behind(&for_d1, "d3", &d3));
+    assert!(peer_is_behind(&for_d1, "d1", &d3));
+}
+
+#[test]
+fn a_node_publishes_its_module_again_for_a_peer_still_behind_after_a_while_and_less_often_after() {
+    let (key, mut agent) = agent();
+    let start = Instant::now();
+    let package = Rollout::of("0.2.0").package(&key, &module(3));
+    serving(&mut agent, &package, start);
+    let d3 = peer_status("d3", "0.1.0", None);
+
+    // Its own status never counts.
+    peer_event(&mut agent, &peer_status(NODE, "0.1.0", None), start);
+    assert!(reseeds(&agent.handle(Event::Tick, start + Duration::from_secs(20))).is_empty());
+
+    // A peer serving the same module after this node by id ("d2" > "d1") does not delay it.
+    let d2 = NodeStatus {
+        module: Some(module_ref(&package.manifest)),
+        ..peer_status("d2", "", None)
+    };
+    peer_event(&mut agent, &d2, start);
+    peer_event(&mut agent, &d3, start);
+    let at = start + PEER_PATIENCE;
+    assert!(reseeds(&agent.handle(Event::Tick, at - Duration::from_millis(1))).is_empty());
+    // Once, not on every tick after.
+    assert_eq!(reseeds(&agent.handle(Event::Tick, at)), ["0.2.0"]);
+    assert!(reseeds(&agent.handle(Event::Tick, at + Duration::from_secs(1))).is_empty());
+
+    // Still behind: again after PEER_RESEED_AGAIN, then after twice that.
+    peer_event(&mut agent, &d3, at + Duration::from_secs(5));
+    assert!(reseeds(&agent.handle(Event::Tick, at + PEER_RESEED_AGAIN / 2)).is_empty());
+    let again = at + PEER_RESEED_AGAIN;
+    assert_eq!(reseeds(&agent.handle(Event::Tick, again)), ["0.2.0"]);
+    assert!(reseeds(&agent.handle(Event::Tick, again + PEER_RESEED_AGAIN)).is_empty());
+    let third = again + 2 * PEER_RESEED_AGAIN;
+    assert_eq!(reseeds(&agent.handle(Event::Tick, third)), ["0.2.0"]);
+
+    // It heard of it at last (fetching): nothing more, ever, for it.
+    peer_event(
+        &mut agent,
+        &peer_status("d3", "0.1.0", Some("0.2.0")),
+        third,
+    );
+    assert!(reseeds(&agent.handle(Event::Tick, third + RETRY_MAX * 2)).is_empty());
+}
+
+#[test]
+fn a_peer_that_catches_up_or_a_module_published_again_by_another_calls_the_reseed_off() {
+    let (key, mut agent) = agent();
+    let start = Instant::now();
+    let package = Rollout::of("0.2.0").package(&key, &module(3));
+    serving(&mut agent, &package, start);
+
+    // d3 behind, then serving it before the patience ran out.
+    peer_event(&mut agent, &peer_status("d3", "0.1.0", None), start);
+    peer_event(
+        &mut agent,
+        &peer_status("d3", "0.2.0", None),
+        start + Duration::from_secs(3),
+    );
+    assert!(reseeds(&agent.handle(Event::Tick, start + Duration::from_secs(30))).is_empty());
+
+    // d2 behind, and "d0" serves the same module: d0's turn comes first, this node's one turn
+    // later. d0 publishes it again: d2 gets its time to take it.
+    let t = start + Duration::from_secs(40);
+    let d0 = NodeStatus {
+        module: Some(module_ref(&package.manifest)),
+        ..peer_status("d0", "", None)
+    };
+    peer_event(&mut agent, &d0, t);
+    peer_event(&mut agent, &peer_status("d2", "0.1.0", None), t);
+    assert!(reseeds(&agent.handle(Event::Tick, t + PEER_PATIENCE)).is_empty());
+    let republished = t + PEER_PATIENCE + Duration::from_secs(5);
+    manifest_event(&mut agent, &package.manifest, republished);
+    let turn = t + PEER_PATIENCE + PEER_TURN;
+    assert!(reseeds(&agent.handle(Event::Tick, turn)).is_empty());
+    // It did not take it: this node publishes it itself, its turn after the republication.
+    let later = republished + PEER_PATIENCE + PEER_TURN;
+    assert!(reseeds(&agent.handle(Event::Tick, later - Duration::from_millis(1))).is_empty());
+    assert_eq!(reseeds(&agent.handle(Event::Tick, later)), ["0.2.0"]);
+
+    // A newer module served here: the peers are measured against it from their next status on.
+    let newer = Rollout::of("0.3.0").package(&key, &module(4));
+    serving(&mut agent, &newer, later);
+    assert!(reseeds(&agent.handle(Event::Tick, later + RETRY_MAX)).is_empty());
+}
+
 #[test]
 fn a_node_takes_the_artifact_of_its_own_engine_else_the_portable_one_of_its_target() {
     let key = SecretKey::generate().unwrap();
