@@ -37,11 +37,12 @@ demo: setup module build
 # Tests of isomesh-broker alone (`isomesh_broker_only`) are filtered out of the Mosquitto run,
 # so cargo reports them as filtered out there rather than passed.
 # The compose suite runs beside the first integration run: they share no broker, port or compose
-# project, and each leaves CPU idle while it waits on the other's kind of process (containers,
-# brokers, nodes). Side by side here they took 482 s (integration) and 536 s (compose); an
-# earlier fresh-clone rehearsal ran them one after the other in 733 s and 670 s. The compose
-# suite's output goes to $(COMPOSE_LOG), printed once both end so the two do not interleave.
-# The test binaries are built first: cargo builds one thing at a time anyway.
+# project, and each spends much of its time waiting on its own processes (brokers and nodes;
+# containers), leaving CPU the other uses. In a fresh-clone .ci/run here they took 454 s
+# (integration) and 562 s (compose) side by side, 9.4 min, where the run before took 6.1 and
+# 7.5 min one after the other (docs/tests.md). The compose suite's output goes to
+# $(COMPOSE_LOG), printed once both end so the two do not interleave. The test binaries are
+# built first: cargo builds one thing at a time anyway.
 COMPOSE_LOG := target/compose-test.log
 test: setup module build arm64-node images guest-test
 	$(CARGO) test --release --target $(TARGET) $(NATIVE) --lib --bins --test integration --test compose --no-run

@@ -334,7 +334,9 @@ impl RolloutAgent {
         }
     }
 
-    /// A wait of up to `max_ms` that differs between nodes and stays the same for one node.
+    /// A wait under `max_ms` fixed for one node, from its id. (A weak spread: ids that differ
+    /// only in their last character, d1 and d2, get waits 1 ms apart; which is why re-seeding
+    /// for peers goes by turns instead.)
     fn jitter(&self, max_ms: u64) -> Duration {
         let hash = self
             .config
