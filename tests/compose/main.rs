@@ -523,7 +523,7 @@ async fn a_cluster_member_cut_off_heals_loses_no_job_and_its_node_gets_the_rollo
             "60",
             "--unanswered-after-s",
             "5",
-            // The cut lasts as long as the rollout takes (its compile): a minute or more here.
+            // The cut lasts as long as the rollout takes (its compile): 19-39 s here.
             "--timeout-s",
             "300",
         ],
