@@ -157,6 +157,7 @@ bench: module images bench-python
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 5 --cpu-cores 1 --out $(BENCH_OUT)/infer-cloud.json $(PHOTOS)
 	$(ISOMESH) bench swap --before-s 20 --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap.json $(PHOTOS)
 	$(ISOMESH) bench swap --before-s 20 --no-precompile --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-compile.json $(PHOTOS)
+	$(ISOMESH) bench swap --before-s 20 --from $(MODULE) --to $(MODULE) --model $(ONNX) --labels $(LABELS) --out $(BENCH_OUT)/swap-model.json $(PHOTOS)
 	$(ISOMESH) bench swap --before-s 20 --arm64 $(ARM_BIN)/isomesh-node --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-arm64.json $(PHOTOS)
 	$(ISOMESH) bench swap --before-s 20 --arm64 $(ARM_BIN)/isomesh-node --no-precompile --from $(MODULE) --to $(MODULE_V2) --out $(BENCH_OUT)/swap-arm64-compile.json $(PHOTOS)
 	python3 scripts/bench_container.py --isomesh $(ISOMESH) --out $(BENCH_OUT)/container.json
@@ -180,6 +181,7 @@ bench-quick: module build images bench-python
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --onnxruntime $(ONNX) --iterations 1 --out $(Q)/infer.json $(PHOTOS)
 	$(ISOMESH) bench infer --module $(MODULE) --cache-dir target/bench-cache --iterations 1 --cpu-cores 0.5 --out $(Q)/infer-edge.json $(PHOTOS)
 	$(ISOMESH) bench swap --nodes 2 --before-s 2 --from $(MODULE) --to $(MODULE_V2) --out $(Q)/swap.json $(PHOTOS)
+	$(ISOMESH) bench swap --nodes 2 --before-s 2 --from $(MODULE) --to $(MODULE) --model $(ONNX) --labels $(LABELS) --out $(Q)/swap-model.json $(PHOTOS)
 	python3 scripts/bench_container.py --quick --isomesh $(ISOMESH) --out $(Q)/container.json
 	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --policies budget --loads 1 --duration-s 3 --out $(Q)/offload.json $(PHOTOS)
 	$(ISOMESH) bench offload --module $(MODULE) --cache-dir target/bench-cache --no-cpu-quota --arrivals steady --repeat 2 --loads 1.5 --duration-s 2 --policies budget --out $(Q)/offload-steady.json $(PHOTOS)
@@ -187,6 +189,7 @@ bench-quick: module build images bench-python
 	$(MAKE) report BENCH_OUT=$(Q) REPORT_DIR=$(Q)
 
 ONNX := models/files/mobilenet_v2_1.0_224_dequant.onnx
+LABELS := models/files/imagenet_labels.txt
 # The baseline's and the report's Python packages (PyPI), when missing.
 bench-python:
 	python3 -c 'import onnxruntime, numpy, PIL, matplotlib' 2>/dev/null || python3 -m pip install --quiet onnxruntime numpy pillow matplotlib

@@ -17,11 +17,15 @@ timestamped here on arrival:
            command's duration (it compiles the module, publishes it, and waits until d1 serves
            it), the time to the first answer computed by 0.2.0, the longest gap between answers,
            and the answers 0.1.0 gave meanwhile.
+  model    then a model rollout: `isomesh rollout 0.2.0.wasm --model ... --version 0.3.0` in the
+           rollout container (models/files mounted), the broker holding 0.2.0's manifest: the
+           command publishes the model alone and d1 builds its plan, compiling nothing. The same
+           figures.
 
 The longest gap is what a client sees of an update; jobs lost or failed are what it must not
 see. Both come from the same camera run, so load, module and machine are the same. The camera
 counts sent, answered, missing, errors and duplicates for the whole run; each lost job is put
-down to the update it was sent during. The script exits 1 if either update lost a job or any job
+down to the update it was sent during. The script exits 1 if any update lost a job or any job
 failed: a job sent to a restarting node waits in its MQTT session and must be answered when the
 node is back.
 
@@ -57,6 +61,22 @@ ROLLOUT = [
     "--broker=mqtt://broker:1883", "--compile-cache=/var/cache/isomesh",
     "--node=d1", "--wait", f"--timeout-s={ROLLOUT_S}",
 ]
+# Then a model rollout on that code: the model alone (`--model`), from the repository's models/files
+# mounted into the rollout container; the broker holds 0.2.0's manifest, signed by the same key.
+MODEL_VERSION = "0.3.0"
+
+
+def model_rollout(project_dir):
+    return [
+        "run", "--rm", "-T", "-v", f"{project_dir / 'models/files'}:/models:ro", "rollout",
+        "/usr/bin/isomesh", "rollout", "/usr/share/isomesh/mobilenet_v2-0.2.0.wasm",
+        "--model=/models/mobilenet_v2_1.0_224_dequant.onnx",
+        "--labels=/models/imagenet_labels.txt", f"--version={MODEL_VERSION}",
+        "--key=/keys/rollout.key", "--broker=mqtt://broker:1883",
+        "--node=d1", "--wait", f"--timeout-s={ROLLOUT_S}",
+    ]
+
+
 # d1 drains at most a job or two, within the 30 s stop_grace_period of compose.yaml.
 RESTART_S = 45
 # As the compose tests allow for the mesh to come up on a loaded machine.
@@ -225,7 +245,7 @@ def bench(args, mesh, phases):
     warmup, settle, tail = phases
     # Enough photos for every phase at its longest; the camera is stopped (SIGINT: it stops
     # sending, waits for the answers due, prints its summary) once the last phase is done.
-    count = math.ceil(args.rate * (warmup + RESTART_S + settle + ROLLOUT_S + tail + 10))
+    count = math.ceil(args.rate * (warmup + RESTART_S + settle + 2 * (ROLLOUT_S + tail) + 10))
     max_gap = max(2.0, 4 / args.rate)  # a few missed photos, not jitter, break "steady"
     started = time.monotonic()
     mesh.compose("up", "-d", "--no-color", "--quiet-pull", "broker", "d1")
@@ -269,8 +289,29 @@ def bench(args, mesh, phases):
                 "old_version_answers_after_first_new": sum(
                     1 for t, a in camera.answers if back < t <= end and not v2(a)),
                 "rollout_output": rollout.stdout.strip().splitlines()[-5:]}
-        log(f"swap: 0.2.0 answering after {back - t0:.1f} s (rollout command {t_cmd - t0:.1f} s); "
-            "stopping the camera")
+        log(f"swap: 0.2.0 answering after {back - t0:.1f} s (rollout command {t_cmd - t0:.1f} s)")
+
+        command = model_rollout(mesh.cwd)
+        log(f"model: docker-compose run --rm -T rollout ... --model ... {MODEL_VERSION} --node=d1 --wait")
+        t0 = time.monotonic()
+        rollout = mesh.compose(*command, check=False)
+        t_cmd = time.monotonic()
+        if rollout.returncode != 0:
+            fail(f"the model rollout exited {rollout.returncode}:\n{rollout.stdout}{rollout.stderr}")
+        events.update(model_command=t0, model_command_end=t_cmd)
+        v3 = lambda a: a.get("module", {}).get("version") == MODEL_VERSION
+        back = camera.wait(f"answer from {MODEL_VERSION}", lambda: camera.first(t0, v3),
+                           max(5, ROLLOUT_S - (t_cmd - t0)))
+        end = camera.wait("steady answers after the model rollout",
+                          lambda: camera.steady_for(tail, max(back, t_cmd), max_gap), tail + 60)
+        model = {"command_s": round(t_cmd - t0, 3), "first_new_version_s": round(back - t0, 3),
+                 **window(camera.answers, t0, back, end),
+                 "old_version_answers_after_first_new": sum(
+                     1 for t, a in camera.answers if back < t <= end and not v3(a)),
+                 "rollout": command,
+                 "rollout_output": (rollout.stdout + rollout.stderr).strip().splitlines()[-8:]}
+        log(f"model: {MODEL_VERSION} answering after {back - t0:.1f} s (rollout command "
+            f"{t_cmd - t0:.1f} s); stopping the camera")
 
         camera.proc.send_signal(signal.SIGINT)
         try:
@@ -283,17 +324,22 @@ def bench(args, mesh, phases):
             camera.proc.kill()
     # The node's own account of each module load (each start, the swap) and of the drain: how
     # long loading took, and whether the machine code came from a cache.
-    marks = ("module loaded", "swapped in", "shutting down")
+    marks = ("module loaded", "swapped in", "shutting down", "model rollout", "nothing to compile")
     node_log = [line.split("|", 1)[-1].strip() for line in
                 mesh.compose("logs", "--no-color", "d1", check=False).stdout.splitlines()
                 if any(mark in line for mark in marks)]
     if camera.summary is None:
         fail(f"the camera printed no summary (exit {code}):\n" + "".join(camera.stderr[-20:]))
     # Which update each lost job belongs to, by when it was sent (estimated from its neighbours').
-    restart["lost"], swap["lost"] = [], []
+    restart["lost"], swap["lost"], model["lost"] = [], [], []
     for job_id in camera.summary.get("missing_ids", []):
         sent_at = sent_time(camera.answers, job_id, args.rate)
-        phase = restart if sent_at is None or sent_at < events["swap_command"] else swap
+        if sent_at is None or sent_at < events["swap_command"]:
+            phase = restart
+        elif sent_at < events["model_command"]:
+            phase = swap
+        else:
+            phase = model
         phase["lost"].append(job_id)
     gaps = [b - a for (a, _), (b, _) in zip(base, base[1:])]
     return {
@@ -304,6 +350,7 @@ def bench(args, mesh, phases):
         },
         "restart": restart,
         "swap": swap,
+        "model_swap": model,
         "camera": {"exit": code, "summary": camera.summary},
         "d1_log": node_log,
         # Every answer, to plot or to look into a gap: seconds since d1's first answer, module
@@ -339,18 +386,20 @@ def sent_time(answers, job_id, rate):
 
 
 def table(result):
-    r, s = result["restart"], result["swap"]
+    r, s, m = result["restart"], result["swap"], result["model_swap"]
     rows = [
-        ("command (s)", r["command_s"], s["command_s"]),
-        ("to serving again (s)", r["next_answer_s"], s["first_new_version_s"]),
-        ("longest gap (s)", r["longest_gap_s"], s["longest_gap_s"]),
-        ("answers during", r["answers_during"], s["answers_during"]),
-        ("error answers", r["error_answers"], s["error_answers"]),
-        ("jobs lost", len(r.get("lost", [])), len(s.get("lost", []))),
-        ("max round trip (ms)", r["max_round_trip_ms"], s["max_round_trip_ms"]),
+        ("command (s)", r["command_s"], s["command_s"], m["command_s"]),
+        ("to serving again (s)", r["next_answer_s"], s["first_new_version_s"],
+         m["first_new_version_s"]),
+        ("longest gap (s)", r["longest_gap_s"], s["longest_gap_s"], m["longest_gap_s"]),
+        ("answers during", r["answers_during"], s["answers_during"], m["answers_during"]),
+        ("error answers", r["error_answers"], s["error_answers"], m["error_answers"]),
+        ("jobs lost", len(r.get("lost", [])), len(s.get("lost", [])), len(m.get("lost", []))),
+        ("max round trip (ms)", r["max_round_trip_ms"], s["max_round_trip_ms"],
+         m["max_round_trip_ms"]),
     ]
-    lines = [f"{'':22}{'restart d1':>14}{'hot swap 0.2.0':>16}"]
-    lines += [f"{name:22}{a:>14}{b:>16}" for name, a, b in rows]
+    lines = [f"{'':22}{'restart d1':>14}{'hot swap 0.2.0':>16}{'model 0.3.0':>14}"]
+    lines += [f"{name:22}{a:>14}{b:>16}{c:>14}" for name, a, b, c in rows]
     st, c = result["steady"], result["camera"]["summary"]
     lines.append(f"steady load: longest gap {st['longest_gap_s']} s, "
                  f"median round trip {st['median_round_trip_ms']} ms")
@@ -406,10 +455,10 @@ def main():
     print(f"wrote {args.out} ({result['total_s']} s)")
     summary = result["camera"]["summary"]
     failed = summary.get("errors", 1)
-    if result["restart"]["lost"] or result["swap"]["lost"] or failed:
-        fail(f"restart: {len(result['restart']['lost'])} job(s) lost ({result['restart']['lost']}); "
-             f"hot swap: {len(result['swap']['lost'])} job(s) lost ({result['swap']['lost']}); "
-             f"{failed} failed")
+    lost = {k: result[k]["lost"] for k in ("restart", "swap", "model_swap")}
+    if any(lost.values()) or failed:
+        fail("; ".join(f"{k}: {len(v)} job(s) lost ({v})" for k, v in lost.items())
+             + f"; {failed} failed")
 
 
 if __name__ == "__main__":

@@ -215,6 +215,31 @@ def update(bench_dir, out):
             rows.append(["hot swap without precompiled code (every node compiles)",
                          fmt(compile_run["rollout_to_all_serving_ms"] / 1000, 1) + " s, p99 "
                          + fmt(compile_run["latency_ms"]["p99_during_over_before"], 1) + "x"])
+        model_run = load(bench_dir, "swap-model.json")
+        if model_run:
+            manifest = model_run.get("published_manifest") or {}
+            module = manifest.get("module") or {}
+            rows += [
+                ["model rollout (model only, same code): `isomesh rollout --model` start to "
+                 "every node serving",
+                 " / ".join(fmt(v / 1000, 2) for v in model_run["rollout_to_serving_ms"]) + " s"],
+                ["model rollout: command start to published, then published to serving per node",
+                 secs(model_run["rollout_to_published_ms"], 2) + "; "
+                 + " / ".join(fmt(v / 1000, 2) for v in model_run["published_to_serving_ms"])
+                 + " s"],
+                ["model rollout: bytes published (model file, stored)",
+                 f"{module.get('size', 0) / 1e6:.1f} MB ({module.get('stored_size', 0) / 1e6:.1f}"
+                 " MB in chunks)"],
+                ["model rollout: nodes that compiled nothing",
+                 f"{sum(n['nothing_compiled'] for n in model_run['model_rollout']['node_log'])}"
+                 f" of {len(model_run['model_rollout']['node_log'])}"],
+                ["model rollout: jobs sent / failed / lost; p99 before vs during",
+                 f"{model_run['jobs']['sent']} / {model_run['jobs']['failed']} / "
+                 f"{model_run['jobs']['lost']}; "
+                 f"{fmt(model_run['latency_ms']['before']['p99'], 0)} vs "
+                 f"{fmt(model_run['latency_ms']['during_swap']['p99'], 0)} ms "
+                 f"({fmt(model_run['latency_ms']['p99_during_over_before'], 2)}x)"],
+            ]
         out.append(table(["process mesh, one run", "value"], rows))
     else:
         out.append("`swap.json`: not run.")
@@ -295,24 +320,25 @@ def arm64(bench_dir, swap, out):
 
 
 def container_table(container):
-    """`scripts/bench_container.py`'s two phases side by side."""
+    """`scripts/bench_container.py`'s phases side by side."""
     restart, swap = container.get("restart") or {}, container.get("swap") or {}
+    model = container.get("model_swap") or {}
     camera = (container.get("camera") or {}).get("summary") or {}
+    phases = [restart, swap, model]
     rows = [
-        ["command (restart; rollout incl. its compile and `--wait`)",
-         fmt(restart.get("command_s"), 1) + " s", fmt(swap.get("command_s"), 1) + " s"],
+        ["command (restart; rollout incl. its compile, if any, and `--wait`)"]
+        + [fmt(p.get("command_s"), 1) + " s" for p in phases],
         ["command start to the first answer after the update",
-         fmt(restart.get("next_answer_s"), 1) + " s", fmt(swap.get("first_new_version_s"), 1) + " s"],
-        ["longest gap between answers", fmt(restart.get("longest_gap_s"), 2) + " s",
-         fmt(swap.get("longest_gap_s"), 2) + " s"],
-        ["answers while it went on", restart.get("answers_during", "-"),
-         swap.get("answers_during", "-")],
-        ["error answers", restart.get("error_answers", "-"), swap.get("error_answers", "-")],
-        ["jobs lost", len(restart.get("lost", [])), len(swap.get("lost", []))],
-        ["slowest round trip", fmt(restart.get("max_round_trip_ms"), 0) + " ms",
-         fmt(swap.get("max_round_trip_ms"), 0) + " ms"],
+         fmt(restart.get("next_answer_s"), 1) + " s"]
+        + [fmt(p.get("first_new_version_s"), 1) + " s" for p in phases[1:]],
+        ["longest gap between answers"] + [fmt(p.get("longest_gap_s"), 2) + " s" for p in phases],
+        ["answers while it went on"] + [p.get("answers_during", "-") for p in phases],
+        ["error answers"] + [p.get("error_answers", "-") for p in phases],
+        ["jobs lost"] + [len(p.get("lost", [])) for p in phases],
+        ["slowest round trip"] + [fmt(p.get("max_round_trip_ms"), 0) + " ms" for p in phases],
     ]
-    return (table(["", "container restart (d1)", "hot swap 0.1.0 -> 0.2.0 (d1)"], rows)
+    return (table(["", "container restart (d1)", "hot swap 0.1.0 -> 0.2.0 (d1)",
+                   "model rollout 0.3.0 on 0.2.0's code (d1)"], rows)
             + f"\n\nCamera: sent {camera.get('sent')}, answered {camera.get('answered')}, "
             f"missing {camera.get('missing')}, errors {camera.get('errors')}, "
             f"duplicates {camera.get('duplicates')}.")

@@ -152,9 +152,10 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
             isomesh_module::selftest::run(&mut probe.classifier(), info)
         })?;
         if let Some(given) = &given {
-            loaded = sandbox.load_with_model(&loaded, given.model.clone(), |probe, info| {
-                isomesh_module::selftest::run(&mut probe.classifier(), info)
-            })?;
+            loaded =
+                sandbox.load_with_model(&loaded, given.model.clone(), None, |probe, info| {
+                    isomesh_module::selftest::run(&mut probe.classifier(), info)
+                })?;
         }
         variants.push(Variant {
             label: label.clone(),
@@ -370,7 +371,7 @@ impl GivenModel {
             args.input_side
         );
         let mut checked = None;
-        let loaded = sandbox.load_with_model(code, model.clone(), |probe, info| {
+        let loaded = sandbox.load_with_model(code, model.clone(), None, |probe, info| {
             isomesh_module::selftest::run_saying(&mut probe.classifier(), info).map(
                 |(service, how)| {
                     checked = Some(how);

@@ -70,6 +70,24 @@ pub struct SwapArgs {
     /// reported apart ("arm64"): emulated, not a board's.
     #[arg(long, value_name = "PATH")]
     pub arm64: Option<PathBuf>,
+    /// A model rollout instead: roll out this ONNX classifier served by --to's code (`isomesh
+    /// rollout TO --model ...`). With --to the same file as --from, nodes fetch the model alone
+    /// and compile nothing; the publisher finds the code on the broker (the nodes publish their
+    /// module's manifest again when the broker holds none) and publishes only the model. No
+    /// restart baseline is run.
+    #[arg(
+        long,
+        value_name = "MODEL.onnx",
+        requires = "labels",
+        conflicts_with = "arm64"
+    )]
+    pub model: Option<PathBuf>,
+    /// The class names of --model.
+    #[arg(long, value_name = "LABELS.txt", requires = "model")]
+    pub labels: Option<PathBuf>,
+    /// The version --model is rolled out as.
+    #[arg(long, default_value = "0.3.0", requires = "model")]
+    pub model_version: String,
 }
 
 /// The target of `--arm64`'s node.
@@ -130,8 +148,28 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}'s identity section", args.to.display()))?;
     let to_info = isomesh_protos::GuestInfo {
         name: to_identity.name,
-        version: to_identity.version,
+        version: match &args.model {
+            Some(_) => args.model_version.clone(),
+            None => to_identity.version,
+        },
         ..Default::default()
+    };
+    // A model rollout is named by its model file: the encoded model, as the command makes it.
+    let model_blob = match (&args.model, &args.labels) {
+        (Some(onnx), Some(labels)) => {
+            // As `isomesh rollout --model` makes it by default (the digest is read from the
+            // published manifest anyway, below).
+            let input = isomesh_protos::GuestInput {
+                side: 224,
+                ..Default::default()
+            };
+            let file = isomesh_protos::ModelFile {
+                model: Some(isomesh_module::model::read(onnx, labels, input)?),
+                code_sha256: isomesh_module::digest::sha256_hex(&to),
+            };
+            Some(file.encode_to_vec())
+        }
+        _ => None,
     };
     let tiers = [Tier::Device, Tier::Edge, Tier::Cloud];
     let mut setups = Vec::new();
@@ -192,7 +230,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     let mut manifest: Option<ModuleManifest> = None;
 
     let from_sha = isomesh_module::digest::sha256_hex(&from);
-    let to_sha = isomesh_module::digest::sha256_hex(&to);
+    let mut to_sha = isomesh_module::digest::sha256_hex(model_blob.as_deref().unwrap_or(&to));
     let mut statuses: HashMap<String, NodeStatus> = HashMap::new();
     let mut serving_to: HashMap<String, Duration> = HashMap::new();
     let mut sent: Vec<Sent> = Vec::new();
@@ -247,7 +285,12 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     let mut published: Option<(Instant, String)> = None;
     loop {
         let now = Instant::now();
-        if rollout_started.is_none() && now >= run_started + Duration::from_secs(args.before_s) {
+        // A model rollout on code the broker holds needs that code's manifest retained first.
+        let code_on_broker = args.model.is_none() || manifest.is_some();
+        if rollout_started.is_none()
+            && code_on_broker
+            && now >= run_started + Duration::from_secs(args.before_s)
+        {
             rollout_started = Some(now);
             eprintln!("rolling out...");
             // The real command, on its own connection, as an operator would run it.
@@ -264,6 +307,13 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                 .arg(&publisher_cache)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
+            if let (Some(model), Some(labels)) = (&args.model, &args.labels) {
+                command
+                    .arg("--model")
+                    .arg(model)
+                    .arg("--labels")
+                    .arg(labels);
+            }
             if args.no_precompile {
                 command.arg("--no-precompile");
             } else if arm.is_some() {
@@ -315,6 +365,13 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                 if let Some(task) = rollout_task.take() {
                     published = Some(task.await??);
                 }
+            }
+        }
+        // A model rollout is named by its model file's digest, as published: the manifest
+        // comes before any node acts on it.
+        if let Some(published) = manifest.as_ref().filter(|m| m.code.is_some()) {
+            if args.model.is_some() && published.sha256 != to_sha {
+                to_sha = published.sha256.clone();
             }
         }
         if let Some(started) = rollout_started {
@@ -388,7 +445,11 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     // the answer to its first job, sent once it reports ready. Cold: a fresh cache, so it
     // compiles; warm: from its cache.
     let mut restarts = json!({});
-    for (label, fresh_cache) in [("cold_cache", true), ("warm_cache", false)] {
+    let baselines: &[(&str, bool)] = match args.model {
+        Some(_) => &[],
+        None => &[("cold_cache", true), ("warm_cache", false)],
+    };
+    for &(label, fresh_cache) in baselines {
         let setup = &setups[0];
         let stopped = Instant::now();
         nodes[0].stop();
@@ -516,6 +577,17 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         "machine": machine(),
         "nodes": setups.iter().map(|s| json!({"id": s.id, "tier": s.tier.name()})).collect::<Vec<_>>(),
         "precompiled_artifact": !args.no_precompile,
+        "model_rollout": args.model.as_ref().map(|m| json!({
+            "model": m.display().to_string(),
+            "code_unchanged": from_sha == isomesh_module::digest::sha256_hex(&to),
+            "node_log": setups.iter().map(|s| {
+                let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+                let line = |needle: &str| log.lines().find(|l| l.contains(needle)).map(str::to_string);
+                json!({"fetching": line("fetching a model rollout"),
+                       "nothing_compiled": line("nothing to compile").is_some(),
+                       "swapped": log_line(&log, "module swapped in", &to_sha)})
+            }).collect::<Vec<_>>(),
+        })),
         "rollout_output": published.as_ref().map(|(_, said)| said.trim().to_string()),
         "rollout_to_serving_ms": swap_ms,
         "rollout_to_published_ms": published_ms,
@@ -525,8 +597,8 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         "latency_ms": {"before": b.to_json(), "during_swap": d.to_json(),
                         "p99_during_over_before": d.p99 / b.p99},
         "restart_baseline_ms": restarts,
-        "restart_cold_over_swap": restarts["cold_cache"].as_f64().unwrap_or(0.0) / slowest,
-        "restart_warm_over_swap": restarts["warm_cache"].as_f64().unwrap_or(0.0) / slowest,
+        "restart_cold_over_swap": restarts["cold_cache"].as_f64().map(|r| r / slowest),
+        "restart_warm_over_swap": restarts["warm_cache"].as_f64().map(|r| r / slowest),
         "published_manifest": published_manifest,
         "arm64": arm_json,
     });
@@ -612,6 +684,8 @@ fn manifest_json(
         "encoding": manifest.encoding,
         "module": {"size": manifest.size, "stored_size": manifest.stored_size,
                    "chunk_count": manifest.chunk_count},
+        "code": manifest.code.as_ref().map(|c| json!({"sha256": c.sha256, "size": c.size,
+                   "stored_size": c.stored_size, "chunk_count": c.chunk_count})),
         "artifacts": artifacts,
     })
 }

@@ -75,6 +75,7 @@ mod tests {
             name: "mobilenet_v2".into(),
             version: version.into(),
             sha256: sha256.into(),
+            ..Default::default()
         }
     }
 

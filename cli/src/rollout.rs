@@ -7,11 +7,18 @@
 //! ISA's baseline CPU, say `aarch64-unknown-linux-musl` for ARM device boards: see
 //! `isomesh_sandbox::target`), and last the signed manifest, which is what nodes act on. With `--wait` it follows the nodes' status until each targeted node serves the
 //! module or says why it refused it.
+//!
+//! With `--model` it is a model rollout: the ONNX classifier, its labels and input layout go
+//! out as a model file served by the module's code. If the broker holds a manifest for that
+//! code signed by this key, the code is neither compiled nor published again (see
+//! `isomesh_module::package::Code`), so nodes that run it fetch the model alone.
 
 use isomesh_mesh::topics::Topics;
+use isomesh_module::package::Code;
 use isomesh_module::package::{Package, PackageSpec, DEFAULT_CHUNK_SIZE};
 use isomesh_module::signing::SecretKey;
-use isomesh_protos::{NodeStatus, Tier};
+use isomesh_protos::guest_input::Layout;
+use isomesh_protos::{GuestInput, ModuleManifest, NodeStatus, Tier};
 use isomesh_sandbox::{CrossCompiler, Sandbox, SandboxConfig};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -92,6 +99,22 @@ pub struct RolloutArgs {
     /// How long --wait waits, s.
     #[arg(long, default_value_t = 300)]
     pub timeout_s: u64,
+    /// Roll out this ONNX image classifier, served by the module's code, instead of the model
+    /// the module embeds: a model rollout. Nodes that have the module's code fetch only the
+    /// model and compile nothing; if the broker holds the code from an earlier rollout signed
+    /// by --key, it is not compiled or published again. Needs --labels and --version.
+    #[arg(long, value_name = "MODEL.onnx", requires_all = ["labels", "version"])]
+    pub model: Option<PathBuf>,
+    /// The class names of --model, one a line, in the order of its outputs.
+    #[arg(long, value_name = "LABELS.txt", requires = "model")]
+    pub labels: Option<PathBuf>,
+    /// How an image becomes --model's input: nchw-f32-imagenet (float32 channels first,
+    /// normalised as torchvision does) or nhwc-u8 (raw pixels channels last).
+    #[arg(long, default_value = "nchw-f32-imagenet", value_parser = isomesh_module::model::parse_layout, requires = "model")]
+    pub input_layout: Layout,
+    /// Side of --model's square input, pixels.
+    #[arg(long, default_value_t = 224, requires = "model")]
+    pub input_side: u32,
     /// Broker URL, or the members of a clustered broker: URL,URL,... (the first that answers).
     #[arg(long, env = "ISOMESH_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
@@ -130,7 +153,10 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let key = SecretKey::read(&args.signed.key)?;
     let module = crate::common::read_module(&args.signed.module)?;
-    let identity = args.signed.identity(&module)?;
+    let (identity, code_version) = match &args.model {
+        Some(_) => model_identity(&args.signed, &module)?,
+        None => (args.signed.identity(&module)?, None),
+    };
     // Nodes order versions by semver precedence and refuse to order anything else: say so here,
     // before anything is published.
     isomesh_module::version::parse(&identity.version)?;
@@ -148,7 +174,13 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
             args.chunk_size
         );
     }
-    let artifacts = if args.no_precompile {
+    // A model rollout on code the broker holds already, from a rollout signed by this key:
+    // nothing to compile, nothing of the code to publish.
+    let published_code = match &args.model {
+        Some(_) => published_code(&args, &key, &identity.name, &module).await?,
+        None => None,
+    };
+    let artifacts = if args.no_precompile || published_code.is_some() {
         Vec::new()
     } else {
         let compiling = Instant::now();
@@ -167,14 +199,14 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
             anyhow::Ok((sandbox.engine_id(), info, code))
         }))
         .await??;
-        if info.name != identity.name || info.version != identity.version {
+        let version = code_version.as_deref().unwrap_or(&identity.version);
+        if info.name != identity.name || info.version != version {
             anyhow::bail!(
-                "{} calls itself {}@{}, not {}@{}: fix --name/--version (nodes would refuse it)",
+                "{} calls itself {}@{}, not {}@{version}: fix --name/--version (nodes would refuse it)",
                 args.signed.module.display(),
                 info.name,
                 info.version,
                 identity.name,
-                identity.version
             );
         }
         eprintln!(
@@ -204,7 +236,7 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
         }
         artifacts
     };
-    let spec = PackageSpec {
+    let mut spec = PackageSpec {
         name: &identity.name,
         version: &identity.version,
         chunk_size: args.chunk_size,
@@ -213,7 +245,54 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
         force: args.force,
         compress: !args.no_compress,
     };
-    let mut package = Package::new(&spec, &module, &artifacts);
+    if let Some(old) = &published_code {
+        // The code's chunks on the broker were cut and encoded as its manifest says, and one
+        // manifest has one chunk size and encoding for all its blobs: the model's follow them.
+        spec.chunk_size = old.chunk_size;
+        spec.compress = old.encoding == isomesh_module::package::DEFLATE;
+    }
+    let mut package = match (&args.model, code_version) {
+        (Some(onnx), Some(code_version)) => {
+            let labels = args
+                .labels
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("--model needs --labels"))?;
+            let input = GuestInput {
+                layout: args.input_layout as i32,
+                side: args.input_side,
+            };
+            let model = isomesh_module::model::read(onnx, labels, input)?;
+            eprintln!(
+                "model {} ({} labels, {}) on the code of {} ({})",
+                onnx.display(),
+                model.labels.len(),
+                isomesh_module::model::layout_name(args.input_layout),
+                args.signed.module.display(),
+                if published_code.is_some() {
+                    "on the broker already: not published again"
+                } else {
+                    "published with it"
+                }
+            );
+            let code = match published_code {
+                Some(old) => Code::Published {
+                    part: isomesh_module::package::code_of(&old),
+                    artifacts: old.artifacts,
+                },
+                None => Code::New {
+                    module: &module,
+                    version: &code_version,
+                    artifacts: &artifacts,
+                },
+            };
+            let file = isomesh_protos::ModelFile {
+                model: Some(model),
+                code_sha256: isomesh_module::digest::sha256_hex(&module),
+            };
+            Package::model(&spec, &file.encode_to_vec(), code)
+        }
+        _ => Package::new(&spec, &module, &artifacts),
+    };
     isomesh_module::package::check_manifest(&package.manifest)?;
     key.sign(&mut package.manifest);
     let manifest = package.manifest.clone();
@@ -353,6 +432,99 @@ pub async fn rollout(args: RolloutArgs) -> anyhow::Result<bool> {
         );
     }
     Ok(all_ok)
+}
+
+/// The name and version a model rollout is signed as (the module's name, `--version`), and
+/// the version the module's code calls itself.
+fn model_identity(
+    signed: &crate::common::SignedModule,
+    module: &[u8],
+) -> anyhow::Result<(isomesh_module::identity::Identity, Option<String>)> {
+    let declared = isomesh_module::identity::read(module).map_err(|why| {
+        anyhow::anyhow!(
+            "cannot tell the name and version of {}: {why} (a model rollout needs a module that \
+             names itself in its isomesh-module section)",
+            signed.module.display()
+        )
+    })?;
+    if let Some(name) = signed.name.as_ref().filter(|n| **n != declared.name) {
+        anyhow::bail!(
+            "{} calls itself {}, not --name {name}: nodes would refuse it",
+            signed.module.display(),
+            declared.name
+        );
+    }
+    let Some(version) = signed.version.clone() else {
+        anyhow::bail!("a model rollout needs --version: the version it is served as");
+    };
+    let identity = isomesh_module::identity::Identity {
+        name: declared.name,
+        version,
+    };
+    Ok((identity, Some(declared.version)))
+}
+
+/// The manifest the broker holds for `name`, if its code is `module`'s and `key` signed it: a
+/// model rollout then describes that code again instead of publishing it. A manifest signed
+/// by another key is not vouched for here, so its code is published anew.
+async fn published_code(
+    args: &RolloutArgs,
+    key: &SecretKey,
+    name: &str,
+    module: &[u8],
+) -> anyhow::Result<Option<ModuleManifest>> {
+    let topics = Topics::new(args.prefix.clone());
+    let Some(retained) = retained_manifest(&args.broker, &topics, name).await? else {
+        return Ok(None);
+    };
+    let mut ours = isomesh_module::signing::TrustedKeys::default();
+    ours.add(key.public());
+    let code = isomesh_module::package::code_of(&retained);
+    let same = code.sha256 == isomesh_module::digest::sha256_hex(module);
+    if !same || ours.verify(&retained).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(retained))
+}
+
+/// How long to wait for a retained manifest after the broker acknowledged the subscription.
+const RETAINED_PATIENCE: Duration = Duration::from_millis(700);
+
+/// The manifest retained on `name`'s manifest topic, if the broker holds one.
+async fn retained_manifest(
+    broker: &str,
+    topics: &Topics,
+    name: &str,
+) -> anyhow::Result<Option<ModuleManifest>> {
+    let (client, mut eventloop) = isomesh_mqtt::connect::connect(
+        broker,
+        &isomesh_mqtt::connect::client_id_at(broker, "rollout"),
+    )
+    .await?;
+    client
+        .subscribe(topics.manifest(name), QoS::AtLeastOnce)
+        .await?;
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Err(_) => break None,
+            Ok(Err(e)) => anyhow::bail!("lost the broker while reading the retained manifest: {e}"),
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                deadline = tokio::time::Instant::now() + RETAINED_PATIENCE;
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => {
+                match ModuleManifest::decode(publish.payload.as_ref()) {
+                    Ok(manifest) => break Some(manifest),
+                    Err(_) => break None,
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    };
+    let _ = client.disconnect().await;
+    // Let the DISCONNECT go out before the rollout's own connection takes the same client id.
+    let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    Ok(found)
 }
 
 /// `$XDG_CACHE_HOME/isomesh`, else `~/.cache/isomesh`.

@@ -163,7 +163,8 @@ fn print_nodes(nodes: &BTreeMap<String, NodeStatus>, json: bool) {
                 "{}",
                 serde_json::json!({
                     "node": s.node_id, "tier": tier_name(s.tier), "online": s.online,
-                    "module": {"name": module.name, "version": module.version, "sha256": module.sha256},
+                    "module": {"name": module.name, "version": module.version, "sha256": module.sha256,
+                   "code_sha256": module.code_sha256, "model_sha256": module.model_sha256},
                     "queue": s.queue_len, "ewma_ms": s.ewma_ms, "done": s.jobs_done,
                     "failed": s.jobs_failed, "uptime_s": s.uptime_s,
                     "target": s.target, "engines": s.engines,

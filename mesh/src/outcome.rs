@@ -30,7 +30,8 @@ pub struct Answer {
 #[derive(Debug, Clone)]
 pub struct JobFailure {
     pub message: String,
-    pub module: Option<ModuleRef>,
+    /// Boxed: a `ModuleRef` of five strings would make every `Outcome` as large.
+    pub module: Option<Box<ModuleRef>>,
 }
 
 impl JobFailure {

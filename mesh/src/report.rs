@@ -48,7 +48,7 @@ pub fn job_result(
         }
         Err(failure) => {
             result.error = failure.message.clone();
-            result.module = failure.module.clone();
+            result.module = failure.module.as_deref().cloned();
         }
     }
     result
@@ -119,7 +119,8 @@ pub fn to_json(result: &JobResult) -> Value {
         "job_id": result.job_id,
         "node": result.node,
         "tier": Tier::try_from(result.tier).unwrap_or(Tier::Unspecified).name(),
-        "module": {"name": module.name, "version": module.version, "sha256": module.sha256},
+        "module": {"name": module.name, "version": module.version, "sha256": module.sha256,
+                   "code_sha256": module.code_sha256, "model_sha256": module.model_sha256},
         "top": result.top.iter().map(|c| json!({
             "index": c.index,
             "label": c.label,

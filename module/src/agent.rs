@@ -483,14 +483,34 @@ impl RolloutAgent {
             }
         }
         let artifact = self.artifact_for_this_node(&manifest);
-        tracing::info!(
-            module = %label(&module),
-            sha256 = %manifest.sha256,
-            bytes = manifest.size,
-            chunks = manifest.chunk_count,
-            precompiled = artifact.is_some(),
-            "fetching a rolled-out module"
-        );
+        let has_code = self.has_code_of(&manifest);
+        match &manifest.code {
+            Some(code) if has_code => tracing::info!(
+                module = %label(&module),
+                sha256 = %manifest.sha256,
+                bytes = manifest.size,
+                chunks = manifest.chunk_count,
+                code = %crate::digest::short(&code.sha256),
+                "fetching a model rollout on the code served here: the model alone, nothing to compile"
+            ),
+            Some(code) => tracing::info!(
+                module = %label(&module),
+                sha256 = %manifest.sha256,
+                bytes = manifest.size + code.size,
+                chunks = manifest.chunk_count + code.chunk_count,
+                code = %crate::digest::short(&code.sha256),
+                precompiled = artifact.is_some(),
+                "fetching a model rollout and the code it runs on"
+            ),
+            None => tracing::info!(
+                module = %label(&module),
+                sha256 = %manifest.sha256,
+                bytes = manifest.size,
+                chunks = manifest.chunk_count,
+                precompiled = artifact.is_some(),
+                "fetching a rolled-out module"
+            ),
+        }
         let mut actions = self.abandon_fetch();
         if self
             .again
@@ -500,6 +520,10 @@ impl RolloutAgent {
             self.again = None; // a newer rollout supersedes the one waiting to be tried again
         }
         let mut fetch = Fetch::new(manifest, artifact, now);
+        if has_code {
+            // A model rollout on the code served here: the model alone, nothing to compile.
+            fetch.code_at_hand();
+        }
         let wanted = fetch.next_requests(now);
         actions.push(report(&fetch, Phase::Fetching));
         self.fetch = Some(fetch);
@@ -661,6 +685,14 @@ impl RolloutAgent {
         self.peer_reseed_at = Some(now + self.peer_backoff);
         self.peer_backoff = (self.peer_backoff * 2).min(RETRY_MAX);
         vec![Action::Reseed(Box::new(Reseed { manifest, artifact }))]
+    }
+
+    /// Whether `manifest` is a model rollout whose code this node serves already.
+    fn has_code_of(&self, manifest: &ModuleManifest) -> bool {
+        let (Some(code), Some(serving)) = (&manifest.code, &self.serving) else {
+            return false;
+        };
+        code.sha256 == serving.module.code_sha256 || code.sha256 == serving.module.sha256
     }
 
     /// The manifest's precompiled artifact this node loads best, if any.

@@ -34,6 +34,8 @@ pub enum TransferError {
     Digest { got: String, expected: String },
     #[error("not a WebAssembly module (it does not start with \\0asm)")]
     NotWasm,
+    #[error("the model file of a model rollout is not an encoded ModelFile: {0}")]
+    NotModel(String),
 }
 
 /// Chunks asked for at once.
@@ -140,6 +142,8 @@ pub struct Fetched {
     pub module: Vec<u8>,
     /// The precompiled artifact for this node's engine, when the manifest had one and it arrived.
     pub artifact: Option<(PrecompiledArtifact, Vec<u8>)>,
+    /// A model rollout's code, when this node did not have it already.
+    pub code: Option<Vec<u8>>,
 }
 
 /// Collecting the chunks of one manifest.
@@ -148,6 +152,8 @@ pub struct Fetch {
     pub manifest: ModuleManifest,
     module: Blob,
     artifact: Option<(PrecompiledArtifact, Blob)>,
+    /// A model rollout's code, unless the node has it ([`Fetch::code_at_hand`]).
+    code: Option<Blob>,
     /// Chunks asked for and not yet received.
     outstanding: BTreeSet<ChunkRef>,
     pub started: Instant,
@@ -182,10 +188,21 @@ impl Fetch {
             );
             (a, blob)
         });
+        let code = manifest.code.as_ref().map(|c| {
+            Blob::new(
+                &c.sha256,
+                c.size,
+                c.stored_size,
+                &encoding,
+                c.chunk_count,
+                &c.chunk_sha256,
+            )
+        });
         Fetch {
             manifest,
             module,
             artifact,
+            code,
             outstanding: BTreeSet::new(),
             started: now,
             last_progress: now,
@@ -199,6 +216,7 @@ impl Fetch {
             .as_ref()
             .map(|(_, b)| b)
             .into_iter()
+            .chain(self.code.as_ref())
             .chain(std::iter::once(&self.module))
     }
 
@@ -206,10 +224,25 @@ impl Fetch {
         if self.module.sha256 == sha256 {
             return Some(&mut self.module);
         }
+        if let Some(code) = self.code.as_mut().filter(|c| c.sha256 == sha256) {
+            return Some(code);
+        }
         match &mut self.artifact {
             Some((_, blob)) if blob.sha256 == sha256 => Some(blob),
             _ => None,
         }
+    }
+
+    /// The node has a model rollout's code already: only the model is fetched (and no machine
+    /// code: the node's cache holds the code's). Call before the first requests.
+    pub fn code_at_hand(&mut self) {
+        self.code = None;
+        self.artifact = None;
+    }
+
+    /// Whether this fetch collects a model rollout's code too.
+    pub fn fetches_code(&self) -> bool {
+        self.code.is_some()
     }
 
     /// Chunks to ask for now, topping the window up.
@@ -344,7 +377,9 @@ impl Fetch {
 
     /// Whether only the artifact is holding the fetch up.
     pub fn only_artifact_missing(&self) -> bool {
-        self.module.complete() && self.artifact.as_ref().is_some_and(|(_, b)| !b.complete())
+        self.module.complete()
+            && self.code.as_ref().is_none_or(Blob::complete)
+            && self.artifact.as_ref().is_some_and(|(_, b)| !b.complete())
     }
 
     /// Every subscription this fetch still holds.
@@ -387,7 +422,21 @@ impl Fetch {
     /// [`Fetch::is_complete`]; slow for a large module (inflating, hashing), so off the loop.
     pub fn finish(self) -> Result<Fetched, TransferError> {
         let module = self.module.assemble()?;
-        if !is_wasm(&module) {
+        let code = match &self.code {
+            Some(blob) => Some(blob.assemble()?),
+            None => None,
+        };
+        if self.manifest.code.is_some() {
+            use prost::Message;
+            let file = isomesh_protos::ModelFile::decode(module.as_slice())
+                .map_err(|e| TransferError::NotModel(e.to_string()))?;
+            if file.model.is_none() {
+                return Err(TransferError::NotModel("it holds no model".into()));
+            }
+            if code.as_deref().is_some_and(|c| !is_wasm(c)) {
+                return Err(TransferError::NotWasm);
+            }
+        } else if !is_wasm(&module) {
             return Err(TransferError::NotWasm);
         }
         let artifact = match self.artifact {
@@ -401,7 +450,11 @@ impl Fetch {
             },
             None => None,
         };
-        Ok(Fetched { module, artifact })
+        Ok(Fetched {
+            module,
+            artifact,
+            code,
+        })
     }
 }
 

@@ -11,7 +11,7 @@
 //! the signature vouches for what runs, and decoding stops at the announced size.
 
 use crate::digest::{is_sha256_hex, sha256_hex};
-use isomesh_protos::{ModuleChunk, ModuleManifest, ModuleRef, PrecompiledArtifact, Tier};
+use isomesh_protos::{CodePart, ModuleChunk, ModuleManifest, ModuleRef, PrecompiledArtifact, Tier};
 
 /// Default chunk size: fits every common broker's message limit.
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
@@ -46,48 +46,143 @@ pub struct PackageSpec<'a> {
     pub compress: bool,
 }
 
+/// The code a model rollout runs on ([`Package::model`]).
+pub enum Code<'a> {
+    /// Already on the broker, from an earlier rollout: described again, not published again
+    /// (with the machine code published for it then).
+    Published {
+        part: CodePart,
+        artifacts: Vec<PrecompiledArtifact>,
+    },
+    /// A module file to publish with the model, with each `(engine, code)` artifact.
+    New {
+        module: &'a [u8],
+        version: &'a str,
+        artifacts: &'a [(String, Vec<u8>)],
+    },
+}
+
 impl Package {
     /// Cuts `module` (and each `(engine, code)` artifact) into chunks and describes them.
     pub fn new(spec: &PackageSpec<'_>, module: &[u8], artifacts: &[(String, Vec<u8>)]) -> Package {
-        let chunk_size = spec.chunk_size.max(1);
-        let encoding = if spec.compress { DEFLATE } else { "" };
-        let (stored, mut chunks) = cut(module, chunk_size, encoding);
-        let module_chunks = chunks.len();
-        let mut described = Vec::new();
-        for (engine, code) in artifacts {
-            let (artifact_stored, artifact_chunks) = cut(code, chunk_size, encoding);
-            described.push(PrecompiledArtifact {
-                engine: engine.clone(),
-                sha256: sha256_hex(code),
-                size: code.len() as u64,
-                chunk_count: artifact_chunks.len() as u32,
-                stored_size: artifact_stored,
-                chunk_sha256: chunk_digests(&artifact_chunks),
-            });
-            chunks.extend(artifact_chunks);
-        }
-        let manifest = ModuleManifest {
-            name: spec.name.to_string(),
-            version: spec.version.to_string(),
-            sha256: sha256_hex(module),
-            size: module.len() as u64,
-            chunk_size,
-            chunk_count: chunk_count(stored, chunk_size),
-            target_tiers: spec.target_tiers.iter().map(|t| *t as i32).collect(),
-            target_nodes: spec.target_nodes.clone(),
-            key_id: String::new(),
-            signature: Vec::new(),
-            published_at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or_default(),
-            force: spec.force,
-            artifacts: described,
-            encoding: encoding.to_string(),
-            stored_size: stored,
-            chunk_sha256: chunk_digests(&chunks[..module_chunks]),
-        };
+        let encoding = encoding(spec);
+        let (stored, mut chunks) = cut(module, spec.chunk_size.max(1), encoding);
+        let module_digests = chunk_digests(&chunks);
+        let described = cut_artifacts(spec, artifacts, &mut chunks);
+        let manifest = describe(spec, module, stored, module_digests, described);
         Package { manifest, chunks }
+    }
+
+    /// A model rollout: `model` (an encoded `GuestModel`) served by `code`'s module. Only the
+    /// model's chunks are new when the code was published before.
+    pub fn model(spec: &PackageSpec<'_>, model: &[u8], code: Code<'_>) -> Package {
+        let encoding = encoding(spec);
+        let chunk_size = spec.chunk_size.max(1);
+        let (stored, mut chunks) = cut(model, chunk_size, encoding);
+        let model_digests = chunk_digests(&chunks);
+        let (part, described) = match code {
+            Code::Published { part, artifacts } => (part, artifacts),
+            Code::New {
+                module,
+                version,
+                artifacts,
+            } => {
+                let (code_stored, code_chunks) = cut(module, chunk_size, encoding);
+                let part = CodePart {
+                    sha256: sha256_hex(module),
+                    size: module.len() as u64,
+                    chunk_count: code_chunks.len() as u32,
+                    stored_size: code_stored,
+                    chunk_sha256: chunk_digests(&code_chunks),
+                    version: version.to_string(),
+                };
+                chunks.extend(code_chunks);
+                (part, cut_artifacts(spec, artifacts, &mut chunks))
+            }
+        };
+        let mut manifest = describe(spec, model, stored, model_digests, described);
+        manifest.code = Some(part);
+        Package { manifest, chunks }
+    }
+}
+
+fn encoding(spec: &PackageSpec<'_>) -> &'static str {
+    if spec.compress {
+        DEFLATE
+    } else {
+        ""
+    }
+}
+
+/// Cuts each `(engine, code)` artifact into chunks appended to `chunks`, and describes them.
+fn cut_artifacts(
+    spec: &PackageSpec<'_>,
+    artifacts: &[(String, Vec<u8>)],
+    chunks: &mut Vec<ModuleChunk>,
+) -> Vec<PrecompiledArtifact> {
+    let mut described = Vec::new();
+    for (engine, code) in artifacts {
+        let (artifact_stored, artifact_chunks) = cut(code, spec.chunk_size.max(1), encoding(spec));
+        described.push(PrecompiledArtifact {
+            engine: engine.clone(),
+            sha256: sha256_hex(code),
+            size: code.len() as u64,
+            chunk_count: artifact_chunks.len() as u32,
+            stored_size: artifact_stored,
+            chunk_sha256: chunk_digests(&artifact_chunks),
+        });
+        chunks.extend(artifact_chunks);
+    }
+    described
+}
+
+/// The unsigned manifest of the blob `main` (stored in `stored` bytes whose chunks hash to
+/// `digests`) and its artifacts.
+fn describe(
+    spec: &PackageSpec<'_>,
+    main: &[u8],
+    stored: u64,
+    digests: Vec<String>,
+    artifacts: Vec<PrecompiledArtifact>,
+) -> ModuleManifest {
+    let chunk_size = spec.chunk_size.max(1);
+    ModuleManifest {
+        name: spec.name.to_string(),
+        version: spec.version.to_string(),
+        sha256: sha256_hex(main),
+        size: main.len() as u64,
+        chunk_size,
+        chunk_count: chunk_count(stored, chunk_size),
+        target_tiers: spec.target_tiers.iter().map(|t| *t as i32).collect(),
+        target_nodes: spec.target_nodes.clone(),
+        key_id: String::new(),
+        signature: Vec::new(),
+        published_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default(),
+        force: spec.force,
+        artifacts,
+        encoding: encoding(spec).to_string(),
+        stored_size: stored,
+        chunk_sha256: digests,
+        code: None,
+    }
+}
+
+/// The code a manifest's module runs: its own file, or a model rollout's code part. What a
+/// later model rollout of the same code describes again ([`Code::Published`]).
+pub fn code_of(manifest: &ModuleManifest) -> CodePart {
+    match &manifest.code {
+        Some(code) => code.clone(),
+        None => CodePart {
+            sha256: manifest.sha256.clone(),
+            size: manifest.size,
+            chunk_count: manifest.chunk_count,
+            stored_size: manifest.stored_size,
+            chunk_sha256: manifest.chunk_sha256.clone(),
+            version: manifest.version.clone(),
+        },
     }
 }
 
@@ -246,6 +341,8 @@ pub enum ManifestError {
     },
     #[error("precompiled artifact {0} has an inconsistent size or chunk count")]
     Artifact(String),
+    #[error("the code of model rollout {0} has an inconsistent size or chunk count")]
+    Code(String),
 }
 
 /// Checks that a manifest describes something a node can fetch and name a file after.
@@ -276,6 +373,24 @@ pub fn check_manifest(manifest: &ModuleManifest) -> Result<(), ManifestError> {
     // Counted in u64 over the module and every artifact: the bound is on the sum, before any
     // fetch allocates a slot per chunk.
     let mut total = u64::from(manifest.chunk_count);
+    if let Some(code) = &manifest.code {
+        check_digest(&code.sha256)?;
+        check_name("code version", &code.version)?;
+        let stored = stored_size(code.size, code.stored_size);
+        if code.size == 0
+            || code.size > MAX_MODULE_SIZE
+            || stored > MAX_MODULE_SIZE
+            || code.chunk_count != chunk_count(stored, manifest.chunk_size)
+        {
+            return Err(ManifestError::Code(code.sha256.clone()));
+        }
+        check_chunk_digests(
+            &format!("code {}", code.sha256),
+            &code.chunk_sha256,
+            code.chunk_count,
+        )?;
+        total += u64::from(code.chunk_count);
+    }
     for artifact in &manifest.artifacts {
         check_digest(&artifact.sha256)?;
         let stored = stored_size(artifact.size, artifact.stored_size);
@@ -346,6 +461,8 @@ pub fn module_ref(manifest: &ModuleManifest) -> ModuleRef {
         name: manifest.name.clone(),
         version: manifest.version.clone(),
         sha256: manifest.sha256.clone(),
+        code_sha256: code_of(manifest).sha256,
+        model_sha256: String::new(),
     }
 }
 
@@ -443,6 +560,63 @@ mod tests {
         for (chunk, digest) in package.chunks.iter().zip(&package.manifest.chunk_sha256) {
             assert_eq!(&sha256_hex(&chunk.data), digest);
         }
+    }
+
+    #[test]
+    fn a_model_rollout_publishes_its_code_only_when_the_code_is_new() {
+        let spec = PackageSpec {
+            name: "m",
+            version: "1.1.0",
+            chunk_size: 300,
+            target_tiers: vec![],
+            target_nodes: vec![],
+            force: false,
+            compress: false,
+        };
+        let module = vec![3u8; 1000];
+        let artifacts = [("e".to_string(), vec![7u8; 700])];
+        let new = Package::model(
+            &spec,
+            &[5u8; 400],
+            Code::New {
+                module: &module,
+                version: "1.0.0",
+                artifacts: &artifacts,
+            },
+        );
+        check_manifest(&new.manifest).unwrap();
+        let code = new.manifest.code.clone().unwrap();
+        assert_eq!(
+            (code.sha256.as_str(), code.chunk_count),
+            (sha256_hex(&module).as_str(), 4)
+        );
+        assert_eq!(new.manifest.sha256, sha256_hex(&[5u8; 400]));
+        assert_eq!(new.chunks.len(), 2 + 4 + 3, "model, code, artifact");
+        assert_eq!(module_ref(&new.manifest).code_sha256, code.sha256);
+
+        // The same code again: described from the manifest before, not cut again.
+        let again = Package::model(
+            &spec,
+            &[6u8; 400],
+            Code::Published {
+                part: code_of(&new.manifest),
+                artifacts: new.manifest.artifacts.clone(),
+            },
+        );
+        check_manifest(&again.manifest).unwrap();
+        assert_eq!(again.chunks.len(), 2, "the model's chunks alone");
+        assert_eq!(again.manifest.code, new.manifest.code);
+        assert_eq!(again.manifest.artifacts, new.manifest.artifacts);
+        // A module rollout's own code is its file.
+        let plain = Package::new(&spec, &module, &[]);
+        assert_eq!(code_of(&plain.manifest).sha256, plain.manifest.sha256);
+
+        // A code part whose count does not fit its size is refused.
+        let mut bad = again.manifest.clone();
+        if let Some(code) = bad.code.as_mut() {
+            code.chunk_count += 1;
+        }
+        assert!(matches!(check_manifest(&bad), Err(ManifestError::Code(_))));
     }
 
     #[test]

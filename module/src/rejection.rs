@@ -124,12 +124,18 @@ pub fn check_identity(
     name: &str,
     version: &str,
 ) -> Result<(), Rejection> {
-    if manifest.name == name && manifest.version == version {
+    // A model rollout names the code it runs by digest and by the version that code calls
+    // itself; its own version is the rollout's.
+    let signed_version = manifest
+        .code
+        .as_ref()
+        .map_or(manifest.version.as_str(), |c| c.version.as_str());
+    if manifest.name == name && signed_version == version {
         return Ok(());
     }
     Err(Rejection::Mislabelled {
         module: format!("{name}@{version}"),
-        manifest: format!("{}@{}", manifest.name, manifest.version),
+        manifest: format!("{}@{signed_version}", manifest.name),
     })
 }
 

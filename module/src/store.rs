@@ -3,6 +3,9 @@
 //! ```text
 //! mobilenet_v2-0.2.0.wasm       a module file: served if it is the newest one that passes
 //! mobilenet_v2-0.2.0.manifest   its signed manifest (the "sidecar"), written by a rollout or `isomesh sign`
+//! mobilenet_v2-0.3.0.model      a model rollout: an encoded `ModelFile` (ONNX, labels, input),
+//! mobilenet_v2-0.3.0.manifest   served by the code its signed manifest names, which is kept in
+//! .code/{sha256}.wasm           the module file of that digest
 //! .rejected/{sha256}            why the module with that digest was refused; it is never tried again
 //! .name.pid.n.tmp               a file being written; renamed into place whole
 //! ```
@@ -20,6 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Folder of the module directory where rejected modules are remembered, by sha256.
 const REJECTED_DIR: &str = ".rejected";
+/// Folder of the module directory where the code of model rollouts is kept, by sha256.
+const CODE_DIR: &str = ".code";
 
 /// A node's module directory.
 #[derive(Debug, Clone)]
@@ -40,7 +45,8 @@ impl ModuleStore {
         &self.dir
     }
 
-    /// `.wasm` files of the directory, newest first.
+    /// Module files (`.wasm`, and `.model` files of model rollouts) of the directory, newest
+    /// first.
     pub fn module_files(&self) -> std::io::Result<Vec<PathBuf>> {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
@@ -58,13 +64,62 @@ impl ModuleStore {
     /// Writes a fetched module as `{name}-{version}.wasm` with its manifest beside it, the module
     /// file last, so the directory watcher only ever sees it whole with its manifest in place.
     /// Returns the module's path.
+    /// A model rollout's model is written as `{name}-{version}.model` (its code goes in first,
+    /// with [`ModuleStore::install_code`]).
     pub fn install(&self, manifest: &ModuleManifest, module: &[u8]) -> std::io::Result<PathBuf> {
-        let path = self
-            .dir
-            .join(format!("{}-{}.wasm", manifest.name, manifest.version));
+        let extension = if manifest.code.is_some() {
+            "model"
+        } else {
+            "wasm"
+        };
+        let path = self.dir.join(format!(
+            "{}-{}.{extension}",
+            manifest.name, manifest.version
+        ));
         write_atomically(&sidecar_path(&path), &manifest.encode_to_vec())?;
         write_atomically(&path, module)?;
         Ok(path)
+    }
+
+    /// Where the code of digest `sha256` a model rollout runs is kept (`None` for a digest
+    /// that is no digest).
+    pub fn code_path(&self, sha256: &str) -> Option<PathBuf> {
+        crate::digest::is_sha256_hex(sha256)
+            .then(|| self.dir.join(CODE_DIR).join(format!("{sha256}.wasm")))
+    }
+
+    /// Keeps `module` (whose digest the caller checked) as the code of digest `sha256`.
+    pub fn install_code(&self, sha256: &str, module: &[u8]) -> std::io::Result<PathBuf> {
+        let Some(path) = self.code_path(sha256) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{sha256:?} is not a sha256"),
+            ));
+        };
+        if !path.exists() {
+            std::fs::create_dir_all(self.dir.join(CODE_DIR))?;
+            write_atomically(&path, module)?;
+        }
+        Ok(path)
+    }
+
+    /// Keeps the module file at `module` (whose digest the caller knows to be `sha256`) as the
+    /// code of that digest: a hard link where the file system allows one, else a copy.
+    pub fn keep_code(&self, sha256: &str, module: &Path) -> std::io::Result<PathBuf> {
+        let Some(path) = self.code_path(sha256) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{sha256:?} is not a sha256"),
+            ));
+        };
+        if path.exists() {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(self.dir.join(CODE_DIR))?;
+        match std::fs::hard_link(module, &path) {
+            Ok(()) => Ok(path),
+            Err(_) => self.install_code(sha256, &std::fs::read(module)?),
+        }
     }
 
     /// Deletes a module file and its manifest.
@@ -84,6 +139,31 @@ impl ModuleStore {
             }
             tracing::info!(file = %old.display(), "deleting an old module file");
             self.remove(&old);
+        }
+        self.prune_code(serving);
+    }
+
+    /// Deletes kept code no model file left in the directory runs, except `serving`'s.
+    fn prune_code(&self, serving: &Path) {
+        let Ok(entries) = std::fs::read_dir(self.dir.join(CODE_DIR)) else {
+            return;
+        };
+        let files = self.module_files().unwrap_or_default();
+        let used: std::collections::HashSet<String> = files
+            .iter()
+            .chain(std::iter::once(&serving.to_path_buf()))
+            .filter_map(|f| read_sidecar(f)?.code.map(|c| c.sha256))
+            .collect();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let sha256 = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            if !used.contains(sha256) {
+                tracing::info!(file = %path.display(), "deleting code no model file runs any more");
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
 
@@ -127,7 +207,10 @@ pub fn is_module_file(path: &Path) -> bool {
         .file_name()
         .and_then(|n| n.to_str())
         .is_none_or(|n| n.starts_with('.'));
-    !hidden && path.extension().is_some_and(|e| e == "wasm")
+    !hidden
+        && path
+            .extension()
+            .is_some_and(|e| e == "wasm" || e == "model")
 }
 
 /// The signed manifest beside a module file.
@@ -202,5 +285,40 @@ mod tests {
         store.remove(&path);
         assert!(store.module_files().unwrap().is_empty());
         assert!(read_sidecar(&path).is_none());
+    }
+
+    #[test]
+    fn a_model_rollout_is_kept_as_a_model_file_with_its_code_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModuleStore::open(dir.path()).unwrap();
+        let code_sha = crate::digest::sha256_hex(b"\0asm code");
+        let code = store.install_code(&code_sha, b"\0asm code").unwrap();
+        assert_eq!(Some(code.clone()), store.code_path(&code_sha));
+        // Kept from a module file: linked, the same bytes.
+        let other = dir.path().join(".other.wasm");
+        std::fs::write(&other, b"\0asm other").unwrap();
+        let other_sha = crate::digest::sha256_hex(b"\0asm other");
+        let kept = store.keep_code(&other_sha, &other).unwrap();
+        assert_eq!(std::fs::read(&kept).unwrap(), b"\0asm other");
+        assert!(store.code_path("../x").is_none());
+        let manifest = ModuleManifest {
+            name: "m".into(),
+            version: "1.1.0".into(),
+            sha256: crate::digest::sha256_hex(b"model"),
+            code: Some(isomesh_protos::CodePart {
+                sha256: code_sha.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let model = store.install(&manifest, b"model").unwrap();
+        assert_eq!(model, store.dir().join("m-1.1.0.model"));
+        assert_eq!(store.module_files().unwrap(), vec![model.clone()]);
+        // Kept while a model file runs it, deleted once none does.
+        store.prune(3, &model);
+        assert!(code.exists());
+        store.remove(&model);
+        store.prune(3, Path::new("/none"));
+        assert!(!code.exists());
     }
 }

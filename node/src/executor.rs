@@ -113,12 +113,18 @@ impl RolloutExecutor {
                 let Some(current) = self.slot.current() else {
                     return;
                 };
-                let artifact = self.sandbox.cached_code_path(&current.sha256);
+                let artifact = self.sandbox.cached_code_path(&current.code_sha256);
                 tokio::spawn(reseed_module(
                     self.client.clone(),
                     self.topics.clone(),
                     *reseed,
                     current.path.clone(),
+                    // The store's copy of a model rollout's code outlives the module file it
+                    // first came in (pruned once newer ones arrive).
+                    self.store
+                        .code_path(&current.code_sha256)
+                        .filter(|path| path.exists())
+                        .unwrap_or_else(|| current.code_path.clone()),
                     artifact,
                 ));
             }
@@ -129,13 +135,18 @@ impl RolloutExecutor {
     fn install(&self, fetch: Fetch) {
         let module = module_ref(&fetch.manifest);
         let (sandbox, store) = (self.sandbox.clone(), self.store.clone());
+        // A model rollout on the code served now: that code's file, to keep beside the model.
+        let code_at_hand = self
+            .slot
+            .current()
+            .map(|current| (current.code_sha256.clone(), current.code_path.clone()));
         let (found, failed) = (self.found.clone(), self.failed.0.clone());
         let failing = module.clone();
         let spawned = std::thread::Builder::new()
             .name("module-install".into())
             .spawn(move || {
                 background_priority();
-                match install(fetch, &store, &sandbox) {
+                match install(fetch, &store, &sandbox, code_at_hand) {
                     // Straight to the manager: no need to wait for the watcher's event.
                     Ok(path) => {
                         let _ = found.send(path);
@@ -155,15 +166,23 @@ impl RolloutExecutor {
 
 /// Checks a finished fetch and writes it into the store, with its precompiled artifact in the
 /// sandbox's cache. Returns the module's path. Blocking.
-fn install(fetch: Fetch, store: &ModuleStore, sandbox: &Sandbox) -> Result<PathBuf, Rejection> {
+/// A model rollout's model goes in after its code: fetched with it, or the file of the code
+/// served now (`code_at_hand`: its digest and path), kept in the store so a restart finds it.
+fn install(
+    fetch: Fetch,
+    store: &ModuleStore,
+    sandbox: &Sandbox,
+    code_at_hand: Option<(String, PathBuf)>,
+) -> Result<PathBuf, Rejection> {
     let started = Instant::now();
     let manifest = fetch.manifest.clone();
+    let code_sha256 = package::code_of(&manifest).sha256;
     // With every chunk checked against its signed digest, a whole that still fails is the signed
     // bytes' fault (condemned); without per-chunk digests it may be a corrupted chunk (tried
     // again). Not Wasm is always the signed bytes: the whole digest matched first.
     let verified = fetch.chunks_verified();
     let fetched = fetch.finish().map_err(|e| {
-        if verified || e == TransferError::NotWasm {
+        if verified || matches!(e, TransferError::NotWasm | TransferError::NotModel(_)) {
             Rejection::Transfer(e)
         } else {
             Rejection::Garbled(e)
@@ -172,16 +191,37 @@ fn install(fetch: Fetch, store: &ModuleStore, sandbox: &Sandbox) -> Result<PathB
     let checked = started.elapsed();
     if let Some((artifact, code)) = &fetched.artifact {
         // Its digest was checked against the signed manifest by `finish`.
-        if let Err(e) = sandbox.store_precompiled(&manifest.sha256, code) {
+        if let Err(e) = sandbox.store_precompiled(&code_sha256, code) {
             tracing::warn!(artifact = %artifact.sha256, error = %e, "cannot store the precompiled artifact; the module will be compiled");
+        }
+    }
+    let write_error = |e: std::io::Error| Rejection::Write {
+        path: store.dir().display().to_string(),
+        error: e.to_string(),
+    };
+    if manifest.code.is_some() {
+        match (&fetched.code, code_at_hand) {
+            // Its digest was checked against the signed manifest by `finish`.
+            (Some(code), _) => {
+                store
+                    .install_code(&code_sha256, code)
+                    .map_err(write_error)?;
+            }
+            // A link, not a copy (30 MB): the store's copy is hashed against the signed digest
+            // whenever it is loaded from there.
+            (None, Some((served, path))) if served == code_sha256 => {
+                store.keep_code(&code_sha256, &path).map_err(write_error)?;
+            }
+            _ => {
+                return Err(Rejection::Install(
+                    "the code the model rollout names is no longer served here".into(),
+                ))
+            }
         }
     }
     let path = store
         .install(&manifest, &fetched.module)
-        .map_err(|e| Rejection::Write {
-            path: store.dir().display().to_string(),
-            error: e.to_string(),
-        })?;
+        .map_err(write_error)?;
     tracing::info!(
         file = %path.display(),
         inflate_and_check_ms = checked.as_millis() as u64,
@@ -197,6 +237,7 @@ async fn reseed_module(
     topics: Topics,
     reseed: Reseed,
     module: PathBuf,
+    code: PathBuf,
     artifact: Option<PathBuf>,
 ) {
     let manifest = reseed.manifest;
@@ -208,6 +249,16 @@ async fn reseed_module(
         }
     };
     let mut blobs = vec![module_bytes];
+    if let Some(part) = &manifest.code {
+        // A model rollout: its code too, which a node that never had it fetches.
+        match tokio::fs::read(&code).await {
+            Ok(bytes) if sha256_hex(&bytes) == part.sha256 => blobs.push(bytes),
+            _ => {
+                tracing::warn!(file = %code.display(), "code file changed; not re-seeding the model rollout");
+                return;
+            }
+        }
+    }
     if let (Some(described), Some(path)) = (reseed.artifact, artifact) {
         // The cache may hold code compiled here rather than the published artifact: only the
         // published bytes match the manifest.
@@ -225,6 +276,10 @@ async fn reseed_module(
         // must come out byte for byte as the publisher's, or fetching nodes would drop every one.
         let signed = match n {
             0 => &manifest.chunk_sha256,
+            1 if manifest.code.is_some() => match &manifest.code {
+                Some(part) => &part.chunk_sha256,
+                None => continue,
+            },
             _ => match manifest
                 .artifacts
                 .iter()

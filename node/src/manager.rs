@@ -24,8 +24,9 @@ use isomesh_module::selftest;
 use isomesh_module::store::{read_sidecar, ModuleStore};
 use isomesh_module::trust::ModuleTrust;
 use isomesh_protos::rollout_state::Phase;
-use isomesh_protos::{ModuleManifest, ModuleRef};
-use isomesh_sandbox::{LoadedModule, Sandbox};
+use isomesh_protos::{ModelFile, ModuleManifest, ModuleRef};
+use isomesh_sandbox::{LoadedModule, ModelRollout, Sandbox};
+use prost::Message;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,15 +59,31 @@ pub fn load_newest(
             tracing::info!(file = %path.display(), %reason, "skipping a module rejected before");
             continue;
         }
-        let module_ref = match trust.check(&path, &sha256) {
-            Ok(verified) => labelled(&path, &sha256, verified.as_ref()),
+        let (module_ref, manifest) = match trust.check(&path, &sha256) {
+            Ok(verified) => (labelled(&path, &sha256, verified.as_ref()), verified),
             Err(reason) => {
                 tracing::error!(file = %path.display(), %reason, "module refused");
                 continue;
             }
         };
         board.set(module_ref.clone(), Phase::Loading);
-        match sandbox.load(&path, &bytes, sha256, self_test) {
+        let loaded = if is_model_file(&path) {
+            load_model_file(
+                sandbox,
+                store,
+                None,
+                &path,
+                &bytes,
+                sha256,
+                manifest.as_ref(),
+            )
+            .map_err(|(reason, _)| reason.to_string())
+        } else {
+            sandbox
+                .load(&path, &bytes, sha256, self_test)
+                .map_err(|e| e.to_string())
+        };
+        match loaded {
             Ok(module) => {
                 tracing::info!(
                     file = %path.display(),
@@ -83,12 +100,106 @@ pub fn load_newest(
                 tracing::error!(error = %e, "module rejected");
                 board.show(isomesh_module::agent::rejected(
                     module_ref,
-                    &Rejection::Load(e.to_string()),
+                    &Rejection::Load(e),
                 ));
             }
         }
     }
     None
+}
+
+/// Whether `path` is a model rollout's model file (`{name}-{version}.model`).
+fn is_model_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "model")
+}
+
+/// Loads a model rollout's model file (its bytes hash to `sha256`; `manifest` is its verified
+/// manifest): the code it names, served already (`current`) or kept in the store, serving the
+/// model. No compile when the code is served or its machine code cached. On failure, the
+/// reason and whether the model itself is bad (to remember it).
+fn load_model_file(
+    sandbox: &Sandbox,
+    store: &ModuleStore,
+    current: Option<Arc<LoadedModule>>,
+    path: &Path,
+    bytes: &[u8],
+    sha256: String,
+    manifest: Option<&ModuleManifest>,
+) -> Result<Arc<LoadedModule>, (Rejection, bool)> {
+    let refused = |why: String, mark: bool| (Rejection::Load(why), mark);
+    let Some(manifest) = manifest else {
+        return Err(refused(
+            "a model file serves only with its signed manifest beside it, which names the code that runs it".into(),
+            false,
+        ));
+    };
+    let Some(code) = &manifest.code else {
+        return Err(refused(
+            "its manifest names no code to run it".into(),
+            false,
+        ));
+    };
+    let file = ModelFile::decode(bytes)
+        .map_err(|e| refused(format!("not an encoded model file: {e}"), true))?;
+    if file.code_sha256 != code.sha256 {
+        return Err(refused(
+            "it was made for other code than its manifest names".into(),
+            true,
+        ));
+    }
+    let Some(model) = file.model else {
+        return Err(refused("it holds no model".into(), true));
+    };
+    if sha256_hex(&model.onnx) != model.sha256 {
+        return Err(refused(
+            "its ONNX bytes do not hash to the digest it names".into(),
+            true,
+        ));
+    }
+    let base = match current.filter(|c| c.code_sha256 == code.sha256) {
+        Some(served) => {
+            tracing::info!(
+                file = %path.display(),
+                code = %isomesh_module::digest::short(&code.sha256),
+                "a model for the code served now: building its plan, nothing to compile"
+            );
+            served
+        }
+        None => {
+            let missing = |why: String| {
+                refused(
+                    format!(
+                        "its code {} {why}: roll the module out again",
+                        isomesh_module::digest::short(&code.sha256)
+                    ),
+                    false,
+                )
+            };
+            let code_path = store
+                .code_path(&code.sha256)
+                .ok_or_else(|| missing("is not a digest".into()))?;
+            let code_bytes = std::fs::read(&code_path).map_err(|e| {
+                missing(format!("cannot be read from {}: {e}", code_path.display()))
+            })?;
+            if sha256_hex(&code_bytes) != code.sha256 {
+                return Err(missing(format!("in {} has changed", code_path.display())));
+            }
+            sandbox
+                .load(&code_path, &code_bytes, code.sha256.clone(), self_test)
+                .map_err(|e| missing(format!("does not load: {e}")))?
+        }
+    };
+    // The code's own version: a model served now renames `info` after its rollout.
+    check_identity(manifest, &base.info.name, &base.code_version).map_err(|e| (e, false))?;
+    let rollout = ModelRollout {
+        path: path.to_owned(),
+        sha256,
+        name: manifest.name.clone(),
+        version: manifest.version.clone(),
+    };
+    sandbox
+        .load_with_model(&base, model, Some(rollout), self_test)
+        .map_err(|e| refused(e.to_string(), true))
 }
 
 /// The module a file holds, as statuses name it: the name and version of its verified manifest,
@@ -99,8 +210,15 @@ fn labelled(path: &Path, sha256: &str, verified: Option<&ModuleManifest>) -> Mod
         .or_else(|| read_sidecar(path).filter(|m| m.sha256 == sha256));
     ModuleRef {
         name: label.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
-        version: label.map(|m| m.version).unwrap_or_default(),
+        version: label
+            .as_ref()
+            .map(|m| m.version.clone())
+            .unwrap_or_default(),
         sha256: sha256.to_string(),
+        code_sha256: label
+            .map(|m| isomesh_module::package::code_of(&m).sha256)
+            .unwrap_or_else(|| sha256.to_string()),
+        model_sha256: String::new(),
     }
 }
 
@@ -269,6 +387,21 @@ impl ModuleManager {
         }
         self.board.set(module_ref.clone(), Phase::Loading);
         let started = Instant::now();
+        if is_model_file(path) {
+            let current = self.slot.current();
+            return match load_model_file(
+                &self.sandbox,
+                &self.store,
+                current,
+                path,
+                &bytes,
+                sha256,
+                manifest.as_ref(),
+            ) {
+                Ok(module) => self.swap_in(path, module, started),
+                Err((reason, mark)) => self.reject(path, module_ref, reason, mark),
+            };
+        }
         let module = match self.sandbox.load(path, &bytes, sha256.clone(), self_test) {
             Ok(module) => module,
             // The module itself is bad: remember it so it is never compiled again.
@@ -284,6 +417,12 @@ impl ModuleManager {
                 return self.reject(path, module_ref, mislabelled, false);
             }
         }
+        self.swap_in(path, module, started)
+    }
+
+    /// Builds the workers' instances of a loaded module, then swaps it in.
+    fn swap_in(&self, path: &Path, module: Arc<LoadedModule>, started: Instant) -> Considered {
+        let module_ref = module.module_ref();
         if let Err(e) = self.sandbox.prewarm(&module, self.workers) {
             return self.reject(path, module_ref, Rejection::Start(e.to_string()), false);
         }

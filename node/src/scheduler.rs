@@ -217,7 +217,7 @@ impl Worker {
         };
         let fail = |message: String, module: &Arc<LoadedModule>| JobFailure {
             message,
-            module: Some(module.module_ref()),
+            module: Some(Box::new(module.module_ref())),
         };
         if !module.matches(&task.pin) {
             return Err(fail(

@@ -129,12 +129,18 @@ pub struct Sandbox {
 
 /// A compiled, probed module, ready to be instantiated by any worker.
 pub struct LoadedModule {
-    /// Hex sha256 of the module file.
+    /// Hex sha256 of what was rolled out: the module file, or a model rollout's model file.
     pub sha256: String,
-    /// What the module says about itself (name, version, labels).
+    /// What the module says about itself (name, version, labels); for a model rollout, the
+    /// name and version of its manifest, and its model's labels.
     pub info: GuestInfo,
-    /// The file it came from.
+    /// The file it came from (the model file of a model rollout).
     pub path: PathBuf,
+    /// Hex sha256 of the module file whose code runs, that file, and the version the code
+    /// calls itself (`info.version` unless a model rollout names it otherwise).
+    pub code_sha256: String,
+    pub code_path: PathBuf,
+    pub code_version: String,
     /// Whether compiled code came from the on-disk cache, and how long getting it took (for a
     /// module serving a model handed in, [`Sandbox::load_with_model`]: reused, and how long
     /// building and self-testing the model's plan took).
@@ -168,6 +174,8 @@ impl LoadedModule {
             name: self.info.name.clone(),
             version: self.info.version.clone(),
             sha256: self.sha256.clone(),
+            code_sha256: self.code_sha256.clone(),
+            model_sha256: self.info.model_sha256.clone(),
         }
     }
 
@@ -187,6 +195,17 @@ impl LoadedModule {
         }
         pin == self.info.version || (pin.len() >= 12 && self.sha256.starts_with(pin))
     }
+}
+
+/// What a model rollout served by [`Sandbox::load_with_model`] is called.
+#[derive(Debug, Clone)]
+pub struct ModelRollout {
+    /// The model file, and its sha256.
+    pub path: PathBuf,
+    pub sha256: String,
+    /// The rollout's name and version, from its signed manifest.
+    pub name: String,
+    pub version: String,
 }
 
 /// How a module's machine code was obtained.
@@ -338,6 +357,9 @@ impl Sandbox {
         let self_test_service =
             self_test(&mut probe, &info).map_err(|e| self_test_error(e.to_string()))?;
         Ok(Arc::new(LoadedModule {
+            code_sha256: sha256.clone(),
+            code_path: path.to_owned(),
+            code_version: info.version.clone(),
             sha256,
             info,
             path: path.to_owned(),
@@ -353,10 +375,14 @@ impl Sandbox {
     /// only the new model's plan built in a probe instance, which must pass `self_test` as a new
     /// module does. `code` keeps serving meanwhile. `model.sha256` names the model from then on
     /// (`info.model_sha256`); `info.labels` are the model's.
+    ///
+    /// With `rollout`, the result is named as that model rollout (file, digest, name and
+    /// version); without, as `code`.
     pub fn load_with_model<E: std::fmt::Display>(
         &self,
         code: &LoadedModule,
         model: GuestModel,
+        rollout: Option<ModelRollout>,
         self_test: impl FnOnce(&mut Instance, &GuestInfo) -> Result<Duration, E>,
     ) -> Result<Arc<LoadedModule>, LoadError> {
         let started = Instant::now();
@@ -369,13 +395,24 @@ impl Sandbox {
         probe
             .serve_model(&model)
             .map_err(|e| refused(e.to_string()))?;
-        let info = probe.info().map_err(&refused)?;
+        let mut info = probe.info().map_err(&refused)?;
         let self_test_service = self_test(&mut probe, &info)
             .map_err(|e| refused(format!("its self-test failed: {e}")))?;
+        let (sha256, path) = match rollout {
+            Some(rollout) => {
+                info.name = rollout.name;
+                info.version = rollout.version;
+                (rollout.sha256, rollout.path)
+            }
+            None => (code.sha256.clone(), code.path.clone()),
+        };
         Ok(Arc::new(LoadedModule {
-            sha256: code.sha256.clone(),
+            sha256,
             info,
-            path: code.path.clone(),
+            path,
+            code_sha256: code.code_sha256.clone(),
+            code_path: code.code_path.clone(),
+            code_version: code.code_version.clone(),
             compiled: CompileReport {
                 from_cache: true,
                 elapsed: started.elapsed(),

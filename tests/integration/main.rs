@@ -11,6 +11,7 @@ mod lifecycle;
 mod metrics;
 mod mixed_isa;
 mod model;
+mod model_rollout;
 mod module_faults;
 mod mqtt5;
 mod offload;

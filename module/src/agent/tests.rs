@@ -1,5 +1,6 @@
 //! The rollout agent driven through every bad rollout, with no broker, no disk and no clock.
 use super::*;
+use crate::fetch::TransferError;
 use crate::package::{Package, PackageSpec};
 use crate::signing::SecretKey;
 
@@ -635,6 +636,7 @@ fn peer_status(node: &str, serves: &str, heard: Option<&str>) -> NodeStatus {
         name: "mobilenet_v2".into(),
         version: version.into(),
         sha256: format!("{version}-digest"),
+        ..Default::default()
     };
     NodeStatus {
         node_id: node.into(),
@@ -868,4 +870,109 @@ fn a_node_takes_the_artifact_of_its_own_engine_else_the_portable_one_of_its_targ
             "wanted {wanted:?} first, subscribed {first}"
         );
     }
+}
+
+/// A model rollout of `model` on the code `code` (published with it), signed with `key`.
+fn model_package(key: &SecretKey, version: &str, model: &[u8], code: &[u8]) -> Package {
+    let spec = PackageSpec {
+        name: "mobilenet_v2",
+        version,
+        chunk_size: 300,
+        target_tiers: vec![],
+        target_nodes: vec![],
+        force: false,
+        compress: false,
+    };
+    let code = crate::package::Code::New {
+        module: code,
+        version: "0.1.0",
+        artifacts: &[("engine-a".to_string(), vec![7u8; 400])],
+    };
+    let mut package = Package::model(&spec, model, code);
+    package.manifest.published_at_ms = next_publish_time();
+    key.sign(&mut package.manifest);
+    package
+}
+
+/// An encoded model of about 700 bytes.
+fn model_blob(seed: u8) -> Vec<u8> {
+    isomesh_protos::ModelFile {
+        model: Some(isomesh_protos::GuestModel {
+            onnx: (0..600u32).map(|i| (i as u8).wrapping_mul(seed)).collect(),
+            labels: vec!["a".into(), "b".into()],
+            input: None,
+            sha256: "00".repeat(32),
+        }),
+        code_sha256: "11".repeat(32),
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn a_model_rollout_on_the_code_served_fetches_the_model_alone() {
+    let (key, mut agent) = agent();
+    let now = Instant::now();
+    let code = Rollout::of("0.1.0").package(&key, &module(3));
+    serving(&mut agent, &code, now);
+    let package = model_package(&key, "0.3.0", &model_blob(5), &module(3));
+    let model_sha = package.manifest.sha256.clone();
+    let actions = manifest_event(&mut agent, &package.manifest, now);
+    assert_eq!(rejection(&actions), None);
+    let wanted = subscriptions(&actions);
+    assert!(!wanted.is_empty());
+    assert!(
+        wanted.iter().all(|t| t.contains(model_sha.as_str())),
+        "only the model's chunks are asked for: {wanted:?}"
+    );
+    let model_chunks = package.manifest.chunk_count as usize;
+    let fetch = deliver(
+        &mut agent,
+        &package,
+        &(0..model_chunks).collect::<Vec<_>>(),
+        now,
+    )
+    .expect("installed with the model's chunks alone");
+    let fetched = fetch.finish().unwrap();
+    assert_eq!(fetched.module, model_blob(5));
+    assert!(fetched.code.is_none() && fetched.artifact.is_none());
+}
+
+#[test]
+fn a_model_rollout_on_other_code_fetches_the_code_and_its_machine_code_too() {
+    let (key, mut agent) = agent();
+    let now = Instant::now();
+    let code = Rollout::of("0.1.0").package(&key, &module(3));
+    serving(&mut agent, &code, now);
+    let package = model_package(&key, "0.3.0", &model_blob(5), &module(4));
+    let actions = manifest_event(&mut agent, &package.manifest, now);
+    let wanted = subscriptions(&actions);
+    let code_sha = &package.manifest.code.as_ref().unwrap().sha256;
+    let artifact_sha = &package.manifest.artifacts[0].sha256;
+    assert!(wanted[0].contains(artifact_sha.as_str()), "{wanted:?}");
+    assert!(
+        wanted.iter().any(|t| t.contains(code_sha.as_str())),
+        "{wanted:?}"
+    );
+    let all: Vec<usize> = (0..package.chunks.len()).collect();
+    let fetched = deliver(&mut agent, &package, &all, now)
+        .expect("installed")
+        .finish()
+        .unwrap();
+    assert_eq!(fetched.module, model_blob(5));
+    assert_eq!(fetched.code, Some(module(4)));
+    assert_eq!(
+        fetched.artifact.map(|(_, bytes)| bytes),
+        Some(vec![7u8; 400])
+    );
+
+    // A model rollout whose model is no model: refused as the signed bytes' fault.
+    let bad = model_package(&key, "0.3.1", b"\xff\xff\xff not a model", &module(4));
+    let all: Vec<usize> = (0..bad.chunks.len()).collect();
+    let mut agent = agent_trusting(&key);
+    manifest_event(&mut agent, &bad.manifest, now);
+    let error = deliver(&mut agent, &bad, &all, now)
+        .expect("installed")
+        .finish()
+        .unwrap_err();
+    assert!(matches!(error, TransferError::NotModel(_)), "{error}");
 }

@@ -1,0 +1,263 @@
+//! Model rollouts (`isomesh rollout MODULE --model M.onnx --labels L.txt --version V`): a new
+//! model served by code the nodes have already. The publisher finds the code on the broker (from
+//! an earlier rollout signed by its key) and publishes only the model; every node builds the
+//! model's plan beside the one serving and swaps, compiling nothing, while jobs flow; a model
+//! that does not fit its labels is refused and the old one serves; a node that joins later gets
+//! the code and the model; a restart serves the model from disk; and a rollout of new code
+//! with the same model brings both.
+
+use isomesh_testkit::broker::TestBroker;
+use isomesh_testkit::mqtt::Client;
+use isomesh_testkit::node::{rejected_with, serves, wait_status, NodeSpec, TestNode};
+use isomesh_testkit::rollout::{guest_module_v2, test_key, MODULE_NAME, VERSION_1};
+use isomesh_testkit::{guest_module, isomesh, photos, workspace_root};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Generous: the code rollout at the end compiles the classifier at the publisher (~15 s).
+const CONVERGE_WITHIN: Duration = Duration::from_secs(240);
+/// The nodes: a device, an edge and a cloud node.
+const IDS: [&str; 3] = ["mrd", "mre", "mrc"];
+/// The version the model rollout is served as.
+const MODEL_VERSION: &str = "0.3.0";
+/// The version of the rollout of new code with the same model.
+const CODE_AND_MODEL_VERSION: &str = "0.4.0";
+
+fn model_file(name: &str) -> PathBuf {
+    workspace_root().join("models/files").join(name)
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `isomesh rollout CODE --model ONNX --labels LABELS --version VERSION`, signed by the test key
+/// (which signed the modules the nodes start with), waiting for every node.
+fn model_rollout_args(port: u16, code: &Path, labels: &Path, version: &str) -> Vec<String> {
+    [
+        "rollout",
+        &code.display().to_string(),
+        "--model",
+        &model_file("mobilenet_v2_1.0_224_dequant.onnx")
+            .display()
+            .to_string(),
+        "--labels",
+        &labels.display().to_string(),
+        "--version",
+        version,
+        "--key",
+        &test_key().secret_path.display().to_string(),
+        "--broker",
+        &format!("mqtt://127.0.0.1:{port}"),
+        "--wait",
+        "--timeout-s",
+        &CONVERGE_WITHIN.as_secs().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Waits until the broker holds a manifest for the module (the nodes publish the one they
+/// serve again when it holds none, a few seconds after they connect).
+async fn wait_retained_manifest(port: u16) {
+    let mut client = Client::connect(port, "mr-manifest").await;
+    client
+        .subscribe(&format!("isomesh/modules/{MODULE_NAME}/manifest"))
+        .await;
+    let got = client.next(Duration::from_secs(60)).await;
+    assert!(
+        got.is_some_and(|m| !m.payload.is_empty()),
+        "no node published its module's manifest again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_rollout_swaps_the_model_on_every_node_compiling_nothing_and_losing_no_job() {
+    let broker = TestBroker::start().await;
+    let port = broker.port();
+    let mut nodes = Vec::new();
+    for (id, tier) in IDS.into_iter().zip(["device", "edge", "cloud"]) {
+        nodes.push(TestNode::start(NodeSpec::with_guest(id, tier, port)).await);
+    }
+    wait_retained_manifest(port).await;
+    let code = std::fs::read(guest_module()).expect("guest module");
+    let onnx = std::fs::read(model_file("mobilenet_v2_1.0_224_dequant.onnx")).expect("model");
+
+    // A steady stream of photos to the device node while the rollout runs.
+    let mut client = Client::connect(port, "mr-load").await;
+    client.subscribe("test/mr").await;
+    let photos = photos();
+    let rollout_done = std::sync::Arc::new(tokio::sync::Notify::new());
+    let load = {
+        let client = client.client.clone();
+        let photos = photos.clone();
+        let rollout_done = rollout_done.clone();
+        tokio::spawn(async move {
+            let mut sent = 0usize;
+            let mut after = None;
+            while after.is_none_or(|left| left > 0) {
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    response_topic: Some("test/mr".into()),
+                    correlation_data: Some(sent.to_string().into_bytes().into()),
+                    ..Default::default()
+                };
+                client
+                    .publish_with_properties(
+                        "isomesh/images/mrd",
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        false,
+                        photos[sent % photos.len()].bytes(),
+                        props,
+                    )
+                    .await
+                    .expect("publish");
+                sent += 1;
+                after = after.map(|left: usize| left - 1);
+                // A deliberate pace (four photos a second), so jobs keep arriving all through
+                // the rollout: no test condition waits on this.
+                tokio::select! {
+                    _ = rollout_done.notified(), if after.is_none() => after = Some(8),
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            sent
+        })
+    };
+    let labels = model_file("imagenet_labels.txt");
+    let (status, output) = isomesh(&model_rollout_args(
+        port,
+        &guest_module(),
+        &labels,
+        MODEL_VERSION,
+    ))
+    .await;
+    rollout_done.notify_one();
+    assert_eq!(status, 0, "model rollout failed:\n{output}");
+    assert!(
+        output.contains("on the broker already: not published again"),
+        "the publisher published the code again:\n{output}"
+    );
+    assert!(
+        !output.contains("compiling"),
+        "the publisher compiled:\n{output}"
+    );
+    for node in &nodes {
+        let log = node.log();
+        assert!(
+            log.contains("the model alone, nothing to compile")
+                && log.contains("a model for the code served now: building its plan"),
+            "a node fetched or compiled more than the model:\n{log}"
+        );
+    }
+
+    // Every job answered once, none an error, versions switching once.
+    let sent = load.await.expect("load generator");
+    let replies = client.collect(sent, Duration::from_secs(240)).await;
+    let mut by_job: HashMap<usize, Value> = HashMap::new();
+    for reply in replies {
+        let correlation = reply
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_data.as_ref())
+            .expect("correlation");
+        let n: usize = String::from_utf8_lossy(correlation)
+            .parse()
+            .expect("job number");
+        let result: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+        assert!(result.get("error").is_none(), "job {n} failed: {result}");
+        let top1 = result["top"][0]["index"].as_u64().expect("top-1") as u32;
+        assert!(photos[n % photos.len()].accepts(top1), "job {n}: {result}");
+        assert!(by_job.insert(n, result).is_none(), "job {n} answered twice");
+    }
+    assert_eq!(by_job.len(), sent);
+    let versions: Vec<&str> = (0..sent)
+        .map(|n| by_job[&n]["module"]["version"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(versions.first(), Some(&VERSION_1), "{versions:?}");
+    assert_eq!(versions.last(), Some(&MODEL_VERSION), "{versions:?}");
+    let first_new = versions.iter().position(|v| *v == MODEL_VERSION);
+    assert!(
+        versions[first_new.unwrap_or(sent)..]
+            .iter()
+            .all(|v| *v == MODEL_VERSION),
+        "{versions:?}"
+    );
+    // The answers name the code and the model apart.
+    let last = &by_job[&(sent - 1)]["module"];
+    assert_eq!(last["code_sha256"], hex_sha256(&code), "{last}");
+    assert_eq!(last["model_sha256"], hex_sha256(&onnx), "{last}");
+    assert_ne!(last["sha256"], last["code_sha256"], "{last}");
+
+    // A node that joins later with an empty module directory gets the code and the model.
+    let mut late = NodeSpec::with_guest("mrlate", "cloud", port);
+    late.modules.clear();
+    let late = TestNode::spawn(&late);
+    wait_status(port, "mrlate", CONVERGE_WITHIN, |s| {
+        serves(s, MODEL_VERSION)
+    })
+    .await;
+    assert!(
+        late.log()
+            .contains("fetching a model rollout and the code it runs on"),
+        "{}",
+        late.log()
+    );
+    let answer =
+        isomesh_testkit::node::classify_photo(port, "mrlate", Duration::from_secs(60)).await;
+    assert_eq!(
+        answer["module"]["model_sha256"],
+        hex_sha256(&onnx),
+        "{answer}"
+    );
+
+    // A restart serves the model from disk, its code kept beside it.
+    nodes[0].restart();
+    wait_status(port, "mrd", CONVERGE_WITHIN, |s| serves(s, MODEL_VERSION)).await;
+
+    // A model that does not fit its labels: refused with the reason, the model before serves.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let three = dir.path().join("three.txt");
+    std::fs::write(&three, "cat\ndog\nbird\n").expect("labels");
+    let (status, output) =
+        isomesh(&model_rollout_args(port, &guest_module(), &three, "0.3.1")).await;
+    assert_ne!(
+        status, 0,
+        "a model with 3 labels for 1000 outputs was served:\n{output}"
+    );
+    for (id, node) in IDS.iter().zip(&nodes) {
+        let status = wait_status(port, id, CONVERGE_WITHIN, |s| rejected_with(s, "load")).await;
+        assert!(serves(&status, MODEL_VERSION), "{status:?}\n{}", node.log());
+    }
+    let answer = isomesh_testkit::node::classify_photo(port, "mrd", Duration::from_secs(60)).await;
+    assert_eq!(answer["module"]["version"], MODEL_VERSION, "{answer}");
+
+    // New code with the same model: both published, every node fetches the code.
+    let (status, output) = isomesh(&model_rollout_args(
+        port,
+        &guest_module_v2(),
+        &labels,
+        CODE_AND_MODEL_VERSION,
+    ))
+    .await;
+    assert_eq!(status, 0, "code and model rollout failed:\n{output}");
+    assert!(output.contains("published with it"), "{output}");
+    let code_v2 = std::fs::read(guest_module_v2()).expect("module 0.2.0");
+    for id in ["mrd", "mre", "mrc", "mrlate"] {
+        let answer = isomesh_testkit::node::classify_photo(port, id, Duration::from_secs(60)).await;
+        assert_eq!(
+            answer["module"]["version"], CODE_AND_MODEL_VERSION,
+            "{answer}"
+        );
+        assert_eq!(
+            answer["module"]["code_sha256"],
+            hex_sha256(&code_v2),
+            "{answer}"
+        );
+    }
+}
