@@ -142,3 +142,50 @@ pub fn rollout_args(
         converge_within.as_secs().to_string(),
     ]
 }
+
+/// Photos sent to `topic` at a steady four a second while a rollout runs, each with the MQTT 5
+/// response topic `reply_to` and its number as correlation data, until `done` is notified, then
+/// eight more (for the new module). The task returns how many it sent.
+pub fn stream_photos_during(
+    client: &Client,
+    topic: &str,
+    reply_to: &str,
+    done: std::sync::Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<usize> {
+    let (client, topic, reply_to) = (
+        client.client.clone(),
+        topic.to_string(),
+        reply_to.to_string(),
+    );
+    let photos = crate::photos();
+    tokio::spawn(async move {
+        let mut sent = 0usize;
+        let mut after = None;
+        while after.is_none_or(|left| left > 0) {
+            let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                response_topic: Some(reply_to.clone()),
+                correlation_data: Some(sent.to_string().into_bytes().into()),
+                ..Default::default()
+            };
+            client
+                .publish_with_properties(
+                    topic.clone(),
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    photos[sent % photos.len()].bytes(),
+                    props,
+                )
+                .await
+                .expect("publish");
+            sent += 1;
+            after = after.map(|left: usize| left - 1);
+            // A deliberate pace, so jobs keep arriving all through the rollout: no test
+            // condition waits on this.
+            tokio::select! {
+                _ = done.notified(), if after.is_none() => after = Some(8),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+        }
+        sent
+    })
+}

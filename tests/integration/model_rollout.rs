@@ -9,7 +9,7 @@
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
 use isomesh_testkit::node::{rejected_with, serves, wait_status, NodeSpec, TestNode};
-use isomesh_testkit::rollout::{guest_module_v2, test_key, MODULE_NAME, VERSION_1};
+use isomesh_testkit::rollout::{self, guest_module_v2, test_key, MODULE_NAME, VERSION_1};
 use isomesh_testkit::{guest_module, isomesh, photos, workspace_root};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -94,41 +94,12 @@ async fn a_model_rollout_swaps_the_model_on_every_node_compiling_nothing_and_los
     client.subscribe("test/mr").await;
     let photos = photos();
     let rollout_done = std::sync::Arc::new(tokio::sync::Notify::new());
-    let load = {
-        let client = client.client.clone();
-        let photos = photos.clone();
-        let rollout_done = rollout_done.clone();
-        tokio::spawn(async move {
-            let mut sent = 0usize;
-            let mut after = None;
-            while after.is_none_or(|left| left > 0) {
-                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                    response_topic: Some("test/mr".into()),
-                    correlation_data: Some(sent.to_string().into_bytes().into()),
-                    ..Default::default()
-                };
-                client
-                    .publish_with_properties(
-                        "isomesh/images/mrd",
-                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                        false,
-                        photos[sent % photos.len()].bytes(),
-                        props,
-                    )
-                    .await
-                    .expect("publish");
-                sent += 1;
-                after = after.map(|left: usize| left - 1);
-                // A deliberate pace (four photos a second), so jobs keep arriving all through
-                // the rollout: no test condition waits on this.
-                tokio::select! {
-                    _ = rollout_done.notified(), if after.is_none() => after = Some(8),
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                }
-            }
-            sent
-        })
-    };
+    let load = rollout::stream_photos_during(
+        &client,
+        "isomesh/images/mrd",
+        "test/mr",
+        rollout_done.clone(),
+    );
     let labels = model_file("imagenet_labels.txt");
     let (status, output) = isomesh(&model_rollout_args(
         port,

@@ -62,43 +62,12 @@ async fn a_rollout_reaches_every_node_while_jobs_flow_and_loses_none() {
     client.subscribe("test/r1").await;
     let photos = photos();
     let rollout_done = std::sync::Arc::new(tokio::sync::Notify::new());
-    let load = {
-        let client = client.client.clone();
-        let photos = photos.clone();
-        let rollout_done = rollout_done.clone();
-        tokio::spawn(async move {
-            let mut sent = 0usize;
-            // Until the rollout has finished, then a few more for the new module.
-            let mut after = None;
-            while after.is_none_or(|left| left > 0) {
-                let photo = &photos[sent % photos.len()];
-                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                    response_topic: Some("test/r1".into()),
-                    correlation_data: Some(sent.to_string().into_bytes().into()),
-                    ..Default::default()
-                };
-                client
-                    .publish_with_properties(
-                        "isomesh/images/r1d",
-                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                        false,
-                        photo.bytes(),
-                        props,
-                    )
-                    .await
-                    .expect("publish");
-                sent += 1;
-                after = after.map(|left: usize| left - 1);
-                // A deliberate pace (four photos a second), so jobs keep arriving all through the
-                // rollout: no test condition waits on this.
-                tokio::select! {
-                    _ = rollout_done.notified(), if after.is_none() => after = Some(8),
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                }
-            }
-            sent
-        })
-    };
+    let load = rollout::stream_photos_during(
+        &client,
+        "isomesh/images/r1d",
+        "test/r1",
+        rollout_done.clone(),
+    );
     let (code, output) =
         isomesh(&rollout_args(&broker, &keys, &guest_module_v2(), VERSION_2)).await;
     rollout_done.notify_one();
