@@ -241,6 +241,32 @@ def window(answers, t0, back, end):
     }
 
 
+def rollout_phase(mesh, camera, events, name, command, version, tail, max_gap):
+    """Runs the rollout service's `command` (a rollout to d1 that waits for it) under the
+    camera's stream; its figures, with its command's times added to `events` as `{name}_command`
+    and `{name}_command_end`."""
+    log(f"{name}: docker-compose {' '.join(command[:4])} ... {version} --node=d1 --wait")
+    t0 = time.monotonic()
+    rollout = mesh.compose(*command, check=False)
+    t_cmd = time.monotonic()
+    if rollout.returncode != 0:
+        fail(f"the {name} rollout exited {rollout.returncode}:\n{rollout.stdout}{rollout.stderr}")
+    events.update({f"{name}_command": t0, f"{name}_command_end": t_cmd})
+    new = lambda a: a.get("module", {}).get("version") == version
+    back = camera.wait(f"answer from {version}", lambda: camera.first(t0, new),
+                       max(5, ROLLOUT_S - (t_cmd - t0)))
+    end = camera.wait(f"steady answers after the {name} rollout",
+                      lambda: camera.steady_for(tail, max(back, t_cmd), max_gap), tail + 60)
+    log(f"{name}: {version} answering after {back - t0:.1f} s (rollout command "
+        f"{t_cmd - t0:.1f} s)")
+    return {"command_s": round(t_cmd - t0, 3), "first_new_version_s": round(back - t0, 3),
+            **window(camera.answers, t0, back, end),
+            "old_version_answers_after_first_new": sum(
+                1 for t, a in camera.answers if back < t <= end and not new(a)),
+            "rollout": command,
+            "rollout_output": (rollout.stdout + rollout.stderr).strip().splitlines()[-8:]}
+
+
 def bench(args, mesh, phases):
     warmup, settle, tail = phases
     # Enough photos for every phase at its longest; the camera is stopped (SIGINT: it stops
@@ -272,46 +298,10 @@ def bench(args, mesh, phases):
                    **window(camera.answers, t0, back, end)}
         log(f"restart: d1 answering again after {back - t0:.1f} s")
 
-        log("swap: docker-compose run --rm -T rollout ... 0.2.0 --node=d1 --wait")
-        t0 = time.monotonic()
-        rollout = mesh.compose(*ROLLOUT, check=False)
-        t_cmd = time.monotonic()
-        if rollout.returncode != 0:
-            fail(f"the rollout exited {rollout.returncode}:\n{rollout.stdout}{rollout.stderr}")
-        events.update(swap_command=t0, swap_command_end=t_cmd)
-        v2 = lambda a: a.get("module", {}).get("version") == "0.2.0"
-        back = camera.wait("answer from 0.2.0", lambda: camera.first(t0, v2),
-                           max(5, ROLLOUT_S - (t_cmd - t0)))
-        end = camera.wait("steady answers after the swap",
-                          lambda: camera.steady_for(tail, max(back, t_cmd), max_gap), tail + 60)
-        swap = {"command_s": round(t_cmd - t0, 3), "first_new_version_s": round(back - t0, 3),
-                **window(camera.answers, t0, back, end),
-                "old_version_answers_after_first_new": sum(
-                    1 for t, a in camera.answers if back < t <= end and not v2(a)),
-                "rollout_output": rollout.stdout.strip().splitlines()[-5:]}
-        log(f"swap: 0.2.0 answering after {back - t0:.1f} s (rollout command {t_cmd - t0:.1f} s)")
-
-        command = model_rollout(mesh.cwd)
-        log(f"model: docker-compose run --rm -T rollout ... --model ... {MODEL_VERSION} --node=d1 --wait")
-        t0 = time.monotonic()
-        rollout = mesh.compose(*command, check=False)
-        t_cmd = time.monotonic()
-        if rollout.returncode != 0:
-            fail(f"the model rollout exited {rollout.returncode}:\n{rollout.stdout}{rollout.stderr}")
-        events.update(model_command=t0, model_command_end=t_cmd)
-        v3 = lambda a: a.get("module", {}).get("version") == MODEL_VERSION
-        back = camera.wait(f"answer from {MODEL_VERSION}", lambda: camera.first(t0, v3),
-                           max(5, ROLLOUT_S - (t_cmd - t0)))
-        end = camera.wait("steady answers after the model rollout",
-                          lambda: camera.steady_for(tail, max(back, t_cmd), max_gap), tail + 60)
-        model = {"command_s": round(t_cmd - t0, 3), "first_new_version_s": round(back - t0, 3),
-                 **window(camera.answers, t0, back, end),
-                 "old_version_answers_after_first_new": sum(
-                     1 for t, a in camera.answers if back < t <= end and not v3(a)),
-                 "rollout": command,
-                 "rollout_output": (rollout.stdout + rollout.stderr).strip().splitlines()[-8:]}
-        log(f"model: {MODEL_VERSION} answering after {back - t0:.1f} s (rollout command "
-            f"{t_cmd - t0:.1f} s); stopping the camera")
+        swap = rollout_phase(mesh, camera, events, "swap", ROLLOUT, "0.2.0", tail, max_gap)
+        model = rollout_phase(mesh, camera, events, "model", model_rollout(mesh.cwd),
+                              MODEL_VERSION, tail, max_gap)
+        log("stopping the camera")
 
         camera.proc.send_signal(signal.SIGINT)
         try:
