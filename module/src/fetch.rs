@@ -240,11 +240,6 @@ impl Fetch {
         self.artifact = None;
     }
 
-    /// Whether this fetch collects a model rollout's code too.
-    pub fn fetches_code(&self) -> bool {
-        self.code.is_some()
-    }
-
     /// Chunks to ask for now, topping the window up.
     pub fn next_requests(&mut self, now: Instant) -> Vec<ChunkRef> {
         let mut wanted = Vec::new();
