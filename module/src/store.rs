@@ -88,38 +88,38 @@ impl ModuleStore {
             .then(|| self.dir.join(CODE_DIR).join(format!("{sha256}.wasm")))
     }
 
-    /// Keeps `module` (whose digest the caller checked) as the code of digest `sha256`.
+    /// Keeps `module` (whose digest the caller checked) as the code of digest `sha256`,
+    /// replacing whatever was kept under that digest (a damaged copy fails its digest on load).
     pub fn install_code(&self, sha256: &str, module: &[u8]) -> std::io::Result<PathBuf> {
-        let Some(path) = self.code_path(sha256) else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{sha256:?} is not a sha256"),
-            ));
-        };
-        if !path.exists() {
-            std::fs::create_dir_all(self.dir.join(CODE_DIR))?;
-            write_atomically(&path, module)?;
-        }
+        let path = self.new_code_path(sha256)?;
+        write_atomically(&path, module)?;
         Ok(path)
     }
 
     /// Keeps the module file at `module` (whose digest the caller knows to be `sha256`) as the
-    /// code of that digest: a hard link where the file system allows one, else a copy.
+    /// code of that digest, unless some is kept already: a hard link where the file system
+    /// allows one, else a copy.
     pub fn keep_code(&self, sha256: &str, module: &Path) -> std::io::Result<PathBuf> {
+        let path = self.new_code_path(sha256)?;
+        if path.exists() {
+            return Ok(path);
+        }
+        match std::fs::hard_link(module, &path) {
+            Ok(()) => Ok(path),
+            Err(_) => self.install_code(sha256, &std::fs::read(module)?),
+        }
+    }
+
+    /// [`ModuleStore::code_path`], with its folder made.
+    fn new_code_path(&self, sha256: &str) -> std::io::Result<PathBuf> {
         let Some(path) = self.code_path(sha256) else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("{sha256:?} is not a sha256"),
             ));
         };
-        if path.exists() {
-            return Ok(path);
-        }
         std::fs::create_dir_all(self.dir.join(CODE_DIR))?;
-        match std::fs::hard_link(module, &path) {
-            Ok(()) => Ok(path),
-            Err(_) => self.install_code(sha256, &std::fs::read(module)?),
-        }
+        Ok(path)
     }
 
     /// Deletes a module file and its manifest.
