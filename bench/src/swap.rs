@@ -154,23 +154,6 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         },
         ..Default::default()
     };
-    // A model rollout is named by its model file: the encoded model, as the command makes it.
-    let model_blob = match (&args.model, &args.labels) {
-        (Some(onnx), Some(labels)) => {
-            // As `isomesh rollout --model` makes it by default (the digest is read from the
-            // published manifest anyway, below).
-            let input = isomesh_protos::GuestInput {
-                side: 224,
-                ..Default::default()
-            };
-            let file = isomesh_protos::ModelFile {
-                model: Some(isomesh_module::model::read(onnx, labels, input)?),
-                code_sha256: isomesh_module::digest::sha256_hex(&to),
-            };
-            Some(file.encode_to_vec())
-        }
-        _ => None,
-    };
     let tiers = [Tier::Device, Tier::Edge, Tier::Cloud];
     let mut setups = Vec::new();
     for n in 0..args.nodes.max(1) {
@@ -230,7 +213,12 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
     let mut manifest: Option<ModuleManifest> = None;
 
     let from_sha = isomesh_module::digest::sha256_hex(&from);
-    let mut to_sha = isomesh_module::digest::sha256_hex(model_blob.as_deref().unwrap_or(&to));
+    // A model rollout is named by its model file's digest, known once its manifest is
+    // published (below); until then no node serves it.
+    let mut to_sha = match args.model {
+        Some(_) => String::new(),
+        None => isomesh_module::digest::sha256_hex(&to),
+    };
     let mut statuses: HashMap<String, NodeStatus> = HashMap::new();
     let mut serving_to: HashMap<String, Duration> = HashMap::new();
     let mut sent: Vec<Sent> = Vec::new();
@@ -367,8 +355,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        // A model rollout is named by its model file's digest, as published: the manifest
-        // comes before any node acts on it.
+        // The manifest comes before any node acts on it.
         if let Some(published) = manifest.as_ref().filter(|m| m.code.is_some()) {
             if args.model.is_some() && published.sha256 != to_sha {
                 to_sha = published.sha256.clone();
