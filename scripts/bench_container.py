@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -259,7 +260,12 @@ def rollout_phase(mesh, camera, events, name, command, version, tail, max_gap):
                       lambda: camera.steady_for(tail, max(back, t_cmd), max_gap), tail + 60)
     log(f"{name}: {version} answering after {back - t0:.1f} s (rollout command "
         f"{t_cmd - t0:.1f} s)")
+    # The command's own account (`isomesh rollout --wait`, started inside its container, so
+    # without docker-compose starting that container): when d1's status said it served.
+    said = re.search(r"^d1\s+\S+\s+serving \S+ ([0-9.]+) s after the rollout started",
+                     rollout.stdout, re.MULTILINE)
     return {"command_s": round(t_cmd - t0, 3), "first_new_version_s": round(back - t0, 3),
+            "rollout_to_serving_s": float(said.group(1)) if said else None,
             **window(camera.answers, t0, back, end),
             "old_version_answers_after_first_new": sum(
                 1 for t, a in camera.answers if back < t <= end and not new(a)),
@@ -314,7 +320,8 @@ def bench(args, mesh, phases):
             camera.proc.kill()
     # The node's own account of each module load (each start, the swap) and of the drain: how
     # long loading took, and whether the machine code came from a cache.
-    marks = ("module loaded", "swapped in", "shutting down", "model rollout", "nothing to compile")
+    marks = ("module loaded", "swapped in", "shutting down", "model rollout", "nothing to compile",
+             "module written", "model plan built", "self-test passed")
     node_log = [line.split("|", 1)[-1].strip() for line in
                 mesh.compose("logs", "--no-color", "d1", check=False).stdout.splitlines()
                 if any(mark in line for mark in marks)]
@@ -381,6 +388,8 @@ def table(result):
         ("command (s)", r["command_s"], s["command_s"], m["command_s"]),
         ("to serving again (s)", r["next_answer_s"], s["first_new_version_s"],
          m["first_new_version_s"]),
+        ("isomesh rollout to d1 serving (s)", "-",
+         *("-" if p["rollout_to_serving_s"] is None else p["rollout_to_serving_s"] for p in (s, m))),
         ("longest gap (s)", r["longest_gap_s"], s["longest_gap_s"], m["longest_gap_s"]),
         ("answers during", r["answers_during"], s["answers_during"], m["answers_during"]),
         ("error answers", r["error_answers"], s["error_answers"], m["error_answers"]),

@@ -331,6 +331,8 @@ def container_table(container):
         ["command start to the first answer after the update",
          fmt(restart.get("next_answer_s"), 1) + " s"]
         + [fmt(p.get("first_new_version_s"), 1) + " s" for p in phases[1:]],
+        ["`isomesh rollout` start (in its container) to d1 serving, as the command saw it", "-"]
+        + [fmt(p.get("rollout_to_serving_s"), 2) + " s" for p in phases[1:]],
         ["longest gap between answers"] + [fmt(p.get("longest_gap_s"), 2) + " s" for p in phases],
         ["answers while it went on"] + [p.get("answers_during", "-") for p in phases],
         ["error answers"] + [p.get("error_answers", "-") for p in phases],

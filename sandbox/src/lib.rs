@@ -392,12 +392,22 @@ impl Sandbox {
             reason,
         };
         let mut probe = Instance::new(self, &code.module).map_err(&refused)?;
+        let instantiated = started.elapsed();
         probe
             .serve_model(&model)
             .map_err(|e| refused(e.to_string()))?;
+        let planned = started.elapsed();
         let mut info = probe.info().map_err(&refused)?;
         let self_test_service = self_test(&mut probe, &info)
             .map_err(|e| refused(format!("its self-test failed: {e}")))?;
+        // Where a model rollout's time on the node goes (`isomesh bench swap --model`).
+        tracing::info!(
+            model = %isomesh_module::digest::short(&model.sha256),
+            instantiate_ms = instantiated.as_millis() as u64,
+            plan_ms = (planned - instantiated).as_millis() as u64,
+            self_test_ms = (started.elapsed() - planned).as_millis() as u64,
+            "model plan built and self-tested"
+        );
         let (sha256, path) = match rollout {
             Some(rollout) => {
                 info.name = rollout.name;

@@ -4,8 +4,11 @@
 //! model's plan beside the one serving and swaps, compiling nothing, while jobs flow; a model
 //! that does not fit its labels is refused and the old one serves; a node that joins later gets
 //! the code and the model; a restart serves the model from disk; and a rollout of new code
-//! with the same model brings both.
+//! with the same model brings both. A user's own model, of other classes and another input
+//! layout, serves through a rollout and answers with its own labels, as the same model run
+//! natively does.
 
+use isomesh_guest::preprocess::{self, Input, InputSpec, Layout};
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
 use isomesh_testkit::node::{rejected_with, serves, wait_status, NodeSpec, TestNode};
@@ -37,16 +40,21 @@ fn hex_sha256(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// `isomesh rollout CODE --model ONNX --labels LABELS --version VERSION`, signed by the test key
-/// (which signed the modules the nodes start with), waiting for every node.
+/// `isomesh rollout CODE --model ONNX --labels LABELS --version VERSION` of the MobileNetV2
+/// model, signed by the test key (which signed the modules the nodes start with), waiting for
+/// every node.
 fn model_rollout_args(port: u16, code: &Path, labels: &Path, version: &str) -> Vec<String> {
+    let onnx = model_file("mobilenet_v2_1.0_224_dequant.onnx");
+    rollout_of(port, code, &onnx, labels, version)
+}
+
+/// [`model_rollout_args`] of any model `onnx`.
+fn rollout_of(port: u16, code: &Path, onnx: &Path, labels: &Path, version: &str) -> Vec<String> {
     [
         "rollout",
         &code.display().to_string(),
         "--model",
-        &model_file("mobilenet_v2_1.0_224_dequant.onnx")
-            .display()
-            .to_string(),
+        &onnx.display().to_string(),
         "--labels",
         &labels.display().to_string(),
         "--version",
@@ -231,4 +239,144 @@ async fn a_model_rollout_swaps_the_model_on_every_node_compiling_nothing_and_los
             "{answer}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_users_model_of_other_classes_serves_through_a_rollout_with_its_own_labels() {
+    let mut broker = TestBroker::start().await;
+    let port = broker.port();
+    let node = TestNode::start(NodeSpec::with_guest("umd", "device", port)).await;
+    wait_retained_manifest(port).await;
+
+    // The user's model: a real ONNX classifier of three colours (`tests/fixtures/colours.onnx`,
+    // the guest's `means_model`, which its tests check the file against): it scores each colour
+    // by the mean of that channel, taking raw pixels channels last, 64 pixels a side (not
+    // MobileNetV2's layout or side).
+    let spec = InputSpec {
+        layout: Layout::NhwcU8,
+        side: 64,
+    };
+    let onnx_path = workspace_root().join("tests/fixtures/colours.onnx");
+    let onnx = std::fs::read(&onnx_path).expect("tests/fixtures/colours.onnx");
+    let labels: Vec<String> = ["red", "green", "blue"].map(String::from).to_vec();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let labels_path = dir.path().join("colours.txt");
+    std::fs::write(&labels_path, labels.join("\n") + "\n").expect("labels");
+    let mut args = rollout_of(
+        port,
+        &guest_module(),
+        &onnx_path,
+        &labels_path,
+        MODEL_VERSION,
+    );
+    args.extend(["--input-layout", "nhwc-u8", "--input-side", "64"].map(String::from));
+    let (status, output) = isomesh(&args).await;
+    assert_eq!(status, 0, "the rollout of a user's model failed:\n{output}");
+    assert!(
+        node.log().contains("answer shape and determinism only"),
+        "the node did not say its self-test could not check a known photo:\n{}",
+        node.log()
+    );
+
+    // Every photo: the answer the model must give, worked out here from the photo's pixels as
+    // the node's preprocessing hands them to the model, named by the model's labels.
+    let mut client = Client::connect(port, "um-photos").await;
+    client.subscribe("test/um").await;
+    let photos = photos();
+    for (n, photo) in photos.iter().enumerate() {
+        client
+            .publish_with_response_topic(
+                "isomesh/images/umd",
+                photo.bytes(),
+                "test/um",
+                n.to_string().as_bytes(),
+            )
+            .await;
+    }
+    let mut answered = vec![false; photos.len()];
+    for reply in client.collect(photos.len(), Duration::from_secs(60)).await {
+        let n: usize = reply
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_data.as_ref())
+            .and_then(|c| String::from_utf8_lossy(c).parse().ok())
+            .expect("the job's number");
+        assert!(
+            !std::mem::replace(&mut answered[n], true),
+            "job {n} answered twice"
+        );
+        let result: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+        let photo = &photos[n];
+        assert!(result.get("error").is_none(), "{}: {result}", photo.file);
+        assert_eq!(result["module"]["version"], MODEL_VERSION, "{result}");
+        assert_eq!(
+            result["module"]["model_sha256"],
+            hex_sha256(&onnx),
+            "{result}"
+        );
+        // By class, not by rank: two channels of a grey photo can score within rounding of
+        // each other.
+        let expected = colour_scores(&photo.bytes(), spec);
+        let top = result["top"].as_array().expect("top");
+        assert_eq!(top.len(), 3, "{result}");
+        for (index, prob) in expected.iter().enumerate() {
+            let got = top
+                .iter()
+                .find(|t| t["index"] == index)
+                .unwrap_or_else(|| panic!("{}: class {index} missing: {result}", photo.file));
+            assert_eq!(got["label"], labels[index], "{}: {result}", photo.file);
+            let got_prob = got["prob"].as_f64().expect("prob");
+            assert!(
+                (got_prob - prob).abs() < 1e-3,
+                "{}: {result}, expected {expected:?}",
+                photo.file
+            );
+        }
+    }
+
+    // A broker restarted without its retained messages: the node publishes the model rollout
+    // again (the model file, its code and the code's machine code), and a node that joins then
+    // with an empty directory gets all of it and serves the user's model.
+    broker.restart().await;
+    let mut late = NodeSpec::with_guest("umlate", "cloud", port);
+    late.modules.clear();
+    let late = TestNode::spawn(&late);
+    wait_status(port, "umlate", CONVERGE_WITHIN, |s| {
+        serves(s, MODEL_VERSION)
+    })
+    .await;
+    assert!(
+        late.log()
+            .contains("fetching a model rollout and the code it runs on"),
+        "{}",
+        late.log()
+    );
+    let answer =
+        isomesh_testkit::node::classify_photo(port, "umlate", Duration::from_secs(60)).await;
+    assert_eq!(
+        answer["module"]["model_sha256"],
+        hex_sha256(&onnx),
+        "{answer}"
+    );
+    let top = answer["top"].as_array().expect("top");
+    assert!(
+        top.len() == 3 && top.iter().all(|t| labels.iter().any(|l| t["label"] == *l)),
+        "{answer}"
+    );
+    drop(node);
+}
+
+/// The colour model's probabilities for an image: the softmax of each channel's mean pixel
+/// (0 to 1) over the model's input, as the node's preprocessing makes it.
+fn colour_scores(image: &[u8], spec: InputSpec) -> [f64; 3] {
+    let Ok(Input::U8(pixels)) = preprocess::image_to(image, spec) else {
+        panic!("the photo does not decode to raw pixels");
+    };
+    let mut sums = [0f64; 3];
+    for (i, value) in pixels.iter().enumerate() {
+        sums[i % 3] += f64::from(*value) / 255.0;
+    }
+    let means = sums.map(|sum| sum / (pixels.len() / 3) as f64);
+    let total: f64 = means.iter().map(|m| m.exp()).sum();
+    means.map(|m| m.exp() / total)
 }
