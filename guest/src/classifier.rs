@@ -307,26 +307,6 @@ mod tests {
         photos
     }
 
-    /// The integration tests roll this model out as a user's own (`tests/fixtures/colours.onnx`,
-    /// written from `means_model` once): the file must still be the model these tests check.
-    #[test]
-    fn the_colour_model_of_the_integration_tests_is_the_means_model() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/colours.onnx"
-        );
-        let spec = InputSpec {
-            layout: Layout::NhwcU8,
-            side: 64,
-        };
-        let file = std::fs::read(path).expect("tests/fixtures/colours.onnx");
-        assert!(
-            file == crate::means_model::onnx(spec),
-            "{path} is not the means model (raw pixels, 64 a side): write it again from \
-             means_model::onnx"
-        );
-    }
-
     /// The module's code serves a model it did not embed, with that model's labels and input
     /// layout: every answer is the photo's strongest channel, as the test works it out itself.
     #[test]

@@ -14,7 +14,6 @@
 
 #[cfg(feature = "model")]
 pub mod classifier;
-#[cfg(feature = "model")]
 pub mod means_model;
 pub mod preprocess;
 

@@ -9,13 +9,18 @@
 //! - [`Layout::NhwcU8`]: `input` u8 `[1, S, S, 3]` -> `Cast(float)` -> `ReduceMean(axes 1, 2)`
 //!   -> `Mul(1/255)` -> `scores` `[1, 3]`.
 
+//!
+//! It needs no tract: the few ONNX messages it writes are declared below (the fields used, with
+//! `onnx.proto`'s numbers), so the integration tests link it with the guest's preprocessing
+//! alone and roll it out as a user's model, and the guest's tests check that tract reads it.
+
 use crate::preprocess::{InputSpec, Layout};
-use prost::Message;
-use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension,
-    tensor_shape_proto::Dimension, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+use onnx::{
+    dimension, type_proto, AttributeProto, AttributeType, DataType, Dimension, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
 };
+use prost::Message;
 
 /// The model's class names, index order.
 pub const LABELS: [&str; 3] = ["red", "green", "blue"];
@@ -45,7 +50,6 @@ pub fn onnx(input: InputSpec) -> Vec<u8> {
                 ..Default::default()
             },
         ],
-        ..Default::default()
     };
     let (node, initializer) = match input.layout {
         Layout::NchwF32ImageNet => (vec![reduce("input", "scores")], vec![]),
@@ -61,7 +65,6 @@ pub fn onnx(input: InputSpec) -> Vec<u8> {
                         i: DataType::Float as i64,
                         ..Default::default()
                     }],
-                    ..Default::default()
                 },
                 reduce("pixels", "means"),
                 NodeProto {
@@ -75,7 +78,6 @@ pub fn onnx(input: InputSpec) -> Vec<u8> {
                 name: "scale".into(),
                 data_type: DataType::Float as i32,
                 float_data: vec![1.0 / 255.0],
-                ..Default::default()
             }],
         ),
     };
@@ -85,7 +87,6 @@ pub fn onnx(input: InputSpec) -> Vec<u8> {
         initializer,
         input: vec![value_info("input", elem_type, &shape)],
         output: vec![value_info("scores", DataType::Float, &[1, 3])],
-        ..Default::default()
     };
     ModelProto {
         ir_version: 7,
@@ -95,7 +96,6 @@ pub fn onnx(input: InputSpec) -> Vec<u8> {
         }],
         producer_name: "isomesh-guest means_model".into(),
         graph: Some(graph),
-        ..Default::default()
     }
     .encode_to_vec()
 }
@@ -111,13 +111,148 @@ fn value_info(name: &str, elem_type: DataType, shape: &[i64]) -> ValueInfoProto 
                         .iter()
                         .map(|&d| Dimension {
                             value: Some(dimension::Value::DimValue(d)),
-                            ..Default::default()
                         })
                         .collect(),
                 }),
             })),
-            ..Default::default()
         }),
-        ..Default::default()
+    }
+}
+
+/// The messages of `onnx.proto` (ONNX's IR, opset 13) this model is written with: only the
+/// fields it sets, under their numbers there, so the bytes are an ONNX model like any other.
+mod onnx {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ModelProto {
+        #[prost(int64, tag = "1")]
+        pub ir_version: i64,
+        #[prost(string, tag = "2")]
+        pub producer_name: String,
+        #[prost(message, optional, tag = "7")]
+        pub graph: Option<GraphProto>,
+        #[prost(message, repeated, tag = "8")]
+        pub opset_import: Vec<OperatorSetIdProto>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct OperatorSetIdProto {
+        #[prost(string, tag = "1")]
+        pub domain: String,
+        #[prost(int64, tag = "2")]
+        pub version: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GraphProto {
+        #[prost(message, repeated, tag = "1")]
+        pub node: Vec<NodeProto>,
+        #[prost(string, tag = "2")]
+        pub name: String,
+        #[prost(message, repeated, tag = "5")]
+        pub initializer: Vec<TensorProto>,
+        #[prost(message, repeated, tag = "11")]
+        pub input: Vec<ValueInfoProto>,
+        #[prost(message, repeated, tag = "12")]
+        pub output: Vec<ValueInfoProto>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct NodeProto {
+        #[prost(string, repeated, tag = "1")]
+        pub input: Vec<String>,
+        #[prost(string, repeated, tag = "2")]
+        pub output: Vec<String>,
+        #[prost(string, tag = "4")]
+        pub op_type: String,
+        #[prost(message, repeated, tag = "5")]
+        pub attribute: Vec<AttributeProto>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AttributeProto {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(int64, tag = "3")]
+        pub i: i64,
+        #[prost(int64, repeated, tag = "8")]
+        pub ints: Vec<i64>,
+        #[prost(enumeration = "AttributeType", tag = "20")]
+        pub r#type: i32,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+    #[repr(i32)]
+    pub enum AttributeType {
+        Undefined = 0,
+        Int = 2,
+        Ints = 7,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TensorProto {
+        #[prost(int32, tag = "2")]
+        pub data_type: i32,
+        #[prost(float, repeated, tag = "4")]
+        pub float_data: Vec<f32>,
+        #[prost(string, tag = "8")]
+        pub name: String,
+    }
+
+    /// `TensorProto.DataType`: the element types used here.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[repr(i32)]
+    pub enum DataType {
+        Float = 1,
+        Uint8 = 2,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ValueInfoProto {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(message, optional, tag = "2")]
+        pub r#type: Option<TypeProto>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TypeProto {
+        #[prost(oneof = "type_proto::Value", tags = "1")]
+        pub value: Option<type_proto::Value>,
+    }
+
+    pub mod type_proto {
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct Tensor {
+            #[prost(int32, tag = "1")]
+            pub elem_type: i32,
+            #[prost(message, optional, tag = "2")]
+            pub shape: Option<super::TensorShapeProto>,
+        }
+
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Value {
+            #[prost(message, tag = "1")]
+            TensorType(Tensor),
+        }
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TensorShapeProto {
+        #[prost(message, repeated, tag = "1")]
+        pub dim: Vec<Dimension>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Dimension {
+        #[prost(oneof = "dimension::Value", tags = "1")]
+        pub value: Option<dimension::Value>,
+    }
+
+    pub mod dimension {
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Value {
+            #[prost(int64, tag = "1")]
+            DimValue(i64),
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! layout, serves through a rollout and answers with its own labels, as the same model run
 //! natively does.
 
+use isomesh_guest::means_model;
 use isomesh_guest::preprocess::{self, Input, InputSpec, Layout};
 use isomesh_testkit::broker::TestBroker;
 use isomesh_testkit::mqtt::Client;
@@ -248,19 +249,21 @@ async fn a_users_model_of_other_classes_serves_through_a_rollout_with_its_own_la
     let node = TestNode::start(NodeSpec::with_guest("umd", "device", port)).await;
     wait_retained_manifest(port).await;
 
-    // The user's model: a real ONNX classifier of three colours (`tests/fixtures/colours.onnx`,
-    // the guest's `means_model`, which its tests check the file against): it scores each colour
-    // by the mean of that channel, taking raw pixels channels last, 64 pixels a side (not
-    // MobileNetV2's layout or side).
+    // The user's model: a real ONNX classifier of three colours (the guest's `means_model`,
+    // whose tests check it through tract): it scores each colour by the mean of that channel,
+    // taking raw pixels channels last, 64 pixels a side (not MobileNetV2's layout or side).
     let spec = InputSpec {
         layout: Layout::NhwcU8,
         side: 64,
     };
-    let onnx_path = workspace_root().join("tests/fixtures/colours.onnx");
-    let onnx = std::fs::read(&onnx_path).expect("tests/fixtures/colours.onnx");
-    let labels: Vec<String> = ["red", "green", "blue"].map(String::from).to_vec();
+    let onnx = means_model::onnx(spec);
+    let labels: Vec<String> = means_model::LABELS.map(String::from).to_vec();
     let dir = tempfile::tempdir().expect("tempdir");
-    let labels_path = dir.path().join("colours.txt");
+    let (onnx_path, labels_path) = (
+        dir.path().join("colours.onnx"),
+        dir.path().join("colours.txt"),
+    );
+    std::fs::write(&onnx_path, &onnx).expect("model");
     std::fs::write(&labels_path, labels.join("\n") + "\n").expect("labels");
     let mut args = rollout_of(
         port,
