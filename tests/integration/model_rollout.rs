@@ -86,6 +86,29 @@ async fn wait_retained_manifest(port: u16) {
     );
 }
 
+/// Starts a node `id` with an empty module directory, waits until it serves the model rollout
+/// (fetching the code with the model) and returns it with its answer to a photo, which must
+/// name `onnx`.
+async fn join_late(port: u16, id: &str, onnx: &[u8]) -> (TestNode, Value) {
+    let mut spec = NodeSpec::with_guest(id, "cloud", port);
+    spec.modules.clear();
+    let node = TestNode::spawn(&spec);
+    wait_status(port, id, CONVERGE_WITHIN, |s| serves(s, MODEL_VERSION)).await;
+    assert!(
+        node.log()
+            .contains("fetching a model rollout and the code it runs on"),
+        "{}",
+        node.log()
+    );
+    let answer = isomesh_testkit::node::classify_photo(port, id, Duration::from_secs(60)).await;
+    assert_eq!(
+        answer["module"]["model_sha256"],
+        hex_sha256(onnx),
+        "{answer}"
+    );
+    (node, answer)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_rollout_swaps_the_model_on_every_node_compiling_nothing_and_losing_no_job() {
     let broker = TestBroker::start().await;
@@ -175,26 +198,7 @@ async fn a_model_rollout_swaps_the_model_on_every_node_compiling_nothing_and_los
     assert_ne!(last["sha256"], last["code_sha256"], "{last}");
 
     // A node that joins later with an empty module directory gets the code and the model.
-    let mut late = NodeSpec::with_guest("mrlate", "cloud", port);
-    late.modules.clear();
-    let late = TestNode::spawn(&late);
-    wait_status(port, "mrlate", CONVERGE_WITHIN, |s| {
-        serves(s, MODEL_VERSION)
-    })
-    .await;
-    assert!(
-        late.log()
-            .contains("fetching a model rollout and the code it runs on"),
-        "{}",
-        late.log()
-    );
-    let answer =
-        isomesh_testkit::node::classify_photo(port, "mrlate", Duration::from_secs(60)).await;
-    assert_eq!(
-        answer["module"]["model_sha256"],
-        hex_sha256(&onnx),
-        "{answer}"
-    );
+    let (_late, _) = join_late(port, "mrlate", &onnx).await;
 
     // A restart serves the model from disk, its code kept beside it.
     nodes[0].restart();
@@ -341,26 +345,7 @@ async fn a_users_model_of_other_classes_serves_through_a_rollout_with_its_own_la
     // again (the model file, its code and the code's machine code), and a node that joins then
     // with an empty directory gets all of it and serves the user's model.
     broker.restart().await;
-    let mut late = NodeSpec::with_guest("umlate", "cloud", port);
-    late.modules.clear();
-    let late = TestNode::spawn(&late);
-    wait_status(port, "umlate", CONVERGE_WITHIN, |s| {
-        serves(s, MODEL_VERSION)
-    })
-    .await;
-    assert!(
-        late.log()
-            .contains("fetching a model rollout and the code it runs on"),
-        "{}",
-        late.log()
-    );
-    let answer =
-        isomesh_testkit::node::classify_photo(port, "umlate", Duration::from_secs(60)).await;
-    assert_eq!(
-        answer["module"]["model_sha256"],
-        hex_sha256(&onnx),
-        "{answer}"
-    );
+    let (_late, answer) = join_late(port, "umlate", &onnx).await;
     let top = answer["top"].as_array().expect("top");
     assert!(
         top.len() == 3 && top.iter().all(|t| labels.iter().any(|l| t["label"] == *l)),
