@@ -180,6 +180,39 @@ impl Client {
             .flatten()
     }
 
+    /// Asks `topic` once per payload (MQTT 5: response topic `reply_to`, the payload's index as
+    /// correlation data) and returns the answers in the payloads' order; panics if one is
+    /// missing after `within`, answered twice, or not correlated.
+    pub async fn ask_each(
+        &mut self,
+        topic: &str,
+        reply_to: &str,
+        payloads: Vec<Vec<u8>>,
+        within: Duration,
+    ) -> Vec<Publish> {
+        self.subscribe(reply_to).await;
+        let count = payloads.len();
+        for (n, payload) in payloads.into_iter().enumerate() {
+            self.publish_with_response_topic(topic, payload, reply_to, n.to_string().as_bytes())
+                .await;
+        }
+        let mut answers: Vec<Option<Publish>> = vec![None; count];
+        for reply in self.collect(count, within).await {
+            let n: usize = reply
+                .properties
+                .as_ref()
+                .and_then(|p| p.correlation_data.as_ref())
+                .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok())
+                .filter(|n| *n < count)
+                .expect("the answer carries the request's number as correlation data");
+            assert!(
+                answers[n].replace(reply).is_none(),
+                "request {n} answered twice"
+            );
+        }
+        answers.into_iter().flatten().collect()
+    }
+
     /// Exactly `n` messages (panics if fewer arrive within `within`).
     pub async fn collect(&mut self, n: usize, within: Duration) -> Vec<Publish> {
         let deadline = tokio::time::Instant::now() + within;

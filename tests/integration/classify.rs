@@ -16,28 +16,16 @@ async fn photos_published_raw_with_a_response_topic_match_the_reference() {
     let broker = TestBroker::start().await;
     let _node = TestNode::start(NodeSpec::with_guest("d1", "device", broker.port())).await;
     let mut client = Client::connect(broker.port(), "raw-v5").await;
-    client.subscribe("test/raw/replies").await;
     let photos = photos();
-    for (n, photo) in photos.iter().enumerate() {
-        client
-            .publish_with_response_topic(
-                "isomesh/images/d1",
-                photo.bytes(),
-                "test/raw/replies",
-                n.to_string().as_bytes(),
-            )
-            .await;
-    }
-    let replies = client.collect(photos.len(), ANSWER_WITHIN).await;
-    let mut seen = vec![false; photos.len()];
-    for reply in replies {
-        let correlation = reply
-            .properties
-            .as_ref()
-            .and_then(|p| p.correlation_data.clone())
-            .expect("the reply carries the request's correlation data");
-        let n: usize = std::str::from_utf8(&correlation).unwrap().parse().unwrap();
-        let photo = &photos[n];
+    let replies = client
+        .ask_each(
+            "isomesh/images/d1",
+            "test/raw/replies",
+            photos.iter().map(|p| p.bytes()).collect(),
+            ANSWER_WITHIN,
+        )
+        .await;
+    for (photo, reply) in photos.iter().zip(replies) {
         let result = classified(photo, &reply.payload);
         assert_eq!(result["node"], "d1");
         assert_eq!(result["tier"], "device");
@@ -52,8 +40,6 @@ async fn photos_published_raw_with_a_response_topic_match_the_reference() {
             );
         }
         assert!(result["timing_ms"]["infer"].as_f64().unwrap() > 0.0);
-        assert!(!seen[n], "two answers for {}", photo.file);
-        seen[n] = true;
     }
     assert!(
         client.next(Duration::from_secs(2)).await.is_none(),

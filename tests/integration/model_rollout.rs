@@ -288,32 +288,17 @@ async fn a_users_model_of_other_classes_serves_through_a_rollout_with_its_own_la
     // Every photo: the answer the model must give, worked out here from the photo's pixels as
     // the node's preprocessing hands them to the model, named by the model's labels.
     let mut client = Client::connect(port, "um-photos").await;
-    client.subscribe("test/um").await;
     let photos = photos();
-    for (n, photo) in photos.iter().enumerate() {
-        client
-            .publish_with_response_topic(
-                "isomesh/images/umd",
-                photo.bytes(),
-                "test/um",
-                n.to_string().as_bytes(),
-            )
-            .await;
-    }
-    let mut answered = vec![false; photos.len()];
-    for reply in client.collect(photos.len(), Duration::from_secs(60)).await {
-        let n: usize = reply
-            .properties
-            .as_ref()
-            .and_then(|p| p.correlation_data.as_ref())
-            .and_then(|c| String::from_utf8_lossy(c).parse().ok())
-            .expect("the job's number");
-        assert!(
-            !std::mem::replace(&mut answered[n], true),
-            "job {n} answered twice"
-        );
+    let replies = client
+        .ask_each(
+            "isomesh/images/umd",
+            "test/um",
+            photos.iter().map(|p| p.bytes()).collect(),
+            Duration::from_secs(60),
+        )
+        .await;
+    for (photo, reply) in photos.iter().zip(replies) {
         let result: Value = serde_json::from_slice(&reply.payload).expect("JSON");
-        let photo = &photos[n];
         assert!(result.get("error").is_none(), "{}: {result}", photo.file);
         assert_eq!(result["module"]["version"], MODEL_VERSION, "{result}");
         assert_eq!(
