@@ -227,6 +227,10 @@ def update(bench_dir, out):
                  secs(model_run["rollout_to_published_ms"], 2) + "; "
                  + " / ".join(fmt(v / 1000, 2) for v in model_run["published_to_serving_ms"])
                  + " s"],
+                ["model rollout, on each node: fetch; check and write (CPU); plan; self-test; "
+                 "from the file to serving (CPU)",
+                 " / ".join(model_phases(n.get("phases") or {})
+                            for n in model_run["model_rollout"]["node_log"])],
                 ["model rollout: bytes published (model file, stored)",
                  f"{module.get('size', 0) / 1e6:.1f} MB ({module.get('stored_size', 0) / 1e6:.1f}"
                  " MB in chunks)"],
@@ -317,6 +321,15 @@ def arm64(bench_dir, swap, out):
         out.append(f"\nWhat the rollout published (its signed manifest, read back from the broker; "
                    f"chunks stored {stored_as}):\n")
         out.append(table(["blob", "engine", "size", "stored in chunks"], rows))
+
+
+def model_phases(p):
+    """One node's model-rollout phases (`isomesh bench swap --model`), in ms."""
+    ms = lambda k: "-" if p.get(k) is None else f"{p[k]}"
+    check_write = ("-" if p.get("check_ms") is None or p.get("write_ms") is None
+                   else f"{p['check_ms'] + p['write_ms']}")
+    return (f"{ms('fetch_ms')}; {check_write} ({ms('install_cpu_ms')}); {ms('plan_ms')}; "
+            f"{ms('self_test_ms')}; {ms('ready_ms')} ({ms('ready_cpu_ms')}) ms")
 
 
 def container_table(container):

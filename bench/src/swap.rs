@@ -570,9 +570,11 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
             "node_log": setups.iter().map(|s| {
                 let log = std::fs::read_to_string(&s.log).unwrap_or_default();
                 let line = |needle: &str| log.lines().find(|l| l.contains(needle)).map(str::to_string);
+                let swapped = log_line(&log, "module swapped in", &to_sha);
                 json!({"fetching": line("fetching a model rollout"),
                        "nothing_compiled": line("nothing to compile").is_some(),
-                       "swapped": log_line(&log, "module swapped in", &to_sha)})
+                       "swapped": swapped,
+                       "phases": model_phases(&log, swapped)})
             }).collect::<Vec<_>>(),
         })),
         "rollout_output": published.as_ref().map(|(_, said)| said.trim().to_string()),
@@ -681,6 +683,30 @@ fn manifest_json(
 fn log_line<'a>(log: &'a str, message: &str, sha256: &str) -> Option<&'a str> {
     log.lines()
         .find(|l| l.contains(message) && l.contains(sha256))
+}
+
+/// Where a model rollout's time went on one node, from its log: the fetch, the install thread's
+/// check and write (wall and CPU), the plan and self-test in the guest, and from the manager
+/// taking the file to serving (wall and CPU). Wall against CPU tells work from waiting for a
+/// core.
+fn model_phases(log: &str, swapped: Option<&str>) -> serde_json::Value {
+    let last = |message: &str| log.lines().rev().find(|l| l.contains(message));
+    let number = |line: Option<&str>, name: &str| {
+        line.and_then(|l| log_field(l, name))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let written = last("module written");
+    let planned = last("model plan built");
+    json!({
+        "fetch_ms": number(last("all chunks in"), "ms"),
+        "check_ms": number(written, "inflate_and_check_ms"),
+        "write_ms": number(written, "write_ms"),
+        "install_cpu_ms": number(written, "cpu_ms"),
+        "plan_ms": number(planned, "plan_ms"),
+        "self_test_ms": number(planned, "self_test_ms"),
+        "ready_ms": number(swapped, "ready_ms"),
+        "ready_cpu_ms": number(swapped, "ready_cpu_ms"),
+    })
 }
 
 /// The value of `name=value` in a log line (values without spaces).

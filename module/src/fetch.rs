@@ -140,6 +140,9 @@ pub enum Taken {
 #[derive(Debug)]
 pub struct Fetched {
     pub module: Vec<u8>,
+    /// A model rollout's model file, decoded from `module` (checking it is one), so that the
+    /// node need not decode its 14 MB again.
+    pub model: Option<isomesh_protos::ModelFile>,
     /// The precompiled artifact for this node's engine, when the manifest had one and it arrived.
     pub artifact: Option<(PrecompiledArtifact, Vec<u8>)>,
     /// A model rollout's code, when this node did not have it already.
@@ -421,7 +424,7 @@ impl Fetch {
             Some(blob) => Some(blob.assemble()?),
             None => None,
         };
-        if self.manifest.code.is_some() {
+        let model = if self.manifest.code.is_some() {
             use prost::Message;
             let file = isomesh_protos::ModelFile::decode(module.as_slice())
                 .map_err(|e| TransferError::NotModel(e.to_string()))?;
@@ -431,9 +434,12 @@ impl Fetch {
             if code.as_deref().is_some_and(|c| !is_wasm(c)) {
                 return Err(TransferError::NotWasm);
             }
+            Some(file)
         } else if !is_wasm(&module) {
             return Err(TransferError::NotWasm);
-        }
+        } else {
+            None
+        };
         let artifact = match self.artifact {
             Some((described, blob)) => match blob.assemble() {
                 Ok(bytes) => Some((described, bytes)),
@@ -447,6 +453,7 @@ impl Fetch {
         };
         Ok(Fetched {
             module,
+            model,
             artifact,
             code,
         })

@@ -9,7 +9,7 @@
 //! directory ([`isomesh_module::history`]): restored before the agent's first event, saved
 //! whenever a newly served module extends it.
 
-use crate::manager::{background_priority, Considered};
+use crate::manager::{background_priority, thread_cpu_time, Considered, Found};
 use crate::slot::{ModuleSlot, RolloutBoard};
 use isomesh_mesh::topics::Topics;
 use isomesh_module::agent::{Action, Event, Reseed, RolloutAgent, Serving};
@@ -42,7 +42,7 @@ pub struct RolloutExecutor {
     pub client: AsyncClient,
     pub topics: Topics,
     /// To the module manager: a module file to consider.
-    pub found: std::sync::mpsc::Sender<PathBuf>,
+    pub found: std::sync::mpsc::Sender<Found>,
     /// From the module manager: a file was served or rejected.
     pub considered: mpsc::UnboundedReceiver<Considered>,
     /// From install threads: a fetched module could not be written.
@@ -147,9 +147,10 @@ impl RolloutExecutor {
             .spawn(move || {
                 background_priority();
                 match install(fetch, &store, &sandbox, code_at_hand) {
-                    // Straight to the manager: no need to wait for the watcher's event.
-                    Ok(path) => {
-                        let _ = found.send(path);
+                    // Straight to the manager, bytes and all: no need to wait for the watcher's
+                    // event, nor to read the file back.
+                    Ok(written) => {
+                        let _ = found.send(written);
                     }
                     Err(reason) => {
                         let _ = failed.send((module, reason));
@@ -165,7 +166,7 @@ impl RolloutExecutor {
 }
 
 /// Checks a finished fetch and writes it into the store, with its precompiled artifact in the
-/// sandbox's cache. Returns the module's path. Blocking.
+/// sandbox's cache. Returns the module written, for the manager. Blocking.
 /// A model rollout's model goes in after its code: fetched with it, or the file of the code
 /// served now (`code_at_hand`: its digest and path), kept in the store so a restart finds it.
 fn install(
@@ -173,8 +174,9 @@ fn install(
     store: &ModuleStore,
     sandbox: &Sandbox,
     code_at_hand: Option<(String, PathBuf)>,
-) -> Result<PathBuf, Rejection> {
+) -> Result<Found, Rejection> {
     let started = Instant::now();
+    let cpu = thread_cpu_time();
     let manifest = fetch.manifest.clone();
     let code_sha256 = package::code_of(&manifest).sha256;
     // With every chunk checked against its signed digest, a whole that still fails is the signed
@@ -226,9 +228,16 @@ fn install(
         file = %path.display(),
         inflate_and_check_ms = checked.as_millis() as u64,
         write_ms = (started.elapsed() - checked).as_millis() as u64,
+        cpu_ms = thread_cpu_time().saturating_sub(cpu).as_millis() as u64,
         "module written"
     );
-    Ok(path)
+    Ok(Found::Written {
+        path,
+        bytes: fetched.module,
+        // What `finish` checked the bytes against.
+        sha256: manifest.sha256,
+        model: fetched.model,
+    })
 }
 
 /// Publishes a module's chunks (and its precompiled artifact's), then its manifest, retained.

@@ -74,6 +74,7 @@ pub fn load_newest(
                 None,
                 &path,
                 &bytes,
+                None,
                 sha256,
                 manifest.as_ref(),
             )
@@ -116,13 +117,16 @@ fn is_model_file(path: &Path) -> bool {
 /// Loads a model rollout's model file (its bytes hash to `sha256`; `manifest` is its verified
 /// manifest): the code it names, served already (`current`) or kept in the store, serving the
 /// model. No compile when the code is served or its machine code cached. On failure, the
-/// reason and whether the model itself is bad (to remember it).
+/// reason and whether the model itself is bad (to remember it). `decoded`: the bytes as a
+/// model file, when the caller decoded them already.
+#[allow(clippy::too_many_arguments)]
 fn load_model_file(
     sandbox: &Sandbox,
     store: &ModuleStore,
     current: Option<Arc<LoadedModule>>,
     path: &Path,
     bytes: &[u8],
+    decoded: Option<ModelFile>,
     sha256: String,
     manifest: Option<&ModuleManifest>,
 ) -> Result<Arc<LoadedModule>, (Rejection, bool)> {
@@ -139,8 +143,11 @@ fn load_model_file(
             false,
         ));
     };
-    let file = ModelFile::decode(bytes)
-        .map_err(|e| refused(format!("not an encoded model file: {e}"), true))?;
+    let file = match decoded {
+        Some(file) => file,
+        None => ModelFile::decode(bytes)
+            .map_err(|e| refused(format!("not an encoded model file: {e}"), true))?,
+    };
     if file.code_sha256 != code.sha256 {
         return Err(refused(
             "it was made for other code than its manifest names".into(),
@@ -266,6 +273,21 @@ fn release_freed_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
+/// CPU time the calling thread has used so far. Logged beside wall times: on a device held to a
+/// CPU quota, a load's wall time is mostly waiting for the quota (shared with the workers, which
+/// run on other cores at the same time whatever their priority), and only the CPU time says what
+/// the work itself costs.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer. On failure `now` stays
+    // zero, which only shows as 0 ms in a log line.
+    let _ = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
 /// Lowers the calling thread's CPU priority (nice 10): compiling, inflating and checking a new
 /// module must not slow the jobs the current module is serving meanwhile.
 pub fn background_priority() {
@@ -288,6 +310,37 @@ pub struct ModuleManager {
     pub keep: usize,
 }
 
+/// A module file for the manager to consider.
+pub enum Found {
+    /// A complete file the directory watcher found (copied in by hand, or written by a rollout).
+    File(PathBuf),
+    /// A fetched module the rollout executor has just written, with its bytes and their digest,
+    /// which it checked against the signed manifest: the manager serves them without reading
+    /// the file back and hashing it again (14-30 MB; on a device a few hundred milliseconds of
+    /// a rollout).
+    Written {
+        path: PathBuf,
+        bytes: Vec<u8>,
+        sha256: String,
+        /// A model file's bytes, decoded.
+        model: Option<ModelFile>,
+    },
+}
+
+impl From<PathBuf> for Found {
+    fn from(path: PathBuf) -> Found {
+        Found::File(path)
+    }
+}
+
+impl Found {
+    fn path(&self) -> &Path {
+        match self {
+            Found::File(path) | Found::Written { path, .. } => path,
+        }
+    }
+}
+
 /// How a module file the manager considered ended.
 pub enum Considered {
     Served(Arc<LoadedModule>),
@@ -307,7 +360,7 @@ impl ModuleManager {
     /// rejected.
     pub fn spawn(
         self,
-        found: std::sync::mpsc::Receiver<PathBuf>,
+        found: std::sync::mpsc::Receiver<Found>,
         done: tokio::sync::mpsc::UnboundedSender<Considered>,
         started: tokio::sync::oneshot::Sender<Option<Arc<LoadedModule>>>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -336,15 +389,16 @@ impl ModuleManager {
                 // A file is often reported twice (by the rollout executor and by the watcher):
                 // an unchanged file (same path, size and time) is not read and hashed again.
                 let mut last_seen = None;
-                while let Ok(path) = found.recv() {
+                while let Ok(found) = found.recv() {
+                    let path = found.path().to_owned();
                     let stamp = std::fs::metadata(&path)
                         .ok()
-                        .map(|m| (path.clone(), m.len(), m.modified().ok()));
+                        .map(|m| (path, m.len(), m.modified().ok()));
                     if stamp.is_some() && stamp == last_seen {
                         continue;
                     }
                     last_seen = stamp;
-                    let outcome = self.consider(&path);
+                    let outcome = self.consider(found);
                     if !matches!(outcome, Considered::Skipped) {
                         release_freed_memory();
                         if done.send(outcome).is_err() {
@@ -356,11 +410,23 @@ impl ModuleManager {
     }
 
     /// Loads, self-tests and swaps in one module file, or rejects it.
-    pub fn consider(&self, path: &Path) -> Considered {
-        let Ok(bytes) = std::fs::read(path) else {
-            return Considered::Skipped; // gone again
+    pub fn consider(&self, found: Found) -> Considered {
+        let (path, bytes, sha256, decoded) = match found {
+            Found::File(path) => {
+                let Ok(bytes) = std::fs::read(&path) else {
+                    return Considered::Skipped; // gone again
+                };
+                let sha256 = sha256_hex(&bytes);
+                (path, bytes, sha256, None)
+            }
+            Found::Written {
+                path,
+                bytes,
+                sha256,
+                model,
+            } => (path, bytes, sha256, model),
         };
-        let sha256 = sha256_hex(&bytes);
+        let path = path.as_path();
         if self.slot.current().is_some_and(|m| m.sha256 == sha256) {
             return Considered::Skipped;
         }
@@ -393,7 +459,7 @@ impl ModuleManager {
             }
         }
         self.board.set(module_ref.clone(), Phase::Loading);
-        let started = Instant::now();
+        let started = (Instant::now(), thread_cpu_time());
         if is_model_file(path) {
             let current = self.slot.current();
             return match load_model_file(
@@ -402,6 +468,7 @@ impl ModuleManager {
                 current,
                 path,
                 &bytes,
+                decoded,
                 sha256,
                 manifest.as_ref(),
             ) {
@@ -428,7 +495,13 @@ impl ModuleManager {
     }
 
     /// Builds the workers' instances of a loaded module, then swaps it in.
-    fn swap_in(&self, path: &Path, module: Arc<LoadedModule>, started: Instant) -> Considered {
+    /// `started`: when its load began, in wall and this thread's CPU time.
+    fn swap_in(
+        &self,
+        path: &Path,
+        module: Arc<LoadedModule>,
+        started: (Instant, std::time::Duration),
+    ) -> Considered {
         let module_ref = module.module_ref();
         if let Err(e) = self.sandbox.prewarm(&module, self.workers) {
             return self.reject(path, module_ref, Rejection::Start(e.to_string()), false);
@@ -441,7 +514,8 @@ impl ModuleManager {
             previous = %previous.map(|p| p.label()).unwrap_or_default(),
             from_cache = module.compiled.from_cache,
             compile_ms = module.compiled.elapsed.as_millis() as u64,
-            ready_ms = started.elapsed().as_millis() as u64,
+            ready_ms = started.0.elapsed().as_millis() as u64,
+            ready_cpu_ms = thread_cpu_time().saturating_sub(started.1).as_millis() as u64,
             "module swapped in"
         );
         // After the log line, so whoever sees the new module in a status finds the swap logged.

@@ -25,7 +25,10 @@ pub struct DirWatcher {
 }
 
 /// Watches `dir` and sends each complete `.wasm` file that appears or changes to `found`.
-pub fn watch(dir: &Path, found: mpsc::Sender<PathBuf>) -> notify::Result<DirWatcher> {
+pub fn watch<T: From<PathBuf> + Send + 'static>(
+    dir: &Path,
+    found: mpsc::Sender<T>,
+) -> notify::Result<DirWatcher> {
     let (events_tx, events) = mpsc::channel::<(PathBuf, bool)>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let event = match event {
@@ -63,7 +66,7 @@ pub fn watch(dir: &Path, found: mpsc::Sender<PathBuf>) -> notify::Result<DirWatc
 }
 
 /// Holds each path until its events settle, then reports it once.
-fn settle(events: mpsc::Receiver<(PathBuf, bool)>, found: mpsc::Sender<PathBuf>) {
+fn settle<T: From<PathBuf>>(events: mpsc::Receiver<(PathBuf, bool)>, found: mpsc::Sender<T>) {
     let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
     loop {
         let next_due = pending.values().min().copied();
@@ -89,7 +92,7 @@ fn settle(events: mpsc::Receiver<(PathBuf, bool)>, found: mpsc::Sender<PathBuf>)
             .collect();
         for path in due {
             pending.remove(&path);
-            if path.is_file() && found.send(path).is_err() {
+            if path.is_file() && found.send(path.into()).is_err() {
                 return;
             }
         }
@@ -103,7 +106,7 @@ mod tests {
     #[test]
     fn renamed_and_copied_files_are_reported_once_complete() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel::<PathBuf>();
         let _watch = watch(dir.path(), tx).unwrap();
         // A rename: reported quickly.
         let tmp = dir.path().join(".incoming.tmp");
