@@ -534,10 +534,7 @@ pub async fn swap(args: SwapArgs) -> anyhow::Result<()> {
         let flag = |line: Option<&str>, name: &str| {
             line.and_then(|l| log_field(l, name)).map(|v| v == "true")
         };
-        let number = |line: Option<&str>, name: &str| {
-            line.and_then(|l| log_field(l, name))
-                .and_then(|v| v.parse::<u64>().ok())
-        };
+        let number = log_number;
         json!({
             "emulated": true,
             "emulator": arm.qemu.display().to_string(),
@@ -691,10 +688,7 @@ fn log_line<'a>(log: &'a str, message: &str, sha256: &str) -> Option<&'a str> {
 /// core.
 fn model_phases(log: &str, swapped: Option<&str>) -> serde_json::Value {
     let last = |message: &str| log.lines().rev().find(|l| l.contains(message));
-    let number = |line: Option<&str>, name: &str| {
-        line.and_then(|l| log_field(l, name))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
+    let number = log_number;
     let written = last("module written");
     let planned = last("model plan built");
     json!({
@@ -707,6 +701,12 @@ fn model_phases(log: &str, swapped: Option<&str>) -> serde_json::Value {
         "ready_ms": number(swapped, "ready_ms"),
         "ready_cpu_ms": number(swapped, "ready_cpu_ms"),
     })
+}
+
+/// The whole number `name=N` in a log line, if the line is there and has it.
+fn log_number(line: Option<&str>, name: &str) -> Option<u64> {
+    line.and_then(|l| log_field(l, name))
+        .and_then(|v| v.parse().ok())
 }
 
 /// The value of `name=value` in a log line (values without spaces).
